@@ -1,0 +1,108 @@
+"""Shared fixtures: an isolated output root, a small trained sentencepiece tokenizer, a fake Chameleon vocab."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from unified_mllm.text import (
+    CHAMELEON_SPECIAL_NAMES,
+    TextTokenizer,
+    chameleon_name_of_code,
+    train_sentencepiece,
+)
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "circle",
+    "square",
+    "triangle",
+    "small",
+    "large",
+    "left",
+    "right",
+    "above",
+    "below",
+    "top",
+    "bottom",
+    "center",
+    "is",
+    "there",
+    "how",
+    "many",
+    "objects",
+    "what",
+    "colour",
+    "shape",
+    "yes",
+    "no",
+    "one",
+    "two",
+    "three",
+    "four",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_output_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes its artifacts under a temporary UMLLM_OUTPUT, never into the tree or ~/.cache."""
+    root = tmp_path_factory.mktemp("outputs")
+    monkeypatch.setenv("UMLLM_OUTPUT", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_lines() -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "?" for _ in range(3000)]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory: pytest.TempPathFactory, corpus_lines: list[str]) -> Path:
+    path = tmp_path_factory.mktemp("sp") / "text.model"
+    return train_sentencepiece(corpus_lines, path, vocab_size=400, num_size_tokens=9)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_model: Path) -> TextTokenizer:
+    return TextTokenizer.load_sentencepiece(sp_model, num_image_codes=16)
+
+
+def write_fake_chameleon_vocab(path: Path, num_codes: int = 12, num_sizes: int = 40) -> Path:
+    """A WordLevel tokenizers JSON laid out like Chameleon's: image tokens named IMGIMG…, reserved entries.
+
+    The image-token entries are deliberately *not* in code order, so tests prove that the mapping is
+    resolved by name rather than by position.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = ["<s>", "<pad>", "</s>", "<unk>"]
+    codes = list(range(num_codes))
+    random.Random(1).shuffle(codes)
+    names += [chameleon_name_of_code(c) for c in codes]
+    names += [n for role, n in CHAMELEON_SPECIAL_NAMES.items() if role not in ("bos", "eos", "pad")]
+    names += [f"<reserved{8800 + n:05d}>" for n in range(num_sizes)]
+    names += [*sorted(set(WORDS)), "?"]
+    vocab = {name: i for i, name in enumerate(names)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    json.loads(path.read_text())  # the file must be plain JSON, like Chameleon's
+    return path
+
+
+@pytest.fixture
+def chameleon_vocab(tmp_path: Path) -> Path:
+    return write_fake_chameleon_vocab(tmp_path / "text_tokenizer.json")

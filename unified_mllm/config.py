@@ -1,0 +1,664 @@
+"""One typed config tree for every entry point.
+
+Loading order (later wins): the dataclass defaults below ← the named model preset (``model.preset``) ←
+YAML files from ``configs/`` (each may name ``_base_`` files merged first) ← ``key.sub=value`` dotlist
+overrides from the command line → :func:`validate`. OmegaConf's structured mode rejects unknown keys and
+wrongly typed values; :func:`load_config` re-raises those as :class:`ConfigError` naming the full key.
+
+Every field carries its documentation in ``metadata["doc"]`` so that ``python -m unified_mllm.config``
+can print the whole tree with explanations, and a test can check that nothing is left undocumented.
+The dataclass defaults are the published UniToken-7B shapes (Chameleon-7B LM, SigLIP-so400m at 384 px,
+Chameleon's VQ-GAN); the ``tiny`` preset shrinks them for CPU work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BASE_KEY = "_base_"
+OUTPUT_ENV = "UMLLM_OUTPUT"
+DEFAULT_OUTPUT_ROOT = "~/.cache/unified_mllm"
+
+
+def default_output_root() -> str:
+    """Where artifacts go unless a config says otherwise: never inside the source tree."""
+    return os.path.expanduser(os.environ.get(OUTPUT_ENV) or DEFAULT_OUTPUT_ROOT)
+
+
+OmegaConf.register_resolver("umllm_output_root", default_output_root, replace=True)
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message names the key."""
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A documented leaf field; lists and tuples are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    """A documented nested section."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class LMConfig:
+    arch: Literal["chameleon", "llama"] = opt(
+        "chameleon", "Backbone from transformers: ChameleonModel (q/k-norm) or LlamaModel."
+    )
+    vocab_size: int = opt(
+        65536, "Rows of the embedding and LM head: text ids + image code ids + special tokens."
+    )
+    hidden_size: int = opt(4096, "Width of the residual stream.")
+    intermediate_size: int = opt(11008, "Width of the SwiGLU MLP.")
+    num_layers: int = opt(32, "Number of decoder blocks.")
+    num_heads: int = opt(32, "Attention heads.")
+    num_kv_heads: int = opt(32, "Key/value heads (grouped-query attention when fewer than num_heads).")
+    max_position_embeddings: int = opt(4096, "Longest sequence the RoPE tables are built for.")
+    rope_theta: float = opt(10000.0, "RoPE base frequency.")
+    swin_norm: bool = opt(
+        False, "Chameleon-34B's block layout: normalise each branch's output before the residual add."
+    )
+    rms_norm_eps: float = opt(1e-5, "Epsilon of the RMS/layer norms.")
+    residual_dropout: float = opt(0.05, "Dropout on each block's attention and MLP output (UniToken: 0.05).")
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
+    tie_word_embeddings: bool = opt(False, "Share the input embedding with the LM head.")
+    initializer_range: float = opt(0.02, "Std of the normal init for freshly built weights.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "transformers attention kernel."
+    )
+
+
+@dataclass
+class AnyResConfig:
+    enabled: bool = opt(False, "Encode a base view plus tiles picked from `grids` (AnyRes).")
+    grids: list[list[int]] = opt(
+        [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]],
+        "Candidate tile layouts as [rows, cols] of image_size tiles; the one that keeps the most of the "
+        "image's resolution wins, ties going to the least padded area, then to the earlier entry.",
+    )
+    pad_color: list[int] = opt(
+        [255, 255, 255],
+        "RGB fill around an image fitted into its tile grid (white, like the RGBA compositing background).",
+    )
+
+
+@dataclass
+class VisionConfig:
+    enabled: bool = opt(True, "Feed continuous SigLIP features (off for stage 0: discrete tokens only).")
+    image_size: int = opt(384, "SigLIP input side in pixels.")
+    patch_size: int = opt(14, "SigLIP patch size; (image_size // patch_size)^2 features per view.")
+    hidden_size: int = opt(1152, "SigLIP width.")
+    intermediate_size: int = opt(4304, "SigLIP MLP width.")
+    num_layers: int = opt(27, "SigLIP encoder layers.")
+    num_heads: int = opt(16, "SigLIP attention heads.")
+    layer_norm_eps: float = opt(1e-6, "SigLIP layer-norm epsilon.")
+    feature_layer: int = opt(
+        -1,
+        "Which hidden state to project: -1 the last, after the post-layernorm; any other value indexes "
+        "transformers' hidden_states (0 the patch embeddings, k the output of layer k, -2 the penultimate).",
+    )
+    pretrained: str | None = opt(None, "Path of a SigLIP checkpoint (from_pretrained); None: random init.")
+    lr_scale: float = opt(0.01, "LR multiplier of the SigLIP tower relative to optim.lr (UniToken: 0.01).")
+    anyres: AnyResConfig = section(AnyResConfig, "Any-resolution tiling of the continuous branch.")
+
+
+@dataclass
+class ProjectorConfig:
+    depth: int = opt(2, "Linear layers in the MLP that maps SigLIP width to LM width.")
+    activation: Literal["gelu", "silu", "relu"] = opt("gelu", "Activation between projector layers.")
+
+
+@dataclass
+class ContrastiveConfig:
+    output_dir: str = opt(
+        "${output_root}/tokenizer/siglip-tiny",
+        "Where the contrastively pre-trained SigLIP (vision + text towers) is saved; load the vision tower "
+        "with model.vision.pretrained pointing here.",
+    )
+    text_hidden_size: int = opt(128, "Width of the small SigLIP text tower.")
+    text_intermediate_size: int = opt(512, "MLP width of the text tower.")
+    text_num_layers: int = opt(2, "Encoder layers of the text tower.")
+    text_num_heads: int = opt(4, "Attention heads of the text tower.")
+    text_max_length: int = opt(40, "Text ids per caption: longer ones are cut, shorter ones padded.")
+    batch_size: int = opt(64, "Image-caption pairs per step (every pair is a negative for the others).")
+    max_steps: int = opt(150, "Optimizer steps.")
+    lr: float = opt(2e-3, "Peak AdamW learning rate.")
+    min_lr_ratio: float = opt(0.05, "Final LR of the cosine as a fraction of the peak.")
+    warmup_steps: int = opt(15, "Linear warm-up steps.")
+    weight_decay: float = opt(1e-4, "AdamW decoupled weight decay (matrices only, as in SigLIP).")
+    grad_clip: float = opt(1.0, "Global gradient-norm clip (0 disables).")
+    init_logit_scale: float = opt(2.302585, "Initial log-temperature t' (SigLIP: log 10, so t = 10).")
+    init_logit_bias: float = opt(-10.0, "Initial logit bias b (SigLIP: -10).")
+    shuffle_buffer: int = opt(2000, "Samples held for streaming shuffling.")
+    seed: int = opt(0, "Seed of the initialisation and the data order.")
+    train_split: str = opt("train", "Split of data.root the captions are read from.")
+    eval_split: str = opt("test", "Split of data.root the zero-shot accuracy is measured on.")
+    prompt_template: str = opt(
+        "a photo of a {color} {shape}", "Zero-shot class prompt; {color} and {shape} range over data.world."
+    )
+
+
+@dataclass
+class VQConfig:
+    kind: Literal["vqgan", "unitok", "dualtoken"] = opt("vqgan", "Which visual tokenizer makes the codes.")
+    codebook_size: int = opt(8192, "Number of codes (Chameleon: 8192).")
+    embed_dim: int = opt(256, "Code vector width (Chameleon: 256).")
+    z_channels: int = opt(256, "Encoder output channels before quant_conv.")
+    base_channels: int = opt(128, "Width of the first encoder level (taming `ch`).")
+    channel_mult: list[int] = opt([1, 1, 2, 2, 4], "Width multipliers per level; levels-1 downsamplings.")
+    num_res_blocks: int = opt(2, "Residual blocks per level.")
+    attn_resolutions: list[int] = opt([], "Feature-map sides at which self-attention blocks are added.")
+    resolution: int = opt(
+        512, "Training image side of the tokenizer (codes per side = resolution / 2^(levels-1))."
+    )
+    dropout: float = opt(0.0, "Dropout inside the residual blocks.")
+    beta: float = opt(0.25, "Commitment loss weight.")
+    l2_normalize_codes: bool = opt(False, "Look codes up by cosine similarity (l2-normalised vectors).")
+    ema_decay: float | None = opt(
+        None,
+        "Update the codebook as an exponential moving average of its assigned encoder outputs with this "
+        "decay (e.g. 0.99) instead of the codebook loss; None: learn it by gradient (Chameleon/taming).",
+    )
+    dead_code_steps: int = opt(
+        0,
+        "Restart codes unused for this many training forward passes from random encoder outputs of the "
+        "current batch (the trainer calls restart_dead_codes each step); 0: never.",
+    )
+    checkpoint: str | None = opt(None, "Path of trained tokenizer weights (e.g. Chameleon's vqgan.ckpt).")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = opt(
+        None, "Named preset from unified_mllm.model.presets applied before YAML values (e.g. tiny)."
+    )
+    lm: LMConfig = section(LMConfig, "The autoregressive language model.")
+    vision: VisionConfig = section(VisionConfig, "The continuous SigLIP branch.")
+    projector: ProjectorConfig = section(ProjectorConfig, "SigLIP → LM projector.")
+    vq: VQConfig = section(VQConfig, "The discrete visual tokenizer.")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+@dataclass
+class TextTokenizerConfig:
+    kind: Literal["sentencepiece", "chameleon"] = opt(
+        "sentencepiece", "A sentencepiece model trained by our CLI, or Chameleon's text_tokenizer.json."
+    )
+    path: str = opt("${output_root}/tokenizer/text.model", "Path of the tokenizer file.")
+    vocab_size: int = opt(
+        512, "Pieces of a freshly trained sentencepiece model (incl. 256 byte-fallback pieces and specials)."
+    )
+    num_size_tokens: int = opt(
+        33, "Resolution tokens <size-0> .. <size-N-1> added to a trained sentencepiece model."
+    )
+    size_unit: int = opt(
+        1, "Code rows/cols per step of a resolution token (Chameleon/Lumina: 2, i.e. one step = 32 px)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class WorldConfig:
+    image_size: int = opt(64, "Side of a rendered scene in pixels.")
+    grid_size: int = opt(3, "Objects sit in the cells of a grid_size x grid_size grid.")
+    min_objects: int = opt(1, "Fewest objects in a scene.")
+    max_objects: int = opt(4, "Most objects in a scene.")
+    shapes: list[str] = opt(["circle", "square", "triangle"], "Shape vocabulary.")
+    colors: list[str] = opt(
+        ["red", "green", "blue", "yellow", "purple", "orange"], "Colour vocabulary (names from the palette)."
+    )
+    sizes: list[str] = opt(["small", "large"], "Size vocabulary.")
+    seed: int = opt(0, "Seed of the generator; a scene is a pure function of (seed, split, index).")
+    num_train: int = opt(20000, "Scenes in the train split.")
+    num_val: int = opt(500, "Scenes in the val split.")
+    num_test: int = opt(1000, "Scenes in the test split.")
+    samples_per_shard: int = opt(2000, "Samples per webdataset tar shard.")
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = opt("", "Directory (or glob) of webdataset tar shards.")
+    task: Literal["caption", "vqa", "t2i", "conversation"] = opt(
+        "caption", "Which samples to derive from each record."
+    )
+    ratio: float = opt(1.0, "Relative sampling weight within the mix.")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("${output_root}/data/shapes", "Where the world's webdataset splits are written.")
+    world: WorldConfig = section(WorldConfig, "The embedded synthetic world.")
+    sources: list[DataSourceConfig] = opt([], "The data mix: shard sets with their task and ratio.")
+    max_seq_len: int = opt(4096, "Longest training sequence; longer samples are dropped with a count.")
+    pack: bool = opt(False, "Pack several samples into one sequence instead of right-padding.")
+    shuffle_buffer: int = opt(1000, "Samples held for streaming shuffling.")
+    num_workers: int = opt(2, "DataLoader worker processes.")
+
+
+# ------------------------------------------------------------------------------------ optimisation
+
+
+@dataclass
+class ParamGroupConfig:
+    match: str = opt("", "Module path prefix (e.g. `vision`, `lm.layers.0`); '' matches everything.")
+    lr_scale: float = opt(1.0, "LR multiplier of this group.")
+    trainable: bool = opt(True, "False freezes the matched parameters.")
+    weight_decay: float | None = opt(None, "Weight decay of this group; None: optim.weight_decay.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-5, "Peak learning rate (UniToken stage 1: 1e-3, stage 2: 1e-5).")
+    min_lr_ratio: float = opt(0.0, "Final LR of the cosine as a fraction of the peak.")
+    warmup_steps: int = opt(100, "Linear warm-up steps.")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "LR shape after warm-up.")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay.")
+    grad_clip: float = opt(4.0, "Global gradient-norm clip (0 disables).")
+    z_loss_weight: float = opt(1e-5, "Weight of the z-loss (mean logsumexp^2 on supervised positions).")
+    param_groups: list[ParamGroupConfig] = opt(
+        [], "Per-module LR scale / freezing; later entries override earlier ones on the same parameter."
+    )
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["fsdp", "deepspeed", "none"] = opt("fsdp", "Data-parallel engine.")
+    deepspeed_config: str = opt("configs/deepspeed/zero2.json", "DeepSpeed JSON used when backend=deepspeed.")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward.")
+    compile: bool = opt(False, "torch.compile each block.")
+    reshard_after_forward: bool = opt(True, "FSDP2: free gathered params after forward (ZeRO-3 style).")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = opt("offline", "wandb mode; offline writes locally.")
+    project: str = opt("unified_mllm", "wandb project.")
+
+
+@dataclass
+class TrainConfig:
+    stage: int = opt(2, "Training stage: 0 discrete-only LM, 1 align SigLIP+projector, 2 all, 3 curated.")
+    max_steps: int = opt(1000, "Optimizer steps.")
+    micro_batch_size: int = opt(4, "Sequences per rank per forward.")
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute dtype (fp32 master weights).")
+    seed: int = opt(0, "Seed of model init, data order and dropout.")
+    log_every: int = opt(10, "Steps between metric logs (the only host syncs of the loop).")
+    parallel: ParallelConfig = section(ParallelConfig, "Distribution.")
+    wandb: WandbConfig = section(WandbConfig, "Experiment tracking.")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = opt("${output_root}/runs/${run_name}", "Training-state checkpoints and the export go here.")
+    every_steps: int = opt(500, "Steps between training-state checkpoints.")
+    keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
+    resume: bool = opt(True, "Resume from the newest checkpoint in `dir` when there is one.")
+    init_from: str | None = opt(None, "Export directory of an earlier stage to initialise from.")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = opt(512, "Most tokens generated for a text answer.")
+    temperature: float = opt(1.0, "Sampling temperature of image codes.")
+    text_temperature: float = opt(0.0, "Text temperature; 0 means greedy (used for understanding).")
+    image_top_k: int = opt(2000, "Top-k over image codes.")
+    text_top_k: int = opt(5, "Top-k over text tokens when sampling.")
+    top_p: float = opt(1.0, "Nucleus threshold (1 disables).")
+    cfg_scale: float = opt(3.0, "Classifier-free guidance scale for images (UniToken GenEval: 5.5).")
+    image_size: int = opt(512, "Side of generated images in pixels.")
+    seed: int = opt(0, "Sampling seed.")
+
+
+@dataclass
+class VQTrainConfig:
+    """VQ-GAN tokenizer training (python -m unified_mllm.vision.train_tokenizer); defaults: the published-size
+    recipe (taming-transformers' VQ-GAN losses), configs/tokenizer/vqgan-tiny.yaml shrinks it for CPUs."""
+
+    output_dir: str = opt(
+        "${output_root}/tokenizer/vqgan-${run_name}",
+        "Run directory: the final tokenizer (VQGAN.from_checkpoint reads it), config.yaml, metrics, plots, "
+        "and training-state checkpoints under checkpoints/.",
+    )
+    train_data: str = opt("${data.root}/train", "Training shards: a directory, glob or .tar file.")
+    eval_data: str = opt(
+        "${data.root}/val",
+        "Shards of the periodic evaluation and the final reconstruction grid ('' disables).",
+    )
+    steps: int = opt(100000, "Optimizer steps of the generator.")
+    batch_size: int = opt(8, "Images per rank per step (the global batch is batch_size x ranks).")
+    lr: float = opt(1e-4, "Peak AdamW learning rate of the generator (LlamaGen's VQ-GAN: 1e-4).")
+    betas: list[float] = opt([0.5, 0.9], "Adam betas of both optimizers (taming: 0.5, 0.9).")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay of the generator.")
+    schedule: Literal["cosine", "constant"] = opt(
+        "constant", "LR shape after warm-up (taming and LlamaGen keep it constant)."
+    )
+    warmup_steps: int = opt(0, "Linear LR warm-up steps.")
+    min_lr_ratio: float = opt(0.0, "Final LR of the cosine as a fraction of the peak.")
+    grad_clip: float = opt(0.0, "Global gradient-norm clip of each network (0 disables).")
+    l1_weight: float = opt(1.0, "Weight of the mean absolute pixel error (taming's reconstruction loss).")
+    l2_weight: float = opt(0.0, "Weight of the mean squared pixel error.")
+    perceptual: Literal["lpips-vgg16", "none"] = opt(
+        "lpips-vgg16", "Perceptual loss network; it is used only when perceptual_weights names a file."
+    )
+    perceptual_weights: str | None = opt(
+        None,
+        "LPIPS-VGG16 weights file (layout: unified_mllm.vision.losses.load_lpips); None: no perceptual loss.",
+    )
+    perceptual_weight: float = opt(1.0, "Weight of the perceptual loss (taming: 1.0).")
+    codebook_weight: float = opt(
+        1.0, "Weight of the quantizer loss (codebook + model.vq.beta x commitment; commitment only with EMA)."
+    )
+    gan_weight: float = opt(
+        0.8, "Weight of the generator's GAN loss (taming's disc_weight: 0.8); 0 disables."
+    )
+    gan_loss: Literal["hinge", "non_saturating"] = opt("hinge", "GAN objective (taming: hinge).")
+    disc_start_step: int = opt(20000, "Step at which the discriminator and the GAN term start.")
+    disc_lr: float | None = opt(None, "Discriminator learning rate; None: the generator's lr.")
+    adaptive_gan_weight: bool = opt(
+        True, "Scale the GAN term by |grad NLL| / |grad GAN| at the decoder's last layer (taming)."
+    )
+    adaptive_weight_max: float = opt(1e4, "Clamp of the adaptive GAN weight (taming: 1e4).")
+    disc_layers: int = opt(3, "Stride-2 layers of the PatchGAN discriminator (taming: 3).")
+    disc_channels: int = opt(64, "Width of the discriminator's first layer (taming: 64).")
+    disc_norm: Literal["batch", "group"] = opt(
+        "batch", "Discriminator normalisation: BatchNorm (taming) or batch-independent GroupNorm."
+    )
+    restart_every: int = opt(
+        10, "Steps between dead-code checks when model.vq.dead_code_steps > 0 (each is a host sync)."
+    )
+    shuffle_buffer: int = opt(1000, "Samples held by the streaming shuffle.")
+    hflip: bool = opt(False, "Augmentation: mirror half the training images left-right.")
+    seed: int = opt(0, "Seed of the initialisation, data order and dead-code restarts.")
+    log_every: int = opt(10, "Steps between metric logs (the loop's only host syncs besides checks).")
+    eval_every: int = opt(1000, "Steps between reconstruction checks on eval_data (0: only at the end).")
+    eval_images: int = opt(16, "Images of eval_data used by the periodic check and the final grid.")
+    checkpoint_every: int = opt(1000, "Steps between training-state checkpoints.")
+    keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
+    resume: bool = opt(True, "Resume from the newest training-state checkpoint in output_dir.")
+
+
+@dataclass
+class Config:
+    output_root: str = opt(
+        "${umllm_output_root:}", f"Root of every artifact: env {OUTPUT_ENV}, else {DEFAULT_OUTPUT_ROOT}."
+    )
+    run_name: str = opt("run", "Name of this run; checkpoints go under output_root/runs/run_name.")
+    model: ModelConfig = section(ModelConfig, "Model shapes.")
+    tokenizer: TextTokenizerConfig = section(TextTokenizerConfig, "Text tokenizer.")
+    contrastive: ContrastiveConfig = section(
+        ContrastiveConfig,
+        "SigLIP pre-training on the world's captions (python -m unified_mllm.vision.contrastive).",
+    )
+    data: DataConfig = section(DataConfig, "Data.")
+    optim: OptimConfig = section(OptimConfig, "Optimiser and schedule.")
+    train: TrainConfig = section(TrainConfig, "Training loop.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and export.")
+    generation: GenerationConfig = section(GenerationConfig, "Decoding defaults.")
+    vq_train: VQTrainConfig = section(
+        VQTrainConfig, "VQ-GAN tokenizer training (python -m unified_mllm.vision.train_tokenizer)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML file with its `_base_` files merged underneath it (paths relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `_base_` cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = node.pop(BASE_KEY, None)
+    if bases is None:
+        return node
+    base_list = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for base in base_list:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), (*seen, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _describe_error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or type(exc).__name__ == "ConfigKeyError":
+        return ConfigError(f"{origin}: unknown config key `{key}` ({msg})")
+    return ConfigError(f"{origin}: bad value for `{key}`: {msg}")
+
+
+def _merge(base: DictConfig, other: DictConfig | ListConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _describe_error(exc, origin) from exc
+
+
+def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
+    """The model preset named by the last layer that names one, as a config node."""
+    name = None
+    for _, layer in layers:
+        value = OmegaConf.select(layer, "model.preset", default=None)
+        if value is not None:
+            name = value
+    if name is None:
+        return None
+    from unified_mllm.model.presets import get_preset  # model presets import this module
+
+    return OmegaConf.create({"model": dataclasses.asdict(get_preset(name))})
+
+
+def load_config(
+    yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, check: bool = True
+) -> Config:
+    """Build a validated :class:`Config` from YAML files and ``key.sub=value`` overrides."""
+    layers: list[tuple[str, DictConfig]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    merged = OmegaConf.structured(Config)
+    preset = _preset_node(layers)
+    if preset is not None:
+        merged = _merge(merged, preset, f"preset {preset.model.preset}")
+    for origin, layer in layers:
+        merged = _merge(merged, layer, origin)
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _describe_error(exc, "config") from exc
+    assert isinstance(config, Config)
+    if check:
+        validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (written beside every checkpoint)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(config))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"`{key}`: {message}")
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks that types alone cannot express; raises :class:`ConfigError` naming the key."""
+    lm = config.model.lm
+    _require(lm.hidden_size % lm.num_heads == 0, "model.lm.hidden_size", "must be divisible by num_heads")
+    _require(lm.num_heads % lm.num_kv_heads == 0, "model.lm.num_kv_heads", "must divide num_heads")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_position_embeddings"):
+        _require(getattr(lm, key) > 0, f"model.lm.{key}", "must be positive")
+    _require(0.0 <= lm.residual_dropout < 1.0, "model.lm.residual_dropout", "must be in [0, 1)")
+
+    vision = config.model.vision
+    # SigLIP's patch embedding is a strided conv: 384 px / 14 px patches gives 27 x 27 (the rest is dropped).
+    _require(
+        vision.image_size >= vision.patch_size,
+        "model.vision.image_size",
+        f"must be at least patch_size={vision.patch_size}",
+    )
+    _require(
+        vision.hidden_size % vision.num_heads == 0, "model.vision.hidden_size", "must divide by num_heads"
+    )
+    for i, grid in enumerate(vision.anyres.grids):
+        _require(
+            len(grid) == 2 and min(grid) >= 1,
+            f"model.vision.anyres.grids[{i}]",
+            f"must be [rows, cols] with both >= 1, got {grid}",
+        )
+    _require(config.model.projector.depth >= 1, "model.projector.depth", "must be >= 1")
+
+    vq = config.model.vq
+    _require(vq.codebook_size >= 2, "model.vq.codebook_size", "must be >= 2")
+    _require(len(vq.channel_mult) >= 1, "model.vq.channel_mult", "needs at least one level")
+    _require(
+        vq.resolution % vq.downsample_factor == 0,
+        "model.vq.resolution",
+        f"must be a multiple of the downsampling factor {vq.downsample_factor}",
+    )
+
+    tok = config.tokenizer
+    _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
+    _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
+
+    world = config.data.world
+    _require(world.grid_size >= 1, "data.world.grid_size", "must be >= 1")
+    _require(
+        1 <= world.min_objects <= world.max_objects <= world.grid_size**2,
+        "data.world.max_objects",
+        f"need 1 <= min_objects <= max_objects <= grid_size^2 = {world.grid_size**2}",
+    )
+    _require(world.samples_per_shard >= 1, "data.world.samples_per_shard", "must be >= 1")
+    for i, source in enumerate(config.data.sources):
+        _require(bool(source.path), f"data.sources[{i}].path", "is empty")
+        _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
+
+    optim = config.optim
+    _require(optim.lr > 0, "optim.lr", "must be positive")
+    _require(len(optim.betas) == 2, "optim.betas", "needs exactly two values")
+    _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+    train = config.train
+    _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        _require(getattr(train, key) >= 1, f"train.{key}", "must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+    gen = config.generation
+    vqt = config.vq_train
+    for key in ("steps", "batch_size", "log_every", "eval_images", "checkpoint_every", "keep_last"):
+        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
+    for key in ("restart_every", "shuffle_buffer", "disc_layers", "disc_channels"):
+        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
+    _require(vqt.lr > 0, "vq_train.lr", "must be positive")
+    _require(vqt.disc_lr is None or vqt.disc_lr > 0, "vq_train.disc_lr", "must be positive or null")
+    _require(len(vqt.betas) == 2, "vq_train.betas", "needs exactly two values")
+    _require(0.0 <= vqt.min_lr_ratio <= 1.0, "vq_train.min_lr_ratio", "must be in [0, 1]")
+    for key in ("warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"):
+        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
+    for key in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"):
+        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
+    _require(bool(vqt.train_data), "vq_train.train_data", "is empty")
+    _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
+    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
+    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
+    _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def iter_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, doc, default) for every leaf field of the tree."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(iter_docs(type(value), key + "."))
+        else:
+            rows.append((key, f.metadata.get("doc", ""), value))
+    return rows
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--config FILE ... key=value ...` arguments every entry point shares.
+
+    Entry points that have positional arguments of their own parse with ``parser.parse_intermixed_args``,
+    which lets the overrides appear anywhere on the command line.
+    """
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print the resolved config, or document every key.")
+    add_config_arguments(parser)
+    parser.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
+    args = parser.parse_args(argv)
+    if args.docs:
+        for key, doc, default in iter_docs():
+            print(f"{key} = {default!r}\n    {doc}")
+        return
+    print(to_yaml(config_from_args(args)), end="")
+
+
+if __name__ == "__main__":
+    main()

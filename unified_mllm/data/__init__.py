@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic "shapes" world, webdataset shards, the conversation template."""

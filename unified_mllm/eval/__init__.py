@@ -1,0 +1,1 @@
+"""Evaluation: the world's programmatic judge and, later, the benchmark tasks behind one driver."""

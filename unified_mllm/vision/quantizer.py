@@ -1,0 +1,331 @@
+"""Vector quantization: nearest-code lookup, losses, EMA codebooks, dead-code restarts, usage statistics.
+
+The pieces are plain functions plus one module, :class:`VectorQuantizer`, so that the other tokenizers can
+reuse them: UniTok's multi-codebook quantizer runs one :class:`VectorQuantizer` per channel chunk, and
+DualToken's residual quantizer runs several on successive residuals (:meth:`VectorQuantizer.lookup` gives the
+plain code vectors without the straight-through trick).
+
+Chameleon's (taming-transformers') quantizer is the default: the nearest code by L2 distance, the
+straight-through estimator, and ``codebook loss + beta * commitment loss`` (van den Oord et al. 2017). taming's
+``legacy`` loss puts ``beta`` on the codebook term instead; the two have the same *value* (both terms are the
+same mean squared error) and differ only in how the gradient is split between the encoder and the codebook.
+Optional, for training new tokenizers: l2-normalised codes looked up by cosine similarity (ViT-VQGAN), EMA
+codebook updates (VQ-VAE-2), and dead-code restarts (Jukebox / SoundStream style).
+
+Distribution (design convention 1): nothing here imports ``torch.distributed``. The trainer may set
+:attr:`VectorQuantizer.all_reduce` (a callable summing a tensor over ranks and returning it) so that usage
+counts and EMA statistics are global, and it calls :meth:`VectorQuantizer.restart_dead_codes` with a
+``broadcast`` callable so that every rank ends up with rank 0's codebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows of the (rows x codebook_size) distance matrix computed at once: 8192 codes x 4096 rows x 4 bytes is
+# 128 MiB, which bounds memory for big batches of 512 px images (16 images = 16384 latent vectors).
+LOOKUP_CHUNK_ROWS = 4096
+
+TensorHook = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class QuantizerOutput:
+    """What :meth:`VectorQuantizer.forward` returns.
+
+    ``quantized`` has the input's shape and carries the straight-through gradient; ``indices`` has the input's
+    shape without the code dimension. ``loss`` is what the trainer adds to its objective; the two terms are
+    also given separately for logging (``codebook_loss`` is zero with EMA codebooks). ``counts`` (float,
+    ``[codebook_size]``), ``perplexity`` and ``usage`` (fraction of codes used) describe this batch — summed
+    over ranks in training when :attr:`VectorQuantizer.all_reduce` is set. ``latents`` are the detached input
+    vectors ``[N, dim]`` (l2-normalised for cosine codebooks), the pool for :meth:`restart_dead_codes`.
+    """
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    counts: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+    latents: torch.Tensor
+
+
+def nearest_code_indices(
+    vectors: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    cosine: bool = False,
+    chunk_rows: int = LOOKUP_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Index of the nearest code for each row of ``vectors`` ``[N, dim]`` → ``[N]`` (long).
+
+    L2 distance as Chameleon computes it (``|z|^2 + |e|^2 - 2 z.e``), or with ``cosine`` the largest cosine
+    similarity (both sides l2-normalised here). Distances are computed in float32 even for bf16 models:
+    in bf16 the distances between close codes round together and the argmin picks the wrong code.
+    """
+    if vectors.ndim != 2 or codebook.ndim != 2 or vectors.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"expected vectors [N, dim] and codebook [K, dim], got {tuple(vectors.shape)} and "
+            f"{tuple(codebook.shape)}"
+        )
+    vectors, codebook = vectors.float(), codebook.float()
+    if cosine:
+        vectors, codebook = F.normalize(vectors, dim=1), F.normalize(codebook, dim=1)
+    code_sq = codebook.pow(2).sum(dim=1)
+    out = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
+    for start in range(0, vectors.shape[0], chunk_rows):
+        rows = vectors[start : start + chunk_rows]
+        if cosine:
+            out[start : start + chunk_rows] = (rows @ codebook.t()).argmax(dim=1)
+        else:
+            distances = rows.pow(2).sum(dim=1, keepdim=True) + code_sq - 2.0 * (rows @ codebook.t())
+            out[start : start + chunk_rows] = distances.argmin(dim=1)
+    return out
+
+
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in ``indices`` (any shape) → float ``[codebook_size]``."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+
+
+def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of the code distribution given by ``counts``: 1 if one code is used, K if all K are
+    used equally; the effective number of codes in use."""
+    probs = counts.float() / counts.sum().clamp_min(1.0)
+    # 0 * log 0 = 0: codes that never occur contribute nothing.
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
+    return entropy.exp()
+
+
+def vq_losses(vectors: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codebook_loss, commitment_loss)`` between encoder outputs and their codes (same shapes).
+
+    The codebook loss ``mean((sg[z] - e)^2)`` moves the codes towards the encoder outputs; the commitment
+    loss ``mean((z - sg[e])^2)`` keeps the encoder close to its codes (``sg`` = stop gradient).
+    """
+    codebook_loss = F.mse_loss(codes, vectors.detach())
+    commitment_loss = F.mse_loss(vectors, codes.detach())
+    return codebook_loss, commitment_loss
+
+
+def straight_through(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` in the forward pass, identity gradient to ``vectors`` in the backward pass."""
+    return vectors + (codes - vectors).detach()
+
+
+class VectorQuantizer(nn.Module):
+    """A codebook of ``codebook_size`` vectors of width ``dim``; the parameter is ``embedding.weight`` (taming's
+    and Chameleon's name, so ``quantize.embedding.weight`` loads from ``vqgan.ckpt`` unchanged).
+
+    ``ema_decay`` switches to EMA codebook updates (the codebook then gets no gradient and no codebook loss);
+    ``dead_code_steps > 0`` tracks, per code, the training forward passes since it was last used, which
+    :meth:`restart_dead_codes` reads. Those statistics are persistent buffers (exact resume) registered only
+    when the feature is on; :attr:`STATISTIC_BUFFERS` names them so loaders can treat them as optional.
+    """
+
+    STATISTIC_BUFFERS: tuple[str, ...] = ("ema_cluster_size", "ema_embed_sum", "steps_since_used")
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        l2_normalize: bool = False,
+        ema_decay: float | None = None,
+        ema_epsilon: float = 1e-5,
+        dead_code_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if codebook_size < 2 or dim < 1:
+            raise ValueError(f"need codebook_size >= 2 and dim >= 1, got {codebook_size} and {dim}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+        if dead_code_steps < 0:
+            raise ValueError(f"dead_code_steps must be >= 0, got {dead_code_steps}")
+        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        self.l2_normalize, self.ema_decay, self.ema_epsilon = l2_normalize, ema_decay, ema_epsilon
+        self.dead_code_steps = dead_code_steps
+        # Set by the trainer in a distributed run: sums a tensor over ranks (in place or returned).
+        self.all_reduce: TensorHook | None = None
+        self.embedding = nn.Embedding(codebook_size, dim)
+        if ema_decay is not None:
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
+            self.register_buffer("ema_embed_sum", torch.zeros(codebook_size, dim))
+        if dead_code_steps > 0:
+            self.register_buffer("steps_since_used", torch.zeros(codebook_size, dtype=torch.long))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """taming's init: codes uniform in ``±1/codebook_size``; statistics restarted from the codebook."""
+        self.embedding.weight.uniform_(-1.0 / self.codebook_size, 1.0 / self.codebook_size)
+        self.reset_statistics()
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        """Restart the EMA / usage statistics from the current codebook (after loading a checkpoint without
+        them). The EMA sums start as if every code had been assigned once, to itself: starting the cluster
+        sizes at zero would blow unused codes up by ``1 / epsilon`` on the first update."""
+        if self.ema_decay is not None:
+            self.ema_cluster_size.fill_(1.0)
+            self.ema_embed_sum.copy_(self.embedding.weight)
+        if self.dead_code_steps > 0:
+            self.steps_since_used.zero_()
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors as the lookup sees them ``[codebook_size, dim]`` (normalised for cosine codes)."""
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=1) if self.l2_normalize else weight
+
+    def lookup(self, indices: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Code vectors for ``indices`` (any shape): the vector dimension is inserted at ``dim``."""
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"code indices must be integers, got {indices.dtype}")
+        vectors = F.embedding(indices.long(), self.codebook)
+        return vectors.movedim(-1, dim)
+
+    def nearest(self, z: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Code indices for ``z`` (vectors along ``dim``) without losses or statistics: inference only."""
+        if z.shape[dim] != self.dim:
+            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
+        moved = z.movedim(dim, -1)
+        indices = nearest_code_indices(
+            moved.reshape(-1, self.dim).detach(), self.embedding.weight.detach(), cosine=self.l2_normalize
+        )
+        return indices.reshape(moved.shape[:-1])
+
+    def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
+        """Quantize ``z``, whose dimension ``dim`` holds the code vectors (``dim=1`` for ``[B, C, H, W]``)."""
+        if z.shape[dim] != self.dim:
+            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
+        moved = z.movedim(dim, -1)
+        flat = moved.reshape(-1, self.dim)
+        if self.l2_normalize:
+            flat = F.normalize(flat, dim=1)
+        codebook = self.codebook
+        indices = nearest_code_indices(flat.detach(), codebook.detach(), cosine=self.l2_normalize)
+        codes = F.embedding(indices, codebook).to(flat.dtype)
+        codebook_loss, commitment_loss = vq_losses(flat, codes)
+        if self.ema_decay is not None:
+            codebook_loss = torch.zeros_like(commitment_loss)  # EMA moves the codes, no gradient does
+        loss = codebook_loss + self.beta * commitment_loss
+        quantized = straight_through(flat, codes).reshape(moved.shape).movedim(-1, dim)
+        counts = code_counts(indices, self.codebook_size)
+        if self.training:
+            counts = self._update_statistics(flat.detach(), indices, counts)
+        return QuantizerOutput(
+            quantized=quantized,
+            indices=indices.reshape(moved.shape[:-1]),
+            loss=loss,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+            counts=counts,
+            perplexity=perplexity_from_counts(counts),
+            usage=(counts > 0).float().mean(),
+            latents=flat.detach(),
+        )
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is None:
+            return tensor
+        result = self.all_reduce(tensor)
+        return tensor if result is None else result
+
+    @torch.no_grad()
+    def _update_statistics(
+        self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Training-time bookkeeping after a forward pass; returns the (globally summed) counts."""
+        counts = self._reduce(counts)
+        if self.dead_code_steps > 0:
+            self.steps_since_used.add_(1)
+            self.steps_since_used.masked_fill_(counts > 0, 0)
+        if self.ema_decay is not None:
+            embed_sum = torch.zeros(self.codebook_size, self.dim, device=flat.device)
+            embed_sum.index_add_(0, indices, flat.float())
+            self.ema_update(counts, self._reduce(embed_sum))
+        return counts
+
+    @torch.no_grad()
+    def ema_update(self, counts: torch.Tensor, embed_sum: torch.Tensor) -> None:
+        """One EMA step from a batch's per-code ``counts`` ``[K]`` and sums of assigned vectors ``[K, dim]``.
+
+        ``N <- d N + (1-d) counts``, ``m <- d m + (1-d) embed_sum``, then each code becomes ``m / N'`` with
+        Laplace-smoothed sizes ``N' = (N + eps) / (sum(N) + K eps) * sum(N)`` so no code divides by zero.
+        """
+        if self.ema_decay is None:
+            raise RuntimeError("ema_update needs a quantizer built with ema_decay")
+        decay, eps = self.ema_decay, self.ema_epsilon
+        self.ema_cluster_size.mul_(decay).add_(counts.float(), alpha=1.0 - decay)
+        self.ema_embed_sum.mul_(decay).add_(embed_sum.float(), alpha=1.0 - decay)
+        total = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + eps) / (total + self.codebook_size * eps) * total
+        codes = self.ema_embed_sum / smoothed.unsqueeze(1)
+        if self.l2_normalize:
+            codes = F.normalize(codes, dim=1)
+        self.embedding.weight.copy_(codes)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors that must agree on every rank: the codebook and the statistics buffers."""
+        tensors = [self.embedding.weight.data]
+        return tensors + [getattr(self, name) for name in self.STATISTIC_BUFFERS if hasattr(self, name)]
+
+    def dead_codes(self) -> torch.Tensor:
+        """Indices of codes unused for at least ``dead_code_steps`` training forward passes (``[n]``, long)."""
+        if self.dead_code_steps <= 0:
+            return torch.zeros(0, dtype=torch.long, device=self.embedding.weight.device)
+        return (self.steps_since_used >= self.dead_code_steps).nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def restart_dead_codes(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        broadcast: TensorHook | None = None,
+    ) -> torch.Tensor:
+        """Re-initialise the dead codes from random rows of ``latents`` ``[N, dim]`` (the batch's encoder
+        outputs, e.g. :attr:`QuantizerOutput.latents`); returns the restarted indices.
+
+        Each dead code gets a distinct row when there are enough rows (otherwise rows repeat), drawn with
+        ``generator``. In a distributed run pass ``broadcast`` (e.g. ``lambda t: dist.broadcast(t, src=0)``)
+        on *every* rank: after the local restart each of :meth:`state_tensors` is broadcast in place, so
+        all ranks hold rank 0's codebook whatever their own batch was. The returned indices are this rank's.
+        """
+        dead = self.dead_codes()
+        if dead.numel() > 0:
+            pool = latents.detach().reshape(-1, self.dim).float()
+            if pool.shape[0] == 0:
+                raise ValueError("restart_dead_codes needs at least one latent vector")
+            device = generator.device if generator is not None else pool.device
+            if pool.shape[0] >= dead.numel():
+                rows = torch.randperm(pool.shape[0], generator=generator, device=device)[: dead.numel()]
+            else:
+                rows = torch.randint(pool.shape[0], (dead.numel(),), generator=generator, device=device)
+            fresh = pool[rows.to(pool.device)].to(self.embedding.weight.device)
+            if self.l2_normalize:
+                fresh = F.normalize(fresh, dim=1)
+            self.embedding.weight[dead] = fresh.to(self.embedding.weight.dtype)
+            self.steps_since_used[dead] = 0
+            if self.ema_decay is not None:
+                self.ema_cluster_size[dead] = 1.0
+                self.ema_embed_sum[dead] = fresh
+        if broadcast is not None:
+            for tensor in self.state_tensors():
+                broadcast(tensor)
+        return dead
+
+    def extra_repr(self) -> str:
+        lookup = "cosine" if self.l2_normalize else "l2"
+        ema = f", ema_decay={self.ema_decay}" if self.ema_decay is not None else ""
+        dead = f", dead_code_steps={self.dead_code_steps}" if self.dead_code_steps else ""
+        return f"codebook_size={self.codebook_size}, dim={self.dim}, beta={self.beta}, lookup={lookup}{ema}{dead}"

@@ -1,0 +1,193 @@
+"""The continuous branch: the SigLIP vision tower from transformers, and :class:`VisionEncoder` (tower + projector).
+
+AnyRes tiling (which views of an image the encoder sees) lives in :mod:`unified_mllm.vision.anyres`, the MLP
+projector in :mod:`unified_mllm.vision.projector`.
+
+SigLIP cuts a square ``image_size`` x ``image_size`` view into non-overlapping ``patch_size`` patches with a
+strided convolution, so a view yields ``(image_size // patch_size) ** 2`` feature vectors, one per patch, in
+row-major order. Pixels that do not fill a whole patch are dropped: SigLIP-so400m at 384 px with 14 px
+patches sees 27 x 27 = 729 patches (the last 6 pixel rows and columns are never read). That is the number of
+feature slots one view occupies in the token layout (:func:`features_per_view`).
+
+The tower is built **without** SigLIP's attention-pooling head (``vision_use_head=False``): the unified model
+projects every patch feature into the LM, so the pooled embedding would be ~15M parameters that receive no
+gradient (dead weight in optimizer state and checkpoints, and an "unused parameter" error under DDP). The
+published so400m vision tower, head included, has ~428M parameters; without the head it has ~413M.
+``use_head=True`` builds the full published module when a caller needs it.
+
+Building does no I/O (design convention 5): :func:`build_siglip_tower` only ever random-initialises from the
+config. Published weights come in through the explicit :func:`load_siglip_pretrained`. On ``device="meta"``
+nothing is allocated; to materialise, call ``tower.to_empty(device=...)`` then ``tower.init_weights()``, also
+before loading a state dict: ``init_weights`` refills the non-persistent ``position_ids`` buffer, which
+``to_empty`` leaves uninitialised and a state dict does not carry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from unified_mllm.config import ConfigError, ProjectorConfig, VisionConfig
+from unified_mllm.vision.projector import MLPProjector, build_projector
+
+# Our field → transformers' SiglipVisionConfig attribute; used to build the config and to check a checkpoint.
+_FIELD_MAP: dict[str, str] = {
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
+
+
+def num_patches_per_side(vision: VisionConfig) -> int:
+    """Patches along one side of a view: ``image_size // patch_size`` (384 / 14 → 27, remainder dropped)."""
+    return vision.image_size // vision.patch_size
+
+
+def features_per_view(vision: VisionConfig) -> int:
+    """Feature vectors SigLIP yields for one view: ``num_patches_per_side ** 2`` (so400m at 384 px: 729)."""
+    return num_patches_per_side(vision) ** 2
+
+
+def siglip_hf_config(vision: VisionConfig, *, use_head: bool = False) -> SiglipVisionConfig:
+    """The transformers config of the SigLIP vision tower described by ``vision``.
+
+    ``num_layers`` → ``num_hidden_layers`` and ``num_heads`` → ``num_attention_heads``; the other shape fields
+    and ``layer_norm_eps`` keep their names. RGB input and the ``gelu_pytorch_tanh`` activation are SigLIP's
+    own (transformers' defaults). ``use_head`` adds the attention-pooling head (see the module docstring).
+    """
+    return SiglipVisionConfig(
+        **{hf_name: getattr(vision, ours) for ours, hf_name in _FIELD_MAP.items()},
+        layer_norm_eps=vision.layer_norm_eps,
+        num_channels=3,
+        vision_use_head=use_head,
+    )
+
+
+def build_siglip_tower(
+    vision: VisionConfig, device: str | torch.device = "cpu", *, use_head: bool = False
+) -> SiglipVisionModel:
+    """A randomly initialised SigLIP vision tower for ``vision``, built directly on ``device`` (no I/O).
+
+    ``vision.pretrained`` is deliberately ignored here; use :func:`load_siglip_pretrained`. The tower maps
+    ``pixel_values`` of shape ``(batch, 3, image_size, image_size)`` to ``last_hidden_state`` of shape
+    ``(batch, features_per_view, hidden_size)`` (after the post-layernorm) and ``hidden_states`` per layer
+    when asked for them.
+    """
+    config = siglip_hf_config(vision, use_head=use_head)
+    # Under the device context every parameter and buffer is created on `device`; "meta" allocates nothing.
+    with torch.device(device):
+        return SiglipVisionModel(config)
+
+
+def check_siglip_config(config: SiglipVisionConfig, vision: VisionConfig, origin: str) -> None:
+    """Raise :class:`ConfigError` naming each ``model.vision`` field that ``config`` contradicts."""
+    mismatches = [
+        f"model.vision.{ours}={getattr(vision, ours)} but {origin} has {hf_name}={getattr(config, hf_name)}"
+        for ours, hf_name in _FIELD_MAP.items()
+        if getattr(vision, ours) != getattr(config, hf_name)
+    ]
+    if mismatches:
+        raise ConfigError("SigLIP checkpoint does not match the config: " + "; ".join(mismatches))
+
+
+def load_siglip_pretrained(
+    path: str | Path,
+    vision: VisionConfig | None = None,
+    *,
+    use_head: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> SiglipVisionModel:
+    """Load a SigLIP vision tower from a local ``from_pretrained`` directory (the one place weights are read).
+
+    ``path`` may hold a vision-only checkpoint or a full SigLIP (vision + text) one; transformers picks the
+    vision part. Without ``use_head`` the pooling head's weights are skipped (transformers logs them as
+    unused). The weights come back in ``dtype`` — float32 by default because training keeps fp32 master
+    weights, whereas transformers would otherwise keep the checkpoint's (often bf16) dtype. When ``vision``
+    is given, the checkpoint's shapes must match it, so a config and a checkpoint cannot silently disagree.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"SigLIP checkpoint not found: {path}")
+    # Check the shapes before reading ~1.6 GB of weights that would then be thrown away.
+    config = SiglipVisionConfig.from_pretrained(str(path), vision_use_head=use_head)
+    if vision is not None:
+        check_siglip_config(config, vision, str(path))
+    return SiglipVisionModel.from_pretrained(str(path), config=config, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------- vision encoder
+
+
+def check_feature_layer(vision: VisionConfig) -> None:
+    """Raise :class:`ConfigError` unless ``vision.feature_layer`` names one of the tower's hidden states.
+
+    transformers returns ``num_layers + 1`` hidden states (the patch embeddings, then each layer's output),
+    so valid values are ``-(num_layers + 1) .. num_layers``; ``-1`` is special (after the post-layernorm).
+    """
+    layer, count = vision.feature_layer, vision.num_layers + 1
+    if not -count <= layer < count:
+        raise ConfigError(
+            f"`model.vision.feature_layer`: {layer} is outside -{count}..{count - 1} "
+            f"(the tower has {vision.num_layers} layers)"
+        )
+
+
+class VisionEncoder(nn.Module):
+    """SigLIP tower + MLP projector: ``pixel_values (N_views, 3, S, S) → features (N_views, P, lm_hidden)``.
+
+    ``P`` is :func:`features_per_view`, the patch grid in row-major order. Which hidden state is projected is
+    ``vision.feature_layer``: ``-1`` takes ``last_hidden_state`` (after SigLIP's post-layernorm, as UniToken
+    does); any other value asks the tower for ``output_hidden_states`` and picks that entry (LLaVA's ``-2`` is
+    the penultimate layer, before any norm). Layers past the chosen one still run; they (and the
+    post-layernorm) then get no gradient, so freeze them when training with DDP-style unused-parameter checks.
+
+    Building does no I/O; :meth:`load_pretrained_tower` reads published or pre-trained weights explicitly.
+    To turn a list of images into per-image feature sequences, see :func:`unified_mllm.vision.anyres.encode_images`.
+    """
+
+    def __init__(
+        self,
+        vision: VisionConfig,
+        lm_hidden: int,
+        projector: ProjectorConfig,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        check_feature_layer(vision)
+        self.vision = vision
+        self.feature_layer = vision.feature_layer
+        self.tower: SiglipVisionModel = build_siglip_tower(vision, device)
+        self.projector: MLPProjector = build_projector(vision, lm_hidden, projector, device)
+
+    @property
+    def features_per_view(self) -> int:
+        return features_per_view(self.vision)
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The selected SigLIP hidden state before projection: ``(N_views, P, vision.hidden_size)``."""
+        if self.feature_layer == -1:
+            return self.tower(pixel_values=pixel_values).last_hidden_state
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[self.feature_layer]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values (N_views, 3, S, S)`` in [-1, 1] → projected features ``(N_views, P, lm_hidden)``."""
+        expected = (3, self.vision.image_size, self.vision.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"expected pixel_values of shape (N, *{expected}), got {tuple(pixel_values.shape)}"
+            )
+        # Cast to the tower's dtype so that fp32 pixels from preprocessing work on a bf16 tower.
+        pixels = pixel_values.to(self.tower.embeddings.patch_embedding.weight.dtype)
+        return self.projector(self.patch_features(pixels))
+
+    def load_pretrained_tower(self, path: str | Path) -> None:
+        """Replace the tower's weights with a ``from_pretrained`` checkpoint (shapes checked against the config)."""
+        loaded = load_siglip_pretrained(path, self.vision, dtype=self.tower.dtype)
+        self.tower.load_state_dict(loaded.state_dict())

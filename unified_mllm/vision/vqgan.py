@@ -1,0 +1,657 @@
+"""Chameleon's VQ-GAN image tokenizer (taming-transformers ``VQModel`` architecture), encoder *and* decoder.
+
+The module tree and parameter names are those of taming-transformers, which Chameleon's ``vqgan.ckpt`` uses,
+so its ``state_dict`` loads unchanged: ``encoder.*`` (``conv_in``, ``down.{i}.block.{j}`` /
+``down.{i}.attn.{j}`` / ``down.{i}.downsample``, ``mid.block_1`` / ``mid.attn_1`` / ``mid.block_2``,
+``norm_out``, ``conv_out``), ``quant_conv``, ``quantize.embedding.weight``, ``post_quant_conv`` and
+``decoder.*`` (``conv_in``, ``mid.*``, ``up.{i}.block.{j}`` with ``num_res_blocks + 1`` blocks per level,
+``up.{i}.attn.{j}``, ``up.{i}.upsample``, ``norm_out``, ``conv_out``). As in taming, ``decoder.up.{i}`` runs
+at the same resolution as ``encoder.down.{i}``: ``up.{levels-1}`` is the lowest resolution and runs first.
+GroupNorm(32, eps=1e-6), swish, single-head attention through 1x1 convolutions, downsampling by an asymmetric
+zero pad ``(0, 1, 0, 1)`` then a stride-2 3x3 convolution, upsampling by nearest x2 then a 3x3 convolution.
+transformers' ``ChameleonVQVAE`` implements the same encoder and quantizer (it has no decoder); the tests
+check that both give the same codes for the same weights.
+
+Pixels are ``[B, 3, H, W]`` in [-1, 1] with ``H`` and ``W`` multiples of the downsampling factor
+(``2 ** (levels - 1)``: 16 for Chameleon, 512 px → 32 x 32 codes); codes are ``[B, H / f, W / f]`` (long).
+
+Building does no I/O (design convention 5): :meth:`VQGAN.from_config` random-initialises, also on the
+``meta`` device. Weights come in through :meth:`VQGAN.from_checkpoint`, which reads either
+
+* Chameleon's / taming's files: a Lightning checkpoint (``{"state_dict": {...}}``, ``loss.*`` discriminator
+  and perceptual-loss keys ignored) or a plain state dict, with the taming ``vqgan.yaml`` beside it; or
+* our own format, written by :meth:`VQGAN.save_pretrained`: a directory holding ``model.safetensors`` (the
+  state dict) and ``config.json`` (``{"format": "unified_mllm.vqgan", "format_version": 1, "vq": {VQConfig
+  fields}}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import pickle
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+from unified_mllm.config import VQConfig
+from unified_mllm.vision.image import ImageSource, preprocess, tensor_to_image
+from unified_mllm.vision.quantizer import QuantizerOutput, VectorQuantizer
+
+FORMAT_NAME = "unified_mllm.vqgan"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Training-only parts of a taming/Chameleon checkpoint (discriminator, LPIPS): not part of the tokenizer.
+IGNORED_PREFIXES = ("loss.",)
+# VQConfig fields that a taming yaml determines; the others (beta, EMA, ...) come from the base config.
+_TAMING_FIELDS = {
+    "codebook_size": ("n_embed",),
+    "embed_dim": ("embed_dim",),
+    "z_channels": ("ddconfig", "z_channels"),
+    "base_channels": ("ddconfig", "ch"),
+    "channel_mult": ("ddconfig", "ch_mult"),
+    "num_res_blocks": ("ddconfig", "num_res_blocks"),
+    "attn_resolutions": ("ddconfig", "attn_resolutions"),
+    "resolution": ("ddconfig", "resolution"),
+    "dropout": ("ddconfig", "dropout"),
+}
+_MAX_LISTED_KEYS = 20
+
+
+class VQCheckpointError(ValueError):
+    """A tokenizer checkpoint or config that cannot be loaded; the message says which keys or fields."""
+
+
+# ------------------------------------------------------------------------------------------- building blocks
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm → swish → conv3x3 → norm → swish → dropout → conv3x3, plus a 1x1 ``nin_shortcut`` when the width
+    changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with 1x1-conv projections, and a residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        # [B, C, H, W] → [B, 1, HW, C]: one head whose width is all channels (scale 1/sqrt(C), as taming).
+        q, k, v = (proj(h).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: pad one zero row/column at the bottom/right, then a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # taming's asymmetric padding; conv padding=1 would shift the sampling grid and break the weights.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour x2, then a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: ``block.{j}`` residual blocks, each followed by ``attn.{j}`` when attention is on
+    at this resolution; the resampling module (``downsample`` / ``upsample``) is attached by the caller."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_blocks: int, *, attention: bool, dropout: float
+    ) -> None:
+        super().__init__()
+        widths = [in_channels] + [out_channels] * num_blocks
+        self.block = nn.ModuleList(ResnetBlock(widths[j], out_channels, dropout) for j in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks if attention else 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for j, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn) > 0:
+                x = self.attn[j](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: residual block, attention, residual block (``block_1``, ``attn_1``, ``block_2``)."""
+
+    def __init__(self, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def _widths(vq: VQConfig) -> list[int]:
+    return [vq.base_channels * m for m in vq.channel_mult]
+
+
+class Encoder(nn.Module):
+    """Pixels ``[B, 3, H, W]`` → latents ``[B, z_channels, H / f, W / f]``."""
+
+    def __init__(self, vq: VQConfig) -> None:
+        super().__init__()
+        widths, levels = _widths(vq), len(vq.channel_mult)
+        self.conv_in = nn.Conv2d(3, vq.base_channels, kernel_size=3, padding=1)
+        self.down = nn.ModuleList()
+        for i in range(levels):
+            level = Level(
+                vq.base_channels if i == 0 else widths[i - 1],
+                widths[i],
+                vq.num_res_blocks,
+                attention=(vq.resolution >> i) in vq.attn_resolutions,
+                dropout=vq.dropout,
+            )
+            if i != levels - 1:
+                level.downsample = Downsample(widths[i])
+            self.down.append(level)
+        self.mid = MidBlock(widths[-1], vq.dropout)
+        self.norm_out = _group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], vq.z_channels, kernel_size=3, padding=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(pixels)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents ``[B, z_channels, h, w]`` → pixels ``[B, 3, h * f, w * f]`` (not clamped)."""
+
+    def __init__(self, vq: VQConfig) -> None:
+        super().__init__()
+        widths, levels = _widths(vq), len(vq.channel_mult)
+        self.conv_in = nn.Conv2d(vq.z_channels, widths[-1], kernel_size=3, padding=1)
+        self.mid = MidBlock(widths[-1], vq.dropout)
+        # up.{i} works at encoder level i's resolution; its input comes from level i + 1 (or from mid).
+        self.up = nn.ModuleList()
+        for i in range(levels):
+            level = Level(
+                widths[min(i + 1, levels - 1)],
+                widths[i],
+                vq.num_res_blocks + 1,
+                attention=(vq.resolution >> i) in vq.attn_resolutions,
+                dropout=vq.dropout,
+            )
+            if i != 0:
+                level.upsample = Upsample(widths[i])
+            self.up.append(level)
+        self.norm_out = _group_norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def check_vq_config(vq: VQConfig) -> None:
+    """Raise ValueError when ``vq`` cannot describe a VQ-GAN (GroupNorm needs widths divisible by 32)."""
+    if vq.kind != "vqgan":
+        raise ValueError(f"VQGAN needs vq.kind='vqgan', got {vq.kind!r}")
+    if not vq.channel_mult or vq.num_res_blocks < 1:
+        raise ValueError("vq.channel_mult needs at least one level and vq.num_res_blocks must be >= 1")
+    bad = [w for w in [vq.base_channels, *_widths(vq)] if w <= 0 or w % 32]
+    if bad:
+        raise ValueError(f"VQ-GAN widths must be positive multiples of 32 (GroupNorm(32)), got {bad}")
+    if vq.resolution % vq.downsample_factor:
+        raise ValueError(f"vq.resolution {vq.resolution} is not a multiple of {vq.downsample_factor}")
+
+
+class VQGAN(nn.Module):
+    """Encoder → ``quant_conv`` → :class:`VectorQuantizer` → ``post_quant_conv`` → decoder."""
+
+    def __init__(self, vq: VQConfig) -> None:
+        super().__init__()
+        check_vq_config(vq)
+        self.config = copy.deepcopy(vq)
+        self.encoder = Encoder(vq)
+        self.quant_conv = nn.Conv2d(vq.z_channels, vq.embed_dim, kernel_size=1)
+        self.quantize = VectorQuantizer(
+            vq.codebook_size,
+            vq.embed_dim,
+            beta=vq.beta,
+            l2_normalize=vq.l2_normalize_codes,
+            ema_decay=vq.ema_decay,
+            dead_code_steps=vq.dead_code_steps,
+        )
+        self.post_quant_conv = nn.Conv2d(vq.embed_dim, vq.z_channels, kernel_size=1)
+        self.decoder = Decoder(vq)
+
+    # -- construction and files ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, vq: VQConfig, device: str | torch.device | None = None) -> VQGAN:
+        """A randomly initialised VQ-GAN built directly on ``device`` (``"meta"``: no memory). No I/O:
+        ``vq.checkpoint`` is ignored here, use :meth:`from_checkpoint`."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(vq)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt_path: str | os.PathLike[str],
+        yaml_path: str | os.PathLike[str] | None = None,
+        *,
+        config: VQConfig | None = None,
+        device: str | torch.device = "cpu",
+        trust_pickle: bool = True,
+    ) -> VQGAN:
+        """Load trained weights: Chameleon's ``vqgan.ckpt`` (+ ``vqgan.yaml``) or a :meth:`save_pretrained`
+        directory (or its ``model.safetensors``).
+
+        The shapes come from ``yaml_path`` (a taming yaml, or our ``config.json``), else from a config file
+        found beside the weights (``<stem>.yaml`` / ``<stem>.yml`` / ``config.json``), else from ``config``.
+        Our ``config.json`` fixes every field (``config`` is then ignored); a taming yaml only fixes the
+        architecture, and the other fields (``beta``, EMA, ...) come from ``config`` (default: the
+        :class:`VQConfig` defaults). Raises :class:`VQCheckpointError` listing every missing,
+        unexpected or wrongly shaped key.
+
+        Security: ``.ckpt`` / ``.pt`` files are read with ``torch.load(weights_only=True)`` first. Lightning
+        checkpoints (Chameleon's ``vqgan.ckpt`` among them) can carry pickled objects that this refuses; then,
+        with ``trust_pickle=True``, the file is unpickled in full, which can run arbitrary code: only load
+        files from a source you trust, or pass ``trust_pickle=False`` to get an error instead.
+        """
+        weights_path, config_path = _resolve_checkpoint_paths(Path(ckpt_path), yaml_path)
+        if config_path is not None:
+            vq = read_vq_config(config_path, base=config)
+        elif config is not None:
+            vq = copy.deepcopy(config)
+        else:
+            raise VQCheckpointError(
+                f"no config for {weights_path}: pass yaml_path (Chameleon's vqgan.yaml) or config=VQConfig(...)"
+            )
+        vq.checkpoint = str(ckpt_path)
+        state = load_checkpoint_state(weights_path, trust_pickle=trust_pickle)
+        model = cls(vq)
+        model.load_generator_state(state, source=str(weights_path))
+        return model.to(device)
+
+    def load_generator_state(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """Copy ``state`` into this model after checking every key and shape.
+
+        ``loss.*`` keys are dropped; the quantizer's training statistics are optional both ways (restarted from
+        the codebook when absent, ignored when this config does not use them).
+        """
+        expected = self.state_dict()
+        optional = {f"quantize.{name}" for name in VectorQuantizer.STATISTIC_BUFFERS}
+        state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+        missing = [k for k in expected if k not in state and k not in optional]
+        unexpected = [k for k in state if k not in expected and k not in optional]
+        mismatched = [
+            (k, tuple(state[k].shape), tuple(expected[k].shape))
+            for k in expected
+            if k in state and state[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or mismatched:
+            raise VQCheckpointError(_mismatch_message(source, self.config, missing, unexpected, mismatched))
+        self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+        if any(k in expected and k not in state for k in optional):
+            self.quantize.reset_statistics()
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed).
+
+        Each file is written under a temporary name and renamed into place, so a crash never leaves a
+        truncated file; other files in ``directory`` are left alone. Returns the directory.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        if any(v.is_meta for v in self.state_dict().values()):
+            raise ValueError("cannot save a VQGAN built on the meta device: materialise it first")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        vq = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "checkpoint"}
+        document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(
+            directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), {"format": FORMAT_NAME})
+        )
+        _atomic_write(
+            directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n")
+        )
+        return directory
+
+    # -- tensors ----------------------------------------------------------------------------------------
+
+    @property
+    def latent_size(self) -> int:
+        """Codes per side for a ``resolution`` x ``resolution`` image (Chameleon: 512 / 16 = 32)."""
+        return self.config.resolution // self.config.downsample_factor
+
+    def get_last_layer(self) -> nn.Parameter:
+        """The decoder's last weight, for the adaptive GAN-loss weight (taming's ``calculate_adaptive_weight``)."""
+        return self.decoder.conv_out.weight
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] → pre-quantization latents ``[B, embed_dim, H / f, W / f]``."""
+        self._check_pixels(pixels)
+        return self.quant_conv(self.encoder(pixels))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] → codes ``[B, H / f, W / f]`` (long); no losses, no statistics."""
+        return self.quantize.nearest(self.encode_latents(pixels), dim=1)
+
+    def decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Code vectors ``[B, embed_dim, h, w]`` → pixels ``[B, 3, h * f, w * f]`` (not clamped)."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, h, w]`` (integers in ``[0, codebook_size)``) → pixels ``[B, 3, h * f, w * f]``."""
+        self._check_codes(codes)
+        weight = self.quantize.embedding.weight
+        return self.decode_quantized(self.quantize.lookup(codes.to(weight.device), dim=1))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Training pass: ``(reconstruction [B, 3, H, W], quantizer output with losses, indices, usage)``."""
+        out = self.quantize(self.encode_latents(pixels), dim=1)
+        return self.decode_quantized(out.quantized), out
+
+    # -- images -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def images_to_codes(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[np.ndarray]:
+        """Tokenize images (paths, bytes or PIL images of any mode and size) → one ``[h, w]`` int64 array each.
+
+        Each image is converted to RGB (transparency on white), resized and centre-cropped to
+        ``resolution``, scaled to [-1, 1] and encoded ``batch_size`` at a time, in eval mode.
+        """
+        if isinstance(images, torch.Tensor) or any(isinstance(i, torch.Tensor) for i in images):
+            raise ValueError("images_to_codes takes images (paths, bytes, PIL); encode() takes pixel tensors")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        weight = self.quant_conv.weight
+        codes: list[np.ndarray] = []
+        with self._eval_mode():
+            for start in range(0, len(images), batch_size):
+                pixels = preprocess(list(images[start : start + batch_size]), self.config.resolution)
+                batch = self.encode(pixels.to(device=weight.device, dtype=weight.dtype)).cpu().numpy()
+                codes.extend(np.ascontiguousarray(c, dtype=np.int64) for c in batch)
+        return codes
+
+    @torch.no_grad()
+    def codes_to_images(
+        self, codes: Sequence[np.ndarray | torch.Tensor], batch_size: int = 16
+    ) -> list[Image.Image]:
+        """Decode ``[h, w]`` code grids into RGB images of ``h * f`` x ``w * f`` pixels, in input order.
+
+        Grids of the same shape are decoded together, ``batch_size`` at a time, in eval mode.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        grids = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c for c in codes]
+        for i, grid in enumerate(grids):
+            if grid.ndim != 2:
+                raise ValueError(f"codes[{i}] must be an [h, w] grid, got shape {tuple(grid.shape)}")
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(grids):
+            by_shape.setdefault(tuple(grid.shape), []).append(i)
+        images: list[Image.Image | None] = [None] * len(grids)
+        with self._eval_mode():
+            for positions in by_shape.values():
+                for start in range(0, len(positions), batch_size):
+                    chunk = positions[start : start + batch_size]
+                    pixels = self.decode(torch.stack([grids[i] for i in chunk]))
+                    for i, image in zip(chunk, pixels):
+                        images[i] = tensor_to_image(image)
+        return [image for image in images if image is not None]
+
+    # -- checks -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        # Tokenizing must not depend on the caller's mode (dropout), nor change it.
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        factor = self.config.downsample_factor
+        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+            raise ValueError(
+                f"pixels must be a float tensor [B, 3, H, W] in [-1, 1], got {_describe(pixels)}"
+            )
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            hint = " (add a batch dimension: pixels[None])" if pixels.ndim == 3 else ""
+            raise ValueError(f"pixels must have shape [B, 3, H, W], got {tuple(pixels.shape)}{hint}")
+        height, width = pixels.shape[-2:]
+        if height == 0 or width == 0 or height % factor or width % factor:
+            raise ValueError(
+                f"pixel height and width must be positive multiples of the downsampling factor {factor}, "
+                f"got {height}x{width}"
+            )
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"codes must be an integer tensor [B, h, w], got {_describe(codes)}")
+        if codes.ndim != 3:
+            raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
+        size = self.config.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise ValueError(f"codes must lie in [0, {size}), got [{int(codes.min())}, {int(codes.max())}]")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def _resolve_checkpoint_paths(
+    path: Path, yaml_path: str | os.PathLike[str] | None
+) -> tuple[Path, Path | None]:
+    """(weights file, config file or None) for a checkpoint path as the user gave it."""
+    if path.is_dir():
+        weights, candidates = path / WEIGHTS_FILE, [path / CONFIG_FILE]
+    else:
+        weights = path
+        candidates = [path.with_suffix(".yaml"), path.with_suffix(".yml"), path.parent / CONFIG_FILE]
+    if not weights.is_file():
+        raise FileNotFoundError(f"VQ-GAN weights not found: {weights}")
+    if yaml_path is not None:
+        if not Path(yaml_path).is_file():
+            raise FileNotFoundError(f"VQ-GAN config not found: {yaml_path}")
+        return weights, Path(yaml_path)
+    return weights, next((c for c in candidates if c.is_file()), None)
+
+
+def read_vq_config(path: str | os.PathLike[str], base: VQConfig | None = None) -> VQConfig:
+    """A :class:`VQConfig` from our ``config.json`` or from a taming / Chameleon ``vqgan.yaml``.
+
+    Our JSON holds every field. A taming yaml (``model.params.{n_embed, embed_dim, ddconfig}``) sets the
+    architecture fields on top of ``base`` (default: the :class:`VQConfig` defaults). Values are type-checked.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+            raise VQCheckpointError(
+                f"{path} is not a {FORMAT_NAME} config (missing 'format': '{FORMAT_NAME}')"
+            )
+        if document.get("format_version", 0) > FORMAT_VERSION:
+            raise VQCheckpointError(
+                f"{path} has format_version {document['format_version']} > {FORMAT_VERSION}"
+            )
+        return _typed_vq_config(VQConfig(), document.get("vq", {}), path)
+    if path.suffix in (".yaml", ".yml"):
+        return _typed_vq_config(base or VQConfig(), taming_yaml_fields(path), path)
+    raise VQCheckpointError(f"unknown VQ config file type {path.suffix!r} ({path}): expected .json or .yaml")
+
+
+def taming_yaml_fields(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The :class:`VQConfig` fields that a taming ``VQModel`` yaml (Chameleon's ``vqgan.yaml``) determines."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node = raw.get("model", raw) if isinstance(raw, dict) else None
+    node = node.get("params", node) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or not isinstance(node.get("ddconfig"), dict):
+        raise VQCheckpointError(f"{path} is not a taming VQModel yaml (no model.params.ddconfig)")
+    ddconfig = node["ddconfig"]
+    if ddconfig.get("double_z", False):
+        raise VQCheckpointError(f"{path}: double_z=true (a KL autoencoder) is not a VQ-GAN")
+    channels = (ddconfig.get("in_channels", 3), ddconfig.get("out_ch", 3))
+    if channels != (3, 3):
+        raise VQCheckpointError(f"{path}: only RGB VQ-GANs are supported, got in/out channels {channels}")
+    fields: dict[str, Any] = {"kind": "vqgan"}
+    for name, keys in _TAMING_FIELDS.items():
+        value: Any = node
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None and name in ("attn_resolutions", "dropout"):
+            continue  # taming's defaults: no attention levels, no dropout
+        if value is None:
+            raise VQCheckpointError(f"{path}: missing model.params.{'.'.join(keys)}")
+        fields[name] = value
+    return fields
+
+
+def _typed_vq_config(base: VQConfig, fields: Mapping[str, Any], source: Path) -> VQConfig:
+    # OmegaConf's structured merge rejects unknown fields and wrongly typed values with the key's name.
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), dict(fields))
+        vq = OmegaConf.to_object(merged)
+    except Exception as exc:  # omegaconf raises several unrelated exception types
+        raise VQCheckpointError(f"{source}: invalid VQ config: {exc}") from exc
+    assert isinstance(vq, VQConfig)
+    return vq
+
+
+def load_checkpoint_state(
+    path: str | os.PathLike[str], *, trust_pickle: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: safetensors, a plain state dict, or a Lightning ``{"state_dict"}``.
+
+    See :meth:`VQGAN.from_checkpoint` about ``trust_pickle``: the full unpickling fallback can run arbitrary
+    code and is only for files from a trusted source.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise VQCheckpointError(
+                f"{path} holds pickled objects that weights_only loading refuses; pass trust_pickle=True "
+                f"only if you trust the file's source ({exc})"
+            ) from exc
+        warnings.warn(f"{path}: falling back to full unpickling (trusted file assumed)", stacklevel=2)
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]  # Lightning wraps the module's state dict with optimizer/callback state
+    if not isinstance(raw, Mapping):
+        raise VQCheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise VQCheckpointError(f"{path} holds no tensors")
+    return state
+
+
+def _mismatch_message(
+    source: str,
+    vq: VQConfig,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+) -> str:
+    shapes = {f.name: getattr(vq, f.name) for f in dataclasses.fields(vq) if f.name in _TAMING_FIELDS}
+    lines = [f"checkpoint {source} does not fit the VQ-GAN config {shapes}:"]
+
+    def listed(title: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items[:_MAX_LISTED_KEYS])
+            if len(items) > _MAX_LISTED_KEYS:
+                lines.append(f"    ... and {len(items) - _MAX_LISTED_KEYS} more")
+
+    listed("shape mismatches", [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched])
+    listed("missing keys", missing)
+    listed("unexpected keys", unexpected)
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(temporary path)`` and an atomic rename; no partial file is left."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
