@@ -1,0 +1,249 @@
+"""Contrastive SigLIP pre-training: the sigmoid loss, the model, the data stream, training and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from unified_mllm.config import ContrastiveConfig, VisionConfig, load_config
+from unified_mllm.data.shards import ShardWriter, list_shards
+from unified_mllm.model.presets import get_preset
+from unified_mllm.text import TextTokenizer
+from unified_mllm.vision import contrastive as C
+from unified_mllm.vision.siglip import load_siglip_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 230)}
+SHAPES = ("circle", "square")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def small_contrastive(**changes: object) -> ContrastiveConfig:
+    base = ContrastiveConfig(
+        text_hidden_size=32,
+        text_intermediate_size=64,
+        text_num_layers=1,
+        text_num_heads=2,
+        text_max_length=12,
+        batch_size=6,
+        max_steps=4,
+        warmup_steps=1,
+        shuffle_buffer=8,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def scene(color: str, shape: str, cell: int) -> Image.Image:
+    """A 64 px white image with one coloured circle or square in one quadrant."""
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    x, y = 32 * (cell % 2) + 4, 32 * (cell // 2) + 4
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)((x, y, x + 23, y + 23), fill=COLORS[color])
+    return image
+
+
+def write_world(root: Path, split: str, n: int, seed: int) -> None:
+    """Shards in the world's record format (caption + objects), one object per scene."""
+    rng = np.random.default_rng(seed)
+    with ShardWriter(root / split, f"tiny-{split}", 16) as writer:
+        for i in range(n):
+            color = list(COLORS)[int(rng.integers(len(COLORS)))]
+            shape, cell = SHAPES[int(rng.integers(2))], int(rng.integers(4))
+            objects = [{"shape": shape, "color": color, "size": "large", "row": cell // 2, "col": cell % 2}]
+            caption = f"a large {color} {shape} in the {CELLS[cell]}"
+            writer.write(
+                f"{split}-{i:04d}", scene(color, shape, cell), {"caption": caption, "objects": objects}
+            )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, "train", 40, seed=0)
+    write_world(root, "test", 12, seed=1)
+    return root
+
+
+@pytest.fixture
+def vision() -> VisionConfig:
+    return get_preset("tiny").vision
+
+
+# -------------------------------------------------------------------------------------------------- loss
+
+
+def test_sigmoid_loss_matches_hand_computation() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image embeddings
+    y = torch.tensor([[0.6, 0.8], [1.0, 0.0]])  # text embeddings
+    t_prime, b = torch.tensor(math.log(2.0)), torch.tensor(-1.0)
+    # logits_ij = 2 <x_i, y_j> - 1: [[0.2, 1.0], [0.6, -1.0]]; the diagonal pairs are positives.
+    logits = {(0, 0): 0.2, (0, 1): 1.0, (1, 0): 0.6, (1, 1): -1.0}
+
+    def log_sigmoid(v: float) -> float:
+        return -math.log1p(math.exp(-v))
+
+    total = sum(log_sigmoid((1.0 if i == j else -1.0) * z) for (i, j), z in logits.items())
+    expected = -total / 2  # summed over the 4 pairs, divided by the batch size
+    got = C.sigmoid_loss(x, y, t_prime, b)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # By hand: (log(1+e^-0.2) + log(1+e^1) + log(1+e^1) + log(1+e^0.6)) / 2
+    #        = (0.59814 + 1.31326 + 1.31326 + 1.03749) / 2 = 2.13108
+    assert expected == pytest.approx(2.13108, abs=1e-4)
+
+
+def test_sigmoid_loss_matches_transformers(vision: VisionConfig) -> None:
+    torch.manual_seed(0)
+    model = C.build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3).eval()
+    pixels, ids = torch.rand(3, 3, 64, 64) * 2 - 1, torch.randint(0, 50, (3, 12))
+    ids[:, -4:] = 3  # some padding, masked the same way on both sides
+    mask = C.text_attention_mask(ids, pad_id=3)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
+        ours = C.sigmoid_loss(
+            C.embed_images(model, pixels), C.embed_texts(model, ids), model.logit_scale, model.logit_bias
+        )
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_model_starts_at_siglip_temperature_and_bias(vision: VisionConfig) -> None:
+    model = C.build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3)
+    assert model.logit_scale.exp().item() == pytest.approx(10.0, rel=1e-5)
+    assert model.logit_bias.item() == -10.0
+    assert model.config.text_config.projection_size == vision.hidden_size
+    assert model.vision_model.config.vision_use_head
+
+
+def test_lr_factor_warms_up_then_decays() -> None:
+    assert C.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert C.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert C.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert C.lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert C.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def test_text_mask_hides_padding_but_keeps_the_pooled_slot() -> None:
+    ids = torch.tensor([[5, 6, 3, 3], [5, 6, 7, 8]])
+    assert C.text_attention_mask(ids, pad_id=3).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+
+
+def test_tokenize_pads_and_cuts_to_a_fixed_length(sp_tokenizer: TextTokenizer) -> None:
+    ids = C.tokenize(sp_tokenizer, ["a red circle", "a " * 30], max_length=8)
+    pad = sp_tokenizer.special_tokens().pad
+    assert ids.shape == (2, 8) and ids.dtype == torch.long
+    short = sp_tokenizer.encode("a red circle")
+    assert ids[0, : len(short)].tolist() == short and set(ids[0, len(short) :].tolist()) == {pad}
+    assert pad not in ids[1].tolist()
+
+
+def test_caption_batches_stream_past_one_epoch(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    cfg = small_contrastive(batch_size=16)
+    batches = C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg)
+    shapes = [
+        tuple(p.shape) + tuple(i.shape) for p, i in (next(batches) for _ in range(5))
+    ]  # 80 > 40 samples
+    assert shapes == [(16, 3, 64, 64, 16, 12)] * 5
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_a_few_steps_reduce_the_loss(world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig) -> None:
+    cfg = small_contrastive(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2)
+    torch.manual_seed(0)
+    model = C.build_contrastive_model(vision, cfg, sp_tokenizer.vocab_size, sp_tokenizer.special_tokens().pad)
+    fixed = next(C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg))
+
+    def loss_on_fixed() -> float:
+        with torch.no_grad():
+            pixels, ids = fixed
+            embeds = C.embed_images(model, pixels), C.embed_texts(model, ids)
+            return C.sigmoid_loss(*embeds, model.logit_scale, model.logit_bias).item()
+
+    before = loss_on_fixed()
+    losses = C.train_contrastive(
+        model, C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg), cfg, progress=False
+    )
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert loss_on_fixed() < 0.7 * before
+
+
+def test_zero_shot_eval_counts_single_object_images(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    from unified_mllm.data.shards import iter_samples
+
+    model = C.build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
+    samples = list(iter_samples(world / "test"))
+    samples[0].meta["objects"] = samples[0].meta["objects"] * 2  # a two-object image is left out
+    result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, small_contrastive(), list(COLORS), SHAPES)
+    assert result["num_images"] == 11
+    assert 0.0 <= result["accuracy"] <= min(result["color_accuracy"], result["shape_accuracy"]) <= 1.0
+    assert result["chance"] == {"accuracy": 1 / 6, "color": 1 / 3, "shape": 1 / 2}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def cli_args(world: Path, sp_model: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(REPO / "configs/quickstart.yaml"),
+        "--no-progress",
+        f"data.root={world}",
+        f"tokenizer.path={sp_model}",
+        "data.world.colors=[red,green,blue]",
+        "data.world.shapes=[circle,square]",
+        "contrastive.text_hidden_size=32",
+        "contrastive.text_intermediate_size=64",
+        "contrastive.text_num_layers=1",
+        "contrastive.batch_size=8",
+        "contrastive.max_steps=3",
+        "contrastive.warmup_steps=1",
+        "contrastive.shuffle_buffer=8",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_cli_trains_saves_reuses_and_reports(
+    world: Path, sp_model: Path, isolated_output_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    C.main(cli_args(world, sp_model))
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "zero-shot on test (12 single-object images)" in out
+    out_dir = isolated_output_root / "tokenizer" / "siglip-tiny"
+    assert {"config.json", "model.safetensors", "config.yaml", "contrastive.json", "zero_shot.json"} <= {
+        p.name for p in out_dir.iterdir()
+    }
+    assert not out_dir.with_name("siglip-tiny.tmp").exists()
+    vision = load_config([REPO / "configs/quickstart.yaml"]).model.vision
+    tower = load_siglip_pretrained(out_dir, vision)
+    assert tower(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape == (1, 64, 128)
+    saved = C.load_contrastive(out_dir)
+    assert torch.equal(saved.vision_model.state_dict()["post_layernorm.weight"], tower.post_layernorm.weight)
+    assert json.loads((out_dir / "zero_shot.json").read_text())["num_images"] == 12
+
+    # Same settings: reused; only the prompt changes: still reused; a training setting changes: retrained.
+    C.main(cli_args(world, sp_model, "contrastive.prompt_template=a {shape} that is {color}"))
+    assert "reusing the finished checkpoint" in capsys.readouterr().out
+    C.main(cli_args(world, sp_model, "contrastive.max_steps=2"))
+    assert "trained 2 steps" in capsys.readouterr().out
+
+
+def test_cli_names_missing_inputs(tmp_path: Path, sp_model: Path) -> None:
+    with pytest.raises(SystemExit, match=r"python -m unified_mllm\.data\.shapes"):
+        C.main(cli_args(tmp_path / "nowhere", sp_model))
+    with pytest.raises(SystemExit, match="sentencepiece model not found"):
+        C.main(cli_args(tmp_path, tmp_path / "missing.model"))

@@ -1,0 +1,209 @@
+"""A resumable, deterministic stream of image batches from webdataset shards, for tokenizer training.
+
+**One global order.** Epoch ``e`` visits the shards in a permutation drawn from ``(seed, e)`` and passes their
+samples through a shuffle buffer seeded the same way, giving one global sequence of samples per epoch; epochs
+follow each other without end. The sequence depends only on the shards, ``seed`` and ``shuffle_buffer``.
+
+**Ranks stride through it.** Global sample ``i`` (counted from the very start of epoch 0) belongs to rank
+``i % world_size``; a step takes ``batch_size`` consecutive samples per rank, i.e. ``batch_size * world_size``
+consecutive global samples, so the ranks' batches are disjoint and together cover the stream in order.
+
+**Position = global samples consumed.** Each batch carries the stream position after it; a stream built with
+``position=p`` skips the first ``p`` global samples (without decoding their images) and continues exactly where
+the saved run stopped — also at another world size, since the position does not depend on it.
+
+Images are decoded only by the rank that keeps them, converted to RGB (transparency on white), resized and
+centre-cropped to ``resolution`` and scaled to [-1, 1] by :mod:`unified_mllm.vision.image`. Light augmentation
+(off by default): ``hflip`` mirrors a sample left-right with probability 1/2, decided by ``(seed, epoch, global
+index)`` so it is reproduced on resume. Vertical flips are not offered: they would turn the world's apex-up
+triangles into shapes it never draws.
+
+Every rank reads every shard's bytes (and skips the others' samples undecoded): simple and exact, and cheap for
+the tokenizer's datasets; a corrupt sample raises :class:`~unified_mllm.data.shards.CorruptShardError` naming
+its shard and key, since skipping it on one rank would break the global order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards
+from unified_mllm.vision.image import ImageLoadError, image_to_tensor, load_image, resize_center_crop
+
+RawSample = dict[str, Any]
+
+
+@dataclass
+class ImageBatch:
+    """One rank's batch: ``pixels`` ``[B, 3, R, R]`` in [-1, 1], the samples' ``keys``, the global stream
+    ``position`` after this step (the value to save for resume) and the ``epoch`` of its last sample."""
+
+    pixels: torch.Tensor
+    keys: list[str]
+    position: int
+    epoch: int
+
+
+_STREAMS = {"shards": 0, "buffer": 1, "flip": 2}
+
+
+def _epoch_rng(seed: int, epoch: int, stream: str, *extra: int) -> np.random.Generator:
+    # Separate streams per use: changing the buffer size must not change the shard order.
+    return np.random.default_rng([seed, epoch, _STREAMS[stream], *extra])
+
+
+def raw_samples(shards: Sequence[Path]) -> Iterator[RawSample]:
+    """Undecoded samples (``__key__``, ``__url__`` and one bytes entry per member) of ``shards``, in order.
+
+    The node and worker splitters of webdataset are off: the caller decides which rank keeps what (webdataset's
+    default refuses to run under ``torchrun`` without an explicit splitter).
+    """
+    for shard in shards:
+        dataset = wds.WebDataset(
+            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
+        try:
+            yield from dataset
+        except (OSError, ValueError) as exc:
+            raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
+
+
+def decode_image(raw: RawSample) -> Any:
+    """The PIL image of a raw sample (RGB); raises CorruptShardError naming the shard and key."""
+    where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')!r}"
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        have = sorted(k for k in raw if not k.startswith("__"))
+        raise CorruptShardError(f"{where} has no image member (has {have})")
+    try:
+        return load_image(bytes(raw[ext]))
+    except ImageLoadError as exc:
+        raise CorruptShardError(f"{where}: {exc}") from exc
+
+
+def _buffered(items: Iterator[RawSample], buffer: int, rng: np.random.Generator) -> Iterator[RawSample]:
+    """Streaming shuffle: fill a pool of ``buffer`` items, then emit a random one per incoming item."""
+    pool: list[RawSample] = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            pick = int(rng.integers(len(pool)))
+            pool[pick], pool[-1] = pool[-1], pool[pick]
+            yield pool.pop()
+    order = rng.permutation(len(pool))
+    yield from (pool[int(i)] for i in order)
+
+
+class ImageStream:
+    """Endless per-rank batches of preprocessed images (see the module docstring for the order and resume).
+
+    ``shards``: a directory, glob or file for :func:`~unified_mllm.data.shards.list_shards`, or a list of shard
+    files. ``batch_size`` is per rank. ``position`` is the global number of samples already consumed.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        resolution: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        position: int = 0,
+        hflip: bool = False,
+    ) -> None:
+        if isinstance(shards, str | os.PathLike):
+            self.shards = list_shards(shards)
+        else:
+            self.shards = [Path(s) for s in shards]
+        if not self.shards:
+            raise ValueError("ImageStream needs at least one shard")
+        if resolution < 1 or batch_size < 1 or shuffle_buffer < 1 or position < 0:
+            raise ValueError("need resolution, batch_size, shuffle_buffer >= 1 and position >= 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.resolution, self.batch_size, self.seed = resolution, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.start_position, self.hflip = shuffle_buffer, position, hflip
+        self._epoch_length: int | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Global samples consumed per step, over all ranks."""
+        return self.batch_size * self.world_size
+
+    def epoch_order(self, epoch: int) -> Iterator[RawSample]:
+        """The global sample order of ``epoch`` (raw, undecoded)."""
+        order = _epoch_rng(self.seed, epoch, "shards").permutation(len(self.shards))
+        shards = [self.shards[int(i)] for i in order]
+        return _buffered(raw_samples(shards), self.shuffle_buffer, _epoch_rng(self.seed, epoch, "buffer"))
+
+    def epoch_length(self) -> int:
+        """Samples per epoch (read once, by counting keys; every epoch holds the same samples)."""
+        if self._epoch_length is None:
+            self._epoch_length = sum(1 for _ in raw_samples(self.shards))
+            if self._epoch_length == 0:
+                raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
+        return self._epoch_length
+
+    def _global(self) -> Iterator[tuple[int, int, int, RawSample]]:
+        """``(global index, epoch, index within epoch, raw sample)`` from ``start_position`` on."""
+        start, epoch, offset = self.start_position, 0, 0
+        if start > 0:
+            # Whole epochs are skipped by arithmetic; only the partial one is read (and not decoded).
+            epoch, offset = divmod(start, self.epoch_length())
+        index = start - offset
+        while True:
+            seen = 0
+            for within, raw in enumerate(self.epoch_order(epoch)):
+                seen += 1
+                if within >= offset:
+                    yield index + within, epoch, within, raw
+            if seen == 0:
+                raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
+            index, epoch, offset = index + seen, epoch + 1, 0
+
+    def _tensor(self, raw: RawSample, epoch: int, index: int) -> torch.Tensor:
+        pixels = image_to_tensor(resize_center_crop(decode_image(raw), self.resolution))
+        # One generator per sample: the decision depends on nothing but (seed, epoch, index).
+        if self.hflip and _epoch_rng(self.seed, epoch, "flip", index).integers(2):
+            pixels = pixels.flip(-1)
+        return pixels
+
+    def __iter__(self) -> Iterator[ImageBatch]:
+        pixels: list[torch.Tensor] = []
+        keys: list[str] = []
+        for global_index, epoch, within, raw in self._global():
+            if global_index % self.world_size == self.rank:
+                pixels.append(self._tensor(raw, epoch, within))
+                keys.append(str(raw.get("__key__")))
+            if (global_index + 1 - self.start_position) % self.global_batch_size == 0:
+                yield ImageBatch(torch.stack(pixels), keys, global_index + 1, epoch)
+                pixels, keys = [], []
+
+
+def load_first_images(
+    shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], count: int, resolution: int
+) -> tuple[torch.Tensor, list[str]]:
+    """The first ``count`` images of ``shards`` in file order, preprocessed: ``([n, 3, R, R] in [-1, 1], keys)``
+    with ``n <= count`` (fewer when the shards hold fewer). A fixed set for evaluations and sample grids."""
+    paths = list_shards(shards) if isinstance(shards, str | os.PathLike) else [Path(s) for s in shards]
+    pixels, keys = [], []
+    for raw in raw_samples(paths):
+        if len(pixels) >= count:
+            break
+        pixels.append(image_to_tensor(resize_center_crop(decode_image(raw), resolution)))
+        keys.append(str(raw.get("__key__")))
+    if not pixels:
+        raise ValueError(f"no images in {[str(p) for p in paths]}")
+    return torch.stack(pixels), keys

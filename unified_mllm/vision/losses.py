@@ -1,0 +1,369 @@
+"""Training losses of the VQ-GAN tokenizer: PatchGAN discriminator, GAN losses, adaptive GAN weight, LPIPS.
+
+What the tokenizer trainer (:mod:`unified_mllm.vision.train_tokenizer`) combines, following taming-transformers'
+``VQLPIPSWithDiscriminator`` (Esser et al. 2021), which Chameleon's tokenizer descends from:
+
+* :class:`NLayerDiscriminator` — the pix2pix PatchGAN: ``num_layers`` stride-2 4x4 convolutions (widths
+  ``base_channels * min(2^n, 8)``), one stride-1 convolution, and a 4x4 convolution to one logit per patch.
+  Module names are taming's (``main.{i}``), so a taming discriminator state dict loads. ``norm="batch"`` is
+  taming's choice; ``norm="group"`` (GroupNorm with ``gcd(32, channels)`` groups) makes each sample's logits
+  independent of the rest of its batch — preferable with small per-rank batches and under DDP, where
+  BatchNorm statistics are per rank.
+* :func:`discriminator_loss` / :func:`generator_loss` — hinge (taming's default) or non-saturating (the
+  original GAN's ``-log D(G(z))`` form; the discriminator then uses the logistic loss).
+* :func:`adaptive_gan_weight` — taming's ``calculate_adaptive_weight``: the ratio of the gradient norms of the
+  reconstruction (NLL) loss and of the generator's GAN loss at the decoder's last layer, clamped to
+  ``[0, max_weight]`` and detached, so the GAN term starts at the scale of the reconstruction term.
+* :class:`PerceptualLoss` — the interface ``(reconstruction, target) -> scalar`` for images in [-1, 1];
+  :class:`LPIPS` implements it with VGG16 (our code: the VGG16 convolution stack, features at
+  ``relu1_2 .. relu5_3``, channel-normalised squared differences weighted by 1x1 "lin" layers, spatially
+  averaged and summed over layers — Zhang et al. 2018). Its weights come only from a file the user names
+  (see :func:`load_lpips`); with no file, :func:`build_perceptual_loss` returns ``None`` and the trainer
+  uses no perceptual term. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GanLossKind = Literal["hinge", "non_saturating"]
+NormKind = Literal["batch", "group"]
+
+# ------------------------------------------------------------------------------------------ discriminator
+
+
+def _norm_layer(kind: NormKind, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"unknown discriminator norm {kind!r}; valid: 'batch', 'group'")
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator: images ``[B, C, H, W]`` → patch logits ``[B, 1, H / 2^n - 2, W / 2^n - 2]``
+    (``n = num_layers``; 256 px with 3 layers gives 30 x 30 patches, 64 px with 2 layers 14 x 14)."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        num_layers: int = 3,
+        norm: NormKind = "batch",
+    ) -> None:
+        super().__init__()
+        if num_layers < 1 or base_channels < 1:
+            raise ValueError(
+                f"need num_layers >= 1 and base_channels >= 1, got {num_layers}, {base_channels}"
+            )
+        # Convolutions followed by BatchNorm need no bias (taming); GroupNorm keeps it, as taming does.
+        bias = norm != "batch"
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, base_channels, kernel_size=4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        mult = 1
+        for n in range(1, num_layers + 1):
+            previous, mult = mult, min(2**n, 8)
+            stride = 2 if n < num_layers else 1  # the last hidden convolution keeps the resolution (-1 px)
+            layers += [
+                nn.Conv2d(base_channels * previous, base_channels * mult, 4, stride, padding=1, bias=bias),
+                _norm_layer(norm, base_channels * mult),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+        layers.append(nn.Conv2d(base_channels * mult, 1, kernel_size=4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """taming's ``weights_init``: convolutions N(0, 0.02); norm scales N(1, 0.02), shifts 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.main(images)
+
+
+# ---------------------------------------------------------------------------------------------- GAN losses
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``(mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))) / 2`` (taming's ``hinge_d_loss``)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def logistic_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``(mean(softplus(-D(x))) + mean(softplus(D(G(z))))) / 2``: binary cross-entropy on logits (taming's
+    ``vanilla_d_loss``)."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def discriminator_loss(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: GanLossKind = "hinge"
+) -> torch.Tensor:
+    """The discriminator's loss: hinge, or the logistic loss that goes with the non-saturating generator."""
+    if kind == "hinge":
+        return hinge_d_loss(logits_real, logits_fake)
+    if kind == "non_saturating":
+        return logistic_d_loss(logits_real, logits_fake)
+    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: GanLossKind = "hinge") -> torch.Tensor:
+    """The generator's GAN loss: ``-mean(D(G(z)))`` for hinge (taming), ``mean(softplus(-D(G(z))))`` =
+    ``-mean(log sigmoid(D(G(z))))`` for non-saturating."""
+    if kind == "hinge":
+        return -logits_fake.mean()
+    if kind == "non_saturating":
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+
+
+def adaptive_gan_weight(
+    nll_loss: torch.Tensor,
+    gan_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    *,
+    max_weight: float = 1e4,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """``clamp(|d nll / d w| / (|d gan / d w| + eps), 0, max_weight)`` at ``last_layer`` ``w``, detached.
+
+    Both losses must still have their graphs (they are kept: ``retain_graph=True``), and ``last_layer`` must
+    be a tensor both depend on (the VQ-GAN's :meth:`~unified_mllm.vision.vqgan.VQGAN.get_last_layer`).
+    The caller multiplies the result by its GAN weight, and by 0 before the discriminator starts.
+    """
+    (nll_grads,) = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+    (gan_grads,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    weight = nll_grads.norm() / (gan_grads.norm() + eps)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+# ---------------------------------------------------------------------------------------- perceptual loss
+
+
+@runtime_checkable
+class PerceptualLoss(Protocol):
+    """A perceptual distance: ``(reconstruction [B, 3, H, W], target [B, 3, H, W])`` in [-1, 1] → scalar
+    (mean over the batch), differentiable with respect to the reconstruction."""
+
+    def __call__(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+# VGG16's convolution widths, "M" a 2x2 max-pool: torchvision's ``vgg16().features`` layout (indices 0..29).
+_VGG16_LAYOUT: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
+)  # fmt: skip
+# features[start:stop] of each LPIPS slice, ending at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_SLICE_BOUNDS = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+# LPIPS's ScalingLayer: inputs in [-1, 1] mapped to ImageNet-normalised values.
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def _vgg16_feature_layers() -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG16_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+            channels = int(item)
+    return layers
+
+
+class VGG16Slices(nn.Module):
+    """VGG16's convolution stack cut into the five LPIPS slices; ``slice{k}.{i}`` keeps torchvision's global
+    index ``i`` of ``features.{i}``, as the lpips package does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = _vgg16_feature_layers()
+        for k, (start, stop) in enumerate(_SLICE_BOUNDS, start=1):
+            block = nn.Sequential()
+            for index in range(start, stop):
+                block.add_module(str(index), layers[index])
+            self.add_module(f"slice{k}", block)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for k in range(1, len(_SLICE_BOUNDS) + 1):
+            x = getattr(self, f"slice{k}")(x)
+            features.append(x)
+        return features
+
+
+class LinLayer(nn.Module):
+    """LPIPS's ``NetLinLayer``: a 1x1 convolution to one channel, no bias. Index 0 of ``model`` is LPIPS's
+    training-time dropout (an identity here), so the weight is ``model.1.weight`` as in the published files."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _channel_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS with a VGG16 backbone, frozen and in fp32: ``(reconstruction, target)`` → mean distance.
+
+    ``sum_l mean_hw(lin_l((phi_l(x) / |phi_l(x)| - phi_l(y) / |phi_l(y)|)^2))`` over the five VGG16 feature
+    maps ``phi_l``. Randomly initialised as built (no I/O); :func:`load_lpips` reads the weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.net = VGG16Slices()
+        for k, channels in enumerate(LPIPS_CHANNELS):
+            self.add_module(f"lin{k}", LinLayer(channels))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        # Always in eval mode: the loss is a fixed function (no dropout), whatever the trainer's mode is.
+        return super().train(False)
+
+    def distance(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample LPIPS distance ``[B]``."""
+        if reconstruction.shape != target.shape or reconstruction.ndim != 4 or reconstruction.shape[1] != 3:
+            raise ValueError(
+                f"expected two [B, 3, H, W] images, got {tuple(reconstruction.shape)} and {tuple(target.shape)}"
+            )
+        x = (reconstruction.float() - self.shift) / self.scale
+        y = (target.float() - self.shift) / self.scale
+        total = reconstruction.new_zeros(reconstruction.shape[0], dtype=torch.float32)
+        for k, (fx, fy) in enumerate(zip(self.net(x), self.net(y))):
+            diff = (_channel_normalize(fx) - _channel_normalize(fy)).pow(2)
+            total = total + getattr(self, f"lin{k}")(diff).mean(dim=(1, 2, 3))
+        return total
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.distance(reconstruction, target.detach()).mean()
+
+
+class PerceptualWeightsError(ValueError):
+    """A perceptual-loss weights file that does not hold LPIPS-VGG16 weights; the message lists the keys."""
+
+
+# Prefixes of the LPIPS module inside larger checkpoints (taming: ``loss.perceptual_loss.*``).
+_STRIPPED_PREFIXES = ("loss.perceptual_loss.", "perceptual_loss.", "module.")
+_TORCHVISION_KEY = re.compile(r"^features\.(\d+)\.(weight|bias)$")
+_IGNORED_KEYS = ("scaling_layer.shift", "scaling_layer.scale")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    # weights_only: a weights file never needs pickled objects, and unpickling them could run code.
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping):
+        raise PerceptualWeightsError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    return {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def _lpips_key(key: str) -> str | None:
+    """Our key for a key of the file (None: not an LPIPS key)."""
+    for prefix in _STRIPPED_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    if key in _IGNORED_KEYS:
+        return None
+    match = _TORCHVISION_KEY.match(key)
+    if match:  # torchvision's vgg16 ``features.{i}``: find the slice that holds index i
+        index = int(match.group(1))
+        k = next((k for k, (lo, hi) in enumerate(_SLICE_BOUNDS, 1) if lo <= index < hi), None)
+        return None if k is None else f"net.slice{k}.{index}.{match.group(2)}"
+    return key
+
+
+def normalize_lpips_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in any of the accepted layouts (see :func:`load_lpips`) with our key names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        ours = _lpips_key(key)
+        if ours is not None:
+            out[ours] = value
+    return out
+
+
+def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LPIPS:
+    """Build :class:`LPIPS` and load its weights from ``path`` (``.pth`` / ``.pt`` / ``.ckpt`` read with
+    ``torch.load(weights_only=True)``, or ``.safetensors``; a ``{"state_dict": ...}`` wrapper is unwrapped).
+
+    Expected layout — the full ``state_dict()`` of the lpips package's ``LPIPS(net="vgg")`` (or of this
+    class): the backbone as ``net.slice{k}.{i}.weight`` / ``.bias`` (``k`` = 1..5, ``i`` torchvision's index in
+    ``vgg16().features``: slice1 0-3, slice2 4-8, slice3 9-15, slice4 16-22, slice5 23-29) and the five lin
+    layers as ``lin{k}.model.1.weight`` of shape ``[1, C_k, 1, 1]`` (``k`` = 0..4, ``C`` = 64, 128, 256, 512,
+    512). Also accepted: the backbone as torchvision's ``features.{i}.*`` keys, and the prefixes
+    ``loss.perceptual_loss.`` / ``perceptual_loss.`` / ``module.`` (so a taming VQ-GAN training checkpoint
+    works as it is). taming's ``vgg.pth`` holds only the lin layers: merge it with torchvision's VGG16 state
+    dict into one file (``torch.save({**vgg16_state, **lin_state}, path)``).
+    ``scaling_layer.*`` buffers are ignored (the constants are fixed). Raises :class:`FileNotFoundError` or
+    :class:`PerceptualWeightsError` listing missing, unexpected and wrongly shaped keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"perceptual-loss weights not found: {path} (nothing is downloaded)")
+    state = normalize_lpips_state(_read_state(path))
+    model = LPIPS()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {list(state[k].shape)} vs LPIPS {list(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+                problems.append(f"{len(items)} {title} keys: {shown}")
+        raise PerceptualWeightsError(
+            f"{path} is not an LPIPS-VGG16 state dict (see unified_mllm.vision.losses.load_lpips):\n  "
+            + "\n  ".join(problems)
+        )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device)
+
+
+def build_perceptual_loss(
+    kind: str, weights: str | os.PathLike[str] | None, device: str | torch.device = "cpu"
+) -> PerceptualLoss | None:
+    """The configured perceptual loss, or ``None`` (off) when ``kind == "none"`` or no weights file is given:
+    a randomly initialised network would be no perceptual measure at all."""
+    if kind == "none" or weights is None:
+        return None
+    if kind == "lpips-vgg16":
+        return load_lpips(weights, device)
+    raise ValueError(f"unknown perceptual loss {kind!r}; valid: 'lpips-vgg16', 'none'")

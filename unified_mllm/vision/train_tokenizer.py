@@ -1,0 +1,707 @@
+"""Train the VQ-GAN image tokenizer: reconstruction + perceptual + quantizer + PatchGAN losses, plain or DDP.
+
+    python -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
+    torchrun --nproc_per_node=2 -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml
+
+The architecture is ``model.vq``; everything about training is ``vq_train`` (see ``python -m
+unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per rank from
+:class:`~unified_mllm.data.images.ImageStream`:
+
+* **generator**: ``l1_weight * |x - x'| + l2_weight * (x - x')^2 + perceptual_weight * LPIPS(x', x)`` (the NLL
+  term; LPIPS only with ``perceptual_weights``), plus ``codebook_weight * (codebook + beta * commitment)`` from
+  the quantizer (commitment only with EMA codebooks), plus — from ``disc_start_step`` on — ``gan_weight *
+  lambda * L_G(D(x'))`` with taming's adaptive ``lambda`` (:func:`~unified_mllm.vision.losses.adaptive_gan_weight`)
+  or 1. The discriminator is frozen during this pass. Every ``restart_every`` steps, codes unused for
+  ``model.vq.dead_code_steps`` passes are restarted from this batch's encoder outputs (rank 0's, broadcast);
+* **discriminator** (from ``disc_start_step``): hinge or logistic loss on one forward of ``[x; sg(x')]``.
+
+Distributed: under ``torchrun`` both networks are wrapped in DDP (gloo on CPU, nccl on CUDA) and the
+quantizer's ``all_reduce`` sums code counts and EMA statistics over ranks, so the codebook stays identical
+everywhere. The quantizer runs in fp32 (the whole tokenizer does: it is small).
+
+Output directory (``vq_train.output_dir``, rank 0 writes):
+
+* ``model.safetensors`` + ``config.json`` — the final tokenizer (``VQGAN.from_checkpoint(output_dir)``);
+* ``config.yaml`` — the resolved config; ``train_summary.json`` — what was trained, how long, final metrics
+  (written last: its presence marks a finished run, which a re-run with the same settings reuses);
+* ``metrics.jsonl`` — one record per log step (loss terms, codebook usage and perplexity over the window, LR,
+  seconds per step) and per evaluation (PSNR, SSIM and usage on ``eval_images`` images of ``eval_data``);
+* ``loss_curves.png``, ``reconstructions.png`` (originals above reconstructions);
+* ``checkpoints/step-XXXXXXXX/state.pt`` (+ ``config.yaml``) — training state every ``checkpoint_every`` steps and at the end:
+  generator, discriminator, both optimizers and schedulers, step, data position, every rank's RNG state. A run
+  resumes from the newest one automatically (``vq_train.resume``), also with a larger ``vq_train.steps``.
+  Resuming at another world size restores the data position exactly but not the per-rank RNG streams.
+
+Logging: a tqdm bar and the JSONL file on rank 0, wandb when ``train.wandb.mode`` is not ``disabled``
+(offline by default: files under ``output_dir/wandb``). Host syncs happen on log, check and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from unified_mllm.config import (
+    Config,
+    ConfigError,
+    VQTrainConfig,
+    add_config_arguments,
+    config_from_args,
+    save_config,
+)
+from unified_mllm.data.images import ImageStream, load_first_images
+from unified_mllm.data.shards import list_shards
+from unified_mllm.eval.image_metrics import psnr, ssim
+from unified_mllm.train import distributed
+from unified_mllm.train.checkpoint import (
+    STATE_FILE,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    write_checkpoint_dir,
+)
+from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.vision.image import tensor_to_image
+from unified_mllm.vision.losses import (
+    NLayerDiscriminator,
+    PerceptualLoss,
+    adaptive_gan_weight,
+    build_perceptual_loss,
+    discriminator_loss,
+    generator_loss,
+)
+from unified_mllm.vision.quantizer import QuantizerOutput, perplexity_from_counts
+from unified_mllm.vision.vqgan import VQGAN
+
+SUMMARY_FILE = "train_summary.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "loss_curves.png"
+GRID_FILE = "reconstructions.png"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+# vq_train fields that do not change the trained weights: a finished run is reused when only they differ.
+_NON_TRAINING_FIELDS = (
+    "output_dir",
+    "eval_data",
+    "log_every",
+    "eval_every",
+    "eval_images",
+    "checkpoint_every",
+    "keep_last",
+    "resume",
+)
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What the final weights depend on (architecture, training settings, data); equal → reuse the run."""
+    vq = {k: v for k, v in dataclasses.asdict(config.model.vq).items() if k != "checkpoint"}
+    train = {k: v for k, v in dataclasses.asdict(config.vq_train).items() if k not in _NON_TRAINING_FIELDS}
+    return {"vq": vq, "vq_train": train}
+
+
+def finished_run(out_dir: Path, config: Config) -> dict[str, Any] | None:
+    """The summary of a finished run in ``out_dir`` trained with this config's settings, else None."""
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    weights = (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+    return summary if weights and summary.get("fingerprint") == fingerprint(config) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class MetricsFile:
+    """Append-only JSONL of metric records (rank 0 only); on resume, records past the resumed step are
+    dropped, since the steps after the last checkpoint are trained again."""
+
+    def __init__(self, path: Path, resumed_step: int) -> None:
+        self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, ValueError):
+        return 1 << 62  # unreadable line (a write cut short by the kill): drop it
+
+
+# Terms logged as totals over the log window (the others are per-step means).
+_WINDOW_TOTALS = ("restarted",)
+
+
+class MetricWindow:
+    """Loss terms of the steps since the last log, kept on the device (no host sync until :meth:`flush`),
+    with the code counts summed over the window for usage and perplexity."""
+
+    def __init__(self, codebook_size: int, device: torch.device) -> None:
+        self.codebook_size, self.device = codebook_size, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = torch.zeros(self.codebook_size, device=self.device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts += counts.detach()
+        self.steps += 1
+
+    def flush(self) -> dict[str, float]:
+        """Means over the window and over ranks (a collective: every rank calls it), then reset."""
+        names = sorted(self.sums)
+        means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1) if names else None
+        if means is not None:
+            distributed.all_reduce_mean(means)
+        # Counts from a training forward are already summed over ranks by the quantizer's all_reduce.
+        out = dict(zip(names, means.tolist())) if means is not None else {}
+        for name in _WINDOW_TOTALS:
+            if name in out:
+                out[name] = round(out[name] * self.steps)  # a count per window, not a per-step mean
+        out["usage"] = float((self.counts > 0).float().mean())
+        out["perplexity"] = float(perplexity_from_counts(self.counts))
+        out["sec_per_step"] = (time.perf_counter() - self.started) / max(self.steps, 1)
+        self.reset()
+        return out
+
+
+# ------------------------------------------------------------------------------------------ networks
+
+
+@dataclass
+class Networks:
+    """The trained modules (``generator`` / ``discriminator`` are the DDP wrappers in a distributed run,
+    ``vqgan`` / ``disc`` the modules themselves), their optimizers and schedulers, the frozen perceptual loss."""
+
+    vqgan: VQGAN
+    disc: NLayerDiscriminator
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LambdaLR
+    sched_d: torch.optim.lr_scheduler.LambdaLR
+    perceptual: PerceptualLoss | None
+    restart_generator: torch.Generator
+
+
+def _schedule(cfg: VQTrainConfig, total: int) -> Any:
+    return warmup_cosine(
+        warmup_steps=cfg.warmup_steps,
+        total_steps=max(total, 1),
+        min_ratio=cfg.min_lr_ratio,
+        shape=cfg.schedule,
+    )
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "do not re-broadcast buffers every forward" (renamed in recent torch versions)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in parameters
+        else {"broadcast_buffers": False}
+    )
+
+
+def build_networks(config: Config, info: DistInfo) -> Networks:
+    """Generator, discriminator (seeded identically on every rank), DDP wrappers, optimizers, schedulers."""
+    cfg = config.vq_train
+    torch.manual_seed(cfg.seed)
+    vqgan = VQGAN.from_config(config.model.vq).to(info.device)
+    disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm).to(info.device)
+    generator: nn.Module = vqgan
+    discriminator: nn.Module = disc
+    if info.distributed:
+        # The codebook's counts and EMA sums are summed over ranks inside the quantizer, so its buffers agree
+        # everywhere without DDP re-broadcasting them every forward.
+        vqgan.quantize.all_reduce = distributed.all_reduce_sum
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        generator = DistributedDataParallel(vqgan, device_ids=device_ids, **_no_forward_buffer_sync())
+        discriminator = DistributedDataParallel(disc, device_ids=device_ids)
+    betas = (cfg.betas[0], cfg.betas[1])
+    opt_g = torch.optim.AdamW(
+        [p for p in vqgan.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=betas,
+        weight_decay=cfg.weight_decay,
+    )
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _schedule(cfg, cfg.steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _schedule(cfg, cfg.steps - cfg.disc_start_step))
+    perceptual = build_perceptual_loss(cfg.perceptual, cfg.perceptual_weights, info.device)
+    restart_generator = torch.Generator(device=info.device).manual_seed(cfg.seed + 1)
+    return Networks(
+        vqgan, disc, generator, discriminator, opt_g, opt_d, sched_g, sched_d, perceptual, restart_generator
+    )
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for ``module``'s parameters inside the block (the generator pass through D)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(module.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+def _clip(module: nn.Module, max_norm: float) -> None:
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def generator_step(
+    nets: Networks, pixels: torch.Tensor, step: int, cfg: VQTrainConfig
+) -> tuple[torch.Tensor, QuantizerOutput, dict[str, torch.Tensor]]:
+    """One generator update; returns (detached reconstruction, the quantizer's output, loss terms)."""
+    recon, quant = nets.generator(pixels)
+    l1 = (recon - pixels).abs().mean()
+    l2 = (recon - pixels).pow(2).mean()
+    nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
+    terms = {"l1": l1, "l2": l2, "codebook": quant.codebook_loss, "commitment": quant.commitment_loss}
+    if nets.perceptual is not None and cfg.perceptual_weight > 0:
+        terms["perceptual"] = nets.perceptual(recon, pixels)
+        nll = nll + cfg.perceptual_weight * terms["perceptual"]
+    loss = nll + cfg.codebook_weight * quant.loss
+    if gan_active(step, cfg):
+        with frozen(nets.disc):
+            terms["g_loss"] = generator_loss(nets.disc(recon), cfg.gan_loss)
+        weight = torch.tensor(cfg.gan_weight, device=pixels.device)
+        if cfg.adaptive_gan_weight:
+            last = nets.vqgan.get_last_layer()
+            weight = weight * adaptive_gan_weight(
+                nll, terms["g_loss"], last, max_weight=cfg.adaptive_weight_max
+            )
+        terms["gan_weight"] = weight
+        loss = loss + weight * terms["g_loss"]
+    terms["loss"] = loss
+    nets.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    _clip(nets.vqgan, cfg.grad_clip)
+    nets.opt_g.step()
+    nets.sched_g.step()
+    return recon.detach(), quant, terms
+
+
+def discriminator_step(
+    nets: Networks, pixels: torch.Tensor, recon: torch.Tensor, cfg: VQTrainConfig
+) -> dict[str, torch.Tensor]:
+    """One discriminator update on real and reconstructed images in a single forward (one DDP reduction)."""
+    logits = nets.discriminator(torch.cat([pixels, recon]))
+    real, fake = logits.chunk(2)
+    loss = discriminator_loss(real, fake, cfg.gan_loss)
+    nets.opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    _clip(nets.disc, cfg.grad_clip)
+    nets.opt_d.step()
+    nets.sched_d.step()
+    return {"d_loss": loss, "logits_real": real.mean(), "logits_fake": fake.mean()}
+
+
+def gan_active(step: int, cfg: VQTrainConfig) -> bool:
+    """Whether the GAN terms train at (0-based) ``step``."""
+    return cfg.gan_weight > 0 and step >= cfg.disc_start_step
+
+
+def train_step(
+    nets: Networks, pixels: torch.Tensor, step: int, cfg: VQTrainConfig, info: DistInfo
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Generator update, dead-code restart on check steps, discriminator update; returns (terms, counts)."""
+    recon, quant, terms = generator_step(nets, pixels, step, cfg)
+    quantize = nets.vqgan.quantize
+    if quantize.dead_code_steps > 0 and (step + 1) % cfg.restart_every == 0:
+        # Every rank takes the same decision (the usage statistics are global), then rank 0's codebook wins.
+        broadcast = distributed.broadcast if info.distributed else None
+        restarted = quantize.restart_dead_codes(
+            quant.latents, generator=nets.restart_generator, broadcast=broadcast
+        )
+        terms["restarted"] = torch.tensor(float(restarted.numel()), device=pixels.device)
+    if gan_active(step, cfg):
+        terms.update(discriminator_step(nets, pixels, recon, cfg))
+    return terms, quant.counts
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def training_state(
+    nets: Networks, step: int, position: int, elapsed: float, config: Config
+) -> dict[str, Any]:
+    """Everything an exact resume needs; every rank's RNG state is gathered (a collective)."""
+    return {
+        "step": step,
+        "position": position,
+        "elapsed_seconds": elapsed,
+        "world_size": distributed.get_world_size(),
+        "vq": fingerprint(config)["vq"],
+        "generator": nets.vqgan.state_dict(),
+        "discriminator": nets.disc.state_dict(),
+        "opt_g": nets.opt_g.state_dict(),
+        "opt_d": nets.opt_d.state_dict(),
+        "sched_g": nets.sched_g.state_dict(),
+        "sched_d": nets.sched_d.state_dict(),
+        "restart_generator": nets.restart_generator.get_state(),
+        "rng": distributed.all_gather_object(capture_rng_state()),
+    }
+
+
+def restore_training_state(nets: Networks, state: dict[str, Any], config: Config, info: DistInfo) -> None:
+    """Load a :func:`training_state` into freshly built networks (same architecture required)."""
+    if state.get("vq") != fingerprint(config)["vq"]:
+        raise ConfigError(
+            "`model.vq`: the checkpoint in vq_train.output_dir was trained with another architecture "
+            f"({state.get('vq')}); pick another output_dir / run_name or set vq_train.resume=false"
+        )
+    nets.vqgan.load_state_dict(state["generator"])
+    nets.disc.load_state_dict(state["discriminator"])
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_d.load_state_dict(state["opt_d"])
+    nets.sched_g.load_state_dict(state["sched_g"])
+    nets.sched_d.load_state_dict(state["sched_d"])
+    nets.restart_generator.set_state(state["restart_generator"].to("cpu"))
+    rng = state["rng"]
+    # Another world size: ranks cannot take over the old ranks' streams one to one; rank 0's is a fair seed.
+    restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+
+
+def save_training_state(nets: Networks, step: int, position: int, elapsed: float, config: Config) -> None:
+    """Write ``checkpoints/step-XXXXXXXX/`` (``state.pt`` + the resolved ``config.yaml``) from rank 0."""
+    state = training_state(nets, step, position, elapsed, config)  # collective: all ranks
+    if distributed.get_rank() == 0:
+
+        def write(directory: Path) -> None:
+            torch.save(state, directory / STATE_FILE)
+            save_config(config, directory / CONFIG_FILE)
+
+        directory = Path(config.vq_train.output_dir).expanduser() / CHECKPOINT_DIR
+        write_checkpoint_dir(directory, step, write, keep_last=config.vq_train.keep_last)
+    distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------- evaluation, plots
+
+
+@torch.no_grad()
+def evaluate(vqgan: VQGAN, pixels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """Reconstruction PSNR / SSIM (dB / [0, 1], means) and code usage on ``pixels``; returns (metrics, recon)."""
+    was_training = vqgan.training
+    vqgan.eval()
+    codes = vqgan.encode(pixels)
+    recon = vqgan.decode(codes).clamp(-1, 1)
+    vqgan.train(was_training)
+    counts = torch.bincount(codes.reshape(-1), minlength=vqgan.config.codebook_size).float()
+    metrics = {
+        "psnr": float(psnr(recon, pixels).clamp(max=100.0).mean()),
+        "ssim": float(ssim(recon, pixels).mean()),
+        "usage": float((counts > 0).float().mean()),
+        "perplexity": float(perplexity_from_counts(counts)),
+    }
+    return metrics, recon
+
+
+def save_reconstruction_grid(
+    originals: torch.Tensor, recon: torch.Tensor, path: Path, tile: int = 128
+) -> None:
+    """A PNG with the originals in the top row and their reconstructions below (each upscaled to ``tile``)."""
+    count = originals.shape[0]
+    grid = Image.new("RGB", (count * tile, 2 * tile), (255, 255, 255))
+    for row, images in enumerate((originals, recon)):
+        for col, pixels in enumerate(images):
+            image = tensor_to_image(pixels.cpu()).resize((tile, tile), Image.Resampling.NEAREST)
+            grid.paste(image, (col * tile, row * tile))
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+
+
+_CURVE_PANELS = (
+    ("reconstruction", ("l1", "l2", "perceptual")),
+    ("quantizer", ("codebook", "commitment")),
+    ("GAN", ("g_loss", "d_loss", "gan_weight")),
+    ("codebook usage", ("usage",)),
+)
+
+
+def save_loss_curves(metrics_path: Path, path: Path) -> None:
+    """Plot the JSONL's training records (one panel per group of terms) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("kind") == "train"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (title, names) in zip(axes.flat, _CURVE_PANELS):
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+            if points:
+                ax.plot(*zip(*points), label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if title == "reconstruction" and ax.get_lines():
+            ax.set_yscale("log")  # pixel errors fall by orders of magnitude
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # e.g. the GAN panel of a run without a discriminator
+            ax.text(0.5, 0.5, "not trained", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class RunState:
+    """Where the loop is: the next step to train, the data position after the last step, time spent."""
+
+    step: int = 0
+    position: int = 0
+    elapsed: float = 0.0
+
+
+def _init_wandb(config: Config, out_dir: Path) -> Any:
+    if config.train.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=config.train.wandb.project,
+        name=f"vqgan-{config.run_name}",
+        mode=config.train.wandb.mode,
+        dir=str(out_dir),
+        config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(config.vq_train)},
+    )
+
+
+class Logger:
+    """Rank 0's outputs during training: the progress bar, the JSONL file and wandb (other ranks: nothing)."""
+
+    def __init__(self, config: Config, out_dir: Path, run: RunState, info: DistInfo, progress: bool) -> None:
+        self.main = info.is_main
+        self.file = MetricsFile(out_dir / METRICS_FILE, run.step) if self.main else None
+        self.wandb = _init_wandb(config, out_dir) if self.main else None
+        self.bar = tqdm(
+            total=config.vq_train.steps,
+            initial=run.step,
+            desc="vqgan",
+            unit="step",
+            disable=not (progress and self.main),
+        )
+
+    def log(self, record: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
+        if not self.main:
+            return
+        assert self.file is not None
+        self.file.write(record)
+        if self.wandb is not None:
+            self.wandb.log(
+                {f"{record['kind']}/{k}": v for k, v in record.items() if k != "kind"}, step=record["step"]
+            )
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _resume(nets: Networks, config: Config, info: DistInfo) -> RunState:
+    directory = Path(config.vq_train.output_dir).expanduser() / CHECKPOINT_DIR
+    path = latest_checkpoint(directory) if config.vq_train.resume else None
+    if path is None:
+        return RunState()
+    state = load_checkpoint(path, map_location=info.device)
+    if int(state["step"]) > config.vq_train.steps:
+        raise ConfigError(
+            f"`vq_train.steps`: {path} is already at step {state['step']}; ask for at least that many steps"
+        )
+    restore_training_state(nets, state, config, info)
+    if info.is_main:
+        print(f"resuming from {path} (step {state['step']}, {state['position']} samples seen)")
+    return RunState(int(state["step"]), int(state["position"]), float(state.get("elapsed_seconds", 0.0)))
+
+
+def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
+    cfg = config.vq_train
+    if not cfg.eval_data or not info.is_main:
+        return None
+    pixels, _ = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)
+    return pixels.to(info.device)
+
+
+def train_loop(
+    nets: Networks, config: Config, info: DistInfo, run: RunState, logger: Logger
+) -> dict[str, Any]:
+    """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation metrics."""
+    cfg = config.vq_train
+    stream = ImageStream(
+        cfg.train_data,
+        resolution=config.model.vq.resolution,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        position=run.position,
+        hflip=cfg.hflip,
+    )
+    eval_pixels = _eval_pixels(config, info)
+    window = MetricWindow(config.model.vq.codebook_size, info.device)
+    batches = iter(stream)
+    last: dict[str, Any] = {}
+    started = time.perf_counter() - run.elapsed
+    while run.step < cfg.steps:
+        batch = next(batches)
+        terms, counts = train_step(nets, batch.pixels.to(info.device), run.step, cfg, info)
+        window.add(terms, counts)
+        run.step, run.position = run.step + 1, batch.position
+        run.elapsed = time.perf_counter() - started
+        logger.bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            metrics = window.flush()
+            lr = nets.opt_g.param_groups[0]["lr"]
+            last["train"] = {"kind": "train", "step": run.step, "lr": lr, "epoch": batch.epoch, **metrics}
+            logger.log(last["train"], {k: metrics[k] for k in ("l1", "usage") if k in metrics})
+        if eval_pixels is not None and cfg.eval_every and run.step % cfg.eval_every == 0:
+            last["eval"] = {"kind": "eval", "step": run.step, **evaluate(nets.vqgan, eval_pixels)[0]}
+            logger.log(last["eval"])
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            save_training_state(nets, run.step, run.position, run.elapsed, config)
+    return last
+
+
+def finish_run(
+    nets: Networks, config: Config, info: DistInfo, run: RunState, last: dict[str, Any], out_dir: Path
+) -> dict[str, Any]:
+    """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
+    nets.vqgan.save_pretrained(out_dir)
+    save_config(config, out_dir / CONFIG_FILE)
+    eval_pixels = _eval_pixels(config, info)
+    if eval_pixels is not None:
+        metrics, recon = evaluate(nets.vqgan, eval_pixels)
+        last["eval"] = {"kind": "eval", "step": run.step, **metrics}
+        save_reconstruction_grid(eval_pixels, recon, out_dir / GRID_FILE)
+    if (out_dir / METRICS_FILE).is_file():
+        save_loss_curves(out_dir / METRICS_FILE, out_dir / CURVES_FILE)
+    summary = {
+        "fingerprint": fingerprint(config),
+        "steps": run.step,
+        "samples_seen": run.position,
+        "world_size": distributed.get_world_size(),
+        "train_seconds": round(run.elapsed, 2),
+        "final_train": last.get("train", {}),
+        "final_eval": last.get("eval", {}),
+        "output_dir": str(out_dir),
+    }
+    _write_json(out_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def check_data(cfg: VQTrainConfig) -> None:
+    """Fail before building anything when the training or evaluation shards are missing."""
+    for path in (cfg.train_data, cfg.eval_data):
+        if path:
+            try:
+                list_shards(path)
+            except FileNotFoundError as exc:
+                hint = "write the world first: python -m unified_mllm.data.shapes --config ..."
+                raise FileNotFoundError(f"{exc} ({hint})") from None
+
+
+def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse, or resume) the tokenizer of ``config``; returns the run summary."""
+    info = distributed.init_distributed()
+    out_dir = Path(config.vq_train.output_dir).expanduser()
+    summary = finished_run(out_dir, config)
+    if summary is not None:
+        if info.is_main:
+            print(f"reusing the finished tokenizer in {out_dir} (VQGAN.from_checkpoint({str(out_dir)!r}))")
+        return summary
+    if config.model.vq.kind != "vqgan":
+        raise ConfigError(f"`model.vq.kind`: this trainer trains 'vqgan', got {config.model.vq.kind!r}")
+    cfg = config.vq_train
+    check_data(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main and cfg.perceptual != "none" and cfg.perceptual_weights is None:
+        print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
+    nets = build_networks(config, info)
+    run = _resume(nets, config, info)
+    logger = Logger(config, out_dir, run, info, progress)
+    try:
+        last = train_loop(nets, config, info, run, logger)
+    finally:
+        logger.close()
+    if info.is_main:
+        summary = finish_run(nets, config, info, run, last, out_dir)
+        print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
+    distributed.barrier()
+    return distributed.broadcast_object(summary)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Train the VQ-GAN image tokenizer (plain or under torchrun)."
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = config_from_args(args)
+        train_tokenizer(config, progress=not args.no_progress)
+    except (FileNotFoundError, ConfigError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
