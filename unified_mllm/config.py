@@ -594,7 +594,16 @@ def validate(config: Config) -> Config:
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
     gen = config.generation
-    vqt = config.vq_train
+    _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
+    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
+    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
+    _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _validate_vq_train(config.vq_train)
+    return config
+
+
+def _validate_vq_train(vqt: VQTrainConfig) -> None:
+    """Checks of the `vq_train` section (the VQ tokenizer trainer)."""
     for key in ("steps", "batch_size", "log_every", "eval_images", "checkpoint_every", "keep_last"):
         _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
     for key in ("restart_every", "shuffle_buffer", "disc_layers", "disc_channels"):
@@ -608,11 +617,6 @@ def validate(config: Config) -> Config:
     for key in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"):
         _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
     _require(bool(vqt.train_data), "vq_train.train_data", "is empty")
-    _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
-    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
-    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
-    _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
-    return config
 
 
 # ----------------------------------------------------------------------------------------------- CLI

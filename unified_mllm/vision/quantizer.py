@@ -12,7 +12,7 @@ same mean squared error) and differ only in how the gradient is split between th
 Optional, for training new tokenizers: l2-normalised codes looked up by cosine similarity (ViT-VQGAN), EMA
 codebook updates (VQ-VAE-2), and dead-code restarts (Jukebox / SoundStream style).
 
-Distribution (design convention 1): nothing here imports ``torch.distributed``. The trainer may set
+Distribution (design convention 1): nothing here imports torch's collective-communication package. The trainer may set
 :attr:`VectorQuantizer.all_reduce` (a callable summing a tensor over ranks and returning it) so that usage
 counts and EMA statistics are global, and it calls :meth:`VectorQuantizer.restart_dead_codes` with a
 ``broadcast`` callable so that every rank ends up with rank 0's codebook.
@@ -297,7 +297,7 @@ class VectorQuantizer(nn.Module):
         outputs, e.g. :attr:`QuantizerOutput.latents`); returns the restarted indices.
 
         Each dead code gets a distinct row when there are enough rows (otherwise rows repeat), drawn with
-        ``generator``. In a distributed run pass ``broadcast`` (e.g. ``lambda t: dist.broadcast(t, src=0)``)
+        ``generator``. In a distributed run pass ``broadcast`` (e.g. a rank-0 broadcast from ``unified_mllm.train.distributed``)
         on *every* rank: after the local restart each of :meth:`state_tensors` is broadcast in place, so
         all ranks hold rank 0's codebook whatever their own batch was. The returned indices are this rank's.
         """
