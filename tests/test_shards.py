@@ -98,3 +98,10 @@ def test_truncated_tar_is_reported(tmp_path: Path) -> None:
     stats = ReadStats()
     kept = list(iter_samples(shard, skip_corrupt=True, stats=stats))
     assert 0 < len(kept) < 4 and stats.skipped
+
+
+def test_reading_under_a_multi_process_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _write(tmp_path, 3, per_shard=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; each rank reads the shards it is given
+    monkeypatch.setenv("RANK", "1")
+    assert [s.meta["index"] for s in iter_samples(written)] == [0, 1, 2]

@@ -176,7 +176,12 @@ def _decode(raw: dict[str, Any], shard: str) -> Sample:
 def _raw_samples(shard: Path) -> Iterator[dict[str, Any]]:
     """Undecoded samples of one shard via webdataset; a broken tar becomes a CorruptShardError."""
     try:
-        yield from wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)
+        # No node/worker splitting here: callers decide which shards each rank reads (webdataset's default
+        # splitter raises under torchrun with more than one process).
+        dataset = wds.WebDataset(
+            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
+        yield from dataset
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
 

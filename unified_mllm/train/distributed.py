@@ -12,6 +12,7 @@ Model code never imports this module (design convention 1); entry points (traine
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
@@ -142,6 +145,24 @@ def all_gather_object(obj: T) -> list[T]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo, *, sync_buffers: bool = True) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` when the run is distributed, else ``module`` itself.
+
+    ``sync_buffers=False`` stops DDP from re-broadcasting rank 0's buffers before every forward (they are still
+    synchronised once, at wrapping): for modules that keep their buffers identical on every rank themselves.
+    """
+    if not info.distributed:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    options: dict[str, Any] = {}
+    if not sync_buffers:
+        # Renamed in recent torch versions; the old name still works there but warns.
+        parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+        name = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+        options[name] = False
+    return DistributedDataParallel(module, device_ids=device_ids, **options)
 
 
 def shutdown() -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import time
@@ -53,7 +52,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unified_mllm.config import (
@@ -231,31 +229,18 @@ def _schedule(cfg: VQTrainConfig, total: int) -> Any:
     )
 
 
-def _no_forward_buffer_sync() -> dict[str, bool]:
-    """DDP's switch for "do not re-broadcast buffers every forward" (renamed in recent torch versions)."""
-    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
-    return (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in parameters
-        else {"broadcast_buffers": False}
-    )
-
-
 def build_networks(config: Config, info: DistInfo) -> Networks:
     """Generator, discriminator (seeded identically on every rank), DDP wrappers, optimizers, schedulers."""
     cfg = config.vq_train
     torch.manual_seed(cfg.seed)
     vqgan = VQGAN.from_config(config.model.vq).to(info.device)
     disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm).to(info.device)
-    generator: nn.Module = vqgan
-    discriminator: nn.Module = disc
     if info.distributed:
         # The codebook's counts and EMA sums are summed over ranks inside the quantizer, so its buffers agree
         # everywhere without DDP re-broadcasting them every forward.
         vqgan.quantize.all_reduce = distributed.all_reduce_sum
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        generator = DistributedDataParallel(vqgan, device_ids=device_ids, **_no_forward_buffer_sync())
-        discriminator = DistributedDataParallel(disc, device_ids=device_ids)
+    generator = distributed.wrap_ddp(vqgan, info, sync_buffers=False)
+    discriminator = distributed.wrap_ddp(disc, info)  # BatchNorm statistics: rank 0's at each forward
     betas = (cfg.betas[0], cfg.betas[1])
     opt_g = torch.optim.AdamW(
         [p for p in vqgan.parameters() if p.requires_grad],
