@@ -216,7 +216,6 @@ def cli_args(world: Path, sp_model: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_cli_trains_saves_reuses_and_reports(
     world: Path, sp_model: Path, isolated_output_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
