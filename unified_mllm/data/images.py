@@ -26,10 +26,10 @@ its shard and key, since skipping it on one rank would break the global order.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ import webdataset as wds
 
 from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards
 from unified_mllm.vision.image import ImageLoadError, image_to_tensor, load_image, resize_center_crop
+
+T = TypeVar("T")
 
 RawSample = dict[str, Any]
 
@@ -89,17 +91,20 @@ def decode_image(raw: RawSample) -> Any:
         raise CorruptShardError(f"{where}: {exc}") from exc
 
 
-def _buffered(items: Iterator[RawSample], buffer: int, rng: np.random.Generator) -> Iterator[RawSample]:
-    """Streaming shuffle: fill a pool of ``buffer`` items, then emit a random one per incoming item."""
-    pool: list[RawSample] = []
+def buffered_shuffle(items: Iterable[T], buffer: int, rng: np.random.Generator) -> Iterator[T]:
+    """Streaming shuffle: fill a pool of ``buffer`` items, then emit a random one per incoming item.
+
+    Memory stays at ``buffer`` items however long the stream; the order depends only on ``rng``'s state.
+    """
+    pool: list[T] = []
     for item in items:
         pool.append(item)
         if len(pool) >= buffer:
             pick = int(rng.integers(len(pool)))
             pool[pick], pool[-1] = pool[-1], pool[pick]
             yield pool.pop()
-    order = rng.permutation(len(pool))
-    yield from (pool[int(i)] for i in order)
+    rng.shuffle(pool)
+    yield from pool
 
 
 class ImageStream:
@@ -146,7 +151,9 @@ class ImageStream:
         """The global sample order of ``epoch`` (raw, undecoded)."""
         order = _epoch_rng(self.seed, epoch, "shards").permutation(len(self.shards))
         shards = [self.shards[int(i)] for i in order]
-        return _buffered(raw_samples(shards), self.shuffle_buffer, _epoch_rng(self.seed, epoch, "buffer"))
+        return buffered_shuffle(
+            raw_samples(shards), self.shuffle_buffer, _epoch_rng(self.seed, epoch, "buffer")
+        )
 
     def epoch_length(self) -> int:
         """Samples per epoch (read once, by counting keys; every epoch holds the same samples)."""

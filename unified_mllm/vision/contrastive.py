@@ -57,6 +57,7 @@ from unified_mllm.config import (
     config_from_args,
     save_config,
 )
+from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.anyres import base_view
@@ -172,19 +173,6 @@ def image_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def _shuffled(items: Iterable[Any], buffer: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Streaming shuffle: hold up to ``buffer`` items and emit a random one each time the pool is full."""
-    pool: list[Any] = []
-    for item in items:
-        pool.append(item)
-        if len(pool) >= buffer:
-            pick = int(rng.integers(len(pool)))
-            pool[pick], pool[-1] = pool[-1], pool[pick]
-            yield pool.pop()
-    rng.shuffle(pool)
-    yield from pool
-
-
 def caption_batches(
     shards: Sequence[Path],
     tokenizer: TextTokenizer,
@@ -202,7 +190,7 @@ def caption_batches(
         pairs = ((s.image, s.meta["caption"]) for s in iter_samples(order) if s.meta.get("caption"))
         batch: list[tuple[Image.Image, str]] = []
         seen = 0
-        for pair in _shuffled(pairs, contrastive.shuffle_buffer, rng):
+        for pair in buffered_shuffle(pairs, contrastive.shuffle_buffer, rng):
             seen += 1
             batch.append(pair)
             if len(batch) == contrastive.batch_size:
