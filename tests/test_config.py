@@ -122,6 +122,10 @@ def test_yaml_typo_names_file_and_key(tmp_path: Path) -> None:
         ("generation.image_top_k=0", "generation.image_top_k"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("model.vision.anyres.grids=[[0,2]]", "model.vision.anyres.grids[0]"),
+        ("model.vision.feature_layer=28", "model.vision.feature_layer"),
+        ("model.vision.feature_layer=-29", "model.vision.feature_layer"),
+        ("model.vision.anyres.pad_color=[255,255]", "model.vision.anyres.pad_color"),
+        ("model.vision.anyres.pad_color=[0,0,300]", "model.vision.anyres.pad_color"),
     ],
 )
 def test_validate_names_the_offending_key(override: str, key: str) -> None:

@@ -26,7 +26,7 @@ from unified_mllm.vision.train_tokenizer import (
     SUMMARY_FILE,
     train_tokenizer,
 )
-from unified_mllm.vision.vqgan import VQGAN
+from unified_mllm.vision.vqgan import VQGAN, VQCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "tokenizer" / "vqgan-tiny.yaml")
@@ -219,3 +219,32 @@ def test_eval_cli_on_the_trained_tokenizer(trained: Config, world_root: Path) ->
 def test_eval_cli_reports_a_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="error"):
         eval_tokenizer.main(["--config", RECIPE, "--checkpoint", str(tmp_path / "absent"), "--no-progress"])
+
+
+def test_fine_tuning_starts_from_trained_weights(trained: Config, world_root: Path, tmp_path: Path) -> None:
+    """vq_train.init_from loads a trained tokenizer before the first step: zero steps of LR leave it intact."""
+    source = Path(trained.vq_train.output_dir)
+    config = _config(
+        world_root,
+        tmp_path,
+        f"vq_train.init_from={source}",
+        "vq_train.steps=1",
+        "vq_train.lr=1e-12",
+        "vq_train.disc_start_step=5",
+        "model.vq.dead_code_steps=0",
+    )
+    train_tokenizer(config, progress=False)
+    before = load_file(str(source / "model.safetensors"))
+    after = load_file(str(Path(config.vq_train.output_dir) / "model.safetensors"))
+    weights = [k for k in before if not k.startswith("quantize.") and before[k].is_floating_point()]
+    assert weights and all(torch.allclose(before[k], after[k], atol=1e-6) for k in weights)
+
+
+def test_fine_tuning_from_another_architecture_names_the_keys(
+    trained: Config, world_root: Path, tmp_path: Path
+) -> None:
+    config = _config(
+        world_root, tmp_path, f"vq_train.init_from={trained.vq_train.output_dir}", "model.vq.embed_dim=16"
+    )
+    with pytest.raises(VQCheckpointError, match="quant_conv"):
+        train_tokenizer(config, progress=False)

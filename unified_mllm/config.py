@@ -83,6 +83,11 @@ class LMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "transformers attention kernel."
     )
+    pretrained: str | None = opt(
+        None,
+        "Hugging Face checkpoint directory of the LM (e.g. Lumina-mGPT-7B) loaded at the start of training "
+        "by UnifiedModel.load_pretrained; None: random init (or checkpoint.init_from).",
+    )
 
 
 @dataclass
@@ -247,17 +252,32 @@ class DataSourceConfig:
         "caption", "Which samples to derive from each record."
     )
     ratio: float = opt(1.0, "Relative sampling weight within the mix.")
+    name: str = opt("", "Label of the source in logs and drop counts; '' uses `<task>:<index>`.")
 
 
 @dataclass
 class DataConfig:
     root: str = opt("${output_root}/data/shapes", "Where the world's webdataset splits are written.")
+    tokenized_root: str = opt(
+        "${data.root}/tokenized",
+        "Where `python -m unified_mllm.data.pretokenize` writes the pre-tokenized splits (<split>/*.tar).",
+    )
     world: WorldConfig = section(WorldConfig, "The embedded synthetic world.")
     sources: list[DataSourceConfig] = opt([], "The data mix: shard sets with their task and ratio.")
     max_seq_len: int = opt(4096, "Longest training sequence; longer samples are dropped with a count.")
     pack: bool = opt(False, "Pack several samples into one sequence instead of right-padding.")
     shuffle_buffer: int = opt(1000, "Samples held for streaming shuffling.")
     num_workers: int = opt(2, "DataLoader worker processes.")
+    cfg_dropout: float = opt(
+        0.1,
+        "Probability that a text-to-image sample loses its condition (classifier-free guidance's "
+        "unconditional branch: exactly layout.unconditional_prompt).",
+    )
+    vqa_max_turns: int = opt(
+        0, "Question-answer turns per VQA sample, a seeded subset of the record's; 0 keeps them all."
+    )
+    pad_to_multiple_of: int = opt(8, "Round the padded batch length up to a multiple of this (1: off).")
+    pretokenize_batch_size: int = opt(64, "Images per VQ-tokenizer forward during pre-tokenization.")
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -310,6 +330,7 @@ class TrainConfig:
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute dtype (fp32 master weights).")
     seed: int = opt(0, "Seed of model init, data order and dropout.")
+    device: str | None = opt(None, "cpu, cuda, ...; None: this rank's GPU when there is one, else the CPU.")
     log_every: int = opt(10, "Steps between metric logs (the only host syncs of the loop).")
     parallel: ParallelConfig = section(ParallelConfig, "Distribution.")
     wandb: WandbConfig = section(WandbConfig, "Experiment tracking.")
@@ -322,6 +343,10 @@ class CheckpointConfig:
     keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
     resume: bool = opt(True, "Resume from the newest checkpoint in `dir` when there is one.")
     init_from: str | None = opt(None, "Export directory of an earlier stage to initialise from.")
+    export_dir: str = opt(
+        "${checkpoint.dir}/export",
+        "Where the final Hugging Face-format export goes (InferenceSolver.from_pretrained reads it).",
+    )
 
 
 @dataclass
@@ -351,6 +376,11 @@ class VQTrainConfig:
     eval_data: str = opt(
         "${data.root}/val",
         "Shards of the periodic evaluation and the final reconstruction grid ('' disables).",
+    )
+    init_from: str | None = opt(
+        None,
+        "Tokenizer weights to fine-tune from (Chameleon's vqgan.ckpt, or a save_pretrained directory); "
+        "their shapes must match model.vq. None: random init.",
     )
     steps: int = opt(100000, "Optimizer steps of the generator.")
     batch_size: int = opt(8, "Images per rank per step (the global batch is batch_size x ranks).")
@@ -548,6 +578,18 @@ def validate(config: Config) -> Config:
     _require(
         vision.hidden_size % vision.num_heads == 0, "model.vision.hidden_size", "must divide by num_heads"
     )
+    hidden_states = vision.num_layers + 1  # the patch embeddings, then each layer's output
+    _require(
+        -hidden_states <= vision.feature_layer < hidden_states,
+        "model.vision.feature_layer",
+        f"{vision.feature_layer} is outside -{hidden_states}..{hidden_states - 1} "
+        f"(the tower has {vision.num_layers} layers)",
+    )
+    _require(
+        len(vision.anyres.pad_color) == 3 and all(0 <= c <= 255 for c in vision.anyres.pad_color),
+        "model.vision.anyres.pad_color",
+        f"needs 3 values in 0..255, got {vision.anyres.pad_color}",
+    )
     for i, grid in enumerate(vision.anyres.grids):
         _require(
             len(grid) == 2 and min(grid) >= 1,
@@ -569,17 +611,7 @@ def validate(config: Config) -> Config:
     _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
     _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
 
-    world = config.data.world
-    _require(world.grid_size >= 1, "data.world.grid_size", "must be >= 1")
-    _require(
-        1 <= world.min_objects <= world.max_objects <= world.grid_size**2,
-        "data.world.max_objects",
-        f"need 1 <= min_objects <= max_objects <= grid_size^2 = {world.grid_size**2}",
-    )
-    _require(world.samples_per_shard >= 1, "data.world.samples_per_shard", "must be >= 1")
-    for i, source in enumerate(config.data.sources):
-        _require(bool(source.path), f"data.sources[{i}].path", "is empty")
-        _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
+    _validate_data(config.data)
 
     optim = config.optim
     _require(optim.lr > 0, "optim.lr", "must be positive")
@@ -600,6 +632,30 @@ def validate(config: Config) -> Config:
     _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
     _validate_vq_train(config.vq_train)
     return config
+
+
+def _validate_data(data: DataConfig) -> None:
+    """Checks of the `data` section: the world's shape and the LM data pipeline."""
+    world = data.world
+    _require(world.grid_size >= 1, "data.world.grid_size", "must be >= 1")
+    _require(
+        1 <= world.min_objects <= world.max_objects <= world.grid_size**2,
+        "data.world.max_objects",
+        f"need 1 <= min_objects <= max_objects <= grid_size^2 = {world.grid_size**2}",
+    )
+    _require(world.samples_per_shard >= 1, "data.world.samples_per_shard", "must be >= 1")
+    for i, source in enumerate(data.sources):
+        _require(bool(source.path), f"data.sources[{i}].path", "is empty")
+        _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
+    _require(data.max_seq_len >= 1, "data.max_seq_len", "must be >= 1")
+    _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0.0 <= data.cfg_dropout <= 1.0, "data.cfg_dropout", "must be in [0, 1]")
+    _require(data.vqa_max_turns >= 0, "data.vqa_max_turns", "must be >= 0 (0: every turn)")
+    _require(data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
+    _require(data.pretokenize_batch_size >= 1, "data.pretokenize_batch_size", "must be >= 1")
+    names = [s.name for s in data.sources if s.name]
+    _require(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
 
 
 def _validate_vq_train(vqt: VQTrainConfig) -> None:

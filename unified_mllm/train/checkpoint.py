@@ -83,6 +83,36 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def begin_checkpoint_dir(directory: str | os.PathLike[str], step: int) -> Path:
+    """A fresh hidden temporary directory in ``directory`` to fill with checkpoint ``step``'s files.
+
+    Multi-rank writers (sharded ``torch.distributed.checkpoint``, DeepSpeed) call this on one rank, share the
+    path, let every rank write, wait for all, and then call :func:`commit_checkpoint_dir` on that same rank.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-{checkpoint_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint_dir(tmp: Path, step: int, *, keep_last: int | None = None) -> Path:
+    """fsync ``tmp`` and rename it to ``step-XXXXXXXX`` beside it (replacing an older copy of that step);
+    then, with ``keep_last``, delete the older checkpoints beyond the newest ``keep_last``."""
+    directory = tmp.parent
+    final = directory / checkpoint_name(step)
+    _fsync_tree(tmp)
+    if final.exists():
+        # A directory cannot be renamed over a non-empty one: move the old copy aside first.
+        stale = directory / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+        final.replace(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.replace(final)
+    if keep_last is not None:
+        prune_checkpoints(directory, keep_last)
+    return final
+
+
 def write_checkpoint_dir(
     directory: str | os.PathLike[str],
     step: int,
@@ -94,27 +124,15 @@ def write_checkpoint_dir(
     fsynced and renamed into place (replacing an older checkpoint of the same step). Then, with ``keep_last``,
     older checkpoints beyond the newest ``keep_last`` are deleted. Returns the checkpoint's path.
 
-    Call it on one rank only (or give each rank its own directory): the rename is not coordinated.
+    Call it on one rank only (or give each rank its own directory): the rename is not coordinated; see
+    :func:`begin_checkpoint_dir` for checkpoints that every rank writes a part of.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / checkpoint_name(step)
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = begin_checkpoint_dir(directory, step)
     try:
         writer(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            # A directory cannot be renamed over a non-empty one: move the old copy aside first.
-            stale = directory / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
-            final.replace(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.replace(final)
+        return commit_checkpoint_dir(tmp, step, keep_last=keep_last)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if keep_last is not None:
-        prune_checkpoints(directory, keep_last)
-    return final
 
 
 def save_checkpoint(

@@ -60,6 +60,7 @@ from unified_mllm.config import (
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.text import TextTokenizer
+from unified_mllm.train.run_log import write_json
 from unified_mllm.vision.anyres import base_view
 from unified_mllm.vision.image import image_to_tensor
 from unified_mllm.vision.siglip import siglip_hf_config
@@ -354,12 +355,6 @@ def reusable(out_dir: str | Path, config: Config) -> bool:
     return summary.get("fingerprint") == fingerprint(config) and (Path(out_dir) / "config.json").is_file()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def save_contrastive(
     model: SiglipModel, out_dir: str | Path, config: Config, summary: dict[str, Any]
 ) -> Path:
@@ -380,7 +375,7 @@ def save_contrastive(
     finally:
         hf_logging.set_verbosity(verbosity)
     save_config(config, tmp / "config.yaml")
-    _write_json(tmp / SUMMARY_FILE, summary)
+    write_json(tmp / SUMMARY_FILE, summary)
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         out_dir.replace(old)
@@ -445,7 +440,7 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
     samples = iter_samples(_split_shards(config, cfg.eval_split))
     world = config.data.world
     result = zero_shot_eval(model, tokenizer, samples, vision, cfg, world.colors, world.shapes)
-    _write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
+    write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
     print(format_zero_shot(result, cfg.eval_split))
     return {"summary": summary, "zero_shot": result, "output_dir": str(out_dir)}
 

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from unified_mllm.config import (
     Config,
@@ -75,6 +73,7 @@ from unified_mllm.train.checkpoint import (
     write_checkpoint_dir,
 )
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves, write_json
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.vision.image import tensor_to_image
 from unified_mllm.vision.losses import (
@@ -89,7 +88,6 @@ from unified_mllm.vision.quantizer import QuantizerOutput, perplexity_from_count
 from unified_mllm.vision.vqgan import VQGAN
 
 SUMMARY_FILE = "train_summary.json"
-METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
 GRID_FILE = "reconstructions.png"
 CHECKPOINT_DIR = "checkpoints"
@@ -125,36 +123,6 @@ def finished_run(out_dir: Path, config: Config) -> dict[str, Any] | None:
         return None
     weights = (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
     return summary if weights and summary.get("fingerprint") == fingerprint(config) else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-class MetricsFile:
-    """Append-only JSONL of metric records (rank 0 only); on resume, records past the resumed step are
-    dropped, since the steps after the last checkpoint are trained again."""
-
-    def __init__(self, path: Path, resumed_step: int) -> None:
-        self.path = path
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
-        return 1 << 62  # unreadable line (a write cut short by the kill): drop it
 
 
 # Terms logged as totals over the log window (the others are per-step means).
@@ -233,7 +201,11 @@ def build_networks(config: Config, info: DistInfo) -> Networks:
     """Generator, discriminator (seeded identically on every rank), DDP wrappers, optimizers, schedulers."""
     cfg = config.vq_train
     torch.manual_seed(cfg.seed)
-    vqgan = VQGAN.from_config(config.model.vq).to(info.device)
+    vqgan = VQGAN.from_config(config.model.vq)
+    if cfg.init_from:  # fine-tuning: start from trained weights of exactly this architecture
+        trained = VQGAN.from_checkpoint(cfg.init_from, config=config.model.vq)
+        vqgan.load_generator_state(trained.state_dict(), source=cfg.init_from)
+    vqgan = vqgan.to(info.device)
     disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm).to(info.device)
     if info.distributed:
         # The codebook's counts and EMA sums are summed over ranks inside the quantizer, so its buffers agree
@@ -452,32 +424,8 @@ _CURVE_PANELS = (
 
 def save_loss_curves(metrics_path: Path, path: Path) -> None:
     """Plot the JSONL's training records (one panel per group of terms) into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("kind") == "train"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (title, names) in zip(axes.flat, _CURVE_PANELS):
-        for name in names:
-            points = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
-            if points:
-                ax.plot(*zip(*points), label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if title == "reconstruction" and ax.get_lines():
-            ax.set_yscale("log")  # pixel errors fall by orders of magnitude
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        else:  # e.g. the GAN panel of a run without a discriminator
-            ax.text(0.5, 0.5, "not trained", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
+    save_curves(metrics_path, path, _CURVE_PANELS, log_scale=("reconstruction",))
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -492,51 +440,21 @@ class RunState:
     elapsed: float = 0.0
 
 
-def _init_wandb(config: Config, out_dir: Path) -> Any:
-    if config.train.wandb.mode == "disabled":
-        return None
-    import wandb
-
-    return wandb.init(
-        project=config.train.wandb.project,
-        name=f"vqgan-{config.run_name}",
-        mode=config.train.wandb.mode,
-        dir=str(out_dir),
-        config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(config.vq_train)},
+def make_logger(config: Config, out_dir: Path, run: RunState, info: DistInfo, progress: bool) -> RunLogger:
+    """The run's bar, metrics file and wandb run (rank 0)."""
+    return RunLogger(
+        out_dir,
+        name="vqgan",
+        total=config.vq_train.steps,
+        initial=run.step,
+        is_main=info.is_main,
+        wandb=config.train.wandb,
+        wandb_config={
+            "vq": dataclasses.asdict(config.model.vq),
+            "vq_train": dataclasses.asdict(config.vq_train),
+        },
+        progress=progress,
     )
-
-
-class Logger:
-    """Rank 0's outputs during training: the progress bar, the JSONL file and wandb (other ranks: nothing)."""
-
-    def __init__(self, config: Config, out_dir: Path, run: RunState, info: DistInfo, progress: bool) -> None:
-        self.main = info.is_main
-        self.file = MetricsFile(out_dir / METRICS_FILE, run.step) if self.main else None
-        self.wandb = _init_wandb(config, out_dir) if self.main else None
-        self.bar = tqdm(
-            total=config.vq_train.steps,
-            initial=run.step,
-            desc="vqgan",
-            unit="step",
-            disable=not (progress and self.main),
-        )
-
-    def log(self, record: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
-        if not self.main:
-            return
-        assert self.file is not None
-        self.file.write(record)
-        if self.wandb is not None:
-            self.wandb.log(
-                {f"{record['kind']}/{k}": v for k, v in record.items() if k != "kind"}, step=record["step"]
-            )
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def _resume(nets: Networks, config: Config, info: DistInfo) -> RunState:
@@ -564,7 +482,7 @@ def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
 
 
 def train_loop(
-    nets: Networks, config: Config, info: DistInfo, run: RunState, logger: Logger
+    nets: Networks, config: Config, info: DistInfo, run: RunState, logger: RunLogger
 ) -> dict[str, Any]:
     """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation metrics."""
     cfg = config.vq_train
@@ -627,7 +545,7 @@ def finish_run(
         "final_eval": last.get("eval", {}),
         "output_dir": str(out_dir),
     }
-    _write_json(out_dir / SUMMARY_FILE, summary)
+    write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -660,7 +578,7 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
         print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
     nets = build_networks(config, info)
     run = _resume(nets, config, info)
-    logger = Logger(config, out_dir, run, info, progress)
+    logger = make_logger(config, out_dir, run, info, progress)
     try:
         last = train_loop(nets, config, info, run, logger)
     finally:

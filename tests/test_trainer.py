@@ -1,0 +1,185 @@
+"""The LM trainer end to end on a micro world: one process, FSDP2 and DeepSpeed ZeRO-2 under torchrun (gloo),
+killed and resumed to the same loss sequence, resumed at another world size, exported and reloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_pretokenize import make_tokenized_world
+from unified_mllm.config import Config, ConfigError, load_config
+from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.train.checkpoint import list_checkpoints
+from unified_mllm.train.export import SUMMARY_FILE
+from unified_mllm.train.run_log import METRICS_FILE, read_metrics
+from unified_mllm.train.trainer import CHECKPOINT_DIR, CRASH_ENV, CURVES_FILE, train
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE0 = REPO / "configs" / "train" / "tiny-stage0.yaml"
+STAGE2 = REPO / "configs" / "train" / "tiny-stage2.yaml"
+SMALL = (
+    "train.max_steps=6",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.wandb.mode=disabled",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=5",
+    "data.max_seq_len=256",
+    "data.shuffle_buffer=8",
+    "optim.warmup_steps=2",
+    "model.vision.pretrained=null",
+    "checkpoint.init_from=null",
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Config:
+    """32 tokenized scenes in 4 shards, a random tiny VQ-GAN and the test text tokenizer."""
+    return make_tokenized_world(
+        tmp_path_factory.mktemp("world"),
+        sp_model,
+        "data.world.num_train=32",
+        "data.world.samples_per_shard=8",
+    )
+
+
+def overrides(world: Config, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"output_root={run_dir}",
+        f"data.root={world.data.root}",
+        f"tokenizer.path={world.tokenizer.path}",
+        f"tokenizer.num_size_tokens={world.tokenizer.num_size_tokens}",
+        f"model.vq.checkpoint={world.model.vq.checkpoint}",
+        *SMALL,
+        *extra,
+    ]
+
+
+def run_dir_of(config: Config) -> Path:
+    return Path(config.checkpoint.dir)
+
+
+def losses(config: Config) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir_of(config) / METRICS_FILE, "train")}
+
+
+def torchrun(config_file: Path, args: list[str], *, crash_after: int = 0, nproc: int = 2) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "unified_mllm.train", "--config", str(config_file), "--no-progress", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: str(crash_after)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    expected = 1 if crash_after else 0
+    assert (result.returncode != 0) == bool(expected), result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def exported_weights(config: Config) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(config.checkpoint.export_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.allclose(a[k], b[k], rtol=0, atol=atol)]
+    assert not different, different[:5]
+
+
+# ------------------------------------------------------------------------------------ one process
+
+
+@pytest.fixture(scope="module")
+def single(world: Config, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """A finished single-process stage-0 run (6 steps)."""
+    config = load_config([STAGE0], overrides(world, tmp_path_factory.mktemp("single"), "optim.lr=3e-3"))
+    torch.manual_seed(0)
+    train(config, progress=False)
+    return config
+
+
+def test_single_process_run_trains_checkpoints_and_exports(single: Config) -> None:
+    run_dir = run_dir_of(single)
+    steps = losses(single)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert steps[6] < steps[1] - 0.5  # ln(1024) ≈ 6.9 at the start; the LM learns the format quickly
+    assert [s for s, _ in list_checkpoints(run_dir / CHECKPOINT_DIR)] == [2, 4, 6]
+    assert (run_dir / CURVES_FILE).is_file() and (run_dir / "config.yaml").is_file()
+    export = Path(single.checkpoint.export_dir)
+    for name in ("config.json", "model.safetensors", "text.model", "config.yaml", SUMMARY_FILE):
+        assert (export / name).is_file(), name
+    assert (export / "vq" / "model.safetensors").is_file()
+    summary = json.loads((export / SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6 and summary["world_size"] == 1
+
+
+def test_export_reloads_with_the_trained_weights(single: Config, world: Config) -> None:
+    model = UnifiedModel.from_pretrained(single.checkpoint.export_dir)
+    weights = exported_weights(single)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    ids = torch.randint(0, single.model.lm.vocab_size, (2, 12))
+    first, second = model(ids).logits, UnifiedModel.from_pretrained(single.checkpoint.export_dir)(ids).logits
+    assert torch.equal(first, second)
+    # Stage 0 freezes the vision tower: its weights are the seeded random init, untouched.
+    torch.manual_seed(single.train.seed)
+    fresh = UnifiedModel(single.model)
+    tower = [k for k in weights if k.startswith("vision.")]
+    assert tower and all(torch.equal(fresh.state_dict()[k], weights[k]) for k in tower)
+
+
+def test_a_finished_run_is_reused(single: Config, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    train(single, progress=False)
+    assert "reusing the finished export" in capsys.readouterr().out
+
+
+def test_a_rule_that_matches_nothing_names_it(world: Config, tmp_path: Path) -> None:
+    config = load_config([STAGE0], overrides(world, tmp_path, "optim.param_groups=[{match: visoin}]"))
+    with pytest.raises(ConfigError, match="visoin"):
+        train(config, progress=False)
+
+
+# ---------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_killed_two_process_run_resumes_to_the_same_losses(
+    world: Config, tmp_path: Path, backend: str
+) -> None:
+    """Stage 2 (SigLIP features, residual dropout on) with 2 ranks: a run killed after step 3 resumes from
+    its step-2 checkpoint and logs the losses of an uninterrupted run, and ends with the same weights."""
+    extra = (f"train.parallel.backend={backend}",)
+    straight = load_config([STAGE2], overrides(world, tmp_path / "straight", *extra))
+    torchrun(STAGE2, overrides(world, tmp_path / "straight", *extra))
+    killed = load_config([STAGE2], overrides(world, tmp_path / "killed", *extra))
+    args = overrides(world, tmp_path / "killed", *extra)
+    torchrun(STAGE2, args, crash_after=3)
+    assert [s for s, _ in list_checkpoints(run_dir_of(killed) / CHECKPOINT_DIR)] == [2]
+    torchrun(STAGE2, args)
+    reference, resumed = losses(straight), losses(killed)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step
+    assert_same_weights(exported_weights(straight), exported_weights(killed), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_at_world_size_one_from_a_two_process_checkpoint(world: Config, tmp_path: Path) -> None:
+    """FSDP2's sharded checkpoint (torch.distributed.checkpoint) loads into one plain process; with twice the
+    rows per micro-batch the global batches are the same, so the losses continue the 2-rank run's."""
+    extra = ("model.lm.residual_dropout=0.0",)
+    reference = load_config([STAGE2], overrides(world, tmp_path / "reference", *extra))
+    torchrun(STAGE2, overrides(world, tmp_path / "reference", *extra))
+    args = overrides(world, tmp_path / "switch", *extra)
+    torchrun(STAGE2, args, crash_after=4)
+    switched = load_config([STAGE2], [*args, "train.micro_batch_size=4"])
+    train(switched, progress=False)
+    expected, got = losses(reference), losses(switched)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step

@@ -1,0 +1,171 @@
+"""Batching of training samples: right padding, or packing several samples into one row.
+
+**Padding** (``pack=False``): one sample per row, right-padded with ``pad_id`` to the longest sample of the batch
+(rounded up to ``pad_to_multiple_of``, never past ``max_seq_len``); ``attention_mask [B, T]`` is 1 on real tokens.
+
+**Packing** (``pack=True``): samples are placed first-fit into rows of at most ``max_seq_len`` ids (each sample,
+in order, goes to the first row with room for it), so little of a row is padding. A packed row carries
+``position_ids [B, T]`` that restart at 0 at every sample start and *no* attention mask: transformers derives a
+block-diagonal causal mask from the position resets (``masking_utils.find_packed_sequence_indices``: a new
+sequence starts wherever the position does not grow by one), so no sample attends to another. The padding at
+the end of a row restarts at 0 as well and is a block of its own. Labels are never shifted here: the loss
+shifts them once, and since each sample ends with its ``<end-of-turn>`` label and the next sample's first label
+is ``IGNORE_INDEX`` (``<bos>``), no target crosses a sample boundary.
+
+Every batch is a dict::
+
+    input_ids      [B, T] long      labels  [B, T] long (IGNORE_INDEX on padding)   feature_mask [B, T] bool
+    attention_mask [B, T] long      (padding)   or   position_ids [B, T] long   (packing)
+    pixel_values   [N_views, 3, S, S] float or None: the SigLIP views of every image, in the order of their
+                   feature slots (batch row, then position in the row); each image's base view, then its tiles
+    num_views      [N_images] long: views per image (one image per sample that has feature slots), in the same
+                   order (what anyres.split_image_features takes)
+    num_samples, num_tokens (real ids), padding_fraction (float), tasks (list of str): statistics
+
+Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
+``[n_views, 3, S, S]`` covering the sample's feature slots, or None) and optionally ``task``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from unified_mllm.data.conversation import IGNORE_INDEX
+
+Sample = Mapping[str, Any]
+
+
+class FirstFitRows:
+    """Incremental first-fit packing: :meth:`add` puts an item into the first row with room for it.
+
+    With ``max_rows`` set, an item that fits in no open row and finds no free row is refused (``add`` returns
+    False): the caller closes the batch and starts the next one with that item.
+    """
+
+    def __init__(self, capacity: int, max_rows: int | None = None) -> None:
+        if capacity < 1 or (max_rows is not None and max_rows < 1):
+            raise ValueError(f"need capacity >= 1 and max_rows >= 1, got {capacity} and {max_rows}")
+        self.capacity, self.max_rows = capacity, max_rows
+        self.rows: list[list[int]] = []
+        self.used: list[int] = []
+
+    def add(self, item: int, length: int) -> bool:
+        """Place ``item`` of ``length`` ids; False when it does not fit (rows full, or longer than a row)."""
+        if length > self.capacity:
+            return False
+        for row, used in enumerate(self.used):
+            if used + length <= self.capacity:
+                self.rows[row].append(item)
+                self.used[row] += length
+                return True
+        if self.max_rows is not None and len(self.rows) >= self.max_rows:
+            return False
+        self.rows.append([item])
+        self.used.append(length)
+        return True
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed first-fit into rows of at most ``capacity``, e.g. ``[3, 3, 2], 5`` →
+    ``[[0, 2], [1]]``. A length above ``capacity`` is an error."""
+    packer = FirstFitRows(capacity)
+    for i, length in enumerate(lengths):
+        if not packer.add(i, int(length)):
+            raise ValueError(f"sample {i} has {length} ids, more than a row of {capacity}")
+    return packer.rows
+
+
+class Collator:
+    """Turn samples into a padded (or packed) batch; see the module docstring for the output."""
+
+    def __init__(
+        self, pad_id: int, max_seq_len: int, pack: bool = False, pad_to_multiple_of: int = 1
+    ) -> None:
+        if max_seq_len < 1 or pad_to_multiple_of < 1:
+            raise ValueError(
+                f"need max_seq_len >= 1 and pad_to_multiple_of >= 1, got {max_seq_len}, {pad_to_multiple_of}"
+            )
+        self.pad_id, self.max_seq_len = pad_id, max_seq_len
+        self.pack, self.pad_to_multiple_of = pack, pad_to_multiple_of
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """Pad ``samples`` one per row, or (``pack``) first-fit them into as few rows as they need."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        if self.pack:
+            rows = first_fit([len(s["ids"]) for s in samples], self.max_seq_len)
+        else:
+            rows = [[i] for i in range(len(samples))]
+        return self.collate_rows([[samples[i] for i in row] for row in rows])
+
+    def _length(self, longest: int) -> int:
+        multiple = self.pad_to_multiple_of
+        return min(-(-longest // multiple) * multiple, self.max_seq_len)
+
+    def collate_rows(self, rows: Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        """A batch whose row ``b`` holds the samples of ``rows[b]`` in order (one each when not packing)."""
+        if not rows or not all(rows):
+            raise ValueError("every row needs at least one sample")
+        if not self.pack and any(len(row) != 1 for row in rows):
+            raise ValueError("rows of several samples need Collator(pack=True)")
+        lengths = [sum(len(s["ids"]) for s in row) for row in rows]
+        for b, length in enumerate(lengths):
+            if length > self.max_seq_len:
+                raise ValueError(f"row {b} holds {length} ids, more than max_seq_len={self.max_seq_len}")
+        batch, width = len(rows), self._length(max(lengths))
+        ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        slots = np.zeros((batch, width), dtype=bool)
+        positions = np.zeros((batch, width), dtype=np.int64)
+        views: list[torch.Tensor] = []
+        for b, row in enumerate(rows):
+            start = 0
+            for sample in row:
+                end = start + len(sample["ids"])
+                if not len(sample["labels"]) == len(sample["feature_mask"]) == end - start:
+                    raise ValueError(f"row {b}: a sample's ids, labels and feature_mask differ in length")
+                ids[b, start:end], labels[b, start:end] = sample["ids"], sample["labels"]
+                slots[b, start:end] = sample["feature_mask"]
+                positions[b, start:end] = np.arange(end - start)
+                views += _sample_views(sample, (b, start))
+                start = end
+            # Padding restarts its positions too: a block of its own, so pad tokens attend to no sample.
+            positions[b, start:] = np.arange(width - start)
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "feature_mask": torch.from_numpy(slots),
+        }
+        if self.pack:
+            out["position_ids"] = torch.from_numpy(positions)
+        else:
+            out["attention_mask"] = torch.from_numpy(
+                (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
+            )
+        out["pixel_values"] = torch.cat(views) if views else None
+        out["num_views"] = torch.tensor([v.shape[0] for v in views], dtype=torch.long)
+        samples = [s for row in rows for s in row]
+        out["num_samples"], out["num_tokens"] = len(samples), int(sum(lengths))
+        out["padding_fraction"] = (batch * width - out["num_tokens"]) / (batch * width)
+        out["tasks"] = [str(s.get("task", "")) for s in samples]
+        return out
+
+
+def _sample_views(sample: Sample, where: tuple[int, int]) -> list[torch.Tensor]:
+    """``[pixel_values]`` of a sample with feature slots, ``[]`` without; a mismatch is an error."""
+    pixels = sample.get("pixel_values")
+    has_slots = bool(np.asarray(sample["feature_mask"]).any())
+    if has_slots != (pixels is not None):
+        state = "has feature slots but no" if has_slots else "has no feature slots but has"
+        raise ValueError(f"the sample at row {where[0]}, position {where[1]} {state} pixel_values")
+    if pixels is None:
+        return []
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(
+            f"pixel_values must be [n_views, 3, S, S], got {tuple(pixels.shape)} at row {where[0]}"
+        )
+    return [pixels]

@@ -1,0 +1,253 @@
+"""The unified model: one LM that reads text ids, VQ code ids and projected SigLIP features, and predicts ids.
+
+:class:`UnifiedModel` holds four parts, under module paths the trainer relies on (it freezes and groups
+parameters by these prefixes):
+
+* ``lm`` — the bare transformers decoder (``ChameleonModel`` without its VQ encoder, or ``LlamaModel``);
+* ``lm_head`` — the output projection over the **full** vocabulary (text, image codes, specials), unmasked:
+  transformers' ``ChameleonForConditionalGeneration`` sets image-code logits to the dtype minimum, which would
+  make image generation impossible, so we never go through it;
+* ``vision.tower`` / ``vision.projector`` — SigLIP and the MLP that maps its patch features to the LM width.
+
+**Feature scatter.** A sequence reserves one slot per continuous feature (layout: ``feature_mask``); the ids
+at those slots are ordinary ids of a placeholder token whose embedding is overwritten. :meth:`UnifiedModel.embed`
+writes the projected features of ``pixel_values`` ``[N_views, 3, S, S]`` into the slots in row-major order of
+the ``[B, T]`` mask (batch row, then position): the images in the order they appear in the batch, each image's
+views base view first then its AnyRes tiles (:func:`unified_mllm.vision.anyres.split_image_features`), each
+view's patch grid row-major. The vision encoder is built even when ``model.vision.enabled`` is false (stage 0
+simply sends no feature slots), so every stage's export has the same keys.
+
+**Packing.** Several samples may share one row, with ``position_ids`` restarting at 0 at each sample start and
+``attention_mask=None``. transformers (5.x, ``masking_utils.find_packed_sequence_indices``) then detects the
+restarts and builds a block-diagonal causal mask for the sdpa and eager kernels, so no token attends across a
+sample boundary. That detection only runs without a KV cache, which is why ``use_cache`` defaults to False.
+
+Building does no I/O; :meth:`UnifiedModel.load_pretrained` reads published LM / SigLIP weights and
+:meth:`UnifiedModel.save_pretrained` / :meth:`UnifiedModel.from_pretrained` write and read our export
+(:mod:`unified_mllm.model.export`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unified_mllm.config import ModelConfig
+from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
+from unified_mllm.model.export import (
+    check_lm_checkpoint_config,
+    expand_qk_norm,
+    lm_checkpoint_key,
+    load_safetensors_into,
+    read_export_config,
+    safetensors_files,
+    unique_state_dict,
+    write_export,
+)
+from unified_mllm.vision.siglip import VisionEncoder
+
+# Module paths of the parts, as the trainer's freezing rules name them.
+LM_PREFIXES = ("lm.", "lm_head.")
+
+
+@dataclass
+class UnifiedOutput:
+    """What :meth:`UnifiedModel.forward` returns."""
+
+    logits: torch.Tensor
+    """``[B, T, V]`` next-token logits over the full vocabulary (in the head's / autocast dtype)."""
+    past_key_values: Any | None = None
+    """The transformers KV cache when ``use_cache`` (or a cache was passed in), else None."""
+
+
+class UnifiedModel(nn.Module):
+    """LM backbone + LM head + SigLIP encoder with projector (see the module docstring).
+
+    Args:
+        config: the model shapes (``config.lm``, ``config.vision``, ``config.projector``).
+        device: where parameters are created; ``"meta"`` allocates nothing (published sizes, sharded init).
+    """
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        self.lm = build_lm_backbone(config.lm, device)
+        self.lm_head = build_lm_head(config.lm, device, embedding=self.lm.get_input_embeddings())
+        self.vision = VisionEncoder(config.vision, config.lm.hidden_size, config.projector, device)
+
+    @property
+    def features_per_view(self) -> int:
+        """Feature slots one SigLIP view fills (``P``)."""
+        return self.vision.features_per_view
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
+        ``[N_views, 3, S, S]`` written at the True positions of ``feature_mask`` ``[B, T]`` (row-major order).
+
+        The write is out of place (``masked_scatter``), so gradients reach both the token embeddings and the
+        vision encoder. Raises ValueError when the slots and the features do not match one to one (counting the
+        slots is one host sync per batch that has pixels).
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            # Reading the count is a host sync, but only the rare "mask without pixels" case pays it.
+            if feature_mask is not None and bool(feature_mask.any()):
+                raise ValueError(
+                    f"feature_mask marks {int(feature_mask.sum())} feature slots but no pixel_values were given"
+                )
+            return embeds
+        if feature_mask is None:
+            raise ValueError(
+                f"pixel_values ({pixel_values.shape[0]} views) given without a feature_mask saying where "
+                "their features go"
+            )
+        if feature_mask.dtype != torch.bool or feature_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"feature_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                f"got {feature_mask.dtype} {tuple(feature_mask.shape)}"
+            )
+        features = self.vision(pixel_values)  # [N_views, P, H]
+        num_views, per_view = features.shape[0], features.shape[1]
+        # masked_scatter would silently use a prefix of the features or fail obscurely; check the count.
+        slots = int(feature_mask.sum())
+        if slots != num_views * per_view:
+            raise ValueError(
+                f"batch has {slots} feature slots but pixel_values give {num_views * per_view} features "
+                f"({num_views} views x {per_view})"
+            )
+        flat = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # autocast may return bf16
+        return embeds.masked_scatter(feature_mask.unsqueeze(-1), flat)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
+        past_key_values: Any | None = None,
+        use_cache: bool = False,
+        cache_position: torch.Tensor | None = None,
+    ) -> UnifiedOutput:
+        """Logits ``[B, T, V]`` for ``input_ids`` ``[B, T]``.
+
+        ``attention_mask`` ``[B, T_past + T]`` (1 = real token) handles padding; for packed rows pass
+        ``position_ids`` ``[B, T]`` restarting at 0 per sample and no mask (module docstring). ``pixel_values``
+        / ``feature_mask`` feed the continuous features (:meth:`embed`). ``past_key_values`` / ``use_cache``
+        are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
+        accepted for callers written against older transformers: it only supplies ``position_ids`` when those
+        are not given, since transformers 5 derives cache positions from the cache itself.
+        """
+        if position_ids is None and cache_position is not None:
+            position_ids = cache_position.unsqueeze(0).expand(input_ids.shape[0], -1)
+        out = self.lm(
+            inputs_embeds=self.embed(input_ids, pixel_values, feature_mask),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return UnifiedOutput(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+
+    # -------------------------------------------------------------------------------------- weights I/O
+
+    def tie_weights(self) -> None:
+        """Re-share the head with the embedding when the config ties them (``to_empty`` unties them)."""
+        if self.config.lm.tie_word_embeddings:
+            self.lm_head.weight = self.lm.get_input_embeddings().weight
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the buffers a state dict does not carry: RoPE ``inv_freq`` (in fp32, whatever the
+        parameters' dtype) and SigLIP's ``position_ids``. Needed after building on ``meta`` and ``to_empty``.
+
+        Raises RuntimeError when the model holds a non-persistent buffer this method does not know (a
+        transformers change), rather than leaving it uninitialised.
+        """
+        rotary = self.lm.rotary_emb
+        with torch.device(rotary.inv_freq.device):
+            self.lm.rotary_emb = type(rotary)(config=self.lm.config)
+        embeddings = self.vision.tower.embeddings
+        with torch.no_grad():
+            positions = torch.arange(embeddings.num_positions, device=embeddings.position_ids.device)
+            embeddings.position_ids.copy_(positions.expand(1, -1))
+        known = {
+            "lm.rotary_emb.inv_freq",
+            "lm.rotary_emb.original_inv_freq",
+            "vision.tower.embeddings.position_ids",
+        }
+        unknown = [
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.named_modules()
+            for name in module._non_persistent_buffers_set
+            if (f"{prefix}.{name}" if prefix else name) not in known
+        ]
+        if unknown:
+            raise RuntimeError(f"non-persistent buffers with no known initialisation: {sorted(unknown)}")
+
+    def load_pretrained(
+        self, *, lm: str | os.PathLike[str] | None = None, siglip: str | os.PathLike[str] | None = None
+    ) -> None:
+        """Read published weights (the only reads besides :meth:`from_pretrained`).
+
+        ``lm``: a transformers Chameleon / Llama causal-LM directory of safetensors (one file or shards with an
+        index), e.g. Lumina-mGPT-7B; its ``model.*`` keys go to ``self.lm``, ``lm_head.weight`` to the head,
+        the VQ encoder is skipped, Lumina's per-shard q/k norms are expanded per head. Its config.json must
+        agree with ``config.lm`` and every shape must match, else ConfigError / CheckpointMismatchError listing
+        what differs. ``siglip``: a SigLIP ``from_pretrained`` directory for ``vision.tower``.
+        """
+        if lm is None and siglip is None:
+            raise ValueError("load_pretrained: nothing to load (pass lm=... and/or siglip=...)")
+        if lm is not None:
+            check_lm_checkpoint_config(lm, self.config.lm)
+            targets = {k: v for k, v in unique_state_dict(self).items() if k.startswith(LM_PREFIXES)}
+            reshape, transform = expand_qk_norm(self.config.lm)
+            load_safetensors_into(
+                targets,
+                safetensors_files(lm),
+                f"LM checkpoint {lm}",
+                rename=lm_checkpoint_key,
+                reshape=reshape,
+                transform=transform,
+            )
+        if siglip is not None:
+            self.vision.load_pretrained_tower(Path(siglip))
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+        """Write the Hugging Face-format export (``config.json`` + ``model.safetensors``) atomically; other
+        files already in ``directory`` are kept. ``dtype`` casts the stored weights (default: as they are)."""
+        return write_export(directory, self.config, unique_state_dict(self), dtype=dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> UnifiedModel:
+        """Rebuild a model from :meth:`save_pretrained`'s export, in eval mode (as transformers does).
+
+        ``dtype`` defaults to the stored one. The model is built on ``meta`` and materialised once on
+        ``device``, then filled tensor by tensor, so no random initialisation runs and no second copy is made.
+        """
+        config, stored_dtype = read_export_config(directory)
+        files = safetensors_files(directory)
+        model = cls(config, device="meta")
+        model.to_empty(device=device)
+        model.to(dtype or stored_dtype)
+        model.tie_weights()
+        model.init_non_persistent_buffers()
+        load_safetensors_into(unique_state_dict(model), files, f"export {directory}")
+        return model.eval()

@@ -1,0 +1,95 @@
+"""The final export of a training run: one self-contained directory that inference loads with one call.
+
+Layout of ``checkpoint.export_dir``::
+
+    config.json, model.safetensors   the unified model in Hugging Face format (unified_mllm.model.export)
+    text.model                        the text tokenizer (a copy of tokenizer.path)
+    vq/                               the VQ tokenizer that made the codes (a copy of model.vq.checkpoint)
+    config.yaml                       the resolved training config, with tokenizer.path and model.vq.checkpoint
+                                      rewritten relative to this directory ("text.model", "vq")
+    train_summary.json                written last: what was trained, for how long, and the fingerprint of the
+                                      settings (a finished run with the same fingerprint is reused)
+
+The weights are written atomically by :func:`unified_mllm.model.export.write_export`; the summary comes last,
+so a directory without it is an unfinished export, never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unified_mllm.config import Config, save_config
+from unified_mllm.model.export import write_export
+from unified_mllm.train.run_log import write_json
+
+SUMMARY_FILE = "train_summary.json"
+TEXT_TOKENIZER_FILE = "text.model"
+VQ_DIR = "vq"
+CONFIG_YAML = "config.yaml"
+
+# Settings that do not change the trained weights: a finished export is reused when only they differ.
+_NOT_TRAINING = {
+    "checkpoint": ("every_steps", "keep_last", "resume", "export_dir", "dir"),
+    "train": ("log_every", "wandb", "device"),
+    "data": ("num_workers",),
+}
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The settings the exported weights depend on (the whole config minus logging and bookkeeping)."""
+    tree = dataclasses.asdict(config)
+    for section, keys in _NOT_TRAINING.items():
+        for key in keys:
+            tree[section].pop(key, None)
+    for key in ("generation", "vq_train", "contrastive", "output_root", "run_name"):
+        tree.pop(key, None)
+    return json.loads(json.dumps(tree))  # as it reads back from JSON (lists, not tuples)
+
+
+def finished_export(export_dir: Path, config: Config) -> dict[str, Any] | None:
+    """The summary of a finished export in ``export_dir`` trained with this config's settings, else None."""
+    try:
+        summary = json.loads((export_dir / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    complete = (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
+    return summary if complete and summary.get("fingerprint") == fingerprint(config) else None
+
+
+def _copy_tokenizers(config: Config, export_dir: Path) -> Config:
+    """Copy the text and VQ tokenizers into the export; returns the config with paths relative to it."""
+    portable = copy.deepcopy(config)
+    text = Path(config.tokenizer.path).expanduser()
+    if text.is_file():
+        shutil.copy2(text, export_dir / TEXT_TOKENIZER_FILE)
+        portable.tokenizer.path = TEXT_TOKENIZER_FILE
+    vq = config.model.vq.checkpoint
+    if vq:
+        source, target = Path(vq).expanduser(), export_dir / VQ_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.mkdir()
+            shutil.copy2(source, target / source.name)
+        portable.model.vq.checkpoint = VQ_DIR
+    return portable
+
+
+def export_run(
+    state_dict: Mapping[str, torch.Tensor], config: Config, export_dir: Path, summary: dict[str, Any]
+) -> Path:
+    """Write the export of a finished run (rank 0): weights, tokenizers, config, then the summary."""
+    write_export(export_dir, config.model, state_dict)
+    portable = _copy_tokenizers(config, export_dir)
+    save_config(portable, export_dir / CONFIG_YAML)
+    write_json(export_dir / SUMMARY_FILE, summary)
+    return export_dir

@@ -1,0 +1,336 @@
+"""The LM trainer: every stage (0, 1, 2, 3) of the unified model, one process or many, FSDP2 or DeepSpeed.
+
+    python -m unified_mllm.train --config configs/train/stage1.yaml [key=value ...]
+    torchrun --nproc_per_node=8 -m unified_mllm.train --config configs/train/stage2.yaml
+
+A stage is configuration only (design convention 4): which parameters train and at what LR scale
+(``optim.param_groups``), which data mix (``data.sources``), whether images carry SigLIP features
+(``model.vision.enabled``) and where the weights start (``checkpoint.init_from``: an earlier stage's export;
+``model.lm.pretrained`` / ``model.vision.pretrained``: published LM and SigLIP weights).
+
+One optimizer step = ``train.grad_accum_steps`` micro-batches of ``train.micro_batch_size`` sequences per rank.
+The loss is cross-entropy + z-loss summed over the supervised tokens and divided by the number of supervised
+tokens of the whole step on all ranks (one integer all-reduce per step), so every token weighs the same
+whatever the padding, packing, accumulation or world size.
+
+Run directory (``checkpoint.dir``; rank 0 writes): ``checkpoints/step-XXXXXXXX/`` training states (model and
+optimizer through the backend, plus ``trainer.pt``: step, LR schedule, data position, every rank's RNG) written
+atomically every ``checkpoint.every_steps`` steps, the newest ``checkpoint.keep_last`` kept; ``metrics.jsonl``,
+``loss_curves.png``, wandb files (offline by default), ``config.yaml``; and the final export
+(``checkpoint.export_dir``, :mod:`unified_mllm.train.export`). A run resumes from its newest checkpoint
+automatically (``checkpoint.resume``); a finished run with the same settings is reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unified_mllm.config import Config, ConfigError, save_config
+from unified_mllm.data.conversation import IGNORE_INDEX
+from unified_mllm.data.dataset import batch_stream
+from unified_mllm.model.export import load_safetensors_into, safetensors_files, unique_state_dict
+from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.text import TextTokenizer
+from unified_mllm.train import distributed
+from unified_mllm.train.backend import TrainingBackend, build_backend
+from unified_mllm.train.checkpoint import (
+    begin_checkpoint_dir,
+    capture_rng_state,
+    commit_checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+)
+from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.export import export_run, fingerprint, finished_export
+from unified_mllm.train.losses import causal_lm_loss
+from unified_mllm.train.optim import apply_param_rules, config_rules, trainable_summary
+from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer.pt"
+CONFIG_FILE = "config.yaml"
+CURVES_FILE = "loss_curves.png"
+# Tests and fault drills: exit abruptly (as a kill would) right after this optimizer step.
+CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
+_CURVE_PANELS = (
+    ("loss", ("loss", "ce")),
+    ("z-loss", ("z_loss",)),
+    ("learning rate", ("lr",)),
+    ("gradient norm", ("grad_norm",)),
+)
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+def build_model(config: Config, info: DistInfo) -> UnifiedModel:
+    """The model of ``config`` with its starting weights, on this rank's device (same on every rank)."""
+    torch.manual_seed(config.train.seed)  # identical random init on every rank
+    model = UnifiedModel(config.model, device="cpu")
+    if config.checkpoint.init_from:
+        init = Path(config.checkpoint.init_from).expanduser()
+        load_safetensors_into(unique_state_dict(model), safetensors_files(init), f"export {init}")
+    if config.model.lm.pretrained or config.model.vision.pretrained:
+        model.load_pretrained(lm=config.model.lm.pretrained, siglip=config.model.vision.pretrained)
+    return model.to(info.device)
+
+
+# ------------------------------------------------------------------------------------------ the data
+
+
+def build_batches(
+    config: Config, info: DistInfo, tokenizer: TextTokenizer, state: dict[str, Any] | None
+) -> Iterator[dict[str, Any]]:
+    """The endless iterator of this rank's collated micro-batches, resumable from ``state``."""
+    return batch_stream(
+        config,
+        rank=info.rank,
+        world_size=info.world_size,
+        with_features=config.model.vision.enabled,
+        state=state,
+        tokenizer=tokenizer,
+    )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "feature_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class RunState:
+    """Where the loop is: the next step to train, the data position, time spent so far."""
+
+    step: int = 0
+    data_state: dict[str, Any] | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Window:
+    """Sums of the steps since the last log, kept on the device (no host sync until :meth:`flush`)."""
+
+    device: torch.device
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, **values: torch.Tensor | float) -> None:
+        for name, value in values.items():
+            value = torch.as_tensor(value, device=self.device, dtype=torch.float64).detach()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def flush(self) -> dict[str, float]:
+        """Token-weighted means over the window and all ranks (a collective), then reset."""
+        names = sorted(self.sums)
+        totals = distributed.all_reduce_sum(torch.stack([self.sums[n] for n in names]))
+        sums = dict(zip(names, totals.tolist()))
+        tokens = max(sums.pop("tokens"), 1.0)
+        seconds = time.perf_counter() - self.started
+        out = {
+            "ce": sums["ce_sum"] / tokens,
+            "z_loss": sums["z_sum"] / tokens,
+            "grad_norm": sums["grad_norm"] / max(self.steps * distributed.get_world_size(), 1),
+            "tokens_per_second": sums["seen_tokens"] / max(seconds, 1e-9),
+            "padding": 1.0 - sums["real_tokens"] / max(sums["seen_tokens"], 1.0),
+            "sec_per_step": seconds / max(self.steps, 1),
+        }
+        out["loss"] = out["ce"] + out["z_loss"]
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        return out
+
+
+def train_step(
+    backend: TrainingBackend,
+    micro_batches: list[dict[str, Any]],
+    config: Config,
+    info: DistInfo,
+    window: Window,
+) -> None:
+    """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
+    local = torch.tensor([supervised_tokens(b["labels"]) for b in micro_batches], dtype=torch.float64).sum()
+    # A copy: the all-reduce works in place, and `local` is logged as this rank's own count below.
+    global_tokens = float(distributed.all_reduce_sum(local.to(info.device, copy=True)).item())
+    normalizer = max(global_tokens, 1.0) / backend.loss_multiplier()
+    for i, batch in enumerate(micro_batches):
+        output = backend.forward(**_to_device(batch, info.device))
+        labels = batch["labels"].to(info.device, non_blocking=True)
+        parts = causal_lm_loss(output.logits, labels, config.optim.z_loss_weight, normalizer=normalizer)
+        backend.backward(parts.loss, sync=i == len(micro_batches) - 1)
+        window.add(
+            ce_sum=parts.ce_sum,
+            z_sum=parts.z_sum,
+            seen_tokens=float(batch["input_ids"].numel()),
+            real_tokens=float(batch.get("num_tokens", batch["input_ids"].numel())),
+        )
+    window.add(tokens=local, grad_norm=backend.optimizer_step())
+    window.steps += 1
+
+
+def train_loop(
+    backend: TrainingBackend,
+    batches: Iterator[dict[str, Any]],
+    config: Config,
+    info: DistInfo,
+    run: RunState,
+    logger: RunLogger,
+) -> dict[str, Any]:
+    """Train from ``run.step`` to ``train.max_steps``; returns the last logged record."""
+    train, window, last = config.train, Window(info.device), {}
+    started = time.perf_counter() - run.elapsed
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    backend.module.train()
+    while run.step < train.max_steps:
+        micro_batches = [next(batches) for _ in range(train.grad_accum_steps)]
+        train_step(backend, micro_batches, config, info, window)
+        run.step += 1
+        run.data_state = micro_batches[-1].get("data_state")
+        run.elapsed = time.perf_counter() - started
+        logger.bar.update(1)
+        if run.step % train.log_every == 0 or run.step == train.max_steps:
+            metrics = window.flush()
+            last = {"kind": "train", "step": run.step, "lr": backend.lrs[0], **metrics}
+            logger.log(last, {"loss": metrics["loss"], "tok/s": metrics["tokens_per_second"]})
+        if run.step % config.checkpoint.every_steps == 0 or run.step == train.max_steps:
+            save_training_state(backend, run, config, info)
+        if crash_after and run.step == crash_after:
+            os._exit(17)
+    return last
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_root(config: Config) -> Path:
+    return Path(config.checkpoint.dir).expanduser() / CHECKPOINT_DIR
+
+
+def save_training_state(backend: TrainingBackend, run: RunState, config: Config, info: DistInfo) -> None:
+    """Write ``checkpoints/step-XXXXXXXX/`` atomically: every rank writes its part, rank 0 renames it."""
+    tmp = begin_checkpoint_dir(checkpoint_root(config), run.step) if info.is_main else None
+    tmp = distributed.broadcast_object(tmp)
+    backend.save(tmp)
+    rng = distributed.all_gather_object(capture_rng_state())
+    if info.is_main:
+        trainer_state = {
+            "step": run.step,
+            "data_state": run.data_state,
+            "elapsed_seconds": run.elapsed,
+            "world_size": info.world_size,
+            "scheduler": backend.scheduler.state_dict(),
+            "rng": rng,
+        }
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        save_config(config, tmp / CONFIG_FILE)
+    distributed.barrier()  # every rank's shards are on disk before the rename
+    if info.is_main:
+        commit_checkpoint_dir(tmp, run.step, keep_last=config.checkpoint.keep_last)
+    distributed.barrier()
+
+
+def resume(backend: TrainingBackend, config: Config, info: DistInfo) -> RunState:
+    """Load the newest training state in the run directory (if resuming); returns where to continue."""
+    path = latest_checkpoint(checkpoint_root(config)) if config.checkpoint.resume else None
+    if path is None:
+        return RunState()
+    state = load_checkpoint(path / TRAINER_STATE)
+    if int(state["step"]) > config.train.max_steps:
+        raise ConfigError(
+            f"`train.max_steps`: {path} is already at step {state['step']}; ask for at least that"
+        )
+    backend.load(path)
+    backend.scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    # At another world size the old ranks' RNG streams cannot be handed over one to one; rank 0's seeds all.
+    restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+    if info.is_main:
+        print(
+            f"resuming from {path} (step {state['step']}, world size {state['world_size']} -> {info.world_size})"
+        )
+    return RunState(int(state["step"]), state.get("data_state"), float(state.get("elapsed_seconds", 0.0)))
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def make_logger(config: Config, run: RunState, info: DistInfo, progress: bool) -> RunLogger:
+    return RunLogger(
+        Path(config.checkpoint.dir).expanduser(),
+        name=f"stage{config.train.stage}",
+        total=config.train.max_steps,
+        initial=run.step,
+        is_main=info.is_main,
+        wandb=config.train.wandb,
+        wandb_config=dataclasses.asdict(config),
+        progress=progress,
+    )
+
+
+def _report_start(model: UnifiedModel, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
+    if not info.is_main:
+        return
+    counts = trainable_summary(resolved, model)
+    parts = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    print(
+        f"stage {config.train.stage}: {info.world_size} process(es) on {info.device.type}, "
+        f"backend {config.train.parallel.backend}, {config.train.precision}; parameters: {parts}"
+    )
+
+
+def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse, or resume) the stage ``config`` describes; returns the export's summary."""
+    info = distributed.init_distributed(config.train.device)
+    export_dir = Path(config.checkpoint.export_dir).expanduser()
+    summary = finished_export(export_dir, config)
+    if summary is not None:
+        if info.is_main:
+            print(f"reusing the finished export in {export_dir}")
+        return summary
+    tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
+    model = build_model(config, info)
+    resolved = apply_param_rules(model, config_rules(config))
+    _report_start(model, resolved, config, info)
+    backend = build_backend(model, resolved, config, info)
+    run = resume(backend, config, info)
+    run_dir = Path(config.checkpoint.dir).expanduser()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+    batches = build_batches(config, info, tokenizer, run.data_state)
+    logger = make_logger(config, run, info, progress)
+    try:
+        last = train_loop(backend, batches, config, info, run, logger)
+    finally:
+        logger.close()
+    state = backend.full_state_dict()  # a collective: every rank takes part
+    if info.is_main:
+        if (run_dir / METRICS_FILE).is_file():
+            save_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, _CURVE_PANELS, log_scale=("loss",))
+        summary = {
+            "fingerprint": fingerprint(config),
+            "steps": run.step,
+            "world_size": info.world_size,
+            "train_seconds": round(run.elapsed, 2),
+            "final_train": last,
+        }
+        export_run(state, config, export_dir, summary)
+        print(f"stage {config.train.stage}: {run.step} steps in {run.elapsed:.0f} s; export in {export_dir}")
+    distributed.barrier()
+    return distributed.broadcast_object(summary)
