@@ -1,1 +1,9 @@
-"""Evaluation: the world's programmatic judge and, later, the benchmark tasks behind one driver."""
+"""Evaluation: benchmark tasks behind one driver (``python -m unified_mllm.eval --task NAME --model EXPORT``),
+their metrics, the world's programmatic judge, and image metrics for tokenizers.
+
+* :mod:`unified_mllm.eval.tasks` — the task interface and registry; :mod:`unified_mllm.eval.shapesbench` — the
+  embedded benchmark (VQA accuracy per question type, POPE-style yes/no, GenEval-style generation under the judge);
+* :mod:`unified_mllm.eval.metrics` — answer normalisation, VQA accuracy, POPE metrics, GenEval aggregation;
+* :mod:`unified_mllm.eval.judge` — reads an image of the world back into objects and scores GenEval-style specs;
+* :mod:`unified_mllm.eval.image_metrics`, :mod:`unified_mllm.eval.inception` — PSNR, SSIM, FID for tokenizers.
+"""

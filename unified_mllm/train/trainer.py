@@ -166,9 +166,10 @@ def train_step(
 ) -> None:
     """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
     local = torch.tensor([supervised_tokens(b["labels"]) for b in micro_batches], dtype=torch.float64).sum()
-    # A copy: the all-reduce works in place, and `local` is logged as this rank's own count below.
-    global_tokens = float(distributed.all_reduce_sum(local.to(info.device, copy=True)).item())
-    normalizer = max(global_tokens, 1.0) / backend.loss_multiplier()
+    # A copy: the all-reduce works in place, and `local` is logged as this rank's own count below. The count
+    # stays a device tensor (no .item()): the collective is queued, not waited for by the host.
+    global_tokens = distributed.all_reduce_sum(local.to(info.device, copy=True))
+    normalizer = global_tokens.clamp(min=1.0) / backend.loss_multiplier()
     for i, batch in enumerate(micro_batches):
         output = backend.forward(**_to_device(batch, info.device))
         labels = batch["labels"].to(info.device, non_blocking=True)
