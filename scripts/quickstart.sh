@@ -14,9 +14,8 @@ cd "$repo_root"
 config=(--config configs/quickstart.yaml)
 nproc=${UMLLM_NPROC:-2}
 start=$SECONDS
-# On a CPU box every process gets one intra-op thread: torchrun's ranks already do, and two OpenMP threads
-# per process on 2 busy cores spend most of their time in barriers.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The steps run one after another: single-process steps use every core, and torchrun gives each of its ranks
+# one intra-op thread (OMP_NUM_THREADS=1), which is what 2 ranks on 2 cores want.
 step() { echo "== $1 ($((SECONDS - start)) s)"; }
 launch() { torchrun --standalone --nproc_per_node="$nproc" "$@"; }
 

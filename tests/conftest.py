@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from unified_mllm.text import (
     CHAMELEON_SPECIAL_NAMES,
@@ -61,6 +63,16 @@ def isolated_output_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     root = tmp_path_factory.mktemp("outputs")
     monkeypatch.setenv("UMLLM_OUTPUT", str(root))
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite: on 2 shared cores, OpenMP's thread barriers make a 2-thread
+    process many times slower whenever anything else runs (torchrun children get OMP_NUM_THREADS=1 anyway)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

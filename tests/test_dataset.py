@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -156,14 +155,6 @@ def test_builder_counts_features_and_names_missing_fields() -> None:
 
 
 # ------------------------------------------------------------------------------------ the stream
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_get_preset_returns_a_fresh_copy() -> None:
     first.vq.channel_mult.append(8)
     second = get_preset("tiny")
     assert second.lm.num_layers == 4
-    assert second.vq.channel_mult == [1, 2, 2, 4]
+    assert second.vq.channel_mult == [1, 1, 2, 2]
 
 
 def test_chameleon_7b_is_the_config_default() -> None:
@@ -186,13 +186,13 @@ def test_tiny_counts_are_small() -> None:
     assert counts["lm"] < 10_000_000
     assert counts["siglip"] == siglip_tower_count(model.vision, with_head=False) == 429_696
     assert counts["projector"] == (128 * 256 + 256) + (256 * 256 + 256)
-    assert counts["vq"] == 3_076_611
+    assert counts["vq"] == 1_077_315
 
 
 def test_cli_prints_counts(capsys: pytest.CaptureFixture[str]) -> None:
     presets.main(["tiny"])
     out = capsys.readouterr().out
     assert out.startswith("tiny: ")
-    assert "3,692,800" in out and "429,696" in out and "3,076,611" in out and "n/a" not in out
+    assert "3,692,800" in out and "429,696" in out and "1,077,315" in out and "n/a" not in out
     with pytest.raises(SystemExit):
         presets.main(["no-such-model"])

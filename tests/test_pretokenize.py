@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,6 @@ from unified_mllm.data.shards import CorruptShardError, ShardWriter, iter_sample
 from unified_mllm.model.presets import get_preset
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.vqgan import VQGAN
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core box two threads make the tiny VQ-GAN several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_random_vq(path: Path, seed: int = 0, **changes: object) -> Path:

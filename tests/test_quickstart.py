@@ -1,7 +1,10 @@
-"""The README's main command end to end, on a micro world (CI runs it, so a broken quickstart fails CI)."""
+"""The README's main command end to end with a micro budget (CI runs it, so a broken quickstart fails CI):
+every step runs for real — world, text tokenizer, judge, VQ-GAN, SigLIP, pre-tokenization, stages 0/1/2 under
+torchrun, ShapesBench — on a 120-scene world with a few steps each; a second run reuses every finished step."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,21 +12,54 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = ["data.world.num_train=120", "data.world.num_val=10", "data.world.num_test=10", "tokenizer.vocab_size=420"]
+MICRO = [
+    "data.world.num_train=120",
+    "data.world.num_val=10",
+    "data.world.num_test=10",
+    "data.world.samples_per_shard=60",
+    "tokenizer.vocab_size=420",
+    "vq_train.steps=4",
+    "vq_train.batch_size=2",
+    "vq_train.eval_images=4",
+    "vq_train.checkpoint_every=4",
+    "contrastive.max_steps=4",
+    "contrastive.batch_size=8",
+    "train.max_steps=3",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.wandb.mode=disabled",
+    "checkpoint.every_steps=3",
+]
 
 
 @pytest.mark.slow
-def test_quickstart_runs_and_reuses_finished_steps(tmp_path: Path) -> None:
-    env = {**os.environ, "UMLLM_OUTPUT": str(tmp_path), "UMLLM_SELF_CHECK": "100"}
+def test_quickstart_runs_every_step_and_reuses_finished_ones(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "UMLLM_OUTPUT": str(tmp_path),
+        "UMLLM_SELF_CHECK": "50",
+        "UMLLM_BENCH_LIMIT": "4",
+        "OMP_NUM_THREADS": "1",
+    }
     command = ["bash", str(REPO / "scripts" / "quickstart.sh"), *MICRO]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (tmp_path / "data" / "shapes" / "train" / "shapes-train-000000.tar").is_file()
     assert (tmp_path / "tokenizer" / "text.model").is_file()
-    assert "clean" in first.stdout and "100.00%" in first.stdout
-    assert f"artifacts under {tmp_path}" in first.stdout
+    assert (tmp_path / "tokenizer" / "vqgan-quickstart" / "model.safetensors").is_file()
+    assert (tmp_path / "data" / "shapes" / "tokenized" / "train").is_dir()
+    for stage in range(3):
+        export = tmp_path / "runs" / f"quickstart-stage{stage}" / "export"
+        assert json.loads((export / "train_summary.json").read_text())["steps"] == 3
+    bench = tmp_path / "runs" / "quickstart-stage2" / "export" / "eval" / "shapesbench"
+    result = json.loads((bench / "shapesbench.json").read_text())
+    assert {"understanding", "generation"} <= set(result)
+    assert (bench / "shapesbench_samples.png").is_file()
+    assert "overall" in first.stdout and f"artifacts under {tmp_path}" in first.stdout
 
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "text tokenizer exists" in second.stdout
     assert "wrote train" not in second.stdout  # the finished split is reused, not rewritten
+    assert "reusing the finished tokenizer" in second.stdout
+    assert second.stdout.count("reusing the finished export") == 3

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,16 +51,6 @@ SMALL = [
     "vq_train.shuffle_buffer=16",
     "train.wandb.mode=disabled",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: OpenMP's thread barriers stall on a busy 2-core machine (10-40x slower steps);
-    the torchrun runs get the same from torchrun's OMP_NUM_THREADS=1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

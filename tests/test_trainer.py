@@ -29,6 +29,7 @@ SMALL = (
     "train.micro_batch_size=2",
     "train.log_every=1",
     "train.wandb.mode=disabled",
+    "train.precision=fp32",  # exact comparisons across backends and world sizes
     "checkpoint.every_steps=2",
     "checkpoint.keep_last=5",
     "data.max_seq_len=256",

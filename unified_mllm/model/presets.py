@@ -132,7 +132,7 @@ def tiny() -> ModelConfig:
             embed_dim=32,
             z_channels=32,
             base_channels=32,
-            channel_mult=[1, 2, 2, 4],
+            channel_mult=[1, 1, 2, 2],
             num_res_blocks=1,
             attn_resolutions=[],
             resolution=64,

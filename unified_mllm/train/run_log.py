@@ -69,7 +69,13 @@ def init_wandb(wandb: WandbConfig, run_dir: Path, name: str, config: Mapping[str
     import wandb as wandb_lib  # imported lazily: slow to import, and unused when disabled
 
     return wandb_lib.init(
-        project=wandb.project, name=name, mode=wandb.mode, dir=str(run_dir), config=dict(config)
+        project=wandb.project,
+        name=name,
+        mode=wandb.mode,
+        dir=str(run_dir),
+        config=dict(config),
+        # Our bar and metrics.jsonl already show the run; wandb's own console summary would repeat it.
+        settings=wandb_lib.Settings(silent=True),
     )
 
 

@@ -1,0 +1,244 @@
+"""InferenceSolver over a real (random-weight) tiny export laid out like the trainer's: images of the requested
+size, batched calls equal to single ones, seeded sampling, interleaved answers closed the way training wrote
+them, and a clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_pretokenize import save_random_vq
+from unified_mllm.config import load_config
+from unified_mllm.infer.processors import CFGProcessor, GridConstraint, ModalityTopK
+from unified_mllm.infer.solver import InferenceSolver
+from unified_mllm.layout import PlaceholderMismatchError, build_image_span
+from unified_mllm.model.export import unique_state_dict
+from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.train.export import export_run
+
+QUESTION = "<|image|>how many objects?"
+
+
+def write_export(directory: Path, sp_model: Path, *overrides: str) -> Path:
+    """A random-weight tiny export written by the trainer's own exporter (unified_mllm.train.export), which
+    copies the tokenizers in and rewrites their paths in config.yaml relative to the export."""
+    config = load_config(
+        overrides=[
+            "model.preset=tiny",
+            f"tokenizer.path={sp_model}",
+            f"model.vq.checkpoint={save_random_vq(directory.parent / 'vq-source')}",
+            "tokenizer.num_size_tokens=9",  # the test tokenizer's <size-0> .. <size-8>
+            "generation.image_size=32",
+            "generation.max_new_tokens=6",
+            *overrides,
+        ]
+    )
+    torch.manual_seed(0)
+    model = UnifiedModel(config.model)
+    return export_run(unique_state_dict(model), config, directory, summary={"steps": 0})
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Path:
+    return write_export(tmp_path_factory.mktemp("export") / "export", sp_model)
+
+
+@pytest.fixture(scope="module")
+def solver(export: Path) -> InferenceSolver:
+    return InferenceSolver.from_pretrained(export)
+
+
+def picture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_from_pretrained_resolves_the_exports_relative_paths(solver: InferenceSolver, export: Path) -> None:
+    written = load_config([export / "config.yaml"])
+    assert (written.tokenizer.path, written.model.vq.checkpoint) == ("text.model", "vq")
+    assert Path(solver.config.tokenizer.path) == export / "text.model"
+    assert Path(solver.config.model.vq.checkpoint) == export / "vq"
+    assert solver.tokens == solver.tokenizer.special_tokens()
+    assert not solver.model.training and solver.with_features
+
+
+def test_generate_img_returns_images_of_the_requested_size(solver: InferenceSolver) -> None:
+    images = solver.generate_img(["a red circle", "two blue squares left"], size=(32, 48), seed=3)
+    assert [im.size for im in images] == [(48, 32), (48, 32)]  # PIL sizes are (width, height)
+    assert [im.size for im in solver.generate_img("a red circle")] == [(32, 32)]  # generation.image_size
+    again = solver.generate_img(["a red circle", "two blue squares left"], size=(32, 48), seed=3)
+    assert [np.asarray(a).tolist() for a in images] == [np.asarray(b).tolist() for b in again]
+    other = solver.generate_img(["a red circle"], size=(32, 48), seed=4)
+    assert np.asarray(other[0]).tolist() != np.asarray(images[0]).tolist()
+
+
+def test_batched_generate_img_equals_one_prompt_at_a_time(solver: InferenceSolver) -> None:
+    prompts = ["a small green triangle", "red"]
+    batched = solver.generate_img(prompts, temperature=0.0, cfg=2.5)
+    single = [solver.generate_img(p, temperature=0.0, cfg=2.5)[0] for p in prompts]
+    # Same codes; the VQ decoder's convolutions round differently for a batch of 2, by at most 1 level.
+    for a, b in zip(batched, single):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_generate_answers_one_conversation_or_a_batch(solver: InferenceSolver) -> None:
+    one = solver.generate([picture(0)], [[QUESTION, None]])
+    two_turns = [[QUESTION, "two"], ["what colour?", None]]
+    other = solver.generate([picture(1), picture(2, (48, 64))], [["<|image|><|image|>same?", None]])
+    assert isinstance(one, str) and isinstance(other, str)
+    batch = solver.generate(
+        [[picture(0)], [picture(0)], [picture(1), picture(2, (48, 64))]],
+        [[[QUESTION, None]], two_turns, [["<|image|><|image|>same?", None]]],
+    )
+    assert batch[0] == one and batch[2] == other
+    assert batch[1] == solver.generate([picture(0)], two_turns)
+    assert (
+        solver.generate([], [["what is a circle?", None]], max_gen_len=3)
+        == solver.generate([[]], [[["what is a circle?", None]]], max_gen_len=3)[0]
+    )
+
+
+def test_sampled_answers_follow_the_seed(solver: InferenceSolver) -> None:
+    def answer(seed: int) -> str:
+        return solver.generate(
+            [picture(0)], [[QUESTION, None]], max_gen_len=12, temperature=2.0, top_k=50, seed=seed
+        )
+
+    assert answer(5) == answer(5)
+    assert len({answer(s) for s in range(4)}) > 1
+
+
+def spy_on_engine(solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record the prompts and arguments of every engine.generate call the solver makes."""
+    calls: list[dict] = []
+    generate = solver.engine.generate
+
+    def spy(prompts, **kwargs):
+        calls.append({"prompts": [list(p) for p in prompts], **kwargs})
+        return generate(prompts, **kwargs)
+
+    monkeypatch.setattr(solver.engine, "generate", spy)
+    return calls
+
+
+def test_understanding_prompts_are_the_training_template(
+    solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = spy_on_engine(solver, monkeypatch)
+    solver.generate([picture(0)], [[QUESTION, "two"], ["what colour?", None]], max_gen_len=2)
+    tokens, encode = solver.tokens, solver.tokenizer.encode
+    span = build_image_span(
+        solver.vq.images_to_codes([picture(0)])[0], tokens, solver.model.features_per_view
+    )
+    expected = [
+        tokens.bos, *span, *encode("how many objects?"), tokens.end_of_turn,
+        *encode("two"), tokens.end_of_turn, *encode("what colour?"), tokens.end_of_turn,
+    ]  # fmt: skip
+    assert calls[0]["prompts"] == [expected]
+    assert tuple(calls[0]["pixel_values"].shape) == (1, 3, 64, 64)  # one SigLIP view (AnyRes off)
+    assert calls[0]["max_new_tokens"] == [2]
+
+
+GRID = 3 + 4 * (4 + 1)  # <image-start> <size-4> <size-4> + 4 rows of 4 codes and <row-end> (32 px images)
+
+
+def answer_with_a_drawing(
+    solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch, images: list[Image.Image]
+) -> tuple[list, str, list[dict]]:
+    """Answer with a model biased to open an image whenever it writes text; returns the pieces, the text and
+    the engine calls (prompts and arguments) made for the first answer."""
+    bias = torch.zeros(solver.model.config.lm.vocab_size)
+    bias[solver.tokens.image_start] = 1e4
+    hook = solver.model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    calls = spy_on_engine(solver, monkeypatch)
+    question = [[QUESTION if images else "draw", None]]
+    try:
+        pieces = solver.generate_interleaved(images, question, max_gen_len=GRID + 5)
+        text = solver.generate(images, question, max_gen_len=GRID + 5)
+    finally:
+        hook.remove()
+    return pieces, text, calls[:2]
+
+
+def test_an_image_inside_an_answer_is_drawn_closed_and_decoding_resumes(
+    solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = solver.tokens
+    pieces, text, (first, second) = answer_with_a_drawing(solver, monkeypatch, [picture(0)])
+    assert len(pieces) == 1 and isinstance(pieces[0], Image.Image) and pieces[0].size == (32, 32)
+    assert text == "<|image|>"
+    assert first["stop_at_image_grid"] and first["pixel_values"].shape[0] == 1
+    drawn = second["prompts"][0][len(first["prompts"][0]) :]
+    features = solver.model.features_per_view
+    assert len(drawn) == GRID + 1 + features + 1
+    assert drawn[:3] == [tokens.image_start, tokens.size_token(4), tokens.size_token(4)]
+    assert drawn[GRID:] == [tokens.separator, *[tokens.feature] * features, tokens.image_end]
+    assert second["pixel_values"].shape[0] == 2  # the question's image and the drawn one
+    assert second["max_new_tokens"] == [5]
+
+
+def test_without_the_vision_branch_spans_carry_no_feature_slots(
+    tmp_path: Path, sp_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    solver = InferenceSolver.from_pretrained(
+        write_export(tmp_path / "export", sp_model, "model.vision.enabled=false")
+    )
+    tokens = solver.tokens
+    assert not solver.with_features
+    assert solver.create_logits_processor()[1].close_id == tokens.image_end
+    answer = solver.generate([picture(0)], [[QUESTION, None]])  # an image prompt without features
+    assert isinstance(answer, str)
+    pieces, text, (first, second) = answer_with_a_drawing(solver, monkeypatch, [])
+    assert [type(p) for p in pieces] == [Image.Image] and text == "<|image|>"
+    drawn = second["prompts"][0][len(first["prompts"][0]) :]
+    assert len(drawn) == GRID + 1 and drawn[-1] == tokens.image_end
+    assert first["pixel_values"] is None and second["pixel_values"] is None
+
+
+def test_create_logits_processor_uses_the_export_defaults(solver: InferenceSolver) -> None:
+    processors = solver.create_logits_processor(cfg=4.0, image_top_k=7)
+    assert processors[0].scale == 4.0 and isinstance(processors[0], CFGProcessor)
+    grid = next(p for p in processors if isinstance(p, GridConstraint))
+    assert grid.size == (4, 4) and grid.close_id == solver.tokens.separator
+    top_k = next(p for p in processors if isinstance(p, ModalityTopK))
+    assert (top_k.image, top_k.text) == (7, solver.config.generation.text_top_k)
+
+
+def test_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
+    with pytest.raises(PlaceholderMismatchError, match=r"1 <\|image\|> placeholder"):
+        solver.generate([picture(0), picture(1)], [[QUESTION, None]])
+    with pytest.raises(PlaceholderMismatchError):
+        solver.generate([], [[QUESTION, None]])
+    with pytest.raises(ValueError, match="multiple of 8 px"):
+        solver.generate_img("a red circle", size=36)
+    with pytest.raises(ValueError, match="exceeds 64 px"):
+        solver.generate_img("a red circle", size=(32, 72))
+    with pytest.raises(ValueError, match="cfg must be >= 0"):
+        solver.generate_img("a red circle", cfg=-1.0)
+    with pytest.raises(ValueError, match="image_top_k must be an integer >= 1"):
+        solver.generate_img("a red circle", image_top_k=0)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        solver.generate([picture(0)], [[QUESTION, None]], top_k=0)
+    with pytest.raises(ValueError, match=r"last qas pair must be \[question, None\]"):
+        solver.generate([picture(0)], [[QUESTION, "two"]])
+    with pytest.raises(ValueError, match="needs 2 image lists"):
+        solver.generate([[picture(0)]], [[[QUESTION, None]], [[QUESTION, None]]])
+
+
+@pytest.mark.parametrize(
+    "missing", ["config.yaml", "text.model", "vq", "vq/model.safetensors", "model.safetensors", "config.json"]
+)
+def test_an_export_missing_a_file_names_it(export: Path, tmp_path: Path, missing: str) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    target = copy / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FileNotFoundError, match=Path(missing).name):
+        InferenceSolver.from_pretrained(copy)
+    with pytest.raises(FileNotFoundError, match="export directory not found"):
+        InferenceSolver.from_pretrained(tmp_path / "nowhere")

@@ -1,0 +1,200 @@
+"""The benchmark task interface and its registry: every benchmark plugs into ``python -m unified_mllm.eval``.
+
+A task is a :class:`Task` subclass registered under its name with :func:`register_task`::
+
+    @register_task
+    class MyBench(Task):
+        name = "mybench"
+        description = "one line for --help"
+
+        def check(self, config):  # optional: fail on missing inputs before the model loads
+            ...
+
+        def run(self, solver, config, *, limit, batch_size, output_dir, progress=True, model_name="") -> dict:
+            ...  # ask the solver, score, write files under output_dir, return every number
+
+        def format_table(self, result) -> str:
+            ...  # the markdown table the driver prints
+
+``run`` returns a JSON-able dict whose ``"files"`` entry maps a label to each file written. Tasks talk to
+the model only through the :class:`Solver` protocol (the methods of
+:class:`unified_mllm.infer.solver.InferenceSolver` they use), so tests drive them with small fakes.
+Tasks that need user data (GenEval's COCO-based prompts, POPE on COCO, MMBench) take its paths from their
+constructor or the config and say in :meth:`Task.check` which path is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from PIL import Image
+
+from unified_mllm.config import Config
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """What a task may ask of the model (the InferenceSolver's public methods)."""
+
+    config: Config
+
+    def generate(
+        self,
+        images: list[list[Image.Image]],
+        qas: list[list[list[str | None]]],
+        max_gen_len: int = ...,
+        temperature: float = ...,
+        seed: int = ...,
+    ) -> list[str]:
+        """One answer per conversation row: the reply to its last question (whose answer is None)."""
+        ...
+
+    def generate_img(
+        self,
+        prompts: list[str],
+        *,
+        cfg: float | None = None,
+        image_top_k: int | None = None,
+        size: int | None = None,
+        seed: int | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt."""
+        ...
+
+
+class Task(ABC):
+    """One benchmark: asks a solver, scores the answers, writes its files, returns every number."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def check(self, config: Config) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Raise FileNotFoundError / ValueError naming what is missing, before any model is loaded."""
+
+    @abstractmethod
+    def run(
+        self,
+        solver: Solver,
+        config: Config,
+        *,
+        limit: int | None,
+        batch_size: int,
+        output_dir: Path,
+        progress: bool = True,
+        model_name: str = "",
+    ) -> dict[str, Any]:
+        """Evaluate ``solver``; ``limit`` caps the samples of each part; files go under ``output_dir``.
+
+        ``model_name`` (the export directory, for the driver) is written into the outputs.
+        """
+
+    @abstractmethod
+    def format_table(self, result: dict[str, Any]) -> str:
+        """The result of :meth:`run` as a markdown table."""
+
+
+class UnknownTaskError(ValueError):
+    """A task name that no benchmark registered; the message lists the known ones."""
+
+
+TASKS: dict[str, type[Task]] = {}
+# Modules whose import registers the built-in tasks (imported on first lookup: they import this module).
+BUILTIN_TASK_MODULES = ("unified_mllm.eval.shapesbench",)
+TaskType = TypeVar("TaskType", bound=type[Task])
+
+
+def register_task(cls: TaskType) -> TaskType:
+    """Class decorator: make a task available to the driver under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name` to be registered")
+    if name in TASKS and TASKS[name] is not cls:
+        raise ValueError(f"task name {name!r} is taken by {TASKS[name].__qualname__}")
+    TASKS[name] = cls
+    return cls
+
+
+def _load_builtin_tasks() -> None:
+    for module in BUILTIN_TASK_MODULES:
+        importlib.import_module(module)
+
+
+def task_names() -> list[str]:
+    """Names of every registered task, the built-in ones included."""
+    _load_builtin_tasks()
+    return sorted(TASKS)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """A fresh instance of the task registered as ``name`` (``options`` go to its constructor)."""
+    _load_builtin_tasks()
+    if name not in TASKS:
+        raise UnknownTaskError(f"unknown task {name!r}; available tasks: {', '.join(task_names()) or 'none'}")
+    return TASKS[name](**options)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def check_limit(limit: int | None, batch_size: int) -> None:
+    """``limit`` (None: everything) and ``batch_size`` must be >= 1."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for everything), got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+T = TypeVar("T")
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write atomically (a killed run never leaves a half file under the final name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def percent(value: float | None) -> str:
+    """'93.10%' or 'n/a' for an empty group."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "TASKS",
+    "Solver",
+    "Task",
+    "UnknownTaskError",
+    "batched",
+    "check_limit",
+    "get_task",
+    "markdown_table",
+    "percent",
+    "register_task",
+    "task_names",
+    "write_text",
+]

@@ -1,0 +1,431 @@
+"""The class researchers call: :class:`InferenceSolver` loads a training export and answers or draws.
+
+    solver = InferenceSolver.from_pretrained("runs/quickstart-stage2/export")
+    solver.generate([image], [["<|image|>How many objects are there?", None]])          # -> "two"
+    solver.generate_img(["a red circle above a blue square"], cfg=3.0, seed=0)           # -> [PIL.Image]
+
+**Understanding** follows the seed projects' solvers: ``qas`` is the conversation as ``[[question, answer], ...]``
+whose last answer is ``None`` (the one to generate); every image goes where its ``<|image|>`` placeholder stands
+(training put it first, ``"<|image|>" + question``). Prompts are rendered by the training template
+(:func:`~unified_mllm.data.conversation.tokenize_conversation`); each image span carries the VQ codes and, when
+the export's vision branch is on, the SigLIP feature slots (AnyRes views as in training). The answer is decoded
+greedily by default and ends at ``<end-of-turn>``.
+
+**Interleaved answers.** When the model opens an image inside an answer, the grid constraint keeps it well formed
+(size tokens fixed to ``generation.image_size``); once its last row is complete the engine stops that row, the
+solver decodes the codes into a picture, closes the span the way training wrote it (``<sep>`` + feature slots of
+that picture + ``<image-end>``, or ``<image-end>`` alone without the vision branch) and resumes decoding from the
+whole sequence. :meth:`InferenceSolver.generate_interleaved` returns the pieces; :meth:`InferenceSolver.generate`
+returns the text with ``<|image|>`` where a picture was drawn. Guidance is not applied inside answers.
+
+**Generation** prompts are ``<bos> prompt <end-of-turn> <image-start> <size-h> <size-w>`` (the training form of
+text-to-image samples); the engine runs conditional and unconditional rows in one batch (CFG), and the VQ decoder
+turns the codes into images of exactly the requested size.
+
+Defaults for every knob come from the export's ``config.generation``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from unified_mllm.config import Config, load_config
+from unified_mllm.data.conversation import tokenize_conversation, turns_from_qas
+from unified_mllm.infer.engine import CacheKind, Engine
+from unified_mllm.infer.processors import (
+    GridConstraint,
+    check_non_negative,
+    check_top_k,
+    create_logits_processor,
+    sampling_processors,
+)
+from unified_mllm.layout import (
+    IMAGE_PLACEHOLDER,
+    SpecialTokens,
+    build_image_span,
+    parse_image_span,
+)
+from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.text import TextTokenizer
+from unified_mllm.train.export import CONFIG_YAML
+from unified_mllm.vision.anyres import anyres_views, num_image_features
+from unified_mllm.vision.image import ImageSource, load_image
+from unified_mllm.vision.vqgan import VQGAN
+
+Pair = Sequence[str | None]
+Piece = str | Image.Image
+
+
+def _resolve(export_dir: Path, path: str | None, what: str) -> Path:
+    """A path from the export's config.yaml: relative ones are relative to the export directory."""
+    if not path:
+        raise FileNotFoundError(f"{export_dir / CONFIG_YAML} names no {what}")
+    resolved = Path(path).expanduser()
+    resolved = resolved if resolved.is_absolute() else export_dir / resolved
+    if not resolved.exists():
+        raise FileNotFoundError(f"{what} not found: {resolved} (named by {export_dir / CONFIG_YAML})")
+    return resolved
+
+
+@dataclass
+class _Answer:
+    """One conversation being answered: its ids so far, the SigLIP views of its images, what was decoded."""
+
+    ids: list[int]
+    views: list[torch.Tensor]
+    budget: int
+    pieces: list[Piece] = field(default_factory=list)
+    done: bool = False
+
+
+class InferenceSolver:
+    """Understanding, text-to-image and interleaved generation over one export (see the module docstring).
+
+    Build it with :meth:`from_pretrained`; the constructor only wires objects that are already loaded.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        model: UnifiedModel,
+        tokenizer: TextTokenizer,
+        vq: VQGAN,
+        *,
+        cache: CacheKind = "auto",
+    ) -> None:
+        vocab = model.config.lm.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids (text + image codes) but the model's vocabulary "
+                f"has {vocab} rows"
+            )
+        if tokenizer.num_image_codes != vq.config.codebook_size:
+            raise ValueError(
+                f"the tokenizer maps {tokenizer.num_image_codes} image codes but the VQ codebook has "
+                f"{vq.config.codebook_size}"
+            )
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokens: SpecialTokens = tokenizer.special_tokens()
+        self.vq = vq
+        self.engine = Engine(model, self.tokens, cache=cache)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        export_dir: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> InferenceSolver:
+        """Load an export written by the trainer (``config.yaml``, ``config.json`` + ``model.safetensors``,
+        ``text.model``, ``vq/``). ``dtype`` applies to the LM and SigLIP (default: as stored); the VQ-GAN keeps
+        its own. A missing file raises FileNotFoundError naming it."""
+        export = Path(export_dir).expanduser()
+        if not export.is_dir():
+            raise FileNotFoundError(f"export directory not found: {export}")
+        if not (export / CONFIG_YAML).is_file():
+            raise FileNotFoundError(f"{CONFIG_YAML} not found in export directory {export}")
+        config = load_config([export / CONFIG_YAML])
+        config.tokenizer.path = str(
+            _resolve(export, config.tokenizer.path, "text tokenizer (tokenizer.path)")
+        )
+        vq_path = _resolve(export, config.model.vq.checkpoint, "VQ tokenizer (model.vq.checkpoint)")
+        config.model.vq.checkpoint = str(vq_path)
+        model = UnifiedModel.from_pretrained(export, device=device, dtype=dtype)
+        tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
+        vq = VQGAN.from_checkpoint(vq_path, config=config.model.vq, device=device).eval()
+        return cls(config, model, tokenizer, vq)
+
+    # --------------------------------------------------------------------------------------- settings
+
+    @property
+    def with_features(self) -> bool:
+        """Whether image spans carry SigLIP feature slots (the export's vision branch is on)."""
+        return self.config.model.vision.enabled
+
+    def grid_size(self, size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """``(rows, cols)`` of codes for an image of ``size`` pixels (a side, or ``(height, width)``).
+
+        Raises ValueError when the VQ grid cannot produce it: not a positive multiple of the downsampling factor
+        (times the tokenizer's size unit), or beyond the largest resolution token.
+        """
+        size = self.config.generation.image_size if size is None else size
+        sides = (size, size) if isinstance(size, int) else tuple(size)
+        if len(sides) != 2:
+            raise ValueError(f"image size must be a side or (height, width) in pixels, got {size!r}")
+        height, width = sides
+        factor = self.config.model.vq.downsample_factor
+        step = factor * self.tokens.size_unit
+        largest = self.tokens.max_grid * factor
+        for side in (height, width):
+            if isinstance(side, bool) or not isinstance(side, int) or side < step or side % step:
+                raise ValueError(
+                    f"image size {height}x{width} px: each side must be a positive multiple of {step} px "
+                    f"(the VQ downsampling factor {factor} x resolution step {self.tokens.size_unit})"
+                )
+            if side > largest:
+                raise ValueError(
+                    f"image size {height}x{width} px: a side exceeds {largest} px, the largest the resolution "
+                    f"tokens express ({self.tokens.max_grid} codes x {factor} px)"
+                )
+        return height // factor, width // factor
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        seed = self.config.generation.seed if seed is None else seed
+        return torch.Generator(device=self.engine.device).manual_seed(int(seed))
+
+    def create_logits_processor(
+        self,
+        cfg: float | None = None,
+        image_top_k: int | None = None,
+        text_top_k: int | None = None,
+        *,
+        temperature: float | None = None,
+        text_temperature: float | None = None,
+        size: int | tuple[int, int] | None = None,
+    ) -> LogitsProcessorList:
+        """The seeds' style processor list (CFG, grid constraint, temperature, top-k, top-p) for callers that
+        drive transformers' ``generate`` themselves; with guidance the batch must be ``[cond; uncond]``."""
+        gen = self.config.generation
+        return create_logits_processor(
+            self.tokens,
+            cfg=check_non_negative("cfg", gen.cfg_scale if cfg is None else cfg),
+            image_top_k=check_top_k("image_top_k", gen.image_top_k if image_top_k is None else image_top_k),
+            text_top_k=check_top_k("text_top_k", gen.text_top_k if text_top_k is None else text_top_k),
+            image_temperature=gen.temperature if temperature is None else temperature,
+            text_temperature=gen.text_temperature if text_temperature is None else text_temperature,
+            top_p=gen.top_p,
+            size=self.grid_size(size),
+            with_features=self.with_features,
+        )
+
+    # ------------------------------------------------------------------------------------- generation
+
+    def generate_img(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        cfg: float | None = None,
+        image_top_k: int | None = None,
+        temperature: float | None = None,
+        size: int | tuple[int, int] | None = None,
+        seed: int | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt, ``size`` pixels (a side or ``(height, width)``), all prompts in one batch.
+
+        ``cfg`` is the guidance scale (1: none), ``temperature`` 0 decodes greedily; ``None`` takes the export's
+        ``config.generation`` value. The same seed gives the same images.
+        """
+        gen = self.config.generation
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("generate_img needs a prompt string or a non-empty list of them")
+        cfg = check_non_negative("cfg", gen.cfg_scale if cfg is None else cfg)
+        top_k = check_top_k("image_top_k", gen.image_top_k if image_top_k is None else image_top_k)
+        temperature = check_non_negative(
+            "temperature", gen.temperature if temperature is None else temperature
+        )
+        height, width = self.grid_size(size)
+        warpers = sampling_processors(
+            self.tokens,
+            image_temperature=temperature,
+            text_temperature=temperature,
+            image_top_k=top_k,
+            text_top_k=None,
+            top_p=gen.top_p,
+        )
+        codes = self.engine.generate_images(
+            [self.tokenizer.encode(p) for p in prompts],
+            height=height,
+            width=width,
+            cfg_scale=cfg,
+            processors=warpers,
+            greedy=temperature == 0,
+            generator=self._generator(seed),
+        )
+        return self.vq.codes_to_images(codes)
+
+    # ---------------------------------------------------------------------------------- understanding
+
+    def generate(
+        self,
+        images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]],
+        qas: Sequence[Pair] | Sequence[Sequence[Pair]],
+        max_gen_len: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """The answer to the last question of one conversation (``qas = [[q, a], ..., [q, None]]``), or of each
+        conversation of a batch (``qas`` a list of those, ``images`` a list of image lists).
+
+        ``temperature`` 0 is greedy; ``top_k`` (text) applies when sampling. ``max_gen_len`` (default
+        ``generation.max_new_tokens``) is cut to what the model's positions leave. A picture drawn inside an
+        answer shows as ``<|image|>`` (use :meth:`generate_interleaved` to get it).
+        """
+        answers, single = self._answer(images, qas, max_gen_len, temperature, top_k, seed)
+        texts = ["".join(IMAGE_PLACEHOLDER if isinstance(p, Image.Image) else p for p in a) for a in answers]
+        return texts[0] if single else texts
+
+    def generate_interleaved(
+        self,
+        images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]],
+        qas: Sequence[Pair] | Sequence[Sequence[Pair]],
+        max_gen_len: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[Piece] | list[list[Piece]]:
+        """Like :meth:`generate`, but each answer is a list of pieces: text strings and PIL images in order."""
+        answers, single = self._answer(images, qas, max_gen_len, temperature, top_k, seed)
+        return answers[0] if single else answers
+
+    def _answer(
+        self,
+        images: Sequence[Any],
+        qas: Sequence[Any],
+        max_gen_len: int | None,
+        temperature: float,
+        top_k: int | None,
+        seed: int | None,
+    ) -> tuple[list[list[Piece]], bool]:
+        """The pieces of every answer of the batch, and whether the call was for one conversation."""
+        image_lists, conversations, single = _as_batch(images, qas)
+        gen = self.config.generation
+        budget = gen.max_new_tokens if max_gen_len is None else max_gen_len
+        if isinstance(budget, bool) or int(budget) != budget or budget < 1:
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        temperature = check_non_negative("temperature", temperature)
+        top_k = check_top_k("top_k", gen.text_top_k if top_k is None else top_k)
+        pictures = [[load_image(i) for i in images] for images in image_lists]
+        flat = [p for row in pictures for p in row]
+        codes = iter(self.vq.images_to_codes(flat) if flat else [])  # one VQ pass for the whole batch
+        answers = [
+            self._prompt(row, [next(codes) for _ in row], conv, int(budget))
+            for row, conv in zip(pictures, conversations)
+        ]
+        processors = [
+            GridConstraint(self.tokens, size=self.grid_size(), with_features=self.with_features),
+            *sampling_processors(
+                self.tokens,
+                image_temperature=gen.temperature,
+                text_temperature=temperature,
+                image_top_k=gen.image_top_k,
+                text_top_k=top_k,
+                top_p=gen.top_p,
+            ),
+        ]
+        generator = self._generator(seed)
+        greedy = temperature == 0 and gen.temperature == 0
+        while pending := [a for a in answers if not a.done]:
+            self._continue(pending, processors, greedy, generator)
+        return [a.pieces for a in answers], single
+
+    def _prompt(
+        self, pictures: Sequence[Image.Image], codes: Sequence[np.ndarray], qas: Sequence[Pair], budget: int
+    ) -> _Answer:
+        """The prompt ids and SigLIP views of one conversation (its images and their ``[h, w]`` VQ codes); the
+        budget cut to the model's positions."""
+        turns = turns_from_qas(qas)
+        if turns[-1].role != "user":
+            raise ValueError("the last qas pair must be [question, None]: its answer is the one generated")
+        spans, views = [], []
+        for picture, grid in zip(pictures, codes):
+            features = num_image_features(self.config.model.vision, (picture.height, picture.width))
+            spans.append(build_image_span(grid, self.tokens, features))
+            if features:
+                views.append(anyres_views(picture, self.config.model.vision)[0])
+        ids = tokenize_conversation(turns, spans, self.tokenizer.encode, self.tokens).ids.tolist()
+        if self._room(ids) < 1:
+            raise ValueError(
+                f"the prompt has {len(ids)} ids; the model reads at most "
+                f"{self.model.config.lm.max_position_embeddings} positions"
+            )
+        return _Answer(ids=ids, views=views, budget=min(budget, self._room(ids)))
+
+    def _room(self, ids: Sequence[int]) -> int:
+        """How many ids may still follow ``ids`` within the model's positions."""
+        return self.model.config.lm.max_position_embeddings - len(ids)
+
+    def _continue(
+        self, answers: list[_Answer], processors: list[Any], greedy: bool, generator: torch.Generator
+    ) -> None:
+        """One engine run over the unfinished answers; each ends, or pauses after a drawn image's grid."""
+        views = [v for a in answers for v in a.views]
+        result = self.engine.generate(
+            [a.ids for a in answers],
+            max_new_tokens=[a.budget for a in answers],
+            processors=processors,
+            greedy=greedy,
+            generator=generator,
+            pixel_values=torch.cat(views) if views else None,
+            stop_at_image_grid=True,
+        )
+        for answer, new, reason in zip(answers, result.ids, result.finish):
+            answer.ids += new
+            answer.budget -= len(new)
+            if reason == "image":
+                self._close_image(answer, new)
+                # the span's closing ids take positions too
+                answer.budget = min(answer.budget, self._room(answer.ids))
+                answer.done = answer.budget < 1
+                continue
+            text = new[:-1] if reason == "stop" else new
+            self._add_text(answer, text)
+            answer.done = True
+
+    def _add_text(self, answer: _Answer, ids: Sequence[int]) -> None:
+        text = self.tokenizer.decode(ids)
+        if text:
+            answer.pieces.append(text)
+
+    def _close_image(self, answer: _Answer, new: list[int]) -> None:
+        """Decode the image whose grid ``new`` just completed and append the rest of its span to the ids."""
+        start = len(new) - 1 - new[::-1].index(self.tokens.image_start)
+        self._add_text(answer, new[:start])
+        grid = new[start:]
+        parsed = parse_image_span([*grid, self.tokens.image_end], self.tokens)
+        picture = self.vq.codes_to_images([parsed.codes])[0]
+        answer.pieces.append(picture)
+        features = num_image_features(self.config.model.vision, (picture.height, picture.width))
+        # The full span of this picture as training lays it out; what follows the grid closes it.
+        span = build_image_span(parsed.codes, self.tokens, features)
+        answer.ids += span[len(grid) :]
+        if features:
+            answer.views.append(anyres_views(picture, self.config.model.vision)[0])
+
+
+def _as_batch(
+    images: Sequence[Any], qas: Sequence[Any]
+) -> tuple[list[list[ImageSource]], list[list[Pair]], bool]:
+    """``(image lists, conversations, single)`` from one conversation or a batch of them."""
+    if not qas:
+        raise ValueError("qas is empty: pass [[question, None]] (or a list of such conversations)")
+    first = qas[0]
+    single = (
+        isinstance(first, Sequence)
+        and not isinstance(first, str)
+        and (not first or isinstance(first[0], str))
+    )
+    if single:
+        if any(isinstance(i, list | tuple) for i in images):
+            raise ValueError(
+                "one conversation takes a flat list of images; a batch takes one list per conversation"
+            )
+        return [list(images)], [list(qas)], True
+    if len(images) not in (0, len(qas)):
+        raise ValueError(
+            f"a batch of {len(qas)} conversations needs {len(qas)} image lists, got {len(images)}"
+        )
+    image_lists = [list(i) for i in images] if images else [[] for _ in qas]
+    return image_lists, [list(c) for c in qas], False
