@@ -32,6 +32,7 @@ file), or under ``--output``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -57,6 +58,7 @@ from unified_mllm.eval.image_metrics import (
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
+from unified_mllm.eval.tasks import batched
 from unified_mllm.vision.image import preprocess, tensor_to_image
 from unified_mllm.vision.vqgan import VQGAN
 
@@ -115,19 +117,6 @@ class Tallies:
     judge_originals: JudgeTally = field(default_factory=JudgeTally)
     fid_real: FIDAccumulator | None = None
     fid_fake: FIDAccumulator | None = None
-
-
-def _batches(samples: Iterator[Sample], size: int, limit: int | None) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
-    for count, sample in enumerate(samples):
-        if limit is not None and count >= limit:
-            break
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @torch.no_grad()
@@ -207,7 +196,7 @@ def evaluate_tokenizer(
         tallies.fid_real, tallies.fid_fake = FIDAccumulator(device=device), FIDAccumulator(device=device)
     start = time.perf_counter()
     bar = tqdm(desc="reconstruct", unit="img", total=limit, disable=not progress)
-    for batch in _batches(samples, batch_size, limit):
+    for batch in batched(itertools.islice(samples, limit), batch_size):
         _evaluate_batch(vqgan, batch, tallies, world, inception)
         bar.update(len(batch))
     bar.close()
