@@ -1,4 +1,5 @@
-"""The vector quantizer against hand computations: lookup, losses, straight-through, EMA, dead codes, usage."""
+"""The quantizers against hand computations: lookup, losses, straight-through, EMA, dead codes, usage; the
+multi-codebook (UniTok) and residual (DualToken) quantizers built on the vector quantizer."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unified_mllm.vision.quantizer import (
+    MultiCodebookQuantizer,
+    ResidualQuantizer,
     VectorQuantizer,
     code_counts,
     nearest_code_indices,
@@ -175,3 +179,75 @@ def test_statistics_buffers_only_when_enabled() -> None:
         plain(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="integers"):
         plain.lookup(torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------- multi-code quantizers
+
+
+def test_multi_codebook_quantizes_each_chunk_with_its_own_codebook() -> None:
+    torch.manual_seed(0)
+    mcq = MultiCodebookQuantizer(3, 5, 6, l2_normalize=True)
+    z = torch.randn(4, 6, requires_grad=True)
+    out = mcq(z)
+    assert out.indices.shape == (4, 3) and out.counts.shape == (3, 5) and out.quantized.shape == (4, 6)
+    for k, codebook in enumerate(mcq.codebooks):
+        chunk = F.normalize(z[:, 2 * k : 2 * k + 2].detach(), dim=1)
+        expected = (chunk @ codebook.codebook.t()).argmax(dim=1)
+        assert torch.equal(out.indices[:, k], expected)
+        assert torch.equal(out.counts[k], torch.bincount(expected, minlength=5).float())
+    torch.testing.assert_close(mcq.lookup(out.indices), out.quantized.detach())
+    assert torch.equal(mcq.nearest(z), out.indices)
+    # Losses: the mean over chunks of each chunk's codebook + beta * commitment.
+    chunks = [F.normalize(c, dim=1) for c in z.detach().split(2, dim=1)]
+    codes = [mcq.codebooks[k].codebook[out.indices[:, k]] for k in range(3)]
+    by_hand = sum(F.mse_loss(c, e) for c, e in zip(chunks, codes)) / 3
+    torch.testing.assert_close(out.commitment_loss, by_hand.detach())
+    torch.testing.assert_close(out.loss, by_hand * 1.25, atol=1e-6, rtol=1e-5)
+    out.quantized.sum().backward()  # straight-through: the gradient reaches z
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_residual_quantizer_sums_codes_over_depth_with_rq_vae_losses() -> None:
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(3, 8, 4, beta=0.5)
+    z = torch.randn(10, 4, requires_grad=True)
+    out = rq(z)
+    assert out.indices.shape == (10, 3) and out.counts.shape == (3, 8) and out.latents.shape == (30, 4)
+    weight = rq.codebook.codebook.detach()
+    residual, partial, commitments, codebook_terms = z.detach(), torch.zeros(10, 4), [], []
+    for depth in range(3):
+        index = ((residual[:, None, :] - weight[None]) ** 2).sum(-1).argmin(dim=1)
+        assert torch.equal(out.indices[:, depth], index)
+        partial = partial + weight[index]
+        commitments.append(F.mse_loss(z.detach(), partial))
+        codebook_terms.append(F.mse_loss(weight[index], residual))
+        residual = residual - weight[index]
+    torch.testing.assert_close(out.commitment_loss, torch.stack(commitments).mean().detach())
+    torch.testing.assert_close(out.codebook_loss, torch.stack(codebook_terms).mean().detach())
+    torch.testing.assert_close(out.quantized.detach(), partial)
+    torch.testing.assert_close(rq.lookup(out.indices), partial)
+    sums = rq.partial_sums(out.indices)
+    assert sums.shape == (10, 3, 4)
+    torch.testing.assert_close(sums[:, -1], partial)
+    assert torch.equal(rq.nearest(z), out.indices)
+    out.quantized.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight through, whatever the depth
+
+
+def test_residual_quantizer_ema_updates_once_from_every_depth() -> None:
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(2, 4, 3, ema_decay=0.5)
+    before = rq.codebook.embedding.weight.clone()
+    z = torch.randn(6, 3)
+    out = rq(z)
+    # One EMA step whose counts are the histogram of both depths' indices, whose sums are their residuals.
+    reference = VectorQuantizer(4, 3, ema_decay=0.5)
+    reference.embedding.weight.data.copy_(before)
+    reference.reset_statistics()
+    flat = out.latents
+    indices = out.indices.t().reshape(-1)
+    counts = torch.bincount(indices, minlength=4).float()
+    sums = torch.zeros(4, 3).index_add_(0, indices, flat)
+    reference.ema_update(counts, sums)
+    torch.testing.assert_close(rq.codebook.embedding.weight, reference.embedding.weight)
+    torch.testing.assert_close(out.counts.sum(dim=0), counts)

@@ -174,6 +174,16 @@ def test_stream_is_deterministic_and_covers_each_epoch(shards: Path) -> None:
     assert [b.keys for b in other_seed] != [b.keys for b in first[:3]]
 
 
+def test_stream_batches_carry_each_samples_caption(shards: Path) -> None:
+    world = WorldConfig()
+    by_key = {}
+    for index in range(NUM_SAMPLES):
+        _, record = make_sample(world, "train", index)
+        by_key[record["key"]] = record["caption"]
+    for batch in _take(_stream(shards), 3):
+        assert batch.captions == [by_key[key] for key in batch.keys]
+
+
 def test_stream_ranks_are_disjoint_and_cover_the_global_batch(shards: Path) -> None:
     single = _take(_stream(shards, batch_size=4), 6)
     ranks = [_take(_stream(shards, batch_size=2, rank=r, world_size=2), 6) for r in range(2)]

@@ -161,6 +161,85 @@ class ContrastiveConfig:
 
 
 @dataclass
+class UniTokConfig:
+    """UniTok (Ma et al. 2025): ViT tokenizer with multi-codebook quantization; defaults are UniTok-Large at
+    256 px (ViTamin-L-style encoder and mirrored decoder, 8 x 4096 codes of 8 dims, OpenCLIP-B text tower).
+    The codebook size per sub-codebook, latent width, beta and cosine lookup come from ``model.vq``."""
+
+    num_codebooks: int = opt(8, "Sub-codebooks: the latent's channels are split into this many chunks.")
+    conv_widths: list[int] = opt(
+        [160, 320],
+        "Widths of the conv stages between the stride-2 stem and the stride-2 conv into the ViT; each stage "
+        "halves the resolution, so the downsampling is 2^(len + 2) (16 for two stages).",
+    )
+    conv_depths: list[int] = opt([2, 4], "Inverted-bottleneck (MBConv) blocks per conv stage.")
+    conv_expansion: int = opt(4, "Channel expansion inside an MBConv block.")
+    width: int = opt(1024, "Width of the ViT blocks of encoder and decoder.")
+    encoder_layers: int = opt(31, "ViT blocks of the encoder.")
+    decoder_layers: int = opt(31, "ViT blocks of the decoder.")
+    num_heads: int = opt(16, "Attention heads of the ViT blocks.")
+    mlp_ratio: float = opt(2.0, "GeGLU hidden width as a multiple of the block width (ViTamin: 2).")
+    projection_heads: int = opt(
+        16, "Heads of the attention projections around the quantizer (width -> model.vq.embed_dim -> width)."
+    )
+    causal_projection: bool = opt(
+        False,
+        "Causal attention in the projections (UniTok's first checkpoint and its MLLM side); the current "
+        "tokenizer uses full attention.",
+    )
+    clip_dim: int = opt(768, "Width of the shared image-text embedding of the contrastive loss.")
+    text_width: int = opt(768, "Width of the text tower (CLIP text transformer).")
+    text_layers: int = opt(12, "Layers of the text tower.")
+    text_heads: int = opt(12, "Attention heads of the text tower.")
+    text_vocab_size: int = opt(
+        49408,
+        "Text tower vocabulary (OpenCLIP BPE: 49408); the tiny preset uses the project's text tokenizer.",
+    )
+    text_context: int = opt(77, "Text ids per caption (longer ones are cut).")
+    text_pad_id: int = opt(
+        0,
+        "Id that right-pads captions to a fixed length (OpenCLIP's tokenizer pads with 0; set the text "
+        "tokenizer's pad id when another one feeds the tower). The text tower masks these ids and pools "
+        "the last id that is not padding.",
+    )
+    init_logit_scale: float = opt(2.6592, "Initial log of the contrastive logit scale (CLIP: ln(1/0.07)).")
+
+
+@dataclass
+class DualTokenConfig:
+    """DualToken (Song et al. 2025): one SigLIP backbone, its shallow features quantized for pixels and its deep
+    features for semantics; defaults are the published SigLIP-so400m/14 at 384 px. The pixel decoder is a
+    VQ-GAN decoder built from ``model.vq``'s decoder fields (``z_channels`` in, ``base_channels``,
+    ``channel_mult``, ``num_res_blocks``, ``attn_resolutions``); codes come from two residual quantizers of
+    ``model.vq.codebook_size`` x ``model.vq.embed_dim`` with ``model.vq.ema_decay`` updates."""
+
+    backbone: VisionConfig = section(VisionConfig, "Shape of the SigLIP backbone (so400m/14 at 384 px).")
+    pretrained: str | None = opt(
+        None,
+        "SigLIP weights the backbone starts from and the frozen semantic teacher copies (a transformers "
+        "SiglipModel or SiglipVisionModel directory); None: random (tests only: no teacher worth keeping).",
+    )
+    pixel_layer: int = opt(6, "Layer whose output feeds the pixel branch (1-based).")
+    shortcut_layer: int = opt(4, "Earlier layer added to the pixel branch through its own projection.")
+    shortcut_weight: float = opt(0.6, "Scale of the shortcut branch (0 disables it).")
+    semantic_layer: int = opt(
+        26, "Layer whose output is quantized for semantics and fed back into the remaining layers."
+    )
+    pixel_depth: int = opt(8, "Residual quantization depth of the pixel codes.")
+    semantic_depth: int = opt(8, "Residual quantization depth of the semantic codes.")
+    projection_heads: int = opt(36, "Heads of the attention projections (backbone width <-> embed_dim).")
+    decoder_latent_side: int = opt(
+        24, "The code grid is resized (bilinear) to this side before the pixel decoder (27 -> 24 at 384 px)."
+    )
+    semantic_hidden_weight: float = opt(
+        5.0, "Weight of the distillation term between the quantized semantic tokens and the teacher's."
+    )
+    semantic_pooled_weight: float = opt(
+        1.0, "Weight of the distillation term between the pooled (MAP head) outputs and the teacher's."
+    )
+
+
+@dataclass
 class VQConfig:
     kind: Literal["vqgan", "unitok", "dualtoken"] = opt("vqgan", "Which visual tokenizer makes the codes.")
     codebook_size: int = opt(8192, "Number of codes (Chameleon: 8192).")
@@ -187,10 +266,26 @@ class VQConfig:
         "current batch (the trainer calls restart_dead_codes each step); 0: never.",
     )
     checkpoint: str | None = opt(None, "Path of trained tokenizer weights (e.g. Chameleon's vqgan.ckpt).")
+    unitok: UniTokConfig = section(UniTokConfig, "UniTok's architecture (used when kind is unitok).")
+    dualtoken: DualTokenConfig = section(DualTokenConfig, "DualToken's architecture (kind dualtoken).")
 
     @property
     def downsample_factor(self) -> int:
+        """Image pixels per code along a side."""
+        if self.kind == "unitok":
+            return 2 ** (len(self.unitok.conv_widths) + 2)
+        if self.kind == "dualtoken":
+            return self.dualtoken.backbone.patch_size
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def code_depth(self) -> int:
+        """Codes per spatial position: 1 (VQ-GAN), the sub-codebooks (UniTok), pixel + semantic depths."""
+        if self.kind == "unitok":
+            return self.unitok.num_codebooks
+        if self.kind == "dualtoken":
+            return self.dualtoken.pixel_depth + self.dualtoken.semantic_depth
+        return 1
 
 
 @dataclass
@@ -364,8 +459,9 @@ class GenerationConfig:
 
 @dataclass
 class VQTrainConfig:
-    """VQ-GAN tokenizer training (python -m unified_mllm.vision.train_tokenizer); defaults: the published-size
-    recipe (taming-transformers' VQ-GAN losses), configs/tokenizer/vqgan-tiny.yaml shrinks it for CPUs."""
+    """Image tokenizer training (python -m unified_mllm.vision.train_tokenizer) for every model.vq.kind;
+    defaults: the published-size VQ-GAN recipe (taming-transformers' losses); configs/tokenizer/*-tiny.yaml
+    shrink it for CPUs and set the UniTok / DualToken recipes."""
 
     output_dir: str = opt(
         "${output_root}/tokenizer/vqgan-${run_name}",
@@ -416,10 +512,31 @@ class VQTrainConfig:
         True, "Scale the GAN term by |grad NLL| / |grad GAN| at the decoder's last layer (taming)."
     )
     adaptive_weight_max: float = opt(1e4, "Clamp of the adaptive GAN weight (taming: 1e4).")
+    discriminator: Literal["patchgan", "dino"] = opt(
+        "patchgan",
+        "patchgan: taming's convolutional discriminator (VQ-GAN, DualToken); dino: UniTok's heads on the "
+        "multi-layer tokens of a frozen DINOv2 (disc_feature_model, or a random one when that is null).",
+    )
+    disc_feature_model: str | None = opt(
+        None,
+        "Local transformers DINOv2 directory for discriminator=dino (UniTok: DINOv2 ViT-S/14); None builds a "
+        "randomly initialised, frozen ViT-S/14 (tiny runs: no download).",
+    )
+    disc_feature_layers: list[int] = opt(
+        [0, 2, 5, 8, 11], "0-based DINOv2 blocks whose tokens the dino discriminator's heads read (UniTok's)."
+    )
     disc_layers: int = opt(3, "Stride-2 layers of the PatchGAN discriminator (taming: 3).")
     disc_channels: int = opt(64, "Width of the discriminator's first layer (taming: 64).")
     disc_norm: Literal["batch", "group"] = opt(
         "batch", "Discriminator normalisation: BatchNorm (taming) or batch-independent GroupNorm."
+    )
+    contrastive_weight: float = opt(
+        1.0, "UniTok: weight of the image-caption contrastive (CLIP InfoNCE) loss (UniTok: 1.0)."
+    )
+    semantic_weight: float = opt(
+        1.0,
+        "DualToken: weight of the semantic distillation to the frozen teacher (its hidden/pooled split is "
+        "model.vq.dualtoken's).",
     )
     restart_every: int = opt(
         10, "Steps between dead-code checks when model.vq.dead_code_steps > 0 (each is a host sync)."
@@ -453,7 +570,7 @@ class Config:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and export.")
     generation: GenerationConfig = section(GenerationConfig, "Decoding defaults.")
     vq_train: VQTrainConfig = section(
-        VQTrainConfig, "VQ-GAN tokenizer training (python -m unified_mllm.vision.train_tokenizer)."
+        VQTrainConfig, "Image tokenizer training (python -m unified_mllm.vision.train_tokenizer)."
     )
 
 
@@ -601,11 +718,38 @@ def validate(config: Config) -> Config:
     vq = config.model.vq
     _require(vq.codebook_size >= 2, "model.vq.codebook_size", "must be >= 2")
     _require(len(vq.channel_mult) >= 1, "model.vq.channel_mult", "needs at least one level")
-    _require(
-        vq.resolution % vq.downsample_factor == 0,
-        "model.vq.resolution",
-        f"must be a multiple of the downsampling factor {vq.downsample_factor}",
-    )
+    if vq.kind == "dualtoken":
+        # SigLIP keeps only whole patches (384 px / 14 = 27 per side): the backbone's size is the one to match.
+        _require(
+            vq.resolution == vq.dualtoken.backbone.image_size,
+            "model.vq.resolution",
+            f"must equal model.vq.dualtoken.backbone.image_size ({vq.dualtoken.backbone.image_size})",
+        )
+    else:
+        _require(
+            vq.resolution % vq.downsample_factor == 0,
+            "model.vq.resolution",
+            f"must be a multiple of the downsampling factor {vq.downsample_factor}",
+        )
+    if vq.kind == "unitok":
+        _require(
+            vq.embed_dim % vq.unitok.num_codebooks == 0,
+            "model.vq.embed_dim",
+            f"must split evenly into model.vq.unitok.num_codebooks ({vq.unitok.num_codebooks}) chunks",
+        )
+        _require(
+            len(vq.unitok.conv_widths) == len(vq.unitok.conv_depths),
+            "model.vq.unitok.conv_depths",
+            "needs one entry per conv_widths entry",
+        )
+    if vq.kind == "dualtoken":
+        dt = vq.dualtoken
+        _require(
+            1 <= dt.shortcut_layer <= dt.pixel_layer < dt.semantic_layer <= dt.backbone.num_layers,
+            "model.vq.dualtoken.semantic_layer",
+            f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
+            f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
+        )
 
     tok = config.tokenizer
     _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")

@@ -25,9 +25,10 @@ its shard and key, since skipping it on one rank would break the global order.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,12 +47,14 @@ RawSample = dict[str, Any]
 @dataclass
 class ImageBatch:
     """One rank's batch: ``pixels`` ``[B, 3, R, R]`` in [-1, 1], the samples' ``keys``, the global stream
-    ``position`` after this step (the value to save for resume) and the ``epoch`` of its last sample."""
+    ``position`` after this step (the value to save for resume), the ``epoch`` of its last sample and the
+    samples' ``captions`` (the ``caption`` of their metadata, ``""`` when they have none)."""
 
     pixels: torch.Tensor
     keys: list[str]
     position: int
     epoch: int
+    captions: list[str] = field(default_factory=list)
 
 
 _STREAMS = {"shards": 0, "buffer": 1, "flip": 2}
@@ -190,13 +193,25 @@ class ImageStream:
     def __iter__(self) -> Iterator[ImageBatch]:
         pixels: list[torch.Tensor] = []
         keys: list[str] = []
+        captions: list[str] = []
         for global_index, epoch, within, raw in self._global():
             if global_index % self.world_size == self.rank:
                 pixels.append(self._tensor(raw, epoch, within))
                 keys.append(str(raw.get("__key__")))
+                captions.append(raw_caption(raw))
             if (global_index + 1 - self.start_position) % self.global_batch_size == 0:
-                yield ImageBatch(torch.stack(pixels), keys, global_index + 1, epoch)
-                pixels, keys = [], []
+                yield ImageBatch(torch.stack(pixels), keys, global_index + 1, epoch, captions)
+                pixels, keys, captions = [], [], []
+
+
+def raw_caption(raw: RawSample) -> str:
+    """The ``caption`` of a raw sample's ``.json`` metadata, ``""`` when it has none (or no metadata)."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptShardError(f"sample {raw.get('__key__')!r}: invalid .json ({exc})") from exc
+    caption = meta.get("caption", "") if isinstance(meta, dict) else ""
+    return caption if isinstance(caption, str) else ""
 
 
 def load_first_images(

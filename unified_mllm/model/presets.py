@@ -158,8 +158,8 @@ def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
     """Parameter counts of each part of ``config``, built on the ``meta`` device (no memory, no I/O).
 
     Keys: ``lm`` (backbone + head; a tied head is counted once), ``siglip`` (the tower as the model uses it,
-    without the pooling head), ``projector``, ``vq`` (the VQ-GAN generator: encoder, codebook, decoder;
-    ``None`` for tokenizer kinds that cannot be built here yet).
+    without the pooling head), ``projector``, ``vq`` (the image tokenizer of ``vq.kind``: all its parameters,
+    e.g. UniTok's text tower and DualToken's frozen teacher included).
     """
     # Heavy imports live here so that importing this module (every config load) stays light.
     from torch import nn
@@ -167,7 +167,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
     from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
     from unified_mllm.model.stats import count_parameters
     from unified_mllm.vision.siglip import build_siglip_tower
-    from unified_mllm.vision.vqgan import VQGAN
+    from unified_mllm.vision.visual_tokenizer import build_visual_tokenizer
 
     backbone = build_lm_backbone(config.lm, device="meta")
     head = build_lm_head(config.lm, device="meta", embedding=backbone.get_input_embeddings())
@@ -176,7 +176,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
     projector = projector_parameter_count(
         config.vision.hidden_size, config.lm.hidden_size, config.projector.depth
     )
-    vq = count_parameters(VQGAN.from_config(config.vq, device="meta")) if config.vq.kind == "vqgan" else None
+    vq = count_parameters(build_visual_tokenizer(config.vq, device="meta"))
     return {"lm": lm, "siglip": siglip, "projector": projector, "vq": vq}
 
 

@@ -155,13 +155,16 @@ def embed_texts(model: SiglipModel, input_ids: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.text_model(input_ids=input_ids, attention_mask=mask).pooler_output, dim=-1)
 
 
-def tokenize(tokenizer: TextTokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
+def tokenize(
+    tokenizer: TextTokenizer, texts: Sequence[str], max_length: int, pad: int | None = None
+) -> torch.Tensor:
     """Ids of each text cut or right-padded to exactly ``max_length``: ``(len(texts), max_length)``.
 
     Like SigLIP, every text is padded to one fixed length, training captions and zero-shot prompts alike,
-    so the pooled last position is always the same slot (see :func:`text_attention_mask`).
+    so the pooled last position is always the same slot (see :func:`text_attention_mask`). ``pad``: the
+    padding id (default: the tokenizer's own; UniTok's text tower has its own ``text_pad_id``).
     """
-    pad = tokenizer.special_tokens().pad
+    pad = tokenizer.special_tokens().pad if pad is None else pad
     rows = [tokenizer.encode(text)[:max_length] for text in texts]
     return torch.tensor([row + [pad] * (max_length - len(row)) for row in rows], dtype=torch.long)
 

@@ -1,4 +1,5 @@
-"""Evaluate a VQ tokenizer by reconstruction: PSNR, SSIM, codebook usage, judge accuracy and (optionally) rFID.
+"""Evaluate an image tokenizer (any ``model.vq.kind``) by reconstruction: PSNR, SSIM, codebook usage, judge
+accuracy and (optionally) rFID.
 
     python -m unified_mllm.vision.eval_tokenizer --config configs/tokenizer/vqgan-tiny.yaml \\
         [--checkpoint DIR] [--split test] [--limit N] [--inception PATH] [--reference-stats NPZ]
@@ -9,7 +10,8 @@ encoded to codes and decoded back, in batches. Reported:
 * **PSNR** (dB, mean over images with a finite value; exact reconstructions are counted apart) and **SSIM**
   (:mod:`unified_mllm.eval.image_metrics`, images in [-1, 1]);
 * **codebook usage** over all codes of the split (fraction of the codebook used at least once) and the
-  **perplexity** of the code distribution (the effective number of codes);
+  **perplexity** of the code distribution (the effective number of codes) — per code slot of a position and
+  averaged for tokenizers with several codes per position (UniTok's sub-codebooks, DualToken's depths);
 * **judge accuracy on reconstructions** (world data only: samples whose metadata lists ``objects``): the
   programmatic judge (:func:`unified_mllm.eval.judge.read_scene`) reads each reconstruction back into objects;
   ``object_accuracy`` is the fraction of ground-truth objects (shape, colour, size, cell) found in it,
@@ -60,7 +62,7 @@ from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_ince
 from unified_mllm.eval.judge import read_scene
 from unified_mllm.eval.tasks import batched
 from unified_mllm.vision.image import preprocess, tensor_to_image
-from unified_mllm.vision.vqgan import VQGAN
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
 ObjectKey = tuple[str, str, str, int, int]
 
@@ -121,16 +123,16 @@ class Tallies:
 
 @torch.no_grad()
 def _evaluate_batch(
-    vqgan: VQGAN,
+    tokenizer: VisualTokenizer,
     batch: list[Sample],
     tallies: Tallies,
     world: WorldConfig,
     inception: InceptionFeatureExtractor | None,
 ) -> None:
-    device = vqgan.quant_conv.weight.device
-    pixels = preprocess([s.image for s in batch], vqgan.config.resolution).to(device)
-    codes = vqgan.encode(pixels)
-    recon = vqgan.decode(codes).clamp(-1, 1)
+    device = next(tokenizer.parameters()).device
+    pixels = preprocess([s.image for s in batch], tokenizer.config.resolution).to(device)
+    codes = tokenizer.encode(pixels)
+    recon = tokenizer.decode(codes).clamp(-1, 1)
     tallies.psnr += psnr(recon, pixels).tolist()
     tallies.ssim += ssim(recon, pixels).tolist()
     tallies.codes.append(codes.cpu())
@@ -144,18 +146,22 @@ def _evaluate_batch(
         tallies.fid_fake.update(inception((recon + 1) / 2))
 
 
-def _summarize(tallies: Tallies, codebook_size: int) -> dict[str, Any]:
+def _summarize(tallies: Tallies, vocab_sizes: Sequence[int]) -> dict[str, Any]:
+    """Means over the split; codebook usage and perplexity per code slot of a position, then averaged (one
+    slot for VQ-GAN; UniTok's sub-codebooks, DualToken's pixel and semantic depths)."""
     finite = [v for v in tallies.psnr if math.isfinite(v)]
-    usage = codebook_usage(torch.cat(tallies.codes), codebook_size)
+    slots = torch.cat(tallies.codes).reshape(-1, len(vocab_sizes))
+    usage = [codebook_usage(slots[:, i], size) for i, size in enumerate(vocab_sizes)]
     result: dict[str, Any] = {
         "num_images": len(tallies.psnr),
         "psnr": sum(finite) / len(finite) if finite else math.inf,
         "exact_reconstructions": len(tallies.psnr) - len(finite),
         "ssim": sum(tallies.ssim) / len(tallies.ssim),
-        "codebook_usage": usage["usage_fraction"],
-        "codes_used": usage["used"],
-        "codebook_size": codebook_size,
-        "perplexity": usage["perplexity"],
+        "codebook_usage": sum(u["usage_fraction"] for u in usage) / len(usage),
+        "codes_used": sum(u["used"] for u in usage),
+        "codebook_size": sum(vocab_sizes),
+        "perplexity": sum(u["perplexity"] for u in usage) / len(usage),
+        "code_slots": len(vocab_sizes),
         "judge": None,
     }
     if tallies.judge.scenes:
@@ -175,7 +181,7 @@ def _fid(tallies: Tallies, reference_stats: str | None, save_reference: str | No
 
 
 def evaluate_tokenizer(
-    vqgan: VQGAN,
+    tokenizer: VisualTokenizer,
     samples: Iterator[Sample],
     world: WorldConfig,
     *,
@@ -186,23 +192,23 @@ def evaluate_tokenizer(
     save_reference: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Reconstruct ``samples`` with ``vqgan`` (in eval mode) and measure it; see the module docstring."""
+    """Reconstruct ``samples`` with ``tokenizer`` (in eval mode) and measure it; see the module docstring."""
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"need batch_size >= 1 and limit >= 1, got {batch_size}, {limit}")
-    vqgan.eval()
+    tokenizer.eval()
     tallies = Tallies()
     if inception is not None:
-        device = vqgan.quant_conv.weight.device
+        device = next(tokenizer.parameters()).device
         tallies.fid_real, tallies.fid_fake = FIDAccumulator(device=device), FIDAccumulator(device=device)
     start = time.perf_counter()
     bar = tqdm(desc="reconstruct", unit="img", total=limit, disable=not progress)
     for batch in batched(itertools.islice(samples, limit), batch_size):
-        _evaluate_batch(vqgan, batch, tallies, world, inception)
+        _evaluate_batch(tokenizer, batch, tallies, world, inception)
         bar.update(len(batch))
     bar.close()
     if not tallies.psnr:
         raise ValueError("no images to evaluate")
-    result = _summarize(tallies, vqgan.config.codebook_size)
+    result = _summarize(tallies, tokenizer.code_vocab_sizes())
     if inception is not None:
         result.update(_fid(tallies, reference_stats, save_reference))
     result["seconds"] = round(time.perf_counter() - start, 2)
@@ -268,7 +274,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Measure a VQ tokenizer's reconstructions of a split.")
+    parser = argparse.ArgumentParser(description="Measure an image tokenizer's reconstructions of a split.")
     add_config_arguments(parser)
     parser.add_argument("--checkpoint", help="tokenizer directory or file (default: see the module docs)")
     parser.add_argument("--split", default="test", help="split of data.root to reconstruct (default: test)")
@@ -288,11 +294,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI's work: load, evaluate, write JSON + markdown, print the table."""
     config = config_from_args(args)
     checkpoint = resolve_checkpoint(config, args.checkpoint)
-    vqgan = VQGAN.from_checkpoint(checkpoint, config=config.model.vq, device=args.device)
+    tokenizer = load_visual_tokenizer(checkpoint, config=config.model.vq, device=args.device)
     shards = Path(args.shards or Path(config.data.root) / args.split).expanduser()
     inception = load_fid_inception(args.inception, args.device) if args.inception else None
     result = evaluate_tokenizer(
-        vqgan,
+        tokenizer,
         iter_samples(shards),
         config.data.world,
         batch_size=args.batch_size,

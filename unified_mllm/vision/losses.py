@@ -1,4 +1,4 @@
-"""Training losses of the VQ-GAN tokenizer: PatchGAN discriminator, GAN losses, adaptive GAN weight, LPIPS.
+"""Training losses of the image tokenizers: discriminators, GAN losses, adaptive GAN weight, LPIPS.
 
 What the tokenizer trainer (:mod:`unified_mllm.vision.train_tokenizer`) combines, following taming-transformers'
 ``VQLPIPSWithDiscriminator`` (Esser et al. 2021), which Chameleon's tokenizer descends from:
@@ -20,6 +20,9 @@ What the tokenizer trainer (:mod:`unified_mllm.vision.train_tokenizer`) combines
   averaged and summed over layers — Zhang et al. 2018). Its weights come only from a file the user names
   (see :func:`load_lpips`); with no file, :func:`build_perceptual_loss` returns ``None`` and the trainer
   uses no perceptual term. Nothing is downloaded.
+* :class:`FeatureDiscriminator` — UniTok's discriminator: small trainable 1-D convolution heads on the tokens
+  of several layers of a *frozen* feature network (any :class:`FeatureNetwork`; :class:`Dinov2Features` wraps
+  transformers' DINOv2, UniTok's choice, with weights from a local directory or random).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Config, Dinov2Model
 
 GanLossKind = Literal["hinge", "non_saturating"]
 NormKind = Literal["batch", "group"]
@@ -367,3 +373,199 @@ def build_perceptual_loss(
     if kind == "lpips-vgg16":
         return load_lpips(weights, device)
     raise ValueError(f"unknown perceptual loss {kind!r}; valid: 'lpips-vgg16', 'none'")
+
+
+# ---------------------------------------------------------------------------------- feature discriminator
+# UniTok's discriminator (after StyleGAN-T's): a frozen feature network and small trainable heads that give
+# one logit per token of each tapped layer.
+
+# The statistics DINOv2 was trained with, for pixels in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Blocks of DINOv2 ViT-S/14 (0-based) whose outputs UniTok's discriminator reads.
+DINOV2_LAYERS = (0, 2, 5, 8, 11)
+# Xavier gain of the heads' convolutions (UniTok's ``disc_init = -0.5``): small logits at the start.
+FEATURE_HEAD_GAIN = 0.5
+
+
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A frozen feature extractor for :class:`FeatureDiscriminator`: images ``[B, 3, H, W]`` in [-1, 1] → one
+    token map ``[B, N_l, C_l]`` per tapped layer (differentiable with respect to the images)."""
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+def dinov2_small_config() -> Dinov2Config:
+    """DINOv2 ViT-S/14 (384 wide, 12 blocks of 6 heads, layer scale, 518 px position grid)."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=518,
+        layerscale_value=1.0,
+    )
+
+
+class Dinov2Features(nn.Module):
+    """A frozen transformers ``Dinov2Model`` as a :class:`FeatureNetwork`: the outputs of blocks ``layers``
+    (0-based; CLS token first, then the patches row by row), ``[B, 1 + (H' / p) * (W' / p), hidden]`` each.
+
+    Images in [-1, 1] are mapped to ImageNet mean/std and resized (bicubic, antialiased) to the nearest
+    multiple of the patch size ``p`` (256 px → 252 px for ViT-S/14). Built from a config (default ViT-S/14)
+    it is randomly initialised and does no I/O; :meth:`from_pretrained` reads trained weights. The parameters
+    never require gradients and the module stays in eval mode whatever ``train()`` is called with.
+    """
+
+    def __init__(
+        self, backbone: Dinov2Config | Dinov2Model | None = None, layers: Sequence[int] = DINOV2_LAYERS
+    ) -> None:
+        super().__init__()
+        import transformers
+
+        if isinstance(backbone, transformers.Dinov2Model):
+            self.model = backbone
+        else:
+            self.model = transformers.Dinov2Model(backbone if backbone is not None else dinov2_small_config())
+        depth = self.model.config.num_hidden_layers
+        if not layers or any(not 0 <= layer < depth for layer in layers):
+            raise ValueError(f"layers must be block indices in [0, {depth}), got {list(layers)}")
+        self.layers = tuple(layers)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], layers: Sequence[int] = DINOV2_LAYERS
+    ) -> Dinov2Features:
+        """Trained weights from a local transformers DINOv2 directory (``config.json`` + weights, e.g. a
+        saved ``facebook/dinov2-small``); nothing is downloaded."""
+        import transformers
+
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(f"DINOv2 directory not found: {directory} (nothing is downloaded)")
+        return cls(transformers.Dinov2Model.from_pretrained(str(directory), local_files_only=True), layers)
+
+    @property
+    def channels(self) -> list[int]:
+        """Width of each returned token map."""
+        return [self.model.config.hidden_size] * len(self.layers)
+
+    def train(self, mode: bool = True) -> Dinov2Features:
+        # Always eval: the features are a fixed function of the images.
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = ((images.to(self.mean.dtype) + 1.0) / 2.0 - self.mean) / self.std
+        patch = self.model.config.patch_size
+        size = tuple(max(patch, round(side / patch) * patch) for side in x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states
+        return [hidden[layer + 1] for layer in self.layers]  # hidden[0] is the embedding output
+
+
+class FeatureHead(nn.Module):
+    """Token map ``[B, N, C]`` → logits ``[B, N]``: a 1x1 conv block, a residual block with a circular
+    ``kernel_size`` conv along the tokens, then a 1x1 conv to one channel (GroupNorm, LeakyReLU 0.2)."""
+
+    def __init__(self, channels: int, kernel_size: int = 9, norm_groups: int = 32) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-length circular conv), got {kernel_size}")
+        groups = math.gcd(norm_groups, channels)
+        self.pointwise = nn.Sequential(
+            nn.Conv1d(channels, channels, 1), nn.GroupNorm(groups, channels), nn.LeakyReLU(0.2)
+        )
+        conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
+        self.residual = nn.Sequential(conv, nn.GroupNorm(groups, channels), nn.LeakyReLU(0.2))
+        self.logits = nn.Conv1d(channels, 1, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.pointwise(tokens.transpose(1, 2))
+        # Scaled residual sum: the variance stays that of one branch.
+        x = (x + self.residual(x)) / math.sqrt(2.0)
+        return self.logits(x).squeeze(1)
+
+
+class FeatureDiscriminator(nn.Module):
+    """UniTok's discriminator on a frozen, pluggable feature network: images ``[B, 3, H, W]`` in [-1, 1] →
+    logits ``[B, sum_l N_l]``, one :class:`FeatureHead` per tapped layer, concatenated per sample. The logits
+    go to :func:`discriminator_loss` / :func:`generator_loss` like the PatchGAN's.
+
+    ``feature_net`` is any :class:`FeatureNetwork` (e.g. :class:`Dinov2Features`); ``channels`` defaults to
+    its ``channels`` attribute. It is deliberately *not* registered as a submodule: ``parameters()`` and
+    ``state_dict()`` hold the heads only (what the optimizer trains and the checkpoint keeps; reload the
+    feature network from its own file when resuming), ``.to()`` / dtype casts still move it, its parameters
+    have ``requires_grad=False`` and it stays in eval mode. Gradients still flow through it to the images.
+    """
+
+    def __init__(
+        self,
+        feature_net: FeatureNetwork,
+        channels: Sequence[int] | None = None,
+        kernel_size: int = 9,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        if channels is None:
+            channels = getattr(feature_net, "channels", None)
+            if channels is None:
+                raise ValueError("pass channels: the feature network has no `channels` attribute")
+        # A tuple is a plain attribute for nn.Module (not a registered child): see the class docstring.
+        self._feature_net = (feature_net,)
+        if isinstance(feature_net, nn.Module):
+            feature_net.requires_grad_(False)
+            feature_net.eval()
+        self.heads = nn.ModuleList(FeatureHead(c, kernel_size, norm_groups) for c in channels)
+        self.reset_parameters()
+
+    @property
+    def feature_net(self) -> FeatureNetwork:
+        return self._feature_net[0]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Heads: Xavier-normal convolutions with gain 0.5 and zero biases; unit GroupNorms."""
+        for module in self.heads.modules():
+            if isinstance(module, nn.Conv1d):
+                nn.init.xavier_normal_(module.weight, gain=FEATURE_HEAD_GAIN)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the discriminator's optimizer trains: the heads (the same as ``parameters()``)."""
+        return list(self.heads.parameters())
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> FeatureDiscriminator:
+        # nn.Module routes .to() / .cuda() / .half() through _apply; the unregistered feature net must follow.
+        if isinstance(self.feature_net, nn.Module):
+            self.feature_net._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> FeatureDiscriminator:
+        super().train(mode)
+        if isinstance(self.feature_net, nn.Module):
+            self.feature_net.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.feature_net(images)
+        if len(features) != len(self.heads):
+            raise ValueError(
+                f"the feature network gave {len(features)} token maps for {len(self.heads)} heads"
+            )
+        return torch.cat(
+            [head(tokens.to(head.logits.weight.dtype)) for head, tokens in zip(self.heads, features)], 1
+        )

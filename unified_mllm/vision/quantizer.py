@@ -222,7 +222,7 @@ class VectorQuantizer(nn.Module):
         quantized = straight_through(flat, codes).reshape(moved.shape).movedim(-1, dim)
         counts = code_counts(indices, self.codebook_size)
         if self.training:
-            counts = self._update_statistics(flat.detach(), indices, counts)
+            counts = self.update_statistics(flat.detach(), indices, counts)
         return QuantizerOutput(
             quantized=quantized,
             indices=indices.reshape(moved.shape[:-1]),
@@ -235,25 +235,29 @@ class VectorQuantizer(nn.Module):
             latents=flat.detach(),
         )
 
-    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over ranks with :attr:`all_reduce` (itself in a single process)."""
         if self.all_reduce is None:
             return tensor
         result = self.all_reduce(tensor)
         return tensor if result is None else result
 
     @torch.no_grad()
-    def _update_statistics(
-        self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+    def update_statistics(
+        self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *, counts_reduced: bool = False
     ) -> torch.Tensor:
-        """Training-time bookkeeping after a forward pass; returns the (globally summed) counts."""
-        counts = self._reduce(counts)
+        """Training-time bookkeeping after a lookup of ``flat`` ``[N, dim]`` → ``indices`` ``[N]`` (``counts``
+        their histogram, already summed over ranks when ``counts_reduced``): dead-code clocks and the EMA step;
+        returns the globally summed counts."""
+        if not counts_reduced:
+            counts = self.reduce(counts)
         if self.dead_code_steps > 0:
             self.steps_since_used.add_(1)
             self.steps_since_used.masked_fill_(counts > 0, 0)
         if self.ema_decay is not None:
             embed_sum = torch.zeros(self.codebook_size, self.dim, device=flat.device)
             embed_sum.index_add_(0, indices, flat.float())
-            self.ema_update(counts, self._reduce(embed_sum))
+            self.ema_update(counts, self.reduce(embed_sum))
         return counts
 
     @torch.no_grad()
@@ -329,3 +333,204 @@ class VectorQuantizer(nn.Module):
         ema = f", ema_decay={self.ema_decay}" if self.ema_decay is not None else ""
         dead = f", dead_code_steps={self.dead_code_steps}" if self.dead_code_steps else ""
         return f"codebook_size={self.codebook_size}, dim={self.dim}, beta={self.beta}, lookup={lookup}{ema}{dead}"
+
+
+# ------------------------------------------------------------------------------- multi-code quantizers
+
+
+def _merge_outputs(
+    outputs: list[QuantizerOutput], quantized: torch.Tensor, indices: torch.Tensor, latents: torch.Tensor
+) -> QuantizerOutput:
+    """One :class:`QuantizerOutput` for several codebooks: losses and statistics averaged over them, the
+    per-codebook ``counts`` stacked to ``[codebooks, codebook_size]``."""
+    counts = torch.stack([out.counts for out in outputs])
+    return QuantizerOutput(
+        quantized=quantized,
+        indices=indices,
+        loss=torch.stack([out.loss for out in outputs]).mean(),
+        codebook_loss=torch.stack([out.codebook_loss for out in outputs]).mean(),
+        commitment_loss=torch.stack([out.commitment_loss for out in outputs]).mean(),
+        counts=counts,
+        perplexity=torch.stack([out.perplexity for out in outputs]).mean(),
+        usage=torch.stack([out.usage for out in outputs]).mean(),
+        latents=latents,
+    )
+
+
+class MultiCodebookQuantizer(nn.Module):
+    """UniTok's multi-codebook quantization: the ``dim`` channels of each vector are split into
+    ``num_codebooks`` contiguous chunks, and chunk ``k`` is quantized by its own :class:`VectorQuantizer`
+    (``codebook_size`` codes of ``dim / num_codebooks`` channels). One position thus takes one of
+    ``codebook_size ** num_codebooks`` values while each small codebook stays fully used.
+
+    ``forward`` returns indices with a trailing codebook dimension (``[..., num_codebooks]``), losses averaged
+    over the codebooks (UniTok: ``mean_k(codebook_k + beta * commitment_k)``) and ``counts``
+    ``[num_codebooks, codebook_size]``; ``latents`` are the (normalised) chunks, ``[N, dim]`` concatenated.
+    """
+
+    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, **quantizer_kwargs: object) -> None:
+        super().__init__()
+        if num_codebooks < 1 or dim % num_codebooks:
+            raise ValueError(f"dim {dim} does not split into {num_codebooks} equal chunks")
+        self.num_codebooks, self.codebook_size, self.dim = num_codebooks, codebook_size, dim
+        self.chunk_dim = dim // num_codebooks
+        self.codebooks = nn.ModuleList(
+            VectorQuantizer(codebook_size, self.chunk_dim, **quantizer_kwargs)  # type: ignore[arg-type]
+            for _ in range(num_codebooks)
+        )
+
+    @property
+    def all_reduce(self) -> TensorHook | None:
+        return self.codebooks[0].all_reduce
+
+    @all_reduce.setter
+    def all_reduce(self, hook: TensorHook | None) -> None:
+        for codebook in self.codebooks:
+            codebook.all_reduce = hook
+
+    @property
+    def dead_code_steps(self) -> int:
+        return self.codebooks[0].dead_code_steps
+
+    def _check(self, z: torch.Tensor, dim: int) -> torch.Tensor:
+        if z.shape[dim] != self.dim:
+            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
+        return z.movedim(dim, -1)
+
+    def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
+        moved = self._check(z, dim)
+        outputs = [
+            codebook(chunk) for codebook, chunk in zip(self.codebooks, moved.split(self.chunk_dim, -1))
+        ]
+        quantized = torch.cat([out.quantized for out in outputs], dim=-1).movedim(-1, dim)
+        indices = torch.stack([out.indices for out in outputs], dim=-1)
+        latents = torch.cat([out.latents for out in outputs], dim=1)
+        return _merge_outputs(outputs, quantized, indices, latents)
+
+    def nearest(self, z: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Indices ``[..., num_codebooks]`` for ``z`` without losses or statistics."""
+        chunks = self._check(z, dim).split(self.chunk_dim, -1)
+        return torch.stack([cb.nearest(chunk) for cb, chunk in zip(self.codebooks, chunks)], dim=-1)
+
+    def lookup(self, indices: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The concatenated code vectors for ``indices`` ``[..., num_codebooks]``; channels inserted at ``dim``."""
+        if indices.shape[-1] != self.num_codebooks:
+            raise ValueError(f"expected {self.num_codebooks} codes per position, got {tuple(indices.shape)}")
+        parts = [cb.lookup(indices[..., k]) for k, cb in enumerate(self.codebooks)]
+        return torch.cat(parts, dim=-1).movedim(-1, dim)
+
+    @torch.no_grad()
+    def restart_dead_codes(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        broadcast: TensorHook | None = None,
+    ) -> torch.Tensor:
+        """Restart each sub-codebook's dead codes from its own chunk of ``latents`` ``[N, dim]``; returns the
+        restarted indices of all sub-codebooks concatenated."""
+        chunks = latents.reshape(-1, self.dim).split(self.chunk_dim, dim=1)
+        restarted = [cb.restart_dead_codes(c, generator, broadcast) for cb, c in zip(self.codebooks, chunks)]
+        return torch.cat(restarted)
+
+
+class ResidualQuantizer(nn.Module):
+    """Residual quantization (RQ-VAE, Lee et al. 2022) with one codebook shared by all ``depth`` steps, as
+    DualToken uses it: step ``d`` quantizes what the first ``d - 1`` codes left over, and the position's
+    vector is the sum of its ``depth`` codes (finer and finer corrections).
+
+    Losses follow RQ-VAE: the commitment term is the mean over depths of ``mse(z, sg(sum of the first d
+    codes))``; the codebook term (gradient codebooks only) is the mean over depths of ``mse(code_d,
+    sg(residual_d))``. EMA codebooks are updated once per forward from the residuals of all depths together
+    (DualToken's ``rq_ema``), so the update does not depend on the order of the depths. ``indices`` have a
+    trailing depth dimension; ``counts`` are ``[depth, codebook_size]``; ``latents`` are all residuals.
+    """
+
+    def __init__(self, depth: int, codebook_size: int, dim: int, **quantizer_kwargs: object) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth, self.codebook_size, self.dim = depth, codebook_size, dim
+        self.codebook = VectorQuantizer(codebook_size, dim, **quantizer_kwargs)  # type: ignore[arg-type]
+
+    @property
+    def all_reduce(self) -> TensorHook | None:
+        return self.codebook.all_reduce
+
+    @all_reduce.setter
+    def all_reduce(self, hook: TensorHook | None) -> None:
+        self.codebook.all_reduce = hook
+
+    @property
+    def dead_code_steps(self) -> int:
+        return self.codebook.dead_code_steps
+
+    def _residual_codes(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per depth: the residual that was quantized ``[N, dim]`` and its code indices ``[N]``."""
+        residual, residuals, indices = flat.detach(), [], []
+        weights = self.codebook.codebook.detach()
+        for _ in range(self.depth):
+            index = nearest_code_indices(residual, weights, cosine=self.codebook.l2_normalize)
+            residuals.append(residual)
+            indices.append(index)
+            residual = residual - F.embedding(index, weights).to(residual.dtype)
+        return residuals, indices
+
+    def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
+        if z.shape[dim] != self.dim:
+            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
+        moved = z.movedim(dim, -1)
+        flat = moved.reshape(-1, self.dim)
+        residuals, indices = self._residual_codes(flat)
+        codebook = self.codebook.codebook
+        codes = [F.embedding(index, codebook).to(flat.dtype) for index in indices]
+        partial_sums = torch.stack(codes).cumsum(dim=0)  # [depth, N, dim]
+        commitment = torch.stack([F.mse_loss(flat, partial.detach()) for partial in partial_sums]).mean()
+        if self.codebook.ema_decay is None:
+            codebook_loss = torch.stack([F.mse_loss(c, r) for c, r in zip(codes, residuals)]).mean()
+        else:
+            codebook_loss = torch.zeros_like(commitment)
+        per_depth = torch.stack([code_counts(index, self.codebook_size) for index in indices])
+        if self.training:
+            per_depth = self.codebook.reduce(per_depth)  # global per-depth counts: logging and the EMA step
+            self.codebook.update_statistics(
+                torch.cat(residuals).float(), torch.cat(indices), per_depth.sum(dim=0), counts_reduced=True
+            )
+        quantized = straight_through(flat, partial_sums[-1]).reshape(moved.shape).movedim(-1, dim)
+        return QuantizerOutput(
+            quantized=quantized,
+            indices=torch.stack(indices, dim=-1).reshape(*moved.shape[:-1], self.depth),
+            loss=codebook_loss + self.codebook.beta * commitment,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment,
+            counts=per_depth,
+            perplexity=torch.stack([perplexity_from_counts(c) for c in per_depth]).mean(),
+            usage=(per_depth.sum(dim=0) > 0).float().mean(),
+            latents=torch.cat(residuals),
+        )
+
+    def nearest(self, z: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Indices ``[..., depth]`` for ``z`` without losses or statistics."""
+        moved = z.movedim(dim, -1)
+        _, indices = self._residual_codes(moved.reshape(-1, self.dim))
+        return torch.stack(indices, dim=-1).reshape(*moved.shape[:-1], self.depth)
+
+    def partial_sums(self, indices: torch.Tensor) -> torch.Tensor:
+        """``[..., depth, dim]``: entry ``d`` is the sum of the first ``d + 1`` code vectors of each position
+        (what a depth transformer feeds back after predicting code ``d``)."""
+        if indices.shape[-1] != self.depth:
+            raise ValueError(f"expected {self.depth} codes per position, got {tuple(indices.shape)}")
+        return self.codebook.lookup(indices).cumsum(dim=-2)
+
+    def lookup(self, indices: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The quantized vectors (sum over depth) for ``indices`` ``[..., depth]``; channels at ``dim``."""
+        return self.partial_sums(indices)[..., -1, :].movedim(-1, dim)
+
+    @torch.no_grad()
+    def restart_dead_codes(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        broadcast: TensorHook | None = None,
+    ) -> torch.Tensor:
+        """Restart dead codes of the shared codebook from the residuals of all depths (``latents``)."""
+        return self.codebook.restart_dead_codes(latents, generator, broadcast)

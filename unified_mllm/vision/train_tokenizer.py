@@ -1,27 +1,30 @@
-"""Train the VQ-GAN image tokenizer: reconstruction + perceptual + quantizer + PatchGAN losses, plain or DDP.
+"""Train an image tokenizer (``model.vq.kind``: VQ-GAN, UniTok or DualToken), plain or DDP.
 
     python -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
-    torchrun --nproc_per_node=2 -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml
+    torchrun --nproc_per_node=2 -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/unitok-tiny.yaml
 
 The architecture is ``model.vq``; everything about training is ``vq_train`` (see ``python -m
 unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per rank from
 :class:`~unified_mllm.data.images.ImageStream`:
 
 * **generator**: ``l1_weight * |x - x'| + l2_weight * (x - x')^2 + perceptual_weight * LPIPS(x', x)`` (the NLL
-  term; LPIPS only with ``perceptual_weights``), plus ``codebook_weight * (codebook + beta * commitment)`` from
-  the quantizer (commitment only with EMA codebooks), plus — from ``disc_start_step`` on — ``gan_weight *
-  lambda * L_G(D(x'))`` with taming's adaptive ``lambda`` (:func:`~unified_mllm.vision.losses.adaptive_gan_weight`)
-  or 1. The discriminator is frozen during this pass. Every ``restart_every`` steps, codes unused for
-  ``model.vq.dead_code_steps`` passes are restarted from this batch's encoder outputs (rank 0's, broadcast);
+  term; LPIPS only with ``perceptual_weights``), plus ``codebook_weight * (codebook + beta * commitment)`` summed
+  over the tokenizer's quantizers (commitment only with EMA codebooks), plus the kind's own terms —
+  ``contrastive_weight * InfoNCE(image, caption)`` for UniTok (captions from the samples' metadata, ids from
+  the project's text tokenizer), ``semantic_weight * distillation`` to the frozen teacher for DualToken — plus,
+  from ``disc_start_step`` on, ``gan_weight * lambda * L_G(D(x'))`` with taming's adaptive ``lambda``
+  (:func:`~unified_mllm.vision.losses.adaptive_gan_weight`) or 1. The discriminator is frozen during this pass.
+  Every ``restart_every`` steps, codes unused for ``model.vq.dead_code_steps`` passes are restarted from this
+  batch's encoder outputs (rank 0's, broadcast);
 * **discriminator** (from ``disc_start_step``): hinge or logistic loss on one forward of ``[x; sg(x')]``.
 
 Distributed: under ``torchrun`` both networks are wrapped in DDP (gloo on CPU, nccl on CUDA) and the
-quantizer's ``all_reduce`` sums code counts and EMA statistics over ranks, so the codebook stays identical
-everywhere. The quantizer runs in fp32 (the whole tokenizer does: it is small).
+quantizers' ``all_reduce`` sums code counts and EMA statistics over ranks, so the codebooks stay identical
+everywhere. Training runs in fp32. UniTok's contrastive loss uses each rank's local batch.
 
 Output directory (``vq_train.output_dir``, rank 0 writes):
 
-* ``model.safetensors`` + ``config.json`` — the final tokenizer (``VQGAN.from_checkpoint(output_dir)``);
+* ``model.safetensors`` + ``config.json`` — the final tokenizer (``load_visual_tokenizer(output_dir)``);
 * ``config.yaml`` — the resolved config; ``train_summary.json`` — what was trained, how long, final metrics
   (written last: its presence marks a finished run, which a re-run with the same settings reuses);
 * ``metrics.jsonl`` — one record per log step (loss terms, codebook usage and perplexity over the window, LR,
@@ -60,9 +63,10 @@ from unified_mllm.config import (
     config_from_args,
     save_config,
 )
-from unified_mllm.data.images import ImageStream, load_first_images
+from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
 from unified_mllm.eval.image_metrics import psnr, ssim
+from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
     STATE_FILE,
@@ -75,17 +79,26 @@ from unified_mllm.train.checkpoint import (
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves, write_json
 from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.vision.contrastive import tokenize
 from unified_mllm.vision.image import tensor_to_image
 from unified_mllm.vision.losses import (
+    Dinov2Features,
+    FeatureDiscriminator,
     NLayerDiscriminator,
     PerceptualLoss,
     adaptive_gan_weight,
     build_perceptual_loss,
+    dinov2_small_config,
     discriminator_loss,
     generator_loss,
 )
-from unified_mllm.vision.quantizer import QuantizerOutput, perplexity_from_counts
-from unified_mllm.vision.vqgan import VQGAN
+from unified_mllm.vision.quantizer import perplexity_from_counts
+from unified_mllm.vision.visual_tokenizer import (
+    TokenizerOutput,
+    VisualTokenizer,
+    build_visual_tokenizer,
+    load_visual_tokenizer,
+)
 
 SUMMARY_FILE = "train_summary.json"
 CURVES_FILE = "loss_curves.png"
@@ -131,27 +144,33 @@ _WINDOW_TOTALS = ("restarted",)
 
 class MetricWindow:
     """Loss terms of the steps since the last log, kept on the device (no host sync until :meth:`flush`),
-    with the code counts summed over the window for usage and perplexity."""
+    with each quantizer's code counts (``[codebook_size]`` or ``[codebooks, codebook_size]``) summed over the
+    window for usage and perplexity."""
 
-    def __init__(self, codebook_size: int, device: torch.device) -> None:
-        self.codebook_size, self.device = codebook_size, device
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts = torch.zeros(self.codebook_size, device=self.device)
+        self.counts: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+    def add(self, terms: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
             value = value.detach().float()
             self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.counts += counts.detach()
+        for name, value in counts.items():
+            value = value.detach().float()
+            self.counts[name] = self.counts[name] + value if name in self.counts else value
         self.steps += 1
 
     def flush(self) -> dict[str, float]:
-        """Means over the window and over ranks (a collective: every rank calls it), then reset."""
+        """Means over the window and over ranks (a collective: every rank calls it), then reset.
+
+        ``usage`` / ``perplexity`` average over every codebook (a multi-codebook quantizer's rows each count
+        once); with several quantizers each also gets ``usage_<name>`` / ``perplexity_<name>``."""
         names = sorted(self.sums)
         means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1) if names else None
         if means is not None:
@@ -161,8 +180,18 @@ class MetricWindow:
         for name in _WINDOW_TOTALS:
             if name in out:
                 out[name] = round(out[name] * self.steps)  # a count per window, not a per-step mean
-        out["usage"] = float((self.counts > 0).float().mean())
-        out["perplexity"] = float(perplexity_from_counts(self.counts))
+        rows = {name: counts.reshape(-1, counts.shape[-1]) for name, counts in self.counts.items()}
+        usage = {name: (r > 0).float().mean(dim=1) for name, r in rows.items()}
+        perplexity = {
+            name: torch.stack([perplexity_from_counts(row) for row in r]) for name, r in rows.items()
+        }
+        if usage:
+            out["usage"] = float(torch.cat(list(usage.values())).mean())
+            out["perplexity"] = float(torch.cat(list(perplexity.values())).mean())
+        if len(rows) > 1:
+            for name in rows:
+                out[f"usage_{name}"] = float(usage[name].mean())
+                out[f"perplexity_{name}"] = float(perplexity[name].mean())
         out["sec_per_step"] = (time.perf_counter() - self.started) / max(self.steps, 1)
         self.reset()
         return out
@@ -174,10 +203,11 @@ class MetricWindow:
 @dataclass
 class Networks:
     """The trained modules (``generator`` / ``discriminator`` are the DDP wrappers in a distributed run,
-    ``vqgan`` / ``disc`` the modules themselves), their optimizers and schedulers, the frozen perceptual loss."""
+    ``tokenizer`` / ``disc`` the modules themselves), their optimizers and schedulers, the frozen perceptual
+    loss, and the caption tokenizer of contrastive tokenizers (UniTok)."""
 
-    vqgan: VQGAN
-    disc: NLayerDiscriminator
+    tokenizer: VisualTokenizer
+    disc: nn.Module
     generator: nn.Module
     discriminator: nn.Module
     opt_g: torch.optim.Optimizer
@@ -186,6 +216,19 @@ class Networks:
     sched_d: torch.optim.lr_scheduler.LambdaLR
     perceptual: PerceptualLoss | None
     restart_generator: torch.Generator
+    text: TextTokenizer | None = None
+
+
+class TrainingForward(nn.Module):
+    """``forward`` = the tokenizer's :meth:`~VisualTokenizer.training_forward`, so that DDP (which hooks
+    ``forward``) wraps the training pass; the state dict is the tokenizer's under ``tokenizer.``."""
+
+    def __init__(self, tokenizer: VisualTokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None) -> TokenizerOutput:
+        return self.tokenizer.training_forward(pixels, text_ids)
 
 
 def _schedule(cfg: VQTrainConfig, total: int) -> Any:
@@ -197,36 +240,76 @@ def _schedule(cfg: VQTrainConfig, total: int) -> Any:
     )
 
 
+def build_tokenizer(config: Config) -> VisualTokenizer:
+    """The tokenizer to train: random, or ``vq_train.init_from``'s weights; a DualToken backbone starts from
+    ``model.vq.dualtoken.pretrained`` (which also becomes its frozen teacher)."""
+    vq = config.model.vq
+    tokenizer: Any = build_visual_tokenizer(vq)
+    distils = vq.kind == "dualtoken"  # DualToken keeps a frozen teacher copy of its backbone
+    if config.vq_train.init_from:  # fine-tuning: start from trained weights of exactly this architecture
+        trained = load_visual_tokenizer(config.vq_train.init_from, config=vq)
+        tokenizer.load_generator_state(trained.state_to_save(), source=config.vq_train.init_from)
+        if distils:
+            tokenizer.reset_teacher()
+    elif distils and vq.dualtoken.pretrained:
+        tokenizer.load_backbone(vq.dualtoken.pretrained)
+    return tokenizer
+
+
+def build_discriminator(cfg: VQTrainConfig) -> nn.Module:
+    """The PatchGAN, or UniTok's heads on a frozen DINOv2 (its weights from ``disc_feature_model``)."""
+    if cfg.discriminator == "patchgan":
+        return NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
+    layers = tuple(cfg.disc_feature_layers)
+    if cfg.disc_feature_model:
+        features = Dinov2Features.from_pretrained(cfg.disc_feature_model, layers)
+    else:
+        features = Dinov2Features(dinov2_small_config(), layers)
+    return FeatureDiscriminator(features)
+
+
 def build_networks(config: Config, info: DistInfo) -> Networks:
     """Generator, discriminator (seeded identically on every rank), DDP wrappers, optimizers, schedulers."""
     cfg = config.vq_train
     torch.manual_seed(cfg.seed)
-    vqgan = VQGAN.from_config(config.model.vq)
-    if cfg.init_from:  # fine-tuning: start from trained weights of exactly this architecture
-        trained = VQGAN.from_checkpoint(cfg.init_from, config=config.model.vq)
-        vqgan.load_generator_state(trained.state_dict(), source=cfg.init_from)
-    vqgan = vqgan.to(info.device)
-    disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm).to(info.device)
+    tokenizer = build_tokenizer(config).to(info.device)
+    disc = build_discriminator(cfg).to(info.device)
     if info.distributed:
-        # The codebook's counts and EMA sums are summed over ranks inside the quantizer, so its buffers agree
+        # Code counts and EMA sums are summed over ranks inside the quantizers, so their buffers agree
         # everywhere without DDP re-broadcasting them every forward.
-        vqgan.quantize.all_reduce = distributed.all_reduce_sum
-    generator = distributed.wrap_ddp(vqgan, info, sync_buffers=False)
+        for quantizer in tokenizer.quantizers().values():
+            quantizer.all_reduce = distributed.all_reduce_sum
+    generator = distributed.wrap_ddp(TrainingForward(tokenizer), info, sync_buffers=False)
     discriminator = distributed.wrap_ddp(disc, info)  # BatchNorm statistics: rank 0's at each forward
     betas = (cfg.betas[0], cfg.betas[1])
     opt_g = torch.optim.AdamW(
-        [p for p in vqgan.parameters() if p.requires_grad],
+        [p for p in tokenizer.parameters() if p.requires_grad],
         lr=cfg.lr,
         betas=betas,
         weight_decay=cfg.weight_decay,
     )
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
+    opt_d = torch.optim.Adam(
+        [p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr or cfg.lr, betas=betas
+    )
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _schedule(cfg, cfg.steps))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _schedule(cfg, cfg.steps - cfg.disc_start_step))
     perceptual = build_perceptual_loss(cfg.perceptual, cfg.perceptual_weights, info.device)
     restart_generator = torch.Generator(device=info.device).manual_seed(cfg.seed + 1)
+    text = None
+    if config.model.vq.kind == "unitok" and cfg.contrastive_weight > 0:
+        text = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
     return Networks(
-        vqgan, disc, generator, discriminator, opt_g, opt_d, sched_g, sched_d, perceptual, restart_generator
+        tokenizer,
+        disc,
+        generator,
+        discriminator,
+        opt_g,
+        opt_d,
+        sched_g,
+        sched_d,
+        perceptual,
+        restart_generator,
+        text,
     )
 
 
@@ -250,25 +333,49 @@ def _clip(module: nn.Module, max_norm: float) -> None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
+def _caption_ids(nets: Networks, captions: Sequence[str], device: torch.device) -> torch.Tensor | None:
+    """Padded caption ids for contrastive tokenizers (``None`` otherwise)."""
+    if nets.text is None:
+        return None
+    unitok = nets.tokenizer.config.unitok
+    return tokenize(nets.text, captions, unitok.text_context, pad=unitok.text_pad_id).to(device)
+
+
+def extra_loss_weights(cfg: VQTrainConfig) -> dict[str, float]:
+    """The weight of each tokenizer-specific loss term, by the name :class:`TokenizerOutput` gives it."""
+    return {"contrastive": cfg.contrastive_weight, "semantic": cfg.semantic_weight}
+
+
 def generator_step(
-    nets: Networks, pixels: torch.Tensor, step: int, cfg: VQTrainConfig
-) -> tuple[torch.Tensor, QuantizerOutput, dict[str, torch.Tensor]]:
-    """One generator update; returns (detached reconstruction, the quantizer's output, loss terms)."""
-    recon, quant = nets.generator(pixels)
+    nets: Networks, pixels: torch.Tensor, captions: Sequence[str], step: int, cfg: VQTrainConfig
+) -> tuple[torch.Tensor, TokenizerOutput, dict[str, torch.Tensor]]:
+    """One generator update; returns (detached reconstruction, the tokenizer's output, loss terms)."""
+    out: TokenizerOutput = nets.generator(pixels, _caption_ids(nets, captions, pixels.device))
+    recon = out.reconstruction
     l1 = (recon - pixels).abs().mean()
     l2 = (recon - pixels).pow(2).mean()
     nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
-    terms = {"l1": l1, "l2": l2, "codebook": quant.codebook_loss, "commitment": quant.commitment_loss}
+    quants = list(out.quant.values())
+    terms = {
+        "l1": l1,
+        "l2": l2,
+        "codebook": torch.stack([q.codebook_loss for q in quants]).mean(),
+        "commitment": torch.stack([q.commitment_loss for q in quants]).mean(),
+    }
     if nets.perceptual is not None and cfg.perceptual_weight > 0:
         terms["perceptual"] = nets.perceptual(recon, pixels)
         nll = nll + cfg.perceptual_weight * terms["perceptual"]
-    loss = nll + cfg.codebook_weight * quant.loss
+    loss = nll + cfg.codebook_weight * out.quantizer_loss
+    weights = extra_loss_weights(cfg)
+    for name, value in out.losses.items():
+        terms[name] = value
+        loss = loss + weights[name] * value
     if gan_active(step, cfg):
         with frozen(nets.disc):
             terms["g_loss"] = generator_loss(nets.disc(recon), cfg.gan_loss)
         weight = torch.tensor(cfg.gan_weight, device=pixels.device)
         if cfg.adaptive_gan_weight:
-            last = nets.vqgan.get_last_layer()
+            last = nets.tokenizer.get_last_layer()
             weight = weight * adaptive_gan_weight(
                 nll, terms["g_loss"], last, max_weight=cfg.adaptive_weight_max
             )
@@ -277,10 +384,10 @@ def generator_step(
     terms["loss"] = loss
     nets.opt_g.zero_grad(set_to_none=True)
     loss.backward()
-    _clip(nets.vqgan, cfg.grad_clip)
+    _clip(nets.tokenizer, cfg.grad_clip)
     nets.opt_g.step()
     nets.sched_g.step()
-    return recon.detach(), quant, terms
+    return recon.detach(), out, terms
 
 
 def discriminator_step(
@@ -304,21 +411,26 @@ def gan_active(step: int, cfg: VQTrainConfig) -> bool:
 
 
 def train_step(
-    nets: Networks, pixels: torch.Tensor, step: int, cfg: VQTrainConfig, info: DistInfo
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Generator update, dead-code restart on check steps, discriminator update; returns (terms, counts)."""
-    recon, quant, terms = generator_step(nets, pixels, step, cfg)
-    quantize = nets.vqgan.quantize
-    if quantize.dead_code_steps > 0 and (step + 1) % cfg.restart_every == 0:
-        # Every rank takes the same decision (the usage statistics are global), then rank 0's codebook wins.
-        broadcast = distributed.broadcast if info.distributed else None
-        restarted = quantize.restart_dead_codes(
-            quant.latents, generator=nets.restart_generator, broadcast=broadcast
-        )
-        terms["restarted"] = torch.tensor(float(restarted.numel()), device=pixels.device)
+    nets: Networks, batch: ImageBatch, step: int, cfg: VQTrainConfig, info: DistInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Generator update, dead-code restarts on check steps, discriminator update; returns (terms, counts by
+    quantizer)."""
+    pixels = batch.pixels.to(info.device)
+    recon, out, terms = generator_step(nets, pixels, batch.captions, step, cfg)
+    if (step + 1) % cfg.restart_every == 0:
+        restarted = 0
+        for name, quantizer in nets.tokenizer.quantizers().items():
+            if quantizer.dead_code_steps > 0:
+                # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
+                broadcast = distributed.broadcast if info.distributed else None
+                restarted += quantizer.restart_dead_codes(
+                    out.quant[name].latents, generator=nets.restart_generator, broadcast=broadcast
+                ).numel()
+        if any(q.dead_code_steps > 0 for q in nets.tokenizer.quantizers().values()):
+            terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
     if gan_active(step, cfg):
         terms.update(discriminator_step(nets, pixels, recon, cfg))
-    return terms, quant.counts
+    return terms, {name: q.counts for name, q in out.quant.items()}
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -334,7 +446,7 @@ def training_state(
         "elapsed_seconds": elapsed,
         "world_size": distributed.get_world_size(),
         "vq": fingerprint(config)["vq"],
-        "generator": nets.vqgan.state_dict(),
+        "generator": nets.tokenizer.state_dict(),
         "discriminator": nets.disc.state_dict(),
         "opt_g": nets.opt_g.state_dict(),
         "opt_d": nets.opt_d.state_dict(),
@@ -352,7 +464,7 @@ def restore_training_state(nets: Networks, state: dict[str, Any], config: Config
             "`model.vq`: the checkpoint in vq_train.output_dir was trained with another architecture "
             f"({state.get('vq')}); pick another output_dir / run_name or set vq_train.resume=false"
         )
-    nets.vqgan.load_state_dict(state["generator"])
+    nets.tokenizer.load_state_dict(state["generator"])
     nets.disc.load_state_dict(state["discriminator"])
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
@@ -382,19 +494,22 @@ def save_training_state(nets: Networks, step: int, position: int, elapsed: float
 
 
 @torch.no_grad()
-def evaluate(vqgan: VQGAN, pixels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-    """Reconstruction PSNR / SSIM (dB / [0, 1], means) and code usage on ``pixels``; returns (metrics, recon)."""
-    was_training = vqgan.training
-    vqgan.eval()
-    codes = vqgan.encode(pixels)
-    recon = vqgan.decode(codes).clamp(-1, 1)
-    vqgan.train(was_training)
-    counts = torch.bincount(codes.reshape(-1), minlength=vqgan.config.codebook_size).float()
+def evaluate(tokenizer: VisualTokenizer, pixels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """Reconstruction PSNR / SSIM (dB / [0, 1], means) and code usage / perplexity (averaged over the code
+    slots of a position) on ``pixels``; returns (metrics, recon)."""
+    with tokenizer.eval_mode():
+        codes = tokenizer.encode(pixels)
+        recon = tokenizer.decode(codes).clamp(-1, 1)
+    slots = codes.reshape(-1, tokenizer.code_depth)
+    counts = [
+        torch.bincount(slots[:, i], minlength=size).float()
+        for i, size in enumerate(tokenizer.code_vocab_sizes())
+    ]
     metrics = {
         "psnr": float(psnr(recon, pixels).clamp(max=100.0).mean()),
         "ssim": float(ssim(recon, pixels).mean()),
-        "usage": float((counts > 0).float().mean()),
-        "perplexity": float(perplexity_from_counts(counts)),
+        "usage": sum(float((c > 0).float().mean()) for c in counts) / len(counts),
+        "perplexity": sum(float(perplexity_from_counts(c)) for c in counts) / len(counts),
     }
     return metrics, recon
 
@@ -444,7 +559,7 @@ def make_logger(config: Config, out_dir: Path, run: RunState, info: DistInfo, pr
     """The run's bar, metrics file and wandb run (rank 0)."""
     return RunLogger(
         out_dir,
-        name="vqgan",
+        name=config.model.vq.kind,
         total=config.vq_train.steps,
         initial=run.step,
         is_main=info.is_main,
@@ -498,13 +613,13 @@ def train_loop(
         hflip=cfg.hflip,
     )
     eval_pixels = _eval_pixels(config, info)
-    window = MetricWindow(config.model.vq.codebook_size, info.device)
+    window = MetricWindow(info.device)
     batches = iter(stream)
     last: dict[str, Any] = {}
     started = time.perf_counter() - run.elapsed
     while run.step < cfg.steps:
         batch = next(batches)
-        terms, counts = train_step(nets, batch.pixels.to(info.device), run.step, cfg, info)
+        terms, counts = train_step(nets, batch, run.step, cfg, info)
         window.add(terms, counts)
         run.step, run.position = run.step + 1, batch.position
         run.elapsed = time.perf_counter() - started
@@ -515,7 +630,7 @@ def train_loop(
             last["train"] = {"kind": "train", "step": run.step, "lr": lr, "epoch": batch.epoch, **metrics}
             logger.log(last["train"], {k: metrics[k] for k in ("l1", "usage") if k in metrics})
         if eval_pixels is not None and cfg.eval_every and run.step % cfg.eval_every == 0:
-            last["eval"] = {"kind": "eval", "step": run.step, **evaluate(nets.vqgan, eval_pixels)[0]}
+            last["eval"] = {"kind": "eval", "step": run.step, **evaluate(nets.tokenizer, eval_pixels)[0]}
             logger.log(last["eval"])
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
             save_training_state(nets, run.step, run.position, run.elapsed, config)
@@ -526,11 +641,11 @@ def finish_run(
     nets: Networks, config: Config, info: DistInfo, run: RunState, last: dict[str, Any], out_dir: Path
 ) -> dict[str, Any]:
     """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
-    nets.vqgan.save_pretrained(out_dir)
+    nets.tokenizer.save_pretrained(out_dir)
     save_config(config, out_dir / CONFIG_FILE)
     eval_pixels = _eval_pixels(config, info)
     if eval_pixels is not None:
-        metrics, recon = evaluate(nets.vqgan, eval_pixels)
+        metrics, recon = evaluate(nets.tokenizer, eval_pixels)
         last["eval"] = {"kind": "eval", "step": run.step, **metrics}
         save_reconstruction_grid(eval_pixels, recon, out_dir / GRID_FILE)
     if (out_dir / METRICS_FILE).is_file():
@@ -567,10 +682,8 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     summary = finished_run(out_dir, config)
     if summary is not None:
         if info.is_main:
-            print(f"reusing the finished tokenizer in {out_dir} (VQGAN.from_checkpoint({str(out_dir)!r}))")
+            print(f"reusing the finished tokenizer in {out_dir} (load_visual_tokenizer({str(out_dir)!r}))")
         return summary
-    if config.model.vq.kind != "vqgan":
-        raise ConfigError(f"`model.vq.kind`: this trainer trains 'vqgan', got {config.model.vq.kind!r}")
     cfg = config.vq_train
     check_data(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)

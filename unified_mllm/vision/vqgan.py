@@ -27,33 +27,32 @@ Building does no I/O (design convention 5): :meth:`VQGAN.from_config` random-ini
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import json
 import os
 import pickle
-import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image
 from torch import nn
 
 from unified_mllm.config import VQConfig
-from unified_mllm.vision.image import ImageSource, preprocess, tensor_to_image
 from unified_mllm.vision.quantizer import QuantizerOutput, VectorQuantizer
+from unified_mllm.vision.visual_tokenizer import (
+    TokenizerOutput,
+    VisualTokenizer,
+    VQCheckpointError,
+    quantizer_options,
+    read_tokenizer_config,
+    resolve_checkpoint_paths,
+    typed_vq_config,
+)
 
-FORMAT_NAME = "unified_mllm.vqgan"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # Training-only parts of a taming/Chameleon checkpoint (discriminator, LPIPS): not part of the tokenizer.
 IGNORED_PREFIXES = ("loss.",)
 # VQConfig fields that a taming yaml determines; the others (beta, EMA, ...) come from the base config.
@@ -68,14 +67,6 @@ _TAMING_FIELDS = {
     "resolution": ("ddconfig", "resolution"),
     "dropout": ("ddconfig", "dropout"),
 }
-_MAX_LISTED_KEYS = 20
-
-
-class VQCheckpointError(ValueError):
-    """A tokenizer checkpoint or config that cannot be loaded; the message says which keys or fields."""
-
-
-# ------------------------------------------------------------------------------------------- building blocks
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -266,34 +257,21 @@ def check_vq_config(vq: VQConfig) -> None:
         raise ValueError(f"vq.resolution {vq.resolution} is not a multiple of {vq.downsample_factor}")
 
 
-class VQGAN(nn.Module):
+class VQGAN(VisualTokenizer):
     """Encoder → ``quant_conv`` → :class:`VectorQuantizer` → ``post_quant_conv`` → decoder."""
 
+    kind = "vqgan"
+
     def __init__(self, vq: VQConfig) -> None:
-        super().__init__()
         check_vq_config(vq)
-        self.config = copy.deepcopy(vq)
+        super().__init__(vq)
         self.encoder = Encoder(vq)
         self.quant_conv = nn.Conv2d(vq.z_channels, vq.embed_dim, kernel_size=1)
-        self.quantize = VectorQuantizer(
-            vq.codebook_size,
-            vq.embed_dim,
-            beta=vq.beta,
-            l2_normalize=vq.l2_normalize_codes,
-            ema_decay=vq.ema_decay,
-            dead_code_steps=vq.dead_code_steps,
-        )
+        self.quantize = VectorQuantizer(vq.codebook_size, vq.embed_dim, **quantizer_options(vq))
         self.post_quant_conv = nn.Conv2d(vq.embed_dim, vq.z_channels, kernel_size=1)
         self.decoder = Decoder(vq)
 
     # -- construction and files ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, vq: VQConfig, device: str | torch.device | None = None) -> VQGAN:
-        """A randomly initialised VQ-GAN built directly on ``device`` (``"meta"``: no memory). No I/O:
-        ``vq.checkpoint`` is ignored here, use :meth:`from_checkpoint`."""
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            return cls(vq)
 
     @classmethod
     def from_checkpoint(
@@ -336,56 +314,19 @@ class VQGAN(nn.Module):
         return model.to(device)
 
     def load_generator_state(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-        """Copy ``state`` into this model after checking every key and shape.
+        """Copy ``state`` into this model after checking every key and shape; ``loss.*`` keys (taming's
+        discriminator and LPIPS) are dropped, the quantizer's training statistics are optional both ways."""
+        kept = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+        super().load_generator_state(kept, source)
 
-        ``loss.*`` keys are dropped; the quantizer's training statistics are optional both ways (restarted from
-        the codebook when absent, ignored when this config does not use them).
-        """
-        expected = self.state_dict()
-        optional = {f"quantize.{name}" for name in VectorQuantizer.STATISTIC_BUFFERS}
-        state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-        missing = [k for k in expected if k not in state and k not in optional]
-        unexpected = [k for k in state if k not in expected and k not in optional]
-        mismatched = [
-            (k, tuple(state[k].shape), tuple(expected[k].shape))
-            for k in expected
-            if k in state and state[k].shape != expected[k].shape
-        ]
-        if missing or unexpected or mismatched:
-            raise VQCheckpointError(_mismatch_message(source, self.config, missing, unexpected, mismatched))
-        self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-        if any(k in expected and k not in state for k in optional):
-            self.quantize.reset_statistics()
-
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed).
-
-        Each file is written under a temporary name and renamed into place, so a crash never leaves a
-        truncated file; other files in ``directory`` are left alone. Returns the directory.
-        """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        if any(v.is_meta for v in self.state_dict().values()):
-            raise ValueError("cannot save a VQGAN built on the meta device: materialise it first")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        vq = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "checkpoint"}
-        document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
-        directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(
-            directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), {"format": FORMAT_NAME})
-        )
-        _atomic_write(
-            directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n")
-        )
-        return directory
+    def describe(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(self.config)
+            if f.name in _TAMING_FIELDS
+        }
 
     # -- tensors ----------------------------------------------------------------------------------------
-
-    @property
-    def latent_size(self) -> int:
-        """Codes per side for a ``resolution`` x ``resolution`` image (Chameleon: 512 / 16 = 32)."""
-        return self.config.resolution // self.config.downsample_factor
 
     def get_last_layer(self) -> nn.Parameter:
         """The decoder's last weight, for the adaptive GAN-loss weight (taming's ``calculate_adaptive_weight``)."""
@@ -393,7 +334,7 @@ class VQGAN(nn.Module):
 
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] → pre-quantization latents ``[B, embed_dim, H / f, W / f]``."""
-        self._check_pixels(pixels)
+        self.check_pixels(pixels)
         return self.quant_conv(self.encoder(pixels))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -406,7 +347,7 @@ class VQGAN(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, h, w]`` (integers in ``[0, codebook_size)``) → pixels ``[B, 3, h * f, w * f]``."""
-        self._check_codes(codes)
+        self.check_codes(codes)
         weight = self.quantize.embedding.weight
         return self.decode_quantized(self.quantize.lookup(codes.to(weight.device), dim=1))
 
@@ -415,97 +356,13 @@ class VQGAN(nn.Module):
         out = self.quantize(self.encode_latents(pixels), dim=1)
         return self.decode_quantized(out.quantized), out
 
-    # -- images -----------------------------------------------------------------------------------------
+    def training_forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None) -> TokenizerOutput:
+        """:meth:`forward` as the tokenizer trainer takes it (``text_ids`` unused: no contrastive term)."""
+        reconstruction, out = self(pixels)
+        return TokenizerOutput(reconstruction, {"codes": out})
 
-    @torch.no_grad()
-    def images_to_codes(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[np.ndarray]:
-        """Tokenize images (paths, bytes or PIL images of any mode and size) → one ``[h, w]`` int64 array each.
-
-        Each image is converted to RGB (transparency on white), resized and centre-cropped to
-        ``resolution``, scaled to [-1, 1] and encoded ``batch_size`` at a time, in eval mode.
-        """
-        if isinstance(images, torch.Tensor) or any(isinstance(i, torch.Tensor) for i in images):
-            raise ValueError("images_to_codes takes images (paths, bytes, PIL); encode() takes pixel tensors")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        weight = self.quant_conv.weight
-        codes: list[np.ndarray] = []
-        with self._eval_mode():
-            for start in range(0, len(images), batch_size):
-                pixels = preprocess(list(images[start : start + batch_size]), self.config.resolution)
-                batch = self.encode(pixels.to(device=weight.device, dtype=weight.dtype)).cpu().numpy()
-                codes.extend(np.ascontiguousarray(c, dtype=np.int64) for c in batch)
-        return codes
-
-    @torch.no_grad()
-    def codes_to_images(
-        self, codes: Sequence[np.ndarray | torch.Tensor], batch_size: int = 16
-    ) -> list[Image.Image]:
-        """Decode ``[h, w]`` code grids into RGB images of ``h * f`` x ``w * f`` pixels, in input order.
-
-        Grids of the same shape are decoded together, ``batch_size`` at a time, in eval mode.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        grids = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c for c in codes]
-        for i, grid in enumerate(grids):
-            if grid.ndim != 2:
-                raise ValueError(f"codes[{i}] must be an [h, w] grid, got shape {tuple(grid.shape)}")
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, grid in enumerate(grids):
-            by_shape.setdefault(tuple(grid.shape), []).append(i)
-        images: list[Image.Image | None] = [None] * len(grids)
-        with self._eval_mode():
-            for positions in by_shape.values():
-                for start in range(0, len(positions), batch_size):
-                    chunk = positions[start : start + batch_size]
-                    pixels = self.decode(torch.stack([grids[i] for i in chunk]))
-                    for i, image in zip(chunk, pixels):
-                        images[i] = tensor_to_image(image)
-        return [image for image in images if image is not None]
-
-    # -- checks -----------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        # Tokenizing must not depend on the caller's mode (dropout), nor change it.
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        factor = self.config.downsample_factor
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise ValueError(
-                f"pixels must be a float tensor [B, 3, H, W] in [-1, 1], got {_describe(pixels)}"
-            )
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            hint = " (add a batch dimension: pixels[None])" if pixels.ndim == 3 else ""
-            raise ValueError(f"pixels must have shape [B, 3, H, W], got {tuple(pixels.shape)}{hint}")
-        height, width = pixels.shape[-2:]
-        if height == 0 or width == 0 or height % factor or width % factor:
-            raise ValueError(
-                f"pixel height and width must be positive multiples of the downsampling factor {factor}, "
-                f"got {height}x{width}"
-            )
-
-    def _check_codes(self, codes: torch.Tensor) -> None:
-        if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"codes must be an integer tensor [B, h, w], got {_describe(codes)}")
-        if codes.ndim != 3:
-            raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
-        size = self.config.codebook_size
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
-            raise ValueError(f"codes must lie in [0, {size}), got [{int(codes.min())}, {int(codes.max())}]")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+    def quantizers(self) -> dict[str, nn.Module]:
+        return {"codes": self.quantize}
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -514,19 +371,13 @@ def _describe(value: Any) -> str:
 def _resolve_checkpoint_paths(
     path: Path, yaml_path: str | os.PathLike[str] | None
 ) -> tuple[Path, Path | None]:
-    """(weights file, config file or None) for a checkpoint path as the user gave it."""
-    if path.is_dir():
-        weights, candidates = path / WEIGHTS_FILE, [path / CONFIG_FILE]
-    else:
-        weights = path
-        candidates = [path.with_suffix(".yaml"), path.with_suffix(".yml"), path.parent / CONFIG_FILE]
-    if not weights.is_file():
-        raise FileNotFoundError(f"VQ-GAN weights not found: {weights}")
-    if yaml_path is not None:
-        if not Path(yaml_path).is_file():
-            raise FileNotFoundError(f"VQ-GAN config not found: {yaml_path}")
-        return weights, Path(yaml_path)
-    return weights, next((c for c in candidates if c.is_file()), None)
+    """(weights file, config file or None): an explicit ``yaml_path`` wins over a config found beside them."""
+    weights, found = resolve_checkpoint_paths(path)
+    if yaml_path is None:
+        return weights, found
+    if not Path(yaml_path).is_file():
+        raise FileNotFoundError(f"VQ-GAN config not found: {yaml_path}")
+    return weights, Path(yaml_path)
 
 
 def read_vq_config(path: str | os.PathLike[str], base: VQConfig | None = None) -> VQConfig:
@@ -537,18 +388,9 @@ def read_vq_config(path: str | os.PathLike[str], base: VQConfig | None = None) -
     """
     path = Path(path)
     if path.suffix == ".json":
-        document = json.loads(path.read_text())
-        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-            raise VQCheckpointError(
-                f"{path} is not a {FORMAT_NAME} config (missing 'format': '{FORMAT_NAME}')"
-            )
-        if document.get("format_version", 0) > FORMAT_VERSION:
-            raise VQCheckpointError(
-                f"{path} has format_version {document['format_version']} > {FORMAT_VERSION}"
-            )
-        return _typed_vq_config(VQConfig(), document.get("vq", {}), path)
+        return read_tokenizer_config(path)
     if path.suffix in (".yaml", ".yml"):
-        return _typed_vq_config(base or VQConfig(), taming_yaml_fields(path), path)
+        return typed_vq_config(base or VQConfig(), taming_yaml_fields(path), path)
     raise VQCheckpointError(f"unknown VQ config file type {path.suffix!r} ({path}): expected .json or .yaml")
 
 
@@ -576,17 +418,6 @@ def taming_yaml_fields(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise VQCheckpointError(f"{path}: missing model.params.{'.'.join(keys)}")
         fields[name] = value
     return fields
-
-
-def _typed_vq_config(base: VQConfig, fields: Mapping[str, Any], source: Path) -> VQConfig:
-    # OmegaConf's structured merge rejects unknown fields and wrongly typed values with the key's name.
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), dict(fields))
-        vq = OmegaConf.to_object(merged)
-    except Exception as exc:  # omegaconf raises several unrelated exception types
-        raise VQCheckpointError(f"{source}: invalid VQ config: {exc}") from exc
-    assert isinstance(vq, VQConfig)
-    return vq
 
 
 def load_checkpoint_state(
@@ -620,38 +451,3 @@ def load_checkpoint_state(
     if not state:
         raise VQCheckpointError(f"{path} holds no tensors")
     return state
-
-
-def _mismatch_message(
-    source: str,
-    vq: VQConfig,
-    missing: list[str],
-    unexpected: list[str],
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
-) -> str:
-    shapes = {f.name: getattr(vq, f.name) for f in dataclasses.fields(vq) if f.name in _TAMING_FIELDS}
-    lines = [f"checkpoint {source} does not fit the VQ-GAN config {shapes}:"]
-
-    def listed(title: str, items: list[str]) -> None:
-        if items:
-            lines.append(f"  {title} ({len(items)}):")
-            lines.extend(f"    {item}" for item in items[:_MAX_LISTED_KEYS])
-            if len(items) > _MAX_LISTED_KEYS:
-                lines.append(f"    ... and {len(items) - _MAX_LISTED_KEYS} more")
-
-    listed("shape mismatches", [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched])
-    listed("missing keys", missing)
-    listed("unexpected keys", unexpected)
-    return "\n".join(lines)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` through ``write(temporary path)`` and an atomic rename; no partial file is left."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
