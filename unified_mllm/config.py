@@ -289,6 +289,17 @@ class VQConfig:
 
 
 @dataclass
+class DepthHeadConfig:
+    """The LM's input and output for tokenizers with a stack of codes per position (UniTok, DualToken): the
+    stack's embeddings are combined into one LM input, and a small causal transformer per code group on the
+    LM's hidden state predicts the stack one code after another (UniTok's / DualToken's MLLMs: 3 layers)."""
+
+    num_layers: int = opt(3, "Transformer blocks of each depth head.")
+    width: int = opt(0, "Width of the depth heads; 0: the LM's hidden size.")
+    num_heads: int = opt(0, "Attention heads of the depth heads; 0: width / 64 (at least 1).")
+
+
+@dataclass
 class ModelConfig:
     preset: str | None = opt(
         None, "Named preset from unified_mllm.model.presets applied before YAML values (e.g. tiny)."
@@ -297,6 +308,9 @@ class ModelConfig:
     vision: VisionConfig = section(VisionConfig, "The continuous SigLIP branch.")
     projector: ProjectorConfig = section(ProjectorConfig, "SigLIP → LM projector.")
     vq: VQConfig = section(VQConfig, "The discrete visual tokenizer.")
+    depth_head: DepthHeadConfig = section(
+        DepthHeadConfig, "Code-stack embedding and depth heads (model.vq.kind unitok / dualtoken only)."
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

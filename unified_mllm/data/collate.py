@@ -20,10 +20,15 @@ Every batch is a dict::
                    feature slots (batch row, then position in the row); each image's base view, then its tiles
     num_views      [N_images] long: views per image (one image per sample that has feature slots), in the same
                    order (what anyres.split_image_features takes)
+    code_stacks    [N_positions, D] long or None: for tokenizers with D codes a position (UniTok, DualToken),
+                   the codes of every code position, in the order of input_ids (row, then position in the row);
+                   then also code_mask [B, T] bool (those positions) and code_targets [B, T] bool (the ones
+                   whose stack carries a loss; their labels are IGNORE_INDEX: the depth heads predict them)
     num_samples, num_tokens (real ids), padding_fraction (float), tasks (list of str): statistics
 
 Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
-``[n_views, 3, S, S]`` covering the sample's feature slots, or None) and optionally ``task``.
+``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``code_stacks`` (``[n, D]``
+for the sample's code positions) and ``task``.
 """
 
 from __future__ import annotations
@@ -122,6 +127,8 @@ class Collator:
         slots = np.zeros((batch, width), dtype=bool)
         positions = np.zeros((batch, width), dtype=np.int64)
         views: list[torch.Tensor] = []
+        stacks: list[np.ndarray] = []
+        code_slots = np.zeros((batch, width), dtype=bool)
         for b, row in enumerate(rows):
             start = 0
             for sample in row:
@@ -132,14 +139,20 @@ class Collator:
                 slots[b, start:end] = sample["feature_mask"]
                 positions[b, start:end] = np.arange(end - start)
                 views += _sample_views(sample, (b, start))
+                if sample.get("code_stacks") is not None:
+                    stacks.append(sample["code_stacks"])
+                    code_slots[b, start:end] = sample["code_mask"]
                 start = end
             # Padding restarts its positions too: a block of its own, so pad tokens attend to no sample.
             positions[b, start:] = np.arange(width - start)
-        out: dict[str, Any] = {
-            "input_ids": torch.from_numpy(ids),
-            "labels": torch.from_numpy(labels),
-            "feature_mask": torch.from_numpy(slots),
-        }
+        out: dict[str, Any] = {"input_ids": torch.from_numpy(ids)}
+        if stacks:
+            # Stacked codes are predicted by the depth heads, not by the LM head: their positions leave the
+            # labels and become code_targets (the supervised ones) instead.
+            out["code_mask"] = torch.from_numpy(code_slots)
+            out["code_targets"] = torch.from_numpy(code_slots & (labels != IGNORE_INDEX))
+            labels[code_slots] = IGNORE_INDEX
+        out["labels"], out["feature_mask"] = torch.from_numpy(labels), torch.from_numpy(slots)
         if self.pack:
             out["position_ids"] = torch.from_numpy(positions)
         else:
@@ -147,6 +160,8 @@ class Collator:
                 (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
             )
         out["pixel_values"] = torch.cat(views) if views else None
+        # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
+        out["code_stacks"] = torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None
         out["num_views"] = torch.tensor([v.shape[0] for v in views], dtype=torch.long)
         samples = [s for row in rows for s in row]
         out["num_samples"], out["num_tokens"] = len(samples), int(sum(lengths))

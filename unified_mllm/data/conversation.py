@@ -50,11 +50,16 @@ class Turn:
 
 @dataclass(frozen=True)
 class TokenizedSample:
-    """One training sequence: ``ids``, ``labels`` (IGNORE_INDEX where unsupervised), feature-slot mask."""
+    """One training sequence: ``ids``, ``labels`` (IGNORE_INDEX where unsupervised), feature-slot mask, and
+    for tokenizers with D codes a position (UniTok, DualToken) ``code_stacks [n, D]``: the codes of each of
+    the sequence's ``n`` code positions in order (a position's id is its first code's) with ``code_mask``
+    marking those positions."""
 
     ids: np.ndarray
     labels: np.ndarray
     feature_mask: np.ndarray
+    code_stacks: np.ndarray | None = None
+    code_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -141,8 +141,10 @@ def read_record(raw: RawSample) -> TokenizedRecord:
         codes = np.load(io.BytesIO(raw[CODES_MEMBER]), allow_pickle=False)
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise CorruptShardError(f"{where}: unreadable record ({exc})") from exc
-    if codes.ndim != 2 or not isinstance(meta, dict):
-        raise CorruptShardError(f"{where}: codes must be an [h, w] grid and the record an object")
+    if codes.ndim not in (2, 3) or not isinstance(meta, dict):
+        raise CorruptShardError(
+            f"{where}: codes must be an [h, w] (or [h, w, D]) grid and the record an object"
+        )
     return TokenizedRecord(key=str(raw.get("__key__")), codes=codes.astype(np.int64), meta=meta)
 
 
@@ -232,6 +234,8 @@ def materialize(planned: PlannedSample, vision: VisionConfig) -> dict[str, Any]:
         "ids": planned.sample.ids,
         "labels": planned.sample.labels,
         "feature_mask": planned.sample.feature_mask,
+        "code_stacks": planned.sample.code_stacks,
+        "code_mask": planned.sample.code_mask,
         "pixel_values": pixels,
         "task": planned.task,
         "key": planned.key,

@@ -5,8 +5,9 @@ reads ``${data.root}/<split>/*.tar`` and writes ``${data.tokenized_root}/<split>
 (input shard ``i`` → output shard ``i``). Each output sample holds
 
 * ``<key>.png`` — the image as RGB, losslessly (the continuous SigLIP branch reads pixels at training time);
-* ``<key>.codes.npy`` — the VQ code grid ``[h, w]`` (int16, or int32 for codebooks above 32767 codes) of the
-  image resized and centre-cropped to ``model.vq.resolution`` (:meth:`VQGAN.images_to_codes`);
+* ``<key>.codes.npy`` — the code grid ``[h, w]``, or ``[h, w, D]`` for tokenizers with D codes a position
+  (int16, or int32 for codebooks above 32767 codes), of the image resized and centre-cropped to
+  ``model.vq.resolution`` (:meth:`VisualTokenizer.images_to_codes`);
 * ``<key>.json`` — the input record unchanged (everything evaluation needs: objects, questions, specs) plus its
   ``pretokenized`` section: the text ids of the caption, every question and answer, every text-to-image prompt
   and every conversation turn (:func:`unified_mllm.data.samples.encode_record_texts` describes it).
@@ -50,7 +51,7 @@ from unified_mllm.data.shapes import SPLITS
 from unified_mllm.data.shards import CorruptShardError, Sample, iter_samples, list_shards
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
-from unified_mllm.vision.vqgan import VQGAN
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
 FORMAT_NAME = "unified_mllm.pretokenized"
 FORMAT_VERSION = 1
@@ -85,12 +86,12 @@ def tokenizer_fingerprint(tokenizer: TextTokenizerConfig, num_image_codes: int) 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def vq_fingerprint(vq: VQGAN) -> str:
+def vq_fingerprint(vq: VisualTokenizer) -> str:
     """What the stored codes depend on: the VQ weights and shapes (not the checkpoint's file name)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(vq.config).items() if k != "checkpoint"}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(vq.state_dict().items()):
+    for name, tensor in sorted(vq.state_to_save().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -133,14 +134,14 @@ def _is_done(manifest: dict[str, Any], shard: Path, out_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------- tokenizing
 
 
-def load_vq(config: Config, device: str | torch.device = "cpu") -> VQGAN:
-    """``VQGAN.from_checkpoint(model.vq.checkpoint)`` in eval mode, checked against ``model.vq``."""
+def load_vq(config: Config, device: str | torch.device = "cpu") -> VisualTokenizer:
+    """The tokenizer at ``model.vq.checkpoint`` (any kind) in eval mode, checked against ``model.vq``."""
     path = config.model.vq.checkpoint
     if not path:
         raise PretokenizeError("`model.vq.checkpoint` is not set: point it at a trained VQ tokenizer")
-    vq = VQGAN.from_checkpoint(path, device=device).eval()
+    vq = load_visual_tokenizer(path, config=config.model.vq, device=device).eval()
     want = config.model.vq
-    for field in ("resolution", "codebook_size"):
+    for field in ("kind", "resolution", "codebook_size", "code_depth"):
         if getattr(vq.config, field) != getattr(want, field):
             raise PretokenizeError(
                 f"VQ checkpoint {path} has {field}={getattr(vq.config, field)} but `model.vq.{field}` is "
@@ -155,7 +156,9 @@ def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _write_batch(tar: tarfile.TarFile, batch: list[Sample], vq: VQGAN, tokenizer: TextTokenizer) -> None:
+def _write_batch(
+    tar: tarfile.TarFile, batch: list[Sample], vq: VisualTokenizer, tokenizer: TextTokenizer
+) -> None:
     """Encode a batch of samples (one VQ forward) and append their members to ``tar``."""
     codes = vq.images_to_codes([s.image for s in batch], batch_size=len(batch))
     dtype = np.int16 if vq.config.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
@@ -177,7 +180,9 @@ def _write_batch(tar: tarfile.TarFile, batch: list[Sample], vq: VQGAN, tokenizer
         _member(tar, f"{sample.key}.json", json.dumps(record, sort_keys=True).encode())
 
 
-def tokenize_shard(source: Path, target: Path, vq: VQGAN, tokenizer: TextTokenizer, batch_size: int) -> int:
+def tokenize_shard(
+    source: Path, target: Path, vq: VisualTokenizer, tokenizer: TextTokenizer, batch_size: int
+) -> int:
     """Write the tokenized twin of shard ``source`` to ``target`` atomically; returns its number of samples."""
     tmp = target.with_name(target.name + ".tmp")
     count = 0
@@ -233,7 +238,7 @@ def _fresh_manifest(
 def pretokenize_split(
     config: Config,
     split: str,
-    vq: VQGAN,
+    vq: VisualTokenizer,
     tokenizer: TextTokenizer,
     fingerprint: dict[str, str],
     *,

@@ -40,6 +40,7 @@ comes from the generator the caller passes, seeded by (seed, source, epoch, inde
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -78,7 +79,8 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizedRecord:
-    """One pre-tokenized sample: its key, code grid ``codes [h, w]`` and JSON record (with ``pretokenized``)."""
+    """One pre-tokenized sample: its key, code grid ``codes [h, w]`` (``[h, w, D]`` for tokenizers with D codes
+    a position) and JSON record (with ``pretokenized``)."""
 
     key: str
     codes: np.ndarray
@@ -182,8 +184,15 @@ def _render(
 ) -> TokenizedSample:
     """The conversation with the record's image span at its ``<|image|>`` (if any), from stored ids."""
     has_image = any(count_placeholders(t.text) for t in turns)
-    spans = [build_image_span(record.codes, tokens, num_features)] if has_image else []
-    return tokenize_conversation(turns, spans, lookup_encoder(pairs, repr(record.key)), tokens)
+    stacked = record.codes.ndim == 3  # [h, w, D]: the span holds the first codes, the stacks ride along
+    grid = record.codes[..., 0] if stacked else record.codes
+    spans = [build_image_span(grid, tokens, num_features)] if has_image else []
+    sample = tokenize_conversation(turns, spans, lookup_encoder(pairs, repr(record.key)), tokens)
+    if stacked:
+        depth = record.codes.shape[-1]
+        stacks = record.codes.reshape(-1, depth) if has_image else np.zeros((0, depth), dtype=np.int64)
+        sample = dataclasses.replace(sample, code_stacks=stacks, code_mask=tokens.is_code(sample.ids))
+    return sample
 
 
 def caption_sample(

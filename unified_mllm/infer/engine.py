@@ -39,6 +39,8 @@ from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_
 from unified_mllm.model.unified import UnifiedModel
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (logits [R, V] of one code slot for all R rows, slot index) -> the chosen code of every row [R].
+StackChoice = Callable[[torch.Tensor, int], torch.Tensor]
 CacheKind = Literal["auto", "dynamic", "static"]
 FINISH_REASONS = ("running", "stop", "length", "image")
 
@@ -51,6 +53,40 @@ class Generation:
     """New ids of each row; they end with the stop id when the row finished with ``"stop"``."""
     finish: list[str]
     """Why each row ended: ``"stop"`` (a stop id), ``"length"`` (its budget), ``"image"`` (a complete grid)."""
+    stacks: list[np.ndarray] | None = None
+    """Code-stack tokenizers only: per row ``[n_new_ids, D]``, the stack sampled at each new id (rows of -1
+    where the id is not a code)."""
+
+
+def guided_stack_choice(
+    sampled_rows: int,
+    cfg_scale: float = 1.0,
+    *,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> StackChoice:
+    """How the depth heads pick each code of a stack: classifier-free guidance per code when the rows are
+    ``[cond (B); uncond (B)]`` (``uncond + s * (cond - uncond)``, as UniTok's MLLM does per sub-code), then
+    temperature and top-k, then arg-max or a draw; the choice is fed to both halves."""
+    check_non_negative("cfg scale", cfg_scale)
+
+    def choose(logits: torch.Tensor, slot: int) -> torch.Tensor:
+        scores = logits[:sampled_rows].float()
+        if logits.shape[0] == 2 * sampled_rows:
+            scores = logits[sampled_rows:].float() + cfg_scale * (scores - logits[sampled_rows:].float())
+        if greedy:
+            picked = scores.argmax(dim=-1)
+        else:
+            scores = scores / max(temperature, 1e-6)
+            if 0 < top_k < scores.shape[-1]:
+                kth = scores.topk(top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            picked = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        return picked.repeat(logits.shape[0] // sampled_rows)
+
+    return choose
 
 
 class _Batch:
@@ -126,6 +162,11 @@ class Engine:
         self.tokens = tokens
         self.cache = cache
         self._read = SpanReader(tokens)
+        # Id -> "is an image code" and code -> id tables, on the model's device (code stacks need both).
+        vocab = model.lm.get_input_embeddings().weight.shape[0]
+        code_ids = torch.as_tensor(tokens.codes_to_ids(np.arange(tokens.num_codes)), dtype=torch.long)
+        self._is_code = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, code_ids, True).to(self.device)
+        self._code_ids = code_ids.to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -143,14 +184,16 @@ class Engine:
         greedy: bool = True,
         generator: torch.Generator | None = None,
         pixel_values: torch.Tensor | None = None,
+        code_stacks: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
         ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is drawn
         from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the feature
-        slots of the prompts, row by row in order (``UnifiedModel.embed``). ``stop_at_image_grid`` ends a row
-        as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
+        slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]`` are the
+        stacks of the prompts' code positions in the same order (code-stack tokenizers). ``stop_at_image_grid``
+        ends a row as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
         """
         stops = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
         return self._run(
@@ -162,6 +205,7 @@ class Engine:
             greedy=greedy,
             generator=generator,
             pixel_values=pixel_values,
+            prompt_stacks=code_stacks,
             stop_at_image_grid=stop_at_image_grid,
         )
 
@@ -175,8 +219,11 @@ class Engine:
         processors: Sequence[Processor] = (),
         greedy: bool = False,
         generator: torch.Generator | None = None,
+        stack_choice: StackChoice | None = None,
     ) -> list[np.ndarray]:
-        """Sample one ``height x width`` code grid per tokenized text condition; returns ``[h, w]`` VQ codes.
+        """Sample one ``height x width`` code grid per tokenized text condition; returns ``[h, w]`` VQ codes
+        (``[h, w, D]`` stacks for code-stack tokenizers, sampled by the depth heads through ``stack_choice``,
+        default :func:`guided_stack_choice` with this call's ``cfg_scale``, greedy or plain sampling).
 
         The prompt of each condition is :func:`~unified_mllm.layout.generation_prompt`; with ``cfg_scale != 1``
         the batch is doubled with :func:`~unified_mllm.layout.unconditional_prompt` rows and guided by
@@ -190,6 +237,8 @@ class Engine:
             prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
         guided.append(GridConstraint(self.tokens, size=(height, width)))
+        if self.model.code_heads is not None and stack_choice is None:
+            stack_choice = guided_stack_choice(len(conditions), cfg_scale, greedy=greedy, generator=generator)
         result = self._run(
             prompts,
             sampled_rows=len(conditions),
@@ -199,7 +248,10 @@ class Engine:
             greedy=greedy,
             generator=generator,
             fixed_length=True,
+            stack_choice=stack_choice,
         )
+        if result.stacks is not None:
+            return [np.asarray(s).reshape(height, width + 1, -1)[:, :width] for s in result.stacks]
         grids = [np.asarray(ids).reshape(height, width + 1)[:, :width] for ids in result.ids]
         return [self.tokens.ids_to_codes(grid) for grid in grids]
 
@@ -212,12 +264,18 @@ class Engine:
         cache: DynamicCache | StaticCache,
         pixel_values: torch.Tensor | None = None,
         prefill: bool = False,
-    ) -> torch.Tensor:
-        """float32 logits ``[R, V]`` of the last position after feeding ``ids`` ``[R, t]`` (the head runs on the
-        last position only: a long prompt never materialises ``[R, T, V]`` logits). Feature slots are read in
-        the prefill only (``UnifiedModel.embed`` then rejects slots without pixels, and pixels without slots)."""
+        code_stacks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 logits ``[R, V]`` and the hidden state ``[R, H]`` of the last position after feeding ``ids``
+        ``[R, t]`` (the head runs on the last position only: a long prompt never materialises ``[R, T, V]``
+        logits). Feature slots are read in the prefill only (``UnifiedModel.embed`` then rejects slots without
+        pixels, and pixels without slots); with code stacks, ``code_stacks`` fill the code positions of ``ids``."""
         feature_mask = (ids == self.tokens.feature) if prefill else None
-        embeds = self.model.embed(ids, pixel_values, feature_mask)
+        code_mask = self._is_code[ids] if code_stacks is not None else None
+        stacked_model = self.model.code_heads is not None
+        if prefill and code_stacks is None and stacked_model and bool(self._is_code[ids].any()):
+            raise ValueError("the prompts hold image codes but no code_stacks were given for them")
+        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask)
         out = self.model.lm(
             inputs_embeds=embeds,
             attention_mask=self._attention_mask(batch, ids.shape[1], cache),
@@ -225,7 +283,8 @@ class Engine:
             past_key_values=cache,
             use_cache=True,
         )
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+        last = out.last_hidden_state[:, -1]
+        return self.model.lm_head(last).float(), last
 
     def _attention_mask(
         self, batch: _Batch, queries: int, cache: DynamicCache | StaticCache
@@ -280,12 +339,19 @@ class Engine:
         greedy: bool,
         generator: torch.Generator | None,
         pixel_values: torch.Tensor | None = None,
+        prompt_stacks: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
         fixed_length: bool = False,
+        stack_choice: StackChoice | None = None,
     ) -> Generation:
         """Decode ``prompts`` (``R`` rows); ids are picked for the first ``sampled_rows`` (``B``) and fed to every
         row ``i + k * B`` as well (``R = B``, or ``2B`` for ``[cond; uncond]`` guidance). ``fixed_length``: every
-        row runs its whole budget (images), which is where the ``"auto"`` cache picks the static one."""
+        row runs its whole budget (images), which is where the ``"auto"`` cache picks the static one.
+
+        Code stacks: ``prompt_stacks`` fill the prompts' code positions; with ``stack_choice``, whenever a row
+        picks a code id the depth heads sample that position's stack from the same hidden state (all ``R`` rows
+        together, so guidance sees both halves), the stack's first code becomes the id, and the next forward
+        embeds the stack."""
         limits = torch.as_tensor(budgets, dtype=torch.long).reshape(-1)
         if np.ndim(budgets) == 0:  # one budget for every row
             limits = limits.expand(sampled_rows)
@@ -296,7 +362,11 @@ class Engine:
         cache = self._new_cache(batch.capacity, fixed_length=fixed_length)
         if pixel_values is not None:
             pixel_values = pixel_values.to(device=device, dtype=next(self.model.vision.parameters()).dtype)
-        logits = self._forward_last(batch.view(), batch, cache, pixel_values, prefill=True)
+        if prompt_stacks is not None:
+            prompt_stacks = prompt_stacks.to(device)
+        logits, hidden = self._forward_last(
+            batch.view(), batch, cache, pixel_values, prefill=True, code_stacks=prompt_stacks
+        )
         state = _RowState(sampled_rows, limits.to(device), stop_ids, device)
         repeats = len(prompts) // sampled_rows
         for _ in range(int(limits.max())):
@@ -306,12 +376,29 @@ class Engine:
             picked = torch.where(
                 state.done, self.tokens.pad, self._pick(scores[:sampled_rows], greedy, generator)
             )
+            stacks = None
+            if stack_choice is not None:
+                picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
             batch.append(picked.repeat(repeats))
             grid_done = self._read(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
-            if state.update(picked, grid_done):
+            if state.update(picked, grid_done, stacks):
                 break
-            logits = self._forward_last(batch.view()[:, -1:], batch, cache)
+            fed = None if stacks is None else stacks.repeat(repeats, 1)[self._is_code[picked.repeat(repeats)]]
+            logits, hidden = self._forward_last(batch.view()[:, -1:], batch, cache, code_stacks=fed)
         return state.result()
+
+    def _sample_stacks(
+        self, picked: torch.Tensor, hidden: torch.Tensor, choose: StackChoice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows that picked a code id: the depth heads' stack ``[B, D]`` (rows of -1 elsewhere) and the
+        ids with each code replaced by the id of its stack's first code."""
+        heads = self.model.code_heads
+        assert heads is not None
+        is_code = self._is_code[picked]
+        stacks = heads.sample(hidden, choose)  # [R, D]: every row decodes (cheap), the code rows are kept
+        stacks = stacks[: picked.shape[0]]
+        ids = torch.where(is_code, self._code_ids[stacks[:, 0]], picked)
+        return ids, torch.where(is_code[:, None], stacks, torch.full_like(stacks, -1))
 
 
 class _RowState:
@@ -326,11 +413,16 @@ class _RowState:
         self.count = torch.zeros(rows, dtype=torch.long, device=device)
         self.reason = torch.zeros(rows, dtype=torch.long, device=device)
         self.picked: list[torch.Tensor] = []
+        self.stacks: list[torch.Tensor] = []
 
-    def update(self, picked: torch.Tensor, grid_done: torch.Tensor | None) -> bool:
-        """Record one step's ids ``[B]``; returns True when every row has finished."""
+    def update(
+        self, picked: torch.Tensor, grid_done: torch.Tensor | None, stacks: torch.Tensor | None = None
+    ) -> bool:
+        """Record one step's ids ``[B]`` (and code stacks ``[B, D]``); returns True when every row has finished."""
         running = ~self.done
         self.picked.append(picked)
+        if stacks is not None:
+            self.stacks.append(stacks)
         self.count += running.long()
         stopped = running & torch.isin(picked, self.stop_ids)
         reason = torch.where(stopped, FINISH_REASONS.index("stop"), 0)
@@ -346,4 +438,8 @@ class _RowState:
         table = torch.stack(self.picked, dim=1).cpu() if self.picked else torch.zeros(len(self.done), 0)
         counts, reasons = self.count.tolist(), self.reason.tolist()
         ids = [table[row, : counts[row]].tolist() for row in range(len(counts))]
-        return Generation(ids=ids, finish=[FINISH_REASONS[r] for r in reasons])
+        stacks = None
+        if self.stacks:
+            cube = torch.stack(self.stacks, dim=1).cpu().numpy()  # [B, steps, D]
+            stacks = [cube[row, : counts[row]] for row in range(len(counts))]
+        return Generation(ids=ids, finish=[FINISH_REASONS[r] for r in reasons], stacks=stacks)

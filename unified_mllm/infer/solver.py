@@ -40,7 +40,7 @@ from transformers import LogitsProcessorList
 
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.conversation import tokenize_conversation, turns_from_qas
-from unified_mllm.infer.engine import CacheKind, Engine
+from unified_mllm.infer.engine import CacheKind, Engine, guided_stack_choice
 from unified_mllm.infer.processors import (
     GridConstraint,
     check_non_negative,
@@ -59,7 +59,7 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train.export import CONFIG_YAML
 from unified_mllm.vision.anyres import anyres_views, num_image_features
 from unified_mllm.vision.image import ImageSource, load_image
-from unified_mllm.vision.vqgan import VQGAN
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
 Pair = Sequence[str | None]
 Piece = str | Image.Image
@@ -85,6 +85,8 @@ class _Answer:
     budget: int
     pieces: list[Piece] = field(default_factory=list)
     done: bool = False
+    stacks: list[np.ndarray] = field(default_factory=list)
+    """Code-stack tokenizers: ``[n, D]`` per image of the prompt, in order."""
 
 
 class InferenceSolver:
@@ -98,7 +100,7 @@ class InferenceSolver:
         config: Config,
         model: UnifiedModel,
         tokenizer: TextTokenizer,
-        vq: VQGAN,
+        vq: VisualTokenizer,
         *,
         cache: CacheKind = "auto",
     ) -> None:
@@ -143,7 +145,7 @@ class InferenceSolver:
         config.model.vq.checkpoint = str(vq_path)
         model = UnifiedModel.from_pretrained(export, device=device, dtype=dtype)
         tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
-        vq = VQGAN.from_checkpoint(vq_path, config=config.model.vq, device=device).eval()
+        vq = load_visual_tokenizer(vq_path, config=config.model.vq, device=device).eval()
         return cls(config, model, tokenizer, vq)
 
     # --------------------------------------------------------------------------------------- settings
@@ -244,6 +246,16 @@ class InferenceSolver:
             text_top_k=None,
             top_p=gen.top_p,
         )
+        generator = self._generator(seed)
+        # Code-stack tokenizers: guidance, temperature and top-k apply to each code of a stack as well.
+        stack_choice = guided_stack_choice(
+            len(prompts),
+            cfg,
+            top_k=top_k or 0,
+            temperature=temperature,
+            greedy=temperature == 0,
+            generator=generator,
+        )
         codes = self.engine.generate_images(
             [self.tokenizer.encode(p) for p in prompts],
             height=height,
@@ -251,7 +263,8 @@ class InferenceSolver:
             cfg_scale=cfg,
             processors=warpers,
             greedy=temperature == 0,
-            generator=self._generator(seed),
+            generator=generator,
+            stack_choice=stack_choice if self.model.code_heads is not None else None,
         )
         return self.vq.codes_to_images(codes)
 
@@ -339,9 +352,12 @@ class InferenceSolver:
         turns = turns_from_qas(qas)
         if turns[-1].role != "user":
             raise ValueError("the last qas pair must be [question, None]: its answer is the one generated")
-        spans, views = [], []
+        spans, views, stacks = [], [], []
         for picture, grid in zip(pictures, codes):
             features = num_image_features(self.config.model.vision, (picture.height, picture.width))
+            if grid.ndim == 3:  # [h, w, D]: the span holds each stack's first code, the stacks ride along
+                stacks.append(grid.reshape(-1, grid.shape[-1]))
+                grid = grid[..., 0]
             spans.append(build_image_span(grid, self.tokens, features))
             if features:
                 views.append(anyres_views(picture, self.config.model.vision)[0])
@@ -351,7 +367,7 @@ class InferenceSolver:
                 f"the prompt has {len(ids)} ids; the model reads at most "
                 f"{self.model.config.lm.max_position_embeddings} positions"
             )
-        return _Answer(ids=ids, views=views, budget=min(budget, self._room(ids)))
+        return _Answer(ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks)
 
     def _room(self, ids: Sequence[int]) -> int:
         """How many ids may still follow ``ids`` within the model's positions."""
@@ -362,6 +378,7 @@ class InferenceSolver:
     ) -> None:
         """One engine run over the unfinished answers; each ends, or pauses after a drawn image's grid."""
         views = [v for a in answers for v in a.views]
+        stacks = [s for a in answers for s in a.stacks]
         result = self.engine.generate(
             [a.ids for a in answers],
             max_new_tokens=[a.budget for a in answers],
@@ -369,11 +386,17 @@ class InferenceSolver:
             greedy=greedy,
             generator=generator,
             pixel_values=torch.cat(views) if views else None,
+            code_stacks=torch.from_numpy(np.concatenate(stacks)) if stacks else None,
             stop_at_image_grid=True,
         )
         for answer, new, reason in zip(answers, result.ids, result.finish):
             answer.ids += new
             answer.budget -= len(new)
+            if reason == "image" and self.model.code_heads is not None:
+                raise NotImplementedError(
+                    "drawing an image inside an answer is not supported with code-stack tokenizers yet "
+                    f"(model.vq.kind={self.config.model.vq.kind!r}); use generate_img"
+                )
             if reason == "image":
                 self._close_image(answer, new)
                 # the span's closing ids take positions too

@@ -7,7 +7,12 @@ parameters by these prefixes):
 * ``lm_head`` — the output projection over the **full** vocabulary (text, image codes, specials), unmasked:
   transformers' ``ChameleonForConditionalGeneration`` sets image-code logits to the dtype minimum, which would
   make image generation impossible, so we never go through it;
-* ``vision.tower`` / ``vision.projector`` — SigLIP and the MLP that maps its patch features to the LM width.
+* ``vision.tower`` / ``vision.projector`` — SigLIP and the MLP that maps its patch features to the LM width;
+* ``code_embedder`` / ``code_heads`` — only for tokenizers with a stack of D codes per position (UniTok,
+  DualToken; :mod:`unified_mllm.model.code_stack`): the stack's combined embedding is the LM input at a code
+  position (its id, the stack's first code, is only a marker there), and small depth transformers on the LM's
+  hidden state predict the next position's stack, one code after another. The LM head still predicts every
+  other token (text, row ends, the image's structure).
 
 **Feature scatter.** A sequence reserves one slot per continuous feature (layout: ``feature_mask``); the ids
 at those slots are ordinary ids of a placeholder token whose embedding is overwritten. :meth:`UnifiedModel.embed`
@@ -39,6 +44,7 @@ from torch import nn
 
 from unified_mllm.config import ModelConfig
 from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
+from unified_mllm.model.code_stack import build_code_stack
 from unified_mllm.model.export import (
     check_lm_checkpoint_config,
     expand_qk_norm,
@@ -63,6 +69,10 @@ class UnifiedOutput:
     """``[B, T, V]`` next-token logits over the full vocabulary (in the head's / autocast dtype)."""
     past_key_values: Any | None = None
     """The transformers KV cache when ``use_cache`` (or a cache was passed in), else None."""
+    hidden_states: torch.Tensor | None = None
+    """``[B, T, H]`` the LM's last hidden states, when ``return_hidden`` (the engine's depth-head input)."""
+    code_loss_sum: torch.Tensor | None = None
+    """Summed depth-head cross-entropy of the ``code_targets`` stacks (each the mean over its codes; fp32)."""
 
 
 class UnifiedModel(nn.Module):
@@ -79,6 +89,18 @@ class UnifiedModel(nn.Module):
         self.lm = build_lm_backbone(config.lm, device)
         self.lm_head = build_lm_head(config.lm, device, embedding=self.lm.get_input_embeddings())
         self.vision = VisionEncoder(config.vision, config.lm.hidden_size, config.projector, device)
+        # Tokenizers with a stack of codes per position (UniTok, DualToken): the stack's embedding replaces the
+        # id's at code positions, and depth heads predict stacks from the LM's hidden states.
+        head = config.depth_head
+        stack = build_code_stack(
+            config.vq,
+            config.lm.hidden_size,
+            width=head.width or None,
+            num_layers=head.num_layers,
+            num_heads=head.num_heads or None,
+            device=device,
+        )
+        self.code_embedder, self.code_heads = stack if stack is not None else (None, None)
 
     @property
     def features_per_view(self) -> int:
@@ -87,11 +109,48 @@ class UnifiedModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
+    def embed_code_stacks(
+        self, embeds: torch.Tensor, code_stacks: torch.Tensor | None, code_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``embeds`` with the combined embeddings of ``code_stacks`` ``[N, D]`` written at the True positions
+        of ``code_mask`` ``[B, T]`` (row-major), for tokenizers with D codes a position."""
+        if code_stacks is None and code_mask is None:
+            return embeds
+        if self.code_embedder is None:
+            raise ValueError(
+                f"code_stacks given, but model.vq.kind={self.config.vq.kind!r} has one code a position"
+            )
+        if code_stacks is None or code_mask is None or code_mask.shape != embeds.shape[:2]:
+            raise ValueError("code_stacks [N, D] and code_mask [B, T] (shaped like input_ids) go together")
+        stacked = self.code_embedder(code_stacks).to(embeds.dtype)
+        return embeds.masked_scatter(code_mask.unsqueeze(-1), stacked)
+
+    def code_stack_loss(
+        self,
+        hidden: torch.Tensor,
+        code_stacks: torch.Tensor,
+        code_mask: torch.Tensor,
+        code_targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """Summed depth-head cross-entropy: the hidden state at ``t - 1`` predicts the stack at each position
+        ``t`` of ``code_targets`` ``[B, T]`` (a subset of ``code_mask``). Boolean selection: one host sync."""
+        if self.code_heads is None:
+            raise ValueError(
+                "code_targets need a tokenizer with code stacks (model.vq.kind unitok / dualtoken)"
+            )
+        flat_targets = code_targets.reshape(-1)
+        stacks = code_stacks[code_targets[code_mask]]  # the stacks of the supervised code positions
+        previous = torch.nonzero(flat_targets).squeeze(1) - 1  # code spans never start a row
+        inputs = hidden.reshape(-1, hidden.shape[-1])[previous]
+        return self.code_heads.loss(inputs, stacks).float().sum()
+
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         feature_mask: torch.Tensor | None = None,
+        code_stacks: torch.Tensor | None = None,
+        code_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
         ``[N_views, 3, S, S]`` written at the True positions of ``feature_mask`` ``[B, T]`` (row-major order).
@@ -100,7 +159,7 @@ class UnifiedModel(nn.Module):
         vision encoder. Raises ValueError when the slots and the features do not match one to one (counting the
         slots is one host sync per batch that has pixels).
         """
-        embeds = self.lm.get_input_embeddings()(input_ids)
+        embeds = self.embed_code_stacks(self.lm.get_input_embeddings()(input_ids), code_stacks, code_mask)
         if pixel_values is None:
             # Reading the count is a host sync, but only the rare "mask without pixels" case pays it.
             if feature_mask is not None and bool(feature_mask.any()):
@@ -138,9 +197,13 @@ class UnifiedModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         feature_mask: torch.Tensor | None = None,
+        code_stacks: torch.Tensor | None = None,
+        code_mask: torch.Tensor | None = None,
+        code_targets: torch.Tensor | None = None,
         past_key_values: Any | None = None,
         use_cache: bool = False,
         cache_position: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> UnifiedOutput:
         """Logits ``[B, T, V]`` for ``input_ids`` ``[B, T]``.
 
@@ -150,17 +213,30 @@ class UnifiedModel(nn.Module):
         are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
         accepted for callers written against older transformers: it only supplies ``position_ids`` when those
         are not given, since transformers 5 derives cache positions from the cache itself.
+
+        Code stacks (UniTok / DualToken): ``code_stacks`` ``[N, D]`` are embedded at the ``code_mask`` positions
+        (:meth:`embed_code_stacks`); with ``code_targets`` the depth heads' loss is computed here, inside the
+        forward that FSDP wraps (:meth:`code_stack_loss`). ``return_hidden`` adds the last hidden states.
         """
         if position_ids is None and cache_position is not None:
             position_ids = cache_position.unsqueeze(0).expand(input_ids.shape[0], -1)
         out = self.lm(
-            inputs_embeds=self.embed(input_ids, pixel_values, feature_mask),
+            inputs_embeds=self.embed(input_ids, pixel_values, feature_mask, code_stacks, code_mask),
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        return UnifiedOutput(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+        hidden = out.last_hidden_state
+        code_loss = None
+        if code_targets is not None and code_stacks is not None and code_mask is not None:
+            code_loss = self.code_stack_loss(hidden, code_stacks, code_mask, code_targets)
+        return UnifiedOutput(
+            logits=self.lm_head(hidden),
+            past_key_values=out.past_key_values,
+            hidden_states=hidden if return_hidden else None,
+            code_loss_sum=code_loss,
+        )
 
     # -------------------------------------------------------------------------------------- weights I/O
 

@@ -101,14 +101,28 @@ def build_batches(
     )
 
 
+_MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "feature_mask",
+    "code_stacks",
+    "code_mask",
+    "code_targets",
+)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "feature_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS if batch.get(k) is not None}
 
 
-def supervised_tokens(labels: torch.Tensor) -> int:
-    """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def supervised_tokens(batch: dict[str, Any]) -> int:
+    """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted), code-stack positions
+    predicted by the depth heads included (each counts as one token, whatever its depth)."""
+    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    targets = batch.get("code_targets")
+    return count + (int(targets[:, 1:].sum()) if targets is not None else 0)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -165,7 +179,7 @@ def train_step(
     window: Window,
 ) -> None:
     """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
-    local = torch.tensor([supervised_tokens(b["labels"]) for b in micro_batches], dtype=torch.float64).sum()
+    local = torch.tensor([supervised_tokens(b) for b in micro_batches], dtype=torch.float64).sum()
     # A copy: the all-reduce works in place, and `local` is logged as this rank's own count below. The count
     # stays a device tensor (no .item()): the collective is queued, not waited for by the host.
     global_tokens = distributed.all_reduce_sum(local.to(info.device, copy=True))
@@ -174,9 +188,13 @@ def train_step(
         output = backend.forward(**_to_device(batch, info.device))
         labels = batch["labels"].to(info.device, non_blocking=True)
         parts = causal_lm_loss(output.logits, labels, config.optim.z_loss_weight, normalizer=normalizer)
-        backend.backward(parts.loss, sync=i == len(micro_batches) - 1)
+        loss, ce_sum = parts.loss, parts.ce_sum
+        if output.code_loss_sum is not None:  # the depth heads' cross-entropy of the code stacks
+            loss = loss + output.code_loss_sum / normalizer
+            ce_sum = ce_sum + output.code_loss_sum.detach()
+        backend.backward(loss, sync=i == len(micro_batches) - 1)
         window.add(
-            ce_sum=parts.ce_sum,
+            ce_sum=ce_sum,
             z_sum=parts.z_sum,
             seen_tokens=float(batch["input_ids"].numel()),
             real_tokens=float(batch.get("num_tokens", batch["input_ids"].numel())),
