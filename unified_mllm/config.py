@@ -870,12 +870,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the resolved config, or document every key.")
     add_config_arguments(parser)
     parser.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
+    parser.add_argument(
+        "--get", metavar="KEY", help="print only this resolved value (e.g. checkpoint.export_dir)"
+    )
     args = parser.parse_args(argv)
     if args.docs:
         for key, doc, default in iter_docs():
             print(f"{key} = {default!r}\n    {doc}")
         return
-    print(to_yaml(config_from_args(args)), end="")
+    config = config_from_args(args)
+    if args.get:
+        value: Any = config
+        for part in args.get.split("."):
+            if not dataclasses.is_dataclass(value) or not hasattr(value, part):
+                raise SystemExit(f"error: no config key {args.get!r}")
+            value = getattr(value, part)
+        print(value)
+        return
+    print(to_yaml(config), end="")
 
 
 if __name__ == "__main__":

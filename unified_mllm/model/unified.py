@@ -115,6 +115,10 @@ class UnifiedModel(nn.Module):
         """``embeds`` with the combined embeddings of ``code_stacks`` ``[N, D]`` written at the True positions
         of ``code_mask`` ``[B, T]`` (row-major), for tokenizers with D codes a position."""
         if code_stacks is None and code_mask is None:
+            if self.training and self.code_embedder is not None:
+                # A micro-batch without images still touches the embedder (see code_stack_loss).
+                dummy = torch.zeros(1, self.code_embedder.depth, dtype=torch.long, device=embeds.device)
+                return embeds + 0.0 * self.code_embedder(dummy).sum().to(embeds.dtype)
             return embeds
         if self.code_embedder is None:
             raise ValueError(
@@ -142,6 +146,14 @@ class UnifiedModel(nn.Module):
         stacks = code_stacks[code_targets[code_mask]]  # the stacks of the supervised code positions
         previous = torch.nonzero(flat_targets).squeeze(1) - 1  # code spans never start a row
         inputs = hidden.reshape(-1, hidden.shape[-1])[previous]
+        if stacks.shape[0] == 0:
+            # No supervised stack in this micro-batch (understanding data): run the heads on one dummy row at
+            # zero weight, so every rank's backward touches the same parameters (FSDP / DDP reduce them all).
+            inputs, stacks = (
+                hidden.new_zeros(1, hidden.shape[-1]),
+                code_stacks.new_zeros(1, code_stacks.shape[1]),
+            )
+            return self.code_heads.loss(inputs, stacks).float().sum() * 0.0
         return self.code_heads.loss(inputs, stacks).float().sum()
 
     def embed(

@@ -36,7 +36,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,26 +271,25 @@ def train_contrastive(
 
 
 @torch.no_grad()
-def zero_shot_eval(
-    model: SiglipModel,
-    tokenizer: TextTokenizer,
+def zero_shot_classify(
+    embed_images_fn: Callable[[Sequence[Image.Image]], torch.Tensor],
+    embed_prompts_fn: Callable[[Sequence[str]], torch.Tensor],
     samples: Iterable[Sample],
-    vision: VisionConfig,
-    contrastive: ContrastiveConfig,
+    *,
+    prompt_template: str,
     colors: Sequence[str],
     shapes: Sequence[str],
+    batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Zero-shot (colour, shape) classification of every single-object image among ``colors x shapes``.
+    """Zero-shot (colour, shape) classification of every single-object image among ``colors x shapes`` by
+    the cosine similarity of l2-normalised image and prompt embeddings (any model: SigLIP, UniTok's codes,
+    DualToken's semantic codes).
 
     Returns ``accuracy`` (both right), ``color_accuracy`` and ``shape_accuracy`` (of the same joint
-    prediction), their chance levels, and ``num_images``. The argmax of the cosine similarity is the
-    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared.
+    prediction), their chance levels, and ``num_images``.
     """
-    model.eval()
     classes = [(color, shape) for color in colors for shape in shapes]
-    prompts = [contrastive.prompt_template.format(color=c, shape=s) for c, s in classes]
-    device = model.logit_scale.device
-    text = embed_texts(model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device))
+    text = embed_prompts_fn([prompt_template.format(color=c, shape=s) for c, s in classes])
     images, truth = [], []
     for sample in samples:
         objects = sample.meta.get("objects") or []
@@ -298,9 +297,8 @@ def zero_shot_eval(
             images.append(sample.image)
             truth.append((objects[0]["color"], objects[0]["shape"]))
     predictions: list[tuple[str, str]] = []
-    for start in range(0, len(images), contrastive.batch_size):
-        pixels = image_pixels(images[start : start + contrastive.batch_size], vision.image_size)
-        scores = embed_images(model, pixels.to(device)) @ text.t()
+    for start in range(0, len(images), batch_size):
+        scores = embed_images_fn(images[start : start + batch_size]) @ text.to(torch.float32).t()
         predictions += [classes[int(i)] for i in scores.argmax(dim=-1)]
     n = len(truth)
 
@@ -314,6 +312,39 @@ def zero_shot_eval(
         "shape_accuracy": rate(p[1] == t[1] for p, t in zip(predictions, truth)),
         "chance": {"accuracy": 1 / len(classes), "color": 1 / len(colors), "shape": 1 / len(shapes)},
     }
+
+
+def zero_shot_eval(
+    model: SiglipModel,
+    tokenizer: TextTokenizer,
+    samples: Iterable[Sample],
+    vision: VisionConfig,
+    contrastive: ContrastiveConfig,
+    colors: Sequence[str],
+    shapes: Sequence[str],
+) -> dict[str, Any]:
+    """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
+    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
+    model.eval()
+    device = model.logit_scale.device
+
+    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
+        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
+
+    def prompts_fn(prompts: Sequence[str]) -> torch.Tensor:
+        return embed_texts(
+            model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device)
+        ).float()
+
+    return zero_shot_classify(
+        images_fn,
+        prompts_fn,
+        samples,
+        prompt_template=contrastive.prompt_template,
+        colors=colors,
+        shapes=shapes,
+        batch_size=contrastive.batch_size,
+    )
 
 
 def format_zero_shot(result: dict[str, Any], split: str) -> str:

@@ -23,7 +23,9 @@ encoded to codes and decoded back, in batches. Reported:
   writes the originals' statistics for reuse). The published rFID of image tokenizers uses the 50 000 ImageNet
   validation images at 256 px; on the world's few hundred 64 px scenes, upsampled to Inception's 299 px, the
   number is only a relative figure for comparing tokenizers on the same split, not comparable to papers
-  (fewer images than the 2048 feature dimensions also leave the covariance rank-deficient).
+  (fewer images than the 2048 feature dimensions also leave the covariance rank-deficient);
+* **semantic zero-shot** (UniTok, DualToken): (colour, shape) classification of the split's single-object
+  scenes by the tokenizer's semantic side against text prompts (:func:`semantic_zero_shot`).
 
 The checkpoint is ``--checkpoint`` (a ``save_pretrained`` directory, or Chameleon's ``vqgan.ckpt`` with its
 yaml beside it), else ``model.vq.checkpoint``, else the trainer's ``vq_train.output_dir``. Results are written
@@ -61,6 +63,8 @@ from unified_mllm.eval.image_metrics import (
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
 from unified_mllm.eval.tasks import batched
+from unified_mllm.text import TextTokenizer
+from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize, zero_shot_classify
 from unified_mllm.vision.image import preprocess, tensor_to_image
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
@@ -215,6 +219,52 @@ def evaluate_tokenizer(
     return result
 
 
+# ------------------------------------------------------------------------------------- semantic side
+
+
+@torch.no_grad()
+def semantic_zero_shot(
+    tokenizer: VisualTokenizer, config: Config, samples: Iterator[Sample], limit: int | None = None
+) -> dict[str, Any] | None:
+    """Zero-shot (colour, shape) accuracy of the tokenizer's *semantic* side on the single-object scenes of
+    ``samples`` (``contrastive.prompt_template`` prompts): UniTok's image embedding of its codes against its own
+    text tower, DualToken's quantized semantic embedding against the text tower of the SigLIP it distils
+    (``model.vq.dualtoken.pretrained``, a contrastive SiglipModel directory). None for the VQ-GAN (no
+    semantic side) or a DualToken without that directory."""
+    vq = config.model.vq
+    text = TextTokenizer.from_config(config.tokenizer, vq.codebook_size)
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+
+    def pixels(images: Sequence[Any]) -> torch.Tensor:
+        return preprocess(list(images), vq.resolution).to(device)
+
+    if vq.kind == "unitok":
+        pad, length = vq.unitok.text_pad_id, vq.unitok.text_context
+        images_fn = lambda images: tokenizer.image_embedding(pixels(images)).float()  # noqa: E731
+        prompts_fn = lambda prompts: tokenizer.text_embedding(  # noqa: E731
+            tokenize(text, prompts, length, pad=pad).to(device)
+        ).float()
+    elif vq.kind == "dualtoken" and vq.dualtoken.pretrained and Path(vq.dualtoken.pretrained).is_dir():
+        siglip = load_contrastive(vq.dualtoken.pretrained).to(device).eval()
+        length = config.contrastive.text_max_length
+        images_fn = lambda images: tokenizer.semantic_embedding(pixels(images)).float()  # noqa: E731
+        prompts_fn = lambda prompts: embed_texts(  # noqa: E731
+            siglip, tokenize(text, prompts, length).to(device)
+        ).float()
+    else:
+        return None
+    world = config.data.world
+    return zero_shot_classify(
+        images_fn,
+        prompts_fn,
+        itertools.islice(samples, limit),
+        prompt_template=config.contrastive.prompt_template,
+        colors=world.colors,
+        shapes=world.shapes,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -244,6 +294,15 @@ def format_markdown(result: dict[str, Any]) -> str:
         ]  # fmt: skip
     if "rfid" in result:
         rows.append(("rFID (relative, see docs)", f"{result['rfid']:.2f}"))
+    zero_shot = result.get("zero_shot")
+    if zero_shot:
+        rows.append(
+            (
+                f"semantic zero-shot ({zero_shot['num_images']} single-object images)",
+                f"colour+shape {_percent(zero_shot['accuracy'])}, colour {_percent(zero_shot['color_accuracy'])}, "
+                f"shape {_percent(zero_shot['shape_accuracy'])}",
+            )
+        )
     header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n| metric | value |\n|---|---|\n"
     return header + "".join(f"| {name} | {value} |\n" for name, value in rows)
 
@@ -308,6 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_reference=args.save_reference_stats,
         progress=not args.no_progress,
     )
+    result["zero_shot"] = semantic_zero_shot(tokenizer, config, iter_samples(shards), args.limit)
     result = {"checkpoint": str(checkpoint), "split": args.split, "shards": str(shards), **result}
     json_path, md_path = output_paths(checkpoint, args.split, args.output)
     _write(json_path, json.dumps(result, indent=2) + "\n")
