@@ -147,7 +147,9 @@ def test_evaluation_cli_reports_every_code_slot(
         f"output_root={tmp_path}",
         f"data.root={world_root}",
         *SMALL[kind],
+        f"tokenizer.path={sp_model}",
         "tokenizer.vocab_size=400",
+        "tokenizer.num_size_tokens=9",
     ]
     result = eval_tokenizer.run(
         eval_tokenizer._parser().parse_intermixed_args(
@@ -158,6 +160,10 @@ def test_evaluation_cli_reports_every_code_slot(
     assert result["num_images"] == 8 and result["code_slots"] == depth
     assert result["codebook_size"] == depth * config.model.vq.codebook_size
     assert 0 < result["codebook_usage"] <= 1 and result["judge"]["scenes"] == 8
+    if kind == "unitok":  # its own text tower gives a zero-shot figure (DualToken here has no teacher dir)
+        assert 0 <= result["zero_shot"]["accuracy"] <= 1
+    else:
+        assert result["zero_shot"] is None
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,46 @@ def evaluate_tokenizer(
 # ------------------------------------------------------------------------------------- semantic side
 
 
+EmbedFn = Callable[[Sequence[Any]], torch.Tensor]
+
+
+def semantic_embedders(tokenizer: VisualTokenizer, config: Config) -> tuple[EmbedFn, EmbedFn] | None:
+    """``(images -> embeddings, prompts -> embeddings)`` of the tokenizer's semantic side (module docstring of
+    :func:`semantic_zero_shot`), or None when it has none here."""
+    vq = config.model.vq
+    has_teacher = vq.dualtoken.pretrained and Path(vq.dualtoken.pretrained).is_dir()
+    if not (vq.kind == "unitok" or (vq.kind == "dualtoken" and has_teacher)):
+        return None
+    text = TextTokenizer.from_config(config.tokenizer, vq.codebook_size)
+    device = next(tokenizer.parameters()).device
+
+    def pixels(images: Sequence[Any]) -> torch.Tensor:
+        return preprocess(list(images), vq.resolution).to(device)
+
+    if vq.kind == "unitok":
+        unitok: Any = tokenizer
+
+        def unitok_images(images: Sequence[Any]) -> torch.Tensor:
+            return unitok.image_embedding(pixels(images)).float()
+
+        def unitok_prompts(prompts: Sequence[Any]) -> torch.Tensor:
+            ids = tokenize(text, prompts, vq.unitok.text_context, pad=vq.unitok.text_pad_id)
+            return unitok.text_embedding(ids.to(device)).float()
+
+        return unitok_images, unitok_prompts
+    dualtoken: Any = tokenizer
+    siglip = load_contrastive(vq.dualtoken.pretrained).to(device).eval()
+
+    def dualtoken_images(images: Sequence[Any]) -> torch.Tensor:
+        return dualtoken.semantic_embedding(pixels(images)).float()
+
+    def siglip_prompts(prompts: Sequence[Any]) -> torch.Tensor:
+        ids = tokenize(text, prompts, config.contrastive.text_max_length)
+        return embed_texts(siglip, ids.to(device)).float()
+
+    return dualtoken_images, siglip_prompts
+
+
 @torch.no_grad()
 def semantic_zero_shot(
     tokenizer: VisualTokenizer, config: Config, samples: Iterator[Sample], limit: int | None = None
@@ -231,33 +271,13 @@ def semantic_zero_shot(
     text tower, DualToken's quantized semantic embedding against the text tower of the SigLIP it distils
     (``model.vq.dualtoken.pretrained``, a contrastive SiglipModel directory). None for the VQ-GAN (no
     semantic side) or a DualToken without that directory."""
-    vq = config.model.vq
-    text = TextTokenizer.from_config(config.tokenizer, vq.codebook_size)
-    device = next(tokenizer.parameters()).device
     tokenizer.eval()
-
-    def pixels(images: Sequence[Any]) -> torch.Tensor:
-        return preprocess(list(images), vq.resolution).to(device)
-
-    if vq.kind == "unitok":
-        pad, length = vq.unitok.text_pad_id, vq.unitok.text_context
-        images_fn = lambda images: tokenizer.image_embedding(pixels(images)).float()  # noqa: E731
-        prompts_fn = lambda prompts: tokenizer.text_embedding(  # noqa: E731
-            tokenize(text, prompts, length, pad=pad).to(device)
-        ).float()
-    elif vq.kind == "dualtoken" and vq.dualtoken.pretrained and Path(vq.dualtoken.pretrained).is_dir():
-        siglip = load_contrastive(vq.dualtoken.pretrained).to(device).eval()
-        length = config.contrastive.text_max_length
-        images_fn = lambda images: tokenizer.semantic_embedding(pixels(images)).float()  # noqa: E731
-        prompts_fn = lambda prompts: embed_texts(  # noqa: E731
-            siglip, tokenize(text, prompts, length).to(device)
-        ).float()
-    else:
+    embedders = semantic_embedders(tokenizer, config)
+    if embedders is None:
         return None
     world = config.data.world
     return zero_shot_classify(
-        images_fn,
-        prompts_fn,
+        *embedders,
         itertools.islice(samples, limit),
         prompt_template=config.contrastive.prompt_template,
         colors=world.colors,
