@@ -42,7 +42,7 @@ from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.processors import GridConstraint
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
-from unified_mllm.model.backbone import lm_hf_config
+from unified_mllm.model.backbone import cache_argument, lm_hf_config
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer, train_sentencepiece
 
@@ -63,6 +63,7 @@ class UnbatchedCFG(LogitsProcessor):
         self.model, self.uncond_prompt = model, uncond_prompt
         self.prompt_length, self.scale = prompt_length, scale
         self.cache: Any = None
+        self.cache_argument = cache_argument(model)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         generated = input_ids[:, self.prompt_length :]
@@ -73,8 +74,8 @@ class UnbatchedCFG(LogitsProcessor):
             feed = torch.cat([prefix, generated], dim=1)
         else:
             feed = generated[:, -1:]
-        out = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=feed, use_cache=True, **{self.cache_argument: self.cache})
+        self.cache = getattr(out, self.cache_argument)
         uncond = out.logits[:, -1].float()
         return uncond + self.scale * (scores - uncond)
 

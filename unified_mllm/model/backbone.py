@@ -25,6 +25,7 @@ leaves uninitialised) or load a state dict — loading alone does not restore th
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -157,6 +158,13 @@ def add_residual_dropout(backbone: nn.Module, p: float) -> list[RemovableHandle]
             branch_outputs = (layer.self_attn, layer.mlp)
         handles.extend(module.register_forward_hook(hook) for module in branch_outputs)
     return handles
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which transformers' ``model.forward`` takes the KV cache and its output returns it:
+    ``cache`` in recent transformers 5 releases, ``past_key_values`` before (the old name still works there but
+    warns on every call and is announced to go in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def build_lm_backbone(lm: LMConfig, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from unified_mllm.config import ModelConfig
-from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
+from unified_mllm.model.backbone import build_lm_backbone, build_lm_head, cache_argument
 from unified_mllm.model.code_stack import build_code_stack
 from unified_mllm.model.export import (
     check_lm_checkpoint_config,
@@ -87,6 +87,7 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.config = config
         self.lm = build_lm_backbone(config.lm, device)
+        self._cache_argument = cache_argument(self.lm)
         self.lm_head = build_lm_head(config.lm, device, embedding=self.lm.get_input_embeddings())
         self.vision = VisionEncoder(config.vision, config.lm.hidden_size, config.projector, device)
         # Tokenizers with a stack of codes per position (UniTok, DualToken): the stack's embedding replaces the
@@ -236,8 +237,8 @@ class UnifiedModel(nn.Module):
             inputs_embeds=self.embed(input_ids, pixel_values, feature_mask, code_stacks, code_mask),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{self._cache_argument: past_key_values},
         )
         hidden = out.last_hidden_state
         code_loss = None
@@ -245,7 +246,7 @@ class UnifiedModel(nn.Module):
             code_loss = self.code_stack_loss(hidden, code_stacks, code_mask, code_targets)
         return UnifiedOutput(
             logits=self.lm_head(hidden),
-            past_key_values=out.past_key_values,
+            past_key_values=getattr(out, self._cache_argument),
             hidden_states=hidden if return_hidden else None,
             code_loss_sum=code_loss,
         )
