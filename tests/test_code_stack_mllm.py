@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.test_solver import spy_on_engine
 from unified_mllm.config import Config, load_config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.conversation import IGNORE_INDEX
@@ -126,6 +127,34 @@ def test_solver_understands_and_generates_with_code_stacks(trained: Config) -> N
     assert [i.size for i in images] == [(64, 64), (64, 64)]
     again = solver.generate_img(["a large red square in the center", "a small blue circle"], cfg=2.0, seed=0)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+
+
+def test_an_image_drawn_inside_an_answer_keeps_its_stacks(
+    trained: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model biased to open an image: the drawn grid's stacks decode the picture and ride along as prompt
+    stacks when decoding resumes, in the order of the code positions."""
+    solver = InferenceSolver.from_pretrained(trained.checkpoint.export_dir)
+    tokens = solver.tokens
+    bias = torch.zeros(solver.model.config.lm.vocab_size)
+    bias[tokens.image_start] = 1e4
+    hook = solver.model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    calls = spy_on_engine(solver, monkeypatch)
+    grid = 3 + 8 * (8 + 1)  # <image-start> <size> <size> + 8 rows of 8 codes and <row-end>
+    try:
+        pieces = solver.generate_interleaved([], [["draw", None]], max_gen_len=grid + 5)
+    finally:
+        hook.remove()
+    assert isinstance(pieces[0], Image.Image) and pieces[0].size == (64, 64)
+    first, second = calls[:2]
+    assert first["code_stacks"] is None  # a text prompt
+    prompt = np.asarray(second["prompts"][0])
+    stacks = second["code_stacks"].numpy()
+    is_code = tokens.is_code(prompt)
+    assert len(stacks) == is_code.sum() == 64
+    np.testing.assert_array_equal(tokens.codes_to_ids(stacks[:, 0]), prompt[is_code])
+    redrawn = solver.vq.codes_to_images([stacks.reshape(8, 8, -1)])[0]
+    np.testing.assert_array_equal(np.asarray(redrawn), np.asarray(pieces[0]))
 
 
 # ------------------------------------------------------------------------------------ engine vs by hand

@@ -188,6 +188,7 @@ class Engine:
         pixel_values: torch.Tensor | None = None,
         code_stacks: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
+        stack_choice: StackChoice | None = None,
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
@@ -196,8 +197,13 @@ class Engine:
         slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]`` are the
         stacks of the prompts' code positions in the same order (code-stack tokenizers). ``stop_at_image_grid``
         ends a row as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
+        With code-stack tokenizers every code id a row writes gets its stack from the depth heads through
+        ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or drawn like the ids);
+        :attr:`Generation.stacks` returns them.
         """
         stops = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
+        if self.model.code_heads is not None and stack_choice is None:
+            stack_choice = guided_stack_choice(len(prompts), greedy=greedy, generator=generator)
         return self._run(
             prompts,
             sampled_rows=len(prompts),
@@ -209,6 +215,7 @@ class Engine:
             pixel_values=pixel_values,
             prompt_stacks=code_stacks,
             stop_at_image_grid=stop_at_image_grid,
+            stack_choice=stack_choice,
         )
 
     def generate_images(

@@ -40,7 +40,7 @@ from transformers import LogitsProcessorList
 
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.conversation import tokenize_conversation, turns_from_qas
-from unified_mllm.infer.engine import CacheKind, Engine, guided_stack_choice
+from unified_mllm.infer.engine import CacheKind, Engine, StackChoice, guided_stack_choice
 from unified_mllm.infer.processors import (
     GridConstraint,
     check_non_negative,
@@ -341,7 +341,15 @@ class InferenceSolver:
         generator = self._generator(seed)
         greedy = temperature == 0 and gen.temperature == 0
         while pending := [a for a in answers if not a.done]:
-            self._continue(pending, processors, greedy, generator)
+            # Code-stack tokenizers: a drawn image's stacks follow the image sampling settings, code by code.
+            stack_choice = guided_stack_choice(
+                len(pending),
+                top_k=gen.image_top_k or 0,
+                temperature=gen.temperature,
+                greedy=greedy,
+                generator=generator,
+            )
+            self._continue(pending, processors, greedy, generator, stack_choice)
         return [a.pieces for a in answers], single
 
     def _prompt(
@@ -374,7 +382,12 @@ class InferenceSolver:
         return self.model.config.lm.max_position_embeddings - len(ids)
 
     def _continue(
-        self, answers: list[_Answer], processors: list[Any], greedy: bool, generator: torch.Generator
+        self,
+        answers: list[_Answer],
+        processors: list[Any],
+        greedy: bool,
+        generator: torch.Generator,
+        stack_choice: StackChoice,
     ) -> None:
         """One engine run over the unfinished answers; each ends, or pauses after a drawn image's grid."""
         views = [v for a in answers for v in a.views]
@@ -388,17 +401,18 @@ class InferenceSolver:
             pixel_values=torch.cat(views) if views else None,
             code_stacks=torch.from_numpy(np.concatenate(stacks)) if stacks else None,
             stop_at_image_grid=True,
+            stack_choice=stack_choice if self.model.code_heads is not None else None,
         )
-        for answer, new, reason in zip(answers, result.ids, result.finish):
+        for row, (answer, new, reason) in enumerate(zip(answers, result.ids, result.finish)):
             answer.ids += new
             answer.budget -= len(new)
-            if reason == "image" and self.model.code_heads is not None:
-                raise NotImplementedError(
-                    "drawing an image inside an answer is not supported with code-stack tokenizers yet "
-                    f"(model.vq.kind={self.config.model.vq.kind!r}); use generate_img"
-                )
+            written = None
+            if result.stacks is not None:
+                # The stacks of every code id just written, in order: the next run's prompt embeds them.
+                written = result.stacks[row][result.stacks[row][:, 0] >= 0]
+                answer.stacks.append(written)
             if reason == "image":
-                self._close_image(answer, new)
+                self._close_image(answer, new, written)
                 # the span's closing ids take positions too
                 answer.budget = min(answer.budget, self._room(answer.ids))
                 answer.done = answer.budget < 1
@@ -412,13 +426,17 @@ class InferenceSolver:
         if text:
             answer.pieces.append(text)
 
-    def _close_image(self, answer: _Answer, new: list[int]) -> None:
-        """Decode the image whose grid ``new`` just completed and append the rest of its span to the ids."""
+    def _close_image(self, answer: _Answer, new: list[int], stacks: np.ndarray | None = None) -> None:
+        """Decode the image whose grid ``new`` just completed (``stacks``: the code stacks written with ``new``,
+        code-stack tokenizers) and append the rest of its span to the ids."""
         start = len(new) - 1 - new[::-1].index(self.tokens.image_start)
         self._add_text(answer, new[:start])
         grid = new[start:]
         parsed = parse_image_span([*grid, self.tokens.image_end], self.tokens)
-        picture = self.vq.codes_to_images([parsed.codes])[0]
+        codes = parsed.codes
+        if stacks is not None:  # the grid's positions are the last codes written
+            codes = stacks[len(stacks) - codes.size :].reshape(*codes.shape, -1)
+        picture = self.vq.codes_to_images([codes])[0]
         answer.pieces.append(picture)
         features = num_image_features(self.config.model.vision, (picture.height, picture.width))
         # The full span of this picture as training lays it out; what follows the grid closes it.
