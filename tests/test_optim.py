@@ -63,6 +63,18 @@ def test_stage1_rules_give_exact_groups() -> None:
     }
 
 
+def test_stage1_freezes_the_code_stack_modules_only_where_they_exist() -> None:
+    """UniTok / DualToken models have code_embedder and code_heads beside the LM; stage 1 freezes them too,
+    and its rules for them are optional, so a VQ-GAN model (the test above) trains under the same file."""
+    model = Toy()
+    model.code_embedder = nn.Linear(3, 3)
+    model.code_heads = nn.Linear(3, 4)
+    resolved = apply_param_rules(model, config_rules(load_config(["configs/train/stage1.yaml"])))
+    frozen = {name for name, rule in resolved.items() if not rule.trainable}
+    assert {"code_embedder.weight", "code_embedder.bias", "code_heads.weight", "code_heads.bias"} <= frozen
+    assert not model.code_embedder.weight.requires_grad and model.vision.projector.weight.requires_grad
+
+
 def test_embeddings_get_no_weight_decay() -> None:
     model = Toy()
     resolved = apply_param_rules(model, [])
@@ -74,6 +86,8 @@ def test_embeddings_get_no_weight_decay() -> None:
 def test_typo_and_all_frozen_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"param_groups\[0\].*'lm_haed'.*top-level modules: lm, lm_head"):
         apply_param_rules(Toy(), [ParamGroupConfig(match="lm_haed")])
+    optional = apply_param_rules(Toy(), [ParamGroupConfig(match="lm_haed", trainable=False, required=False)])
+    assert all(rule.trainable for rule in optional.values())
     with pytest.raises(ConfigError, match="every parameter is frozen"):
         apply_param_rules(Toy(), [ParamGroupConfig(match="", trainable=False)])
 

@@ -398,6 +398,9 @@ class ParamGroupConfig:
     lr_scale: float = opt(1.0, "LR multiplier of this group.")
     trainable: bool = opt(True, "False freezes the matched parameters.")
     weight_decay: float | None = opt(None, "Weight decay of this group; None: optim.weight_decay.")
+    required: bool = opt(
+        True, "False: a rule for a module only some models have (e.g. code_embedder) may match nothing."
+    )
 
 
 @dataclass

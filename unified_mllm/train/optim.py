@@ -10,6 +10,9 @@ later rules override earlier ones. Stage 1 of UniToken, for example, is::
       - {match: lm_head, trainable: false}
       - {match: vision.tower, lr_scale: 0.01}
 
+A rule that matches nothing is an error (a typo), unless it has ``required: false``: the stage-1 recipe freezes
+``code_embedder`` / ``code_heads`` that way, modules only code-stack tokenizers (UniTok, DualToken) build.
+
 One rule always comes first: ``{match: vision.tower, lr_scale: model.vision.lr_scale}`` (UniToken trains
 SigLIP at 0.01 of the LR), so ``model.vision.lr_scale`` is where that scale lives; a later rule may override it.
 
@@ -50,12 +53,13 @@ def config_rules(config: Config) -> list[ParamGroupConfig]:
 
 
 def resolve_rules(names: Iterable[str], rules: Sequence[ParamGroupConfig]) -> dict[str, ParamRule]:
-    """The effective rule of every parameter name; a rule that matches nothing is a config error (a typo)."""
+    """The effective rule of every parameter name; a rule that matches nothing is a config error (a typo)
+    unless it says ``required: false``."""
     names = list(names)
     resolved = {name: ParamRule() for name in names}
     for i, rule in enumerate(rules):
         hit = [name for name in names if matches(name, rule.match)]
-        if not hit:
+        if not hit and rule.required:
             roots = sorted({name.split(".")[0] for name in names})
             raise ConfigError(
                 f"`optim.param_groups[{i}].match`: {rule.match!r} matches no parameter "
