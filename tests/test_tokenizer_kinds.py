@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_train_tokenizer import torchrun_tokenizer
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
 from unified_mllm.vision import eval_tokenizer
@@ -84,8 +85,8 @@ def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(kind: str, world_root: Path, output: Path, sp_model: Path, *extra: str) -> Config:
-    overrides = [
+def _overrides(kind: str, world_root: Path, output: Path, sp_model: Path, *extra: str) -> list[str]:
+    return [
         f"output_root={output}",
         f"data.root={world_root}",
         f"tokenizer.path={sp_model}",  # conftest's sentencepiece model: 400 pieces, 9 size tokens
@@ -96,7 +97,14 @@ def _config(kind: str, world_root: Path, output: Path, sp_model: Path, *extra: s
         *SMALL[kind],
         *extra,
     ]
-    return load_config([str(REPO / "configs" / "tokenizer" / f"{kind}-tiny.yaml")], overrides)
+
+
+def _recipe(kind: str) -> str:
+    return str(REPO / "configs" / "tokenizer" / f"{kind}-tiny.yaml")
+
+
+def _config(kind: str, world_root: Path, output: Path, sp_model: Path, *extra: str) -> Config:
+    return load_config([_recipe(kind)], _overrides(kind, world_root, output, sp_model, *extra))
 
 
 @pytest.mark.parametrize("kind", ["unitok", "dualtoken"])
@@ -135,6 +143,20 @@ def test_tiny_run_trains_saves_and_resumes_exactly(
     assert a.decode(codes).shape == (2, 3, 32, 32)
 
 
+@pytest.mark.slow
+def test_two_rank_unitok_run_contrasts_the_global_batch(
+    world_root: Path, tmp_path: Path, sp_model: Path
+) -> None:
+    """UniTok under torchrun (DDP, gloo): the contrastive loss gathers both ranks' embeddings inside the
+    forward; the run finishes and logs it."""
+    config = _config("unitok", world_root, tmp_path, sp_model)
+    torchrun_tokenizer(_overrides("unitok", world_root, tmp_path, sp_model), recipe=_recipe("unitok"))
+    out = Path(config.vq_train.output_dir)
+    assert json.loads((out / SUMMARY_FILE).read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert all(r["contrastive"] > 0 for r in records if r["kind"] == "train")
+
+
 @pytest.mark.parametrize("kind", ["unitok", "dualtoken"])
 def test_evaluation_cli_reports_every_code_slot(
     kind: str, world_root: Path, tmp_path: Path, sp_model: Path
@@ -142,7 +164,7 @@ def test_evaluation_cli_reports_every_code_slot(
     config = _config(kind, world_root, tmp_path, sp_model, "vq_train.steps=2", "vq_train.gan_weight=0")
     train_tokenizer(config, progress=False)
     out = Path(config.vq_train.output_dir)
-    args = [str(REPO / "configs" / "tokenizer" / f"{kind}-tiny.yaml")]
+    args = [_recipe(kind)]
     overrides = [
         f"output_root={tmp_path}",
         f"data.root={world_root}",

@@ -153,7 +153,8 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(disc_a[k], disc_b[k]) for k in disc_a)
 
 
-def _torchrun(overrides: list[str], timeout: float = 120) -> None:
+def torchrun_tokenizer(overrides: list[str], timeout: float = 120, recipe: str = RECIPE) -> None:
+    """The trainer under ``torchrun`` with two gloo ranks (one thread each); fails with its output's tail."""
     command = [
         sys.executable,
         "-m",
@@ -163,7 +164,7 @@ def _torchrun(overrides: list[str], timeout: float = 120) -> None:
         "-m",
         "unified_mllm.vision.train_tokenizer",
         "--config",
-        RECIPE,
+        recipe,
         "--no-progress",
         *overrides,
     ]
@@ -177,13 +178,13 @@ def test_two_process_ddp_run_resumes_exactly(world_root: Path, tmp_path: Path) -
     """Two ranks (gloo): an uninterrupted 6-step run, and a run killed after its step-3 checkpoint (its
     directory holds nothing but that checkpoint) that resumes: same final generator and discriminator."""
     extra = ("model.vq.ema_decay=0.99", "vq_train.disc_norm=batch")
-    _torchrun(_overrides(world_root, tmp_path / "a", *extra))
+    torchrun_tokenizer(_overrides(world_root, tmp_path / "a", *extra))
     out_a = Path(_config(world_root, tmp_path / "a").vq_train.output_dir)
     summary = json.loads((out_a / SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2 and summary["samples_seen"] == 6 * 4 * 2
     out_b = Path(_config(world_root, tmp_path / "b").vq_train.output_dir)
     shutil.copytree(out_a / CHECKPOINT_DIR / "step-00000003", out_b / CHECKPOINT_DIR / "step-00000003")
-    _torchrun(_overrides(world_root, tmp_path / "b", *extra))
+    torchrun_tokenizer(_overrides(world_root, tmp_path / "b", *extra))
     assert json.loads((out_b / SUMMARY_FILE).read_text())["steps"] == 6
     _assert_same_weights(out_a, out_b)
 

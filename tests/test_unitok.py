@@ -228,6 +228,42 @@ def test_contrastive_loss_is_symmetric_infonce() -> None:
     assert model.contrastive_loss(images, texts).item() == pytest.approx(expected, rel=1e-5)
 
 
+def _contrastive_on_rank(rank: int, world: int, init: str, images: torch.Tensor, texts: torch.Tensor) -> None:
+    """One gloo rank: the loss of its share of the pairs and the gradient of DDP's average (loss / world) with
+    respect to its own embeddings, saved beside the rendezvous file."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        model = tiny_model().train()
+        share = images.shape[0] // world
+        mine = slice(rank * share, (rank + 1) * share)
+        image_rows = images[mine].clone().requires_grad_()
+        text_rows = texts[mine].clone().requires_grad_()
+        loss = model.contrastive_loss(image_rows, text_rows)
+        (loss / world).backward()
+        torch.save((loss.detach(), image_rows.grad, text_rows.grad), f"{init}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_contrastive_loss_over_ranks_is_the_global_batch_loss(tmp_path: Path) -> None:
+    """Two gloo ranks with 3 pairs each: the mean of their losses is the 6-pair loss, and each rank's gradient
+    on its own embeddings is the 6-pair loss's gradient on them (the negatives come from both ranks)."""
+    generator = torch.Generator().manual_seed(7)
+    images = F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    texts = F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    init = str(tmp_path / "rendezvous")
+    torch.multiprocessing.spawn(_contrastive_on_rank, args=(2, init, images, texts), nprocs=2)
+    ranks = [torch.load(f"{init}.{rank}") for rank in range(2)]
+    image_rows, text_rows = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    model = tiny_model().train()
+    full = model.contrastive_loss(image_rows, text_rows)
+    full.backward()
+    assert (ranks[0][0] + ranks[1][0]).item() / 2 == pytest.approx(full.item(), rel=1e-5)
+    assert ranks[0][0].item() != pytest.approx(ranks[1][0].item(), rel=1e-3)
+    torch.testing.assert_close(torch.cat([ranks[0][1], ranks[1][1]]), image_rows.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([ranks[0][2], ranks[1][2]]), text_rows.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_logit_scale_starts_at_one_over_007_and_is_clamped_at_100() -> None:
     model = tiny_model()
     assert model.logit_scale_value().item() == pytest.approx(1 / 0.07, rel=1e-4)

@@ -20,7 +20,8 @@ unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per r
 
 Distributed: under ``torchrun`` both networks are wrapped in DDP (gloo on CPU, nccl on CUDA) and the
 quantizers' ``all_reduce`` sums code counts and EMA statistics over ranks, so the codebooks stay identical
-everywhere. Training runs in fp32. UniTok's contrastive loss uses each rank's local batch.
+everywhere. Training runs in fp32. UniTok's contrastive loss contrasts each rank's pairs with the
+embeddings of every rank (the global batch; equal per-rank batches).
 
 Output directory (``vq_train.output_dir``, rank 0 writes):
 

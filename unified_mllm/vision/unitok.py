@@ -46,7 +46,9 @@ Choices made here where the paper says nothing (most follow the released code):
 * Initialisation: truncated normal (0.02) for transformer linears, He-normal (fan-out) for encoder convs,
   Xavier-normal with gain 0.5 for decoder convs (UniTok's ``vae_init``); codebooks keep the quantizer's own
   uniform init (with cosine lookups only the directions matter). No stochastic depth.
-* The contrastive loss sees the local batch only (see :meth:`UniTok.contrastive_loss`).
+* In a multi-process training run the contrastive loss contrasts each rank's pairs with every rank's
+  embeddings (gathered with gradients, OpenCLIP's ``gather_with_grad`` + ``local_loss``), so the negatives are
+  the global batch, as in UniTok's run (see :meth:`UniTok.contrastive_loss`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -270,6 +274,14 @@ def text_tower_config(cfg: UniTokConfig) -> CLIPTextConfig:
     )
 
 
+def gather_with_grad(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``rows`` ``[B, D]`` concatenated in rank order, gradients flowing back to each rank's own
+    rows, and the index where this rank's rows start; ``(rows, 0)`` outside a multi-process run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows, 0
+    return torch.cat(dist_nn.all_gather(rows.contiguous())), dist.get_rank() * rows.shape[0]
+
+
 @contextmanager
 def _outside_autocast(like: torch.Tensor) -> Iterator[None]:
     with torch.autocast(device_type=like.device.type, enabled=False):
@@ -444,14 +456,19 @@ class UniTok(VisualTokenizer):
         """Symmetric softmax InfoNCE over the ``B`` matched pairs of l2-normalised ``[B, clip_dim]`` embeddings:
         ``(CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2`` with ``s`` = :meth:`logit_scale_value`.
 
-        The negatives are the *local* batch only: in a multi-process run each rank contrasts its own pairs
-        (no feature gathering; model code knows nothing of distribution), so the effective batch of the loss
-        is the per-rank batch, not the global 16k of UniTok's run.
+        In training under ``torch.distributed`` (more than one rank) the columns are every rank's embeddings
+        (:func:`gather_with_grad`; every rank must pass the same ``B``) and the rows this rank's pairs: the mean
+        of the ranks' losses is then the loss of the global batch, and DDP's gradient average is its gradient.
         """
         if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
             raise ValueError(
                 f"need two [B, D] embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
             )
-        logits = self.logit_scale_value() * image_emb.float() @ text_emb.float().t()
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_images, offset = gather_with_grad(image_emb) if self.training else (image_emb, 0)
+        all_texts, _ = gather_with_grad(text_emb) if self.training else (text_emb, 0)
+        scale = self.logit_scale_value()
+        targets = torch.arange(offset, offset + image_emb.shape[0], device=image_emb.device)
+        image_to_text = F.cross_entropy(scale * image_emb @ all_texts.t(), targets)
+        text_to_image = F.cross_entropy(scale * text_emb @ all_images.t(), targets)
+        return 0.5 * (image_to_text + text_to_image)
