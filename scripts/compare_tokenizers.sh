@@ -6,22 +6,15 @@
 #   bash scripts/compare_tokenizers.sh [key=value ...]     (overrides go to every step)
 # The VQ-GAN row is the quickstart's own pipeline (finished quickstart steps are reused); every step is reused
 # when it finished before. UMLLM_BENCH_LIMIT: test scenes/prompts evaluated (default 300); UMLLM_NPROC: ranks.
-# About 45 min on 2 CPU cores when nothing is reused.
+# About an hour on a quiet 2-core box when nothing is reused (the VQ-GAN row alone is the quickstart).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
 source "$repo_root/scripts/setup.sh"
 cd "$repo_root"
-nproc=${UMLLM_NPROC:-2}
 limit=${UMLLM_BENCH_LIMIT:-300}
-start=$SECONDS
-step() { echo "== $1 ($((SECONDS - start)) s)"; }
-# A rank very occasionally aborts in the process-group teardown after its work is saved ("terminate called
-# without an active exception", seen about once in 20 runs on CPU/gloo): one retry, which reuses the finished work.
-launch() {
-    torchrun --standalone --nproc_per_node="$nproc" "$@" ||
-        { echo "== a rank failed; retrying once (finished work is reused)"; torchrun --standalone --nproc_per_node="$nproc" "$@"; }
-}
+# shellcheck source=scripts/pipeline.sh
+source "$repo_root/scripts/pipeline.sh"
 # config_value KEY [--config FILE ...] [key=value ...]: one resolved setting.
 config_value() { python -m unified_mllm.config --get "$@"; }
 
@@ -65,4 +58,4 @@ done
 
 output_root=$(config_value output_root --config configs/quickstart.yaml "$@")
 python -m unified_mllm.eval.compare "${rows[@]}" --output "$output_root/compare"
-echo "== finished in $((SECONDS - start)) s; table in $output_root/compare/tokenizers.md"
+echo "== finished in $((SECONDS - pipeline_start)) s; table in $output_root/compare/tokenizers.md"

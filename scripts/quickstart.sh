@@ -12,17 +12,8 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/scripts/setup.sh"
 cd "$repo_root"
 config=(--config configs/quickstart.yaml)
-nproc=${UMLLM_NPROC:-2}
-start=$SECONDS
-# The steps run one after another: single-process steps use every core, and torchrun gives each of its ranks
-# one intra-op thread (OMP_NUM_THREADS=1), which is what 2 ranks on 2 cores want.
-step() { echo "== $1 ($((SECONDS - start)) s)"; }
-# A rank very occasionally aborts in the process-group teardown after its work is saved ("terminate called
-# without an active exception", seen about once in 20 runs on CPU/gloo): one retry, which reuses the finished work.
-launch() {
-    torchrun --standalone --nproc_per_node="$nproc" "$@" ||
-        { echo "== a rank failed; retrying once (finished work is reused)"; torchrun --standalone --nproc_per_node="$nproc" "$@"; }
-}
+# shellcheck source=scripts/pipeline.sh
+source "$repo_root/scripts/pipeline.sh"
 
 step "1/10 the synthetic world: train/val/test webdataset shards + statistics"
 python -m unified_mllm.data.shapes "${config[@]}" --stats "$@"
@@ -55,4 +46,4 @@ export_dir=$(python -m unified_mllm.config --config configs/train/tiny-stage2.ya
 python -m unified_mllm.eval --task shapesbench --model "$export_dir" --limit "${UMLLM_BENCH_LIMIT:-300}" \
     --config configs/train/tiny-stage2.yaml "$@"
 
-echo "== quickstart finished in $((SECONDS - start)) s; artifacts under $(python -m unified_mllm.config "${config[@]}" "$@" | sed -n 's/^output_root: //p')"
+echo "== quickstart finished in $((SECONDS - pipeline_start)) s; artifacts under $(python -m unified_mllm.config "${config[@]}" "$@" | sed -n 's/^output_root: //p')"
