@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
 from unified_mllm.config import UniTokConfig, VQConfig
+from unified_mllm.train.distributed import all_gather_with_grad
 from unified_mllm.vision.losses import (
     Dinov2Features,
     FeatureDiscriminator,
@@ -234,6 +235,7 @@ def _contrastive_on_rank(rank: int, world: int, init: str, images: torch.Tensor,
     torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model = tiny_model().train()
+        model.gather_rows = all_gather_with_grad  # what the tokenizer trainer sets under torchrun
         share = images.shape[0] // world
         mine = slice(rank * share, (rank + 1) * share)
         image_rows = images[mine].clone().requires_grad_()

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -120,6 +121,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def all_gather_with_grad(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``rows`` ``[B, D]`` concatenated in rank order, gradients flowing back to each rank's own
+    rows (``torch.distributed.nn``), and the index where this rank's rows start; ``(rows, 0)`` in a single
+    process. Every rank must pass the same shape."""
+    if not is_distributed():
+        return rows, 0
+    return torch.cat(dist_nn.all_gather(rows.contiguous())), dist.get_rank() * rows.shape[0]
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -280,6 +280,7 @@ def build_networks(config: Config, info: DistInfo) -> Networks:
         # everywhere without DDP re-broadcasting them every forward.
         for quantizer in tokenizer.quantizers().values():
             quantizer.all_reduce = distributed.all_reduce_sum
+        tokenizer.gather_rows = distributed.all_gather_with_grad  # contrastive negatives: the global batch
     generator = distributed.wrap_ddp(TrainingForward(tokenizer), info, sync_buffers=False)
     discriminator = distributed.wrap_ddp(disc, info)  # BatchNorm statistics: rank 0's at each forward
     betas = (cfg.betas[0], cfg.betas[1])

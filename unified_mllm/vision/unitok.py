@@ -47,7 +47,8 @@ Choices made here where the paper says nothing (most follow the released code):
   Xavier-normal with gain 0.5 for decoder convs (UniTok's ``vae_init``); codebooks keep the quantizer's own
   uniform init (with cosine lookups only the directions matter). No stochastic depth.
 * In a multi-process training run the contrastive loss contrasts each rank's pairs with every rank's
-  embeddings (gathered with gradients, OpenCLIP's ``gather_with_grad`` + ``local_loss``), so the negatives are
+  embeddings (gathered with gradients through the trainer's ``gather_rows`` hook, OpenCLIP's ``gather_with_grad``
+  + ``local_loss``), so the negatives are
   the global batch, as in UniTok's run (see :meth:`UniTok.contrastive_loss`).
 """
 
@@ -60,8 +61,6 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -274,14 +273,6 @@ def text_tower_config(cfg: UniTokConfig) -> CLIPTextConfig:
     )
 
 
-def gather_with_grad(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's ``rows`` ``[B, D]`` concatenated in rank order, gradients flowing back to each rank's own
-    rows, and the index where this rank's rows start; ``(rows, 0)`` outside a multi-process run."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows, 0
-    return torch.cat(dist_nn.all_gather(rows.contiguous())), dist.get_rank() * rows.shape[0]
-
-
 @contextmanager
 def _outside_autocast(like: torch.Tensor) -> Iterator[None]:
     with torch.autocast(device_type=like.device.type, enabled=False):
@@ -456,17 +447,18 @@ class UniTok(VisualTokenizer):
         """Symmetric softmax InfoNCE over the ``B`` matched pairs of l2-normalised ``[B, clip_dim]`` embeddings:
         ``(CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2`` with ``s`` = :meth:`logit_scale_value`.
 
-        In training under ``torch.distributed`` (more than one rank) the columns are every rank's embeddings
-        (:func:`gather_with_grad`; every rank must pass the same ``B``) and the rows this rank's pairs: the mean
-        of the ranks' losses is then the loss of the global batch, and DDP's gradient average is its gradient.
+        In training with :attr:`gather_rows` set (a multi-process trainer sets it; every rank passes the same
+        ``B``) the columns are every rank's embeddings and the rows this rank's pairs: the mean of the ranks'
+        losses is then the loss of the global batch, and DDP's gradient average is its gradient.
         """
         if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
             raise ValueError(
                 f"need two [B, D] embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
             )
         image_emb, text_emb = image_emb.float(), text_emb.float()
-        all_images, offset = gather_with_grad(image_emb) if self.training else (image_emb, 0)
-        all_texts, _ = gather_with_grad(text_emb) if self.training else (text_emb, 0)
+        all_images, all_texts, offset = image_emb, text_emb, 0
+        if self.training and self.gather_rows is not None:
+            (all_images, offset), (all_texts, _) = self.gather_rows(image_emb), self.gather_rows(text_emb)
         scale = self.logit_scale_value()
         targets = torch.arange(offset, offset + image_emb.shape[0], device=image_emb.device)
         image_to_text = F.cross_entropy(scale * image_emb @ all_texts.t(), targets)

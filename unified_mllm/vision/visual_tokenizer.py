@@ -68,6 +68,10 @@ class TokenizerOutput:
         return torch.stack([out.loss for out in self.quant.values()]).sum()
 
 
+RowGather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+"""``rows [B, D]`` -> (every rank's rows concatenated, gradients flowing back; where this rank's rows start)."""
+
+
 class VisualTokenizer(nn.Module):
     """Base class: files, checks and image conversion on top of the subclass's tensor methods.
 
@@ -84,6 +88,9 @@ class VisualTokenizer(nn.Module):
         if vq.kind != self.kind:
             raise ValueError(f"{type(self).__name__} needs vq.kind={self.kind!r}, got {vq.kind!r}")
         self.config = copy.deepcopy(vq)
+        # Set by a multi-process trainer (train.distributed.all_gather_with_grad) for losses whose negatives
+        # are the global batch (UniTok's contrastive loss); model code itself knows nothing of ranks.
+        self.gather_rows: RowGather | None = None
 
     # -- what subclasses provide ----------------------------------------------------------------------
 
