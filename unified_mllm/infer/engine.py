@@ -36,7 +36,6 @@ from transformers import DynamicCache, StaticCache
 
 from unified_mllm.infer.processors import CFGProcessor, GridConstraint, SpanReader, check_non_negative
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
-from unified_mllm.model.backbone import cache_argument
 from unified_mllm.model.unified import UnifiedModel
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,7 +161,6 @@ class Engine:
         self.model = model
         self.tokens = tokens
         self.cache = cache
-        self._cache_argument = cache_argument(model.lm)
         self._read = SpanReader(tokens)
         # Id -> "is an image code" and code -> id tables, on the model's device (code stacks need both).
         vocab = model.lm.get_input_embeddings().weight.shape[0]
@@ -290,7 +288,7 @@ class Engine:
             attention_mask=self._attention_mask(batch, ids.shape[1], cache),
             position_ids=batch.positions,
             use_cache=True,
-            **{self._cache_argument: cache},
+            **{self.model.cache_argument: cache},
         )
         last = out.last_hidden_state[:, -1]
         return self.model.lm_head(last).float(), last

@@ -87,7 +87,8 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.config = config
         self.lm = build_lm_backbone(config.lm, device)
-        self._cache_argument = cache_argument(self.lm)
+        # What transformers calls the KV cache in `lm`'s forward (the engine calls `lm` directly too).
+        self.cache_argument = cache_argument(self.lm)
         self.lm_head = build_lm_head(config.lm, device, embedding=self.lm.get_input_embeddings())
         self.vision = VisionEncoder(config.vision, config.lm.hidden_size, config.projector, device)
         # Tokenizers with a stack of codes per position (UniTok, DualToken): the stack's embedding replaces the
@@ -238,7 +239,7 @@ class UnifiedModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            **{self._cache_argument: past_key_values},
+            **{self.cache_argument: past_key_values},
         )
         hidden = out.last_hidden_state
         code_loss = None
@@ -246,7 +247,7 @@ class UnifiedModel(nn.Module):
             code_loss = self.code_stack_loss(hidden, code_stacks, code_mask, code_targets)
         return UnifiedOutput(
             logits=self.lm_head(hidden),
-            past_key_values=getattr(out, self._cache_argument),
+            past_key_values=getattr(out, self.cache_argument),
             hidden_states=hidden if return_hidden else None,
             code_loss_sum=code_loss,
         )

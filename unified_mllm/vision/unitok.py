@@ -47,9 +47,9 @@ Choices made here where the paper says nothing (most follow the released code):
   Xavier-normal with gain 0.5 for decoder convs (UniTok's ``vae_init``); codebooks keep the quantizer's own
   uniform init (with cosine lookups only the directions matter). No stochastic depth.
 * In a multi-process training run the contrastive loss contrasts each rank's pairs with every rank's
-  embeddings (gathered with gradients through the trainer's ``gather_rows`` hook, OpenCLIP's ``gather_with_grad``
-  + ``local_loss``), so the negatives are
-  the global batch, as in UniTok's run (see :meth:`UniTok.contrastive_loss`).
+  embeddings (gathered with gradients through the trainer's ``gather_rows`` hook, like OpenCLIP's
+  ``gather_with_grad`` + ``local_loss``), so the negatives are the global batch, as in UniTok's run (see
+  :meth:`UniTok.contrastive_loss`).
 """
 
 from __future__ import annotations
