@@ -6,9 +6,6 @@ pipeline_start=$SECONDS
 step() { echo "== $1 ($((SECONDS - pipeline_start)) s)"; }
 # The steps run one after another: single-process steps use every core, and torchrun gives each of its ranks
 # one intra-op thread (OMP_NUM_THREADS=1), which is what 2 ranks on 2 cores want.
-# A rank very occasionally aborts in the process-group teardown after its work is saved ("terminate called
-# without an active exception", seen about once in 20 runs on CPU/gloo): one retry, which reuses the finished work.
-launch() {
-    torchrun --standalone --nproc_per_node="$nproc" "$@" ||
-        { echo "== a rank failed; retrying once (finished work is reused)"; torchrun --standalone --nproc_per_node="$nproc" "$@"; }
-}
+# Each rank ends through train.distributed.exit_finished_worker, which keeps PyTorch's teardown race (a rank
+# aborting after its work was saved) from failing a finished step.
+launch() { torchrun --standalone --nproc_per_node="$nproc" "$@"; }

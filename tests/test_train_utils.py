@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +129,25 @@ def test_distributed_helpers_single_process() -> None:
     assert distributed.all_gather_object(3) == [3]
     distributed.barrier()
     distributed.shutdown()
+    distributed.exit_finished_worker()  # a no-op in a single process: the test goes on
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_finished_worker_exits_zero_with_its_output_flushed(world_size: str) -> None:
+    """A torchrun worker leaves at once with exit status 0 and nothing lost from its buffered streams; a
+    single process goes on and finalizes as usual."""
+    code = (
+        "import sys; from unified_mllm.train import distributed; "
+        "sys.stdout.write('saved'); sys.stderr.write('log'); "
+        "distributed.exit_finished_worker(); print(' and finalized')"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("saved and finalized\n" if world_size == "1" else "saved")
+    assert result.stderr == "log"
 
 
 # ------------------------------------------------------------------------------------------ image stream

@@ -13,7 +13,9 @@ Model code never imports this module (design convention 1); entry points (traine
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -179,3 +181,26 @@ def shutdown() -> None:
     """Close the default process group if one is open (call at the end of a run, also after errors)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_finished_worker() -> None:
+    """End a multi-process worker whose run has finished, skipping interpreter finalization.
+
+    Call it last, after :func:`shutdown`, from an entry point's ``__main__`` block (never from library code:
+    it ends the process). Why: the gloo group's threads outlive :func:`shutdown` (``destroy_process_group``
+    drops c10d's references, not those the device mesh and sharded parameters keep: a finished trainer rank
+    still has its ``pt_gloo_runloop`` threads), and they, like the autograd engine's, may still be dropping
+    references to Python objects while CPython finalizes; taking the GIL then unwinds the thread through a
+    ``noexcept`` destructor and the rank aborts with "terminate called without an active exception"
+    (pytorch/pytorch#38228, #117762). It is rare, but a test suite with a dozen gloo launches met it: a rank
+    died after every file was written and torchrun reported the run as failed. By now the work is saved (files
+    are written and closed as they go) and the process group is closed, so the streams are flushed and the
+    process exits 0 at once.
+    A no-op in a single process, where finalization is left to Python.
+    """
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -723,3 +723,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_finished_worker()
