@@ -695,14 +695,49 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: Config) -> Config:
     """Cross-field checks that types alone cannot express; raises :class:`ConfigError` naming the key."""
-    lm = config.model.lm
+    _validate_lm(config.model.lm)
+    _validate_vision(config.model.vision)
+    _require(config.model.projector.depth >= 1, "model.projector.depth", "must be >= 1")
+    _validate_vq(config.model.vq)
+
+    tok = config.tokenizer
+    _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
+    _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
+
+    _validate_data(config.data)
+
+    optim = config.optim
+    _require(optim.lr > 0, "optim.lr", "must be positive")
+    _require(len(optim.betas) == 2, "optim.betas", "needs exactly two values")
+    _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+    train = config.train
+    _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        _require(getattr(train, key) >= 1, f"train.{key}", "must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+    gen = config.generation
+    _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
+    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
+    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
+    _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _validate_vq_train(config.vq_train)
+    return config
+
+
+def _validate_lm(lm: LMConfig) -> None:
+    """Checks of ``model.lm``: shapes that fit together."""
     _require(lm.hidden_size % lm.num_heads == 0, "model.lm.hidden_size", "must be divisible by num_heads")
     _require(lm.num_heads % lm.num_kv_heads == 0, "model.lm.num_kv_heads", "must divide num_heads")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_position_embeddings"):
         _require(getattr(lm, key) > 0, f"model.lm.{key}", "must be positive")
     _require(0.0 <= lm.residual_dropout < 1.0, "model.lm.residual_dropout", "must be in [0, 1)")
 
-    vision = config.model.vision
+
+def _validate_vision(vision: VisionConfig) -> None:
+    """Checks of ``model.vision``: patch grid, feature layer, AnyRes settings."""
     # SigLIP's patch embedding is a strided conv: 384 px / 14 px patches gives 27 x 27 (the rest is dropped).
     _require(
         vision.image_size >= vision.patch_size,
@@ -730,9 +765,10 @@ def validate(config: Config) -> Config:
             f"model.vision.anyres.grids[{i}]",
             f"must be [rows, cols] with both >= 1, got {grid}",
         )
-    _require(config.model.projector.depth >= 1, "model.projector.depth", "must be >= 1")
 
-    vq = config.model.vq
+
+def _validate_vq(vq: VQConfig) -> None:
+    """Checks of ``model.vq`` for each tokenizer kind."""
     _require(vq.codebook_size >= 2, "model.vq.codebook_size", "must be >= 2")
     _require(len(vq.channel_mult) >= 1, "model.vq.channel_mult", "needs at least one level")
     if vq.kind == "dualtoken":
@@ -767,32 +803,6 @@ def validate(config: Config) -> Config:
             f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
             f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
         )
-
-    tok = config.tokenizer
-    _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
-    _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
-
-    _validate_data(config.data)
-
-    optim = config.optim
-    _require(optim.lr > 0, "optim.lr", "must be positive")
-    _require(len(optim.betas) == 2, "optim.betas", "needs exactly two values")
-    _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-
-    train = config.train
-    _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
-        _require(getattr(train, key) >= 1, f"train.{key}", "must be >= 1")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-
-    gen = config.generation
-    _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
-    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
-    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
-    _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
-    _validate_vq_train(config.vq_train)
-    return config
 
 
 def _validate_data(data: DataConfig) -> None:
