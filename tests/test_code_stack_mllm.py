@@ -116,6 +116,30 @@ def test_pretokenized_stacks_and_training_with_depth_heads(trained: Config) -> N
     assert model.code_heads.depth == trained.model.vq.code_depth
 
 
+def test_depth_head_losses_are_per_position(trained: Config) -> None:
+    batch = next(batch_stream(trained, with_features=True))
+    model = UnifiedModel.from_pretrained(trained.checkpoint.export_dir).eval()
+    names = ("input_ids", "position_ids", "attention_mask", "pixel_values", "feature_mask", "code_stacks")
+    inputs = {k: batch[k] for k in (*names, "code_mask") if batch.get(k) is not None}
+    targets = batch["code_targets"]
+    with torch.no_grad():
+        output = model(**inputs, code_targets=targets, return_hidden=True)
+    # Entry i: the stack at the i-th target position (row-major), predicted from the hidden state before it.
+    hidden = output.hidden_states.reshape(-1, model.config.lm.hidden_size)
+    previous = torch.nonzero(targets.reshape(-1)).squeeze(1) - 1
+    expected = model.code_heads.loss(hidden[previous], batch["code_stacks"][targets[batch["code_mask"]]])
+    assert output.code_losses.shape == (int(targets.sum()),) and output.code_losses.dtype == torch.float32
+    torch.testing.assert_close(output.code_losses, expected)
+    # No supervised stack (an understanding-only micro-batch): nothing to sum, yet every depth-head parameter
+    # gets a (zero) gradient, so all ranks reduce the same parameters.
+    model.train()
+    none = model(**inputs, code_targets=torch.zeros_like(targets)).code_losses
+    assert none.shape == (0,)
+    (none.sum() + 0 * output.code_losses.sum()).backward()
+    grads = [p.grad for p in model.code_heads.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+
+
 def test_solver_understands_and_generates_with_code_stacks(trained: Config) -> None:
     solver = InferenceSolver.from_pretrained(trained.checkpoint.export_dir)
     image = np.full((64, 64, 3), 255, dtype=np.uint8)

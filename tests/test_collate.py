@@ -98,6 +98,17 @@ def test_labels_and_feature_mask_stay_aligned_with_ids() -> None:
         assert torch.equal(labels[supervised], ids[supervised])  # unshifted: a label is its own position's id
 
 
+def test_loss_weights_follow_each_sample() -> None:
+    assert Collator(0, 8)([A, B])["loss_weights"] is None  # every weight 1: no tensor
+    heavy = {**C, "loss_weight": 3.0}
+    batch = Collator(pad_id=0, max_seq_len=6, pack=True)([A, B, heavy])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 10], [4, 5, 6, 7, 8]]
+    assert batch["loss_weights"].tolist() == [[1, 1, 1, 3, 3], [1, 1, 1, 1, 1]]
+    padded = Collator(pad_id=0, max_seq_len=6)([heavy, A])
+    assert padded["loss_weights"].tolist() == [[3, 3, 0], [1, 1, 1]]
+    assert batch["loss_weights"].dtype == torch.float32
+
+
 def test_first_fit_rows() -> None:
     assert first_fit([3, 3, 2], 5) == [[0, 2], [1]]
     assert first_fit([4, 1, 1, 4], 5) == [[0, 1], [2, 3]]

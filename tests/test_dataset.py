@@ -40,6 +40,7 @@ from unified_mllm.data.samples import (
 )
 from unified_mllm.layout import build_image_span, generation_prompt, unconditional_prompt
 from unified_mllm.text import train_sentencepiece
+from unified_mllm.train.trainer import supervised_tokens
 from unified_mllm.vision.anyres import anyres_views
 
 # ------------------------------------------------------------------------------- sequences per task
@@ -259,6 +260,20 @@ def test_items_carry_the_image_views(world: Config) -> None:
     assert wide["pixel_values"].shape == (3, 3, 64, 64) and wide["feature_mask"].sum() == 3 * 64
     plain = next(iter(build_dataset(mix(world, ("t2i", 1.0)), with_features=False)))
     assert plain["pixel_values"] is None and not plain["feature_mask"].any()
+
+
+def test_items_and_batches_carry_their_source_loss_weight(world: Config) -> None:
+    config = mix(world, ("vqa", 1.0), ("t2i", 1.0))
+    config.data.sources[0].loss_weight = 4.0
+    items = list(islice(iter(build_dataset(config, with_features=False)), 12))
+    assert {(i["task"], i["loss_weight"]) for i in items} == {("vqa", 4.0), ("t2i", 1.0)}
+    batch = next(iter(build_batches(config, with_features=False, rows=6)))  # padded: a sample per row
+    assert not config.data.pack and {"vqa", "t2i"} <= set(batch["tasks"])
+    per_row = torch.tensor([4.0 if task == "vqa" else 1.0 for task in batch["tasks"]])
+    assert torch.equal(batch["loss_weights"], batch["attention_mask"] * per_row[:, None])
+    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert supervised_tokens(batch) == float((supervised * per_row[:, None]).sum())
+    assert supervised_tokens({**batch, "loss_weights": None}) == float(supervised.sum())
 
 
 def _names(shard: Path) -> dict[str, bytes]:

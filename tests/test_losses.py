@@ -144,6 +144,42 @@ def test_global_normalizer_makes_accumulated_gradients_equal_the_full_batch_mean
     assert not torch.allclose(naive.grad, full.grad)
 
 
+def test_loss_weights_give_a_weighted_mean() -> None:
+    logits, labels = hand_example()
+    # The weight of the token expected at t: position 1's id (weight 3) and position 2's id (weight 0.5).
+    weights = torch.tensor([[7.0, 3.0, 0.5]])
+    parts = causal_lm_loss(logits, labels, 0.1, weights=weights)
+    lse0, lse1 = lse([1.0, 2.0, 0.5]), math.log(3.0)
+    ce = 3.0 * (lse0 - 2.0) + 0.5 * (lse1 - 0.0)
+    z = 0.1 * (3.0 * lse0**2 + 0.5 * lse1**2)
+    assert parts.num_tokens.item() == 2 and parts.weight_sum.item() == 3.5
+    assert parts.ce_sum.item() == pytest.approx(ce, abs=1e-6)
+    assert parts.z_sum.item() == pytest.approx(z, abs=1e-6)
+    assert parts.loss.item() == pytest.approx((ce + z) / 3.5, abs=1e-6)
+    # Weights of 1 are the plain mean; a constant weight cancels out of the default normaliser.
+    plain = causal_lm_loss(logits, labels, 0.1)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, 0.1, weights=torch.ones(1, 3)).loss, plain.loss)
+    torch.testing.assert_close(
+        causal_lm_loss(logits, labels, 0.1, weights=torch.full((1, 3), 4.0)).loss, plain.loss
+    )
+    with pytest.raises(ValueError, match=r"weights must match labels \(1, 3\)"):
+        causal_lm_loss(logits, labels, 0.1, weights=torch.ones(1, 2))
+
+
+def test_weighted_gradients_scale_each_token() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 5, 7, generator=gen)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    weights = torch.tensor([[1.0] * 5, [4.0] * 5])
+    # Row 1 weighted 4 == row 1 repeated four times, unweighted.
+    weighted = logits.clone().requires_grad_(True)
+    causal_lm_loss(weighted, labels, 1e-3, weights=weights).loss.backward()
+    repeated = logits.clone().requires_grad_(True)
+    stacked = torch.cat([repeated[:1]] + [repeated[1:]] * 4)
+    causal_lm_loss(stacked, torch.cat([labels[:1]] + [labels[1:]] * 4), 1e-3).loss.backward()
+    torch.testing.assert_close(weighted.grad, repeated.grad)
+
+
 def test_bf16_logits_are_scored_in_fp32() -> None:
     gen = torch.Generator().manual_seed(4)
     logits = (torch.randn(2, 5, 300, generator=gen) * 4).to(torch.bfloat16)

@@ -4,6 +4,7 @@ killed and resumed to the same loss sequence, resumed at another world size, exp
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,11 +16,13 @@ from safetensors.torch import load_file
 
 from tests.test_pretokenize import make_tokenized_world
 from unified_mllm.config import Config, ConfigError, load_config
+from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train.checkpoint import list_checkpoints
 from unified_mllm.train.export import SUMMARY_FILE
+from unified_mllm.train.losses import causal_lm_loss
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics
-from unified_mllm.train.trainer import CHECKPOINT_DIR, CRASH_ENV, CURVES_FILE, train
+from unified_mllm.train.trainer import CHECKPOINT_DIR, CRASH_ENV, CURVES_FILE, Window, source_losses, train
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE0 = REPO / "configs" / "train" / "tiny-stage0.yaml"
@@ -115,6 +118,60 @@ def test_single_process_run_trains_checkpoints_and_exports(single: Config) -> No
     assert (export / "vq" / "model.safetensors").is_file()
     summary = json.loads((export / SUMMARY_FILE).read_text())
     assert summary["steps"] == 6 and summary["world_size"] == 1
+
+
+def test_the_log_has_each_sources_cross_entropy(single: Config) -> None:
+    records = read_metrics(run_dir_of(single) / METRICS_FILE, "train")
+    # A step of 2 samples may draw one source only: it logs that source alone.
+    sources = [[r[k] for k in ("ce/caption", "ce/t2i") if k in r] for r in records]
+    assert all(sources) and sum(len(s) == 2 for s in sources) >= 2
+    for record, per_source in zip(records, sources):
+        # Every weight is 1: the step's ce is the token-weighted mean of its sources' (tokens not logged).
+        assert min(per_source) - 1e-5 <= record["ce"] <= max(per_source) + 1e-5  # fp32 sums
+        if len(per_source) == 1:
+            assert per_source[0] == pytest.approx(record["ce"])
+
+
+def test_source_losses_sum_each_sources_tokens() -> None:
+    logits = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [3.0, 1.0, 2.0]], [[0.0, 1.0, 0.0]] * 3])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2], [IGNORE_INDEX, IGNORE_INDEX, 0]])
+    sources = torch.tensor([[0, 0, 2], [1, 1, 1]])  # row 0 packs a sample of source 0, then one of source 2
+    parts = causal_lm_loss(logits, labels, 0.0)
+    sums = source_losses({"source_ids": sources}, parts, None, num_sources=3)
+    ce0 = math.log(math.exp(1) + math.exp(2) + math.exp(0.5)) - 2.0
+    ce2, ce1 = math.log(3.0), math.log(2 + math.e) - 0.0
+    torch.testing.assert_close(sums["source_tokens"], torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(sums["source_ce"], torch.tensor([ce0, ce1, ce2], dtype=torch.float64))
+    # Depth-head positions count for the source that owns them.
+    code = {"source_ids": sources, "code_targets": torch.tensor([[False, False, False], [False, True, True]])}
+    with_codes = source_losses(code, parts, torch.tensor([0.5, 0.25]), num_sources=3)
+    torch.testing.assert_close(
+        with_codes["source_tokens"], torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(with_codes["source_ce"][1], torch.tensor(ce1 + 0.75, dtype=torch.float64))
+    assert source_losses({"source_ids": None}, parts, None, num_sources=3) == {}
+
+
+def test_window_logs_per_source_means() -> None:
+    window = Window(torch.device("cpu"), ("vqa", "t2i"))
+    for ce, tokens in (
+        (torch.tensor([2.0, 9.0]), torch.tensor([1.0, 3.0])),
+        (torch.tensor([4.0, 0.0]), torch.tensor([3.0, 0.0])),
+    ):
+        window.add(
+            ce_sum=float(ce.sum()),
+            z_sum=0.0,
+            seen_tokens=10.0,
+            real_tokens=8.0,
+            source_ce=ce,
+            source_tokens=tokens,
+        )
+    window.add(tokens=7.0, grad_norm=1.0)
+    window.steps += 1
+    out = window.flush()
+    assert out["ce"] == pytest.approx(15.0 / 7.0) and out["padding"] == pytest.approx(0.2)
+    assert out["ce/vqa"] == pytest.approx(6.0 / 4.0) and out["ce/t2i"] == pytest.approx(9.0 / 3.0)
+    assert window.sums == {}
 
 
 def test_export_reloads_with_the_trained_weights(single: Config, world: Config) -> None:

@@ -361,6 +361,11 @@ class DataSourceConfig:
         "caption", "Which samples to derive from each record."
     )
     ratio: float = opt(1.0, "Relative sampling weight within the mix.")
+    loss_weight: float = opt(
+        1.0,
+        "Weight of this source's supervised tokens in the loss, a weighted mean over the step: raise it for "
+        "sources with few supervised tokens per sample (VQA answers beside whole image spans).",
+    )
     name: str = opt("", "Label of the source in logs and drop counts; '' uses `<task>:<index>`.")
 
 
@@ -630,6 +635,36 @@ def _merge(base: DictConfig, other: DictConfig | ListConfig, origin: str) -> Dic
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         raise _describe_error(exc, origin) from exc
+    except TypeError as exc:  # e.g. a mapping given where the schema has a list
+        raise ConfigError(
+            f"{origin}: {exc} (a list entry is set with its index: data.sources.0.ratio=2)"
+        ) from exc
+
+
+def _indexes_a_list(override: str) -> bool:
+    """Whether an override's key goes through a list index (``data.sources.0.ratio=2``)."""
+    return any(part.isdigit() for part in override.partition("=")[0].split("."))
+
+
+def _apply_indexed(merged: DictConfig, override: str) -> None:
+    """Set one ``key.<index>.sub=value`` override in place (a dotlist layer cannot address list entries)."""
+    key, _, raw = override.partition("=")
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            prefix = ".".join(parts[:i])
+            entries = OmegaConf.select(merged, prefix, default=None)
+            if not isinstance(entries, ListConfig):
+                raise ConfigError(f"command line: `{key}`: `{prefix}` is not a list, so `{part}` is no index")
+            if int(part) >= len(entries):
+                raise ConfigError(
+                    f"command line: `{key}`: index {part} is out of range (`{prefix}` has {len(entries)} entries)"
+                )
+    value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # parsed like any other override
+    try:
+        OmegaConf.update(merged, key, value, merge=True)
+    except OmegaConfBaseException as exc:
+        raise _describe_error(exc, "command line") from exc
 
 
 def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
@@ -649,19 +684,25 @@ def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
 def load_config(
     yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, check: bool = True
 ) -> Config:
-    """Build a validated :class:`Config` from YAML files and ``key.sub=value`` overrides."""
+    """Build a validated :class:`Config` from YAML files and ``key.sub=value`` overrides (list entries by
+    index: ``data.sources.0.loss_weight=4``)."""
     layers: list[tuple[str, DictConfig]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        plain = [o for o in overrides if not _indexes_a_list(o)]
+        if plain:
+            layers.append(("command line", OmegaConf.from_dotlist(plain)))
     merged = OmegaConf.structured(Config)
     preset = _preset_node(layers)
     if preset is not None:
         merged = _merge(merged, preset, f"preset {preset.model.preset}")
     for origin, layer in layers:
         merged = _merge(merged, layer, origin)
+    for override in overrides:
+        if _indexes_a_list(override):
+            _apply_indexed(merged, override)
     try:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -818,6 +859,7 @@ def _validate_data(data: DataConfig) -> None:
     for i, source in enumerate(data.sources):
         _require(bool(source.path), f"data.sources[{i}].path", "is empty")
         _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
+        _require(source.loss_weight > 0, f"data.sources[{i}].loss_weight", "must be positive")
     _require(data.max_seq_len >= 1, "data.max_seq_len", "must be >= 1")
     _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")

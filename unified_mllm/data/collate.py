@@ -24,11 +24,15 @@ Every batch is a dict::
                    the codes of every code position, in the order of input_ids (row, then position in the row);
                    then also code_mask [B, T] bool (those positions) and code_targets [B, T] bool (the ones
                    whose stack carries a loss; their labels are IGNORE_INDEX: the depth heads predict them)
+    loss_weights   [B, T] float or None: each position's sample ``loss_weight`` (0 on padding), present when a
+                   sample of the batch has a weight other than 1 (None: every supervised token weighs 1)
+    source_ids     [B, T] long or None: each position's sample ``source`` (the index of its data source; -1 on
+                   padding), present when the samples carry one (per-source losses in the training log)
     num_samples, num_tokens (real ids), padding_fraction (float), tasks (list of str): statistics
 
 Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
 ``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``code_stacks`` (``[n, D]``
-for the sample's code positions) and ``task``.
+for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (default 1).
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ class Collator:
         views: list[torch.Tensor] = []
         stacks: list[np.ndarray] = []
         code_slots = np.zeros((batch, width), dtype=bool)
+        weights = np.zeros((batch, width), dtype=np.float32)
+        sources = np.full((batch, width), -1, dtype=np.int64)
         for b, row in enumerate(rows):
             start = 0
             for sample in row:
@@ -138,6 +144,8 @@ class Collator:
                 ids[b, start:end], labels[b, start:end] = sample["ids"], sample["labels"]
                 slots[b, start:end] = sample["feature_mask"]
                 positions[b, start:end] = np.arange(end - start)
+                weights[b, start:end] = sample.get("loss_weight", 1.0)
+                sources[b, start:end] = sample.get("source", -1)
                 views += _sample_views(sample, (b, start))
                 if sample.get("code_stacks") is not None:
                     stacks.append(sample["code_stacks"])
@@ -162,8 +170,11 @@ class Collator:
         out["pixel_values"] = torch.cat(views) if views else None
         # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
         out["code_stacks"] = torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None
-        out["num_views"] = torch.tensor([v.shape[0] for v in views], dtype=torch.long)
         samples = [s for row in rows for s in row]
+        weighted = any(s.get("loss_weight", 1.0) != 1.0 for s in samples)
+        out["loss_weights"] = torch.from_numpy(weights) if weighted else None
+        out["source_ids"] = torch.from_numpy(sources) if all("source" in s for s in samples) else None
+        out["num_views"] = torch.tensor([v.shape[0] for v in views], dtype=torch.long)
         out["num_samples"], out["num_tokens"] = len(samples), int(sum(lengths))
         out["padding_fraction"] = (batch * width - out["num_tokens"]) / (batch * width)
         out["tasks"] = [str(s.get("task", "")) for s in samples]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unified_mllm.config import Config, VisionConfig
+from unified_mllm.config import Config, DataConfig, VisionConfig
 from unified_mllm.data.collate import Collator, FirstFitRows
 from unified_mllm.data.conversation import TokenizedSample
 from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, raw_samples
@@ -79,6 +79,7 @@ class Source:
     ratio: float
     shards: tuple[Path, ...]
     num_samples: int | None = None
+    loss_weight: float = 1.0
 
 
 # ------------------------------------------------------------------------------------------ the stream
@@ -159,6 +160,7 @@ class PlannedSample:
     sample: TokenizedSample
     raw: RawSample
     state: dict[str, Any]
+    loss_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,8 @@ class MixturePlan:
             in_a_row, items = 0, items + 1
             after = {"version": STATE_VERSION, "draws": draws, "items": items}
             after.update(positions=list(positions), dropped=list(dropped))
-            yield PlannedSample(items - 1, choice, self.sources[choice].task, key, sample, raw, after)
+            source = self.sources[choice]
+            yield PlannedSample(items - 1, choice, source.task, key, sample, raw, after, source.loss_weight)
 
 
 def materialize(planned: PlannedSample, vision: VisionConfig) -> dict[str, Any]:
@@ -240,6 +243,7 @@ def materialize(planned: PlannedSample, vision: VisionConfig) -> dict[str, Any]:
         "task": planned.task,
         "key": planned.key,
         "source": planned.source,
+        "loss_weight": planned.loss_weight,
     }
 
 
@@ -375,13 +379,18 @@ def _manifest_samples(directory: Path, where: str, fingerprint: str, tokenizer_p
     return {name: int(entry["samples"]) for name, entry in manifest["shards"].items()}
 
 
+def source_names(data: DataConfig) -> list[str]:
+    """The label of each entry of ``data.sources`` in logs: its ``name``, else ``<task>:<index>``."""
+    return [entry.name or f"{entry.task}:{i}" for i, entry in enumerate(data.sources)]
+
+
 def resolve_sources(config: Config, split: str, fingerprint: str) -> tuple[Source, ...]:
     """The sources of ``data.sources`` for ``split`` (``{split}`` in a path is replaced by it), each checked
     against its pre-tokenization manifest: finished, and made with the tokenizer of ``fingerprint``."""
     if not config.data.sources:
         raise DataError("`data.sources` is empty: add a mix, e.g. --config configs/data/mix-stage1.yaml")
     sources = []
-    for i, entry in enumerate(config.data.sources):
+    for i, (entry, name) in enumerate(zip(config.data.sources, source_names(config.data))):
         try:
             shards = tuple(list_shards(entry.path.replace(SPLIT_FIELD, split)))
         except FileNotFoundError as exc:
@@ -394,7 +403,7 @@ def resolve_sources(config: Config, split: str, fingerprint: str) -> tuple[Sourc
         )
         # Tar files the manifest does not list (put there by hand) leave the epoch to be counted by reading.
         total = sum(counts[s.name] for s in shards) if all(s.name in counts for s in shards) else None
-        sources.append(Source(entry.name or f"{entry.task}:{i}", entry.task, entry.ratio, shards, total))
+        sources.append(Source(name, entry.task, entry.ratio, shards, total, entry.loss_weight))
     return tuple(sources)
 
 

@@ -71,8 +71,9 @@ class UnifiedOutput:
     """The transformers KV cache when ``use_cache`` (or a cache was passed in), else None."""
     hidden_states: torch.Tensor | None = None
     """``[B, T, H]`` the LM's last hidden states, when ``return_hidden`` (the engine's depth-head input)."""
-    code_loss_sum: torch.Tensor | None = None
-    """Summed depth-head cross-entropy of the ``code_targets`` stacks (each the mean over its codes; fp32)."""
+    code_losses: torch.Tensor | None = None
+    """``[N]`` depth-head cross-entropy of each ``code_targets`` position, row-major (the mean over its codes;
+    fp32); the trainer weights and sums them."""
 
 
 class UnifiedModel(nn.Module):
@@ -138,8 +139,9 @@ class UnifiedModel(nn.Module):
         code_mask: torch.Tensor,
         code_targets: torch.Tensor,
     ) -> torch.Tensor:
-        """Summed depth-head cross-entropy: the hidden state at ``t - 1`` predicts the stack at each position
-        ``t`` of ``code_targets`` ``[B, T]`` (a subset of ``code_mask``). Boolean selection: one host sync."""
+        """Depth-head cross-entropy ``[N]`` (fp32) of the ``N`` positions of ``code_targets`` ``[B, T]`` (a subset
+        of ``code_mask``) in row-major order: the hidden state at ``t - 1`` predicts the stack at ``t``; each
+        entry is the mean over the stack's codes. Boolean selection: one host sync."""
         if self.code_heads is None:
             raise ValueError(
                 "code_targets need a tokenizer with code stacks (model.vq.kind unitok / dualtoken)"
@@ -149,14 +151,15 @@ class UnifiedModel(nn.Module):
         previous = torch.nonzero(flat_targets).squeeze(1) - 1  # code spans never start a row
         inputs = hidden.reshape(-1, hidden.shape[-1])[previous]
         if stacks.shape[0] == 0:
-            # No supervised stack in this micro-batch (understanding data): run the heads on one dummy row at
-            # zero weight, so every rank's backward touches the same parameters (FSDP / DDP reduce them all).
+            # No supervised stack in this micro-batch (understanding data): run the heads on one dummy row and
+            # keep none of it, so every rank's backward still touches the same parameters (FSDP / DDP reduce
+            # them all; the empty slice passes zero gradients).
             inputs, stacks = (
                 hidden.new_zeros(1, hidden.shape[-1]),
                 code_stacks.new_zeros(1, code_stacks.shape[1]),
             )
-            return self.code_heads.loss(inputs, stacks).float().sum() * 0.0
-        return self.code_heads.loss(inputs, stacks).float().sum()
+            return self.code_heads.loss(inputs, stacks).float()[:0]
+        return self.code_heads.loss(inputs, stacks).float()
 
     def embed(
         self,
@@ -249,7 +252,7 @@ class UnifiedModel(nn.Module):
             logits=self.lm_head(hidden),
             past_key_values=getattr(out, self.cache_argument),
             hidden_states=hidden if return_hidden else None,
-            code_loss_sum=code_loss,
+            code_losses=code_loss,
         )
 
     # -------------------------------------------------------------------------------------- weights I/O

@@ -17,11 +17,16 @@ of the step: every token weighs the same, however the tokens fall into micro-bat
 micro-batch mean would over-weight tokens of short micro-batches). Where the gradient reduction *averages*
 over W data-parallel ranks (FSDP2 / DDP do), the normaliser to pass is ``global_tokens / W``.
 
+**Loss weights.** With ``weights`` ``[B, T]`` (aligned with the unshifted labels: the weight of the token
+*expected* at ``t``; the data mix's per-source ``loss_weight``) each supervised token's cross-entropy and z-loss
+count ``weight`` times, and the default normaliser is the summed weight of the supervised tokens: a weighted
+mean, equal to the plain mean when every weight is 1. Pass the step's global summed weight the same way as the
+token count above.
+
 **Memory.** The loss only looks at supervised positions: their rows of the logits are gathered first (bf16
 rows stay bf16) and only those rows are upcast to fp32, so no second fp32 ``[B, T, V]`` tensor is made; for
-understanding data, where only answers are supervised, that is a small fraction of the sequence. The gather
-by a boolean mask costs one host sync (the number of supervised rows); the returned tensors cause no further
-sync.
+understanding data, where only answers are supervised, that is a small fraction of the sequence. Finding the
+supervised positions costs one host sync (their number); the returned tensors cause no further sync.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from unified_mllm.data.conversation import IGNORE_INDEX
 
 @dataclass
 class LossParts:
-    """The loss of one micro-batch and its parts (all 0-d tensors on the logits' device; no host sync)."""
+    """The loss of one micro-batch and its parts (tensors on the logits' device, 0-d unless noted)."""
 
     loss: torch.Tensor
     """``(ce_sum + z_sum) / normalizer``, fp32, with a graph: the tensor to call ``backward()`` on."""
@@ -45,6 +50,12 @@ class LossParts:
     """Summed weighted z-loss ``z_loss_weight * sum(lse**2)`` (fp32, detached; zero when the weight is 0)."""
     num_tokens: torch.Tensor
     """Supervised tokens of this micro-batch (int64)."""
+    weight_sum: torch.Tensor
+    """Summed loss weight of the supervised tokens (fp32; equals ``num_tokens`` without ``weights``)."""
+    token_ce: torch.Tensor
+    """``[N]`` unweighted cross-entropy of each supervised token (fp32, detached; for per-source logging)."""
+    token_positions: torch.Tensor
+    """``[N, 2]`` (row, position) in the labels of each ``token_ce`` entry (the position of its label)."""
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float) -> None:
@@ -64,6 +75,7 @@ def causal_lm_loss(
     z_loss_weight: float,
     *,
     normalizer: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> LossParts:
     """Next-token CE + z-loss of ``logits`` ``[B, T, V]`` against unshifted ``labels`` ``[B, T]``.
 
@@ -71,21 +83,31 @@ def causal_lm_loss(
     logits are scored against ``labels[b, t + 1]``, so ``labels[:, 0]`` is never used and the last position's
     logits predict nothing. ``normalizer``: see the module docstring; a number must be positive, a tensor
     (e.g. an all-reduced token count, possibly divided by the world size) that is not positive is replaced by
-    1, so that a step without supervised tokens gives loss 0, not NaN. Label ids outside ``[0, V)`` are not checked here (that would cost a host sync).
+    1, so that a step without supervised tokens gives loss 0, not NaN. ``weights`` ``[B, T]``: per-token loss
+    weights (module docstring). Label ids outside ``[0, V)`` are not checked here (that would cost a host sync).
     """
     _check_inputs(logits, labels, z_loss_weight)
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights must match labels {tuple(labels.shape)}, got {tuple(weights.shape)}")
     if isinstance(normalizer, (int, float)) and normalizer <= 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX  # [B, T-1]
-    rows = logits[:, :-1][supervised].float()  # [N, V]: only the supervised rows are upcast
-    wanted = targets[supervised].long()  # [N]
+    # (row, t) of every supervised target labels[row, t + 1]: the one host sync of the loss.
+    row, t = (labels[:, 1:] != IGNORE_INDEX).nonzero().unbind(1)
+    rows = logits[row, t].float()  # [N, V]: only the supervised rows are gathered and upcast
+    wanted = labels[row, t + 1].long()  # [N]
     lse = torch.logsumexp(rows, dim=-1)  # [N]
-    ce_sum = (lse - rows.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)).sum()
-    z_sum = z_loss_weight * lse.square().sum() if z_loss_weight > 0 else torch.zeros_like(ce_sum)
-    num_tokens = supervised.sum()
+    token_ce = lse - rows.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)  # [N]
+    ce, z = token_ce, lse.square()
+    num_tokens = torch.tensor(row.numel(), device=logits.device)
+    if weights is None:
+        weight_sum = num_tokens.float()
+    else:
+        token_weights = weights[row, t + 1].float()  # [N]
+        ce, z, weight_sum = ce * token_weights, z * token_weights, token_weights.sum()
+    ce_sum = ce.sum()
+    z_sum = z_loss_weight * z.sum() if z_loss_weight > 0 else torch.zeros_like(ce_sum)
     if normalizer is None:
-        denominator = num_tokens.clamp(min=1).float()
+        denominator = torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
     elif isinstance(normalizer, torch.Tensor):
         denominator = normalizer.to(device=ce_sum.device, dtype=torch.float32)
         # A zero count (no supervised token anywhere in the step) means ce_sum == 0: divide by 1, not 0.
@@ -97,4 +119,7 @@ def causal_lm_loss(
         ce_sum=ce_sum.detach(),
         z_sum=z_sum.detach(),
         num_tokens=num_tokens,
+        weight_sum=weight_sum.detach(),
+        token_ce=token_ce.detach(),
+        token_positions=torch.stack([row, t + 1], dim=1),
     )

@@ -10,8 +10,9 @@ A stage is configuration only (design convention 4): which parameters train and 
 
 One optimizer step = ``train.grad_accum_steps`` micro-batches of ``train.micro_batch_size`` sequences per rank.
 The loss is cross-entropy + z-loss summed over the supervised tokens and divided by the number of supervised
-tokens of the whole step on all ranks (one integer all-reduce per step), so every token weighs the same
-whatever the padding, packing, accumulation or world size.
+tokens of the whole step on all ranks (one all-reduce per step), so every token weighs the same whatever the
+padding, packing, accumulation or world size. A data source's ``loss_weight`` makes its tokens count that many
+times, in the loss and in the count alike (a weighted mean; the logged ``ce`` is then weighted too).
 
 Run directory (``checkpoint.dir``; rank 0 writes): ``checkpoints/step-XXXXXXXX/`` training states (model and
 optimizer through the backend, plus ``trainer.pt``: step, LR schedule, data position, every rank's RNG) written
@@ -35,7 +36,7 @@ import torch
 
 from unified_mllm.config import Config, ConfigError, save_config
 from unified_mllm.data.conversation import IGNORE_INDEX
-from unified_mllm.data.dataset import batch_stream
+from unified_mllm.data.dataset import batch_stream, source_names
 from unified_mllm.model.export import load_safetensors_into, safetensors_files, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
@@ -51,7 +52,7 @@ from unified_mllm.train.checkpoint import (
 )
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.export import export_run, fingerprint, finished_export
-from unified_mllm.train.losses import causal_lm_loss
+from unified_mllm.train.losses import LossParts, causal_lm_loss
 from unified_mllm.train.optim import apply_param_rules, config_rules, trainable_summary
 from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves
 
@@ -61,12 +62,17 @@ CONFIG_FILE = "config.yaml"
 CURVES_FILE = "loss_curves.png"
 # Tests and fault drills: exit abruptly (as a kill would) right after this optimizer step.
 CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
-_CURVE_PANELS = (
-    ("loss", ("loss", "ce")),
-    ("z-loss", ("z_loss",)),
-    ("learning rate", ("lr",)),
-    ("gradient norm", ("grad_norm",)),
-)
+
+
+def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The panels of ``loss_curves.png``: the loss, each data source's cross-entropy, z-loss, LR, grad norm."""
+    return (
+        ("loss", ("loss", "ce")),
+        ("cross-entropy per source", tuple(f"ce/{name}" for name in source_names(config.data))),
+        ("z-loss", ("z_loss",)),
+        ("learning rate", ("lr",)),
+        ("gradient norm", ("grad_norm",)),
+    )
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -117,12 +123,18 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS if batch.get(k) is not None}
 
 
-def supervised_tokens(batch: dict[str, Any]) -> int:
+def supervised_tokens(batch: dict[str, Any]) -> float:
     """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted), code-stack positions
-    predicted by the depth heads included (each counts as one token, whatever its depth)."""
-    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    predicted by the depth heads included (each counts as one token, whatever its depth); with
+    ``batch["loss_weights"]`` each position counts its weight (the loss is then a weighted mean)."""
+    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
     targets = batch.get("code_targets")
-    return count + (int(targets[:, 1:].sum()) if targets is not None else 0)
+    if targets is not None:
+        supervised = supervised | targets[:, 1:]
+    weights = batch.get("loss_weights")
+    if weights is None:
+        return float(supervised.sum())
+    return float(weights[:, 1:][supervised].double().sum())
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -139,9 +151,14 @@ class RunState:
 
 @dataclass
 class Window:
-    """Sums of the steps since the last log, kept on the device (no host sync until :meth:`flush`)."""
+    """Sums of the steps since the last log, kept on the device (no host sync until :meth:`flush`).
+
+    ``sources`` names the data mix's entries: the window then also sums each source's unweighted cross-entropy
+    and tokens (``source_ce`` / ``source_tokens``, vectors) and logs ``ce/<name>``.
+    """
 
     device: torch.device
+    sources: tuple[str, ...] = ()
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -154,8 +171,13 @@ class Window:
     def flush(self) -> dict[str, float]:
         """Token-weighted means over the window and all ranks (a collective), then reset."""
         names = sorted(self.sums)
-        totals = distributed.all_reduce_sum(torch.stack([self.sums[n] for n in names]))
-        sums = dict(zip(names, totals.tolist()))
+        # One collective for scalars and vectors alike: every rank holds the same names and sizes.
+        totals = distributed.all_reduce_sum(torch.cat([self.sums[n].reshape(-1) for n in names])).tolist()
+        sums: dict[str, Any] = {}
+        for name in names:
+            size = self.sums[name].numel()
+            sums[name] = totals[:size] if self.sums[name].ndim else totals[0]
+            totals = totals[size:]
         tokens = max(sums.pop("tokens"), 1.0)
         seconds = time.perf_counter() - self.started
         out = {
@@ -167,8 +189,32 @@ class Window:
             "sec_per_step": seconds / max(self.steps, 1),
         }
         out["loss"] = out["ce"] + out["z_loss"]
+        if "source_ce" in sums:
+            for name, ce, count in zip(self.sources, sums["source_ce"], sums["source_tokens"]):
+                if count > 0:
+                    out[f"ce/{name}"] = ce / count
         self.sums, self.steps, self.started = {}, 0, time.perf_counter()
         return out
+
+
+def source_losses(
+    batch: dict[str, Any], parts: LossParts, code_losses: torch.Tensor | None, num_sources: int
+) -> dict[str, torch.Tensor]:
+    """Each source's summed unweighted cross-entropy and supervised-token count in this micro-batch (LM-head
+    tokens and depth-head code positions alike), as ``source_ce`` / ``source_tokens`` vectors; {} when the
+    batch has no ``source_ids``."""
+    ids = batch.get("source_ids")
+    if ids is None or num_sources == 0:
+        return {}
+    ids = ids.to(parts.token_ce.device, non_blocking=True)
+    owners, values = [ids[parts.token_positions[:, 0], parts.token_positions[:, 1]]], [parts.token_ce]
+    if code_losses is not None:
+        owners.append(ids[batch["code_targets"].to(ids.device)])
+        values.append(code_losses.detach())
+    owner, value = torch.cat(owners), torch.cat(values).double()
+    ce = torch.zeros(num_sources, dtype=torch.float64, device=ids.device).index_add_(0, owner, value)
+    tokens = torch.zeros_like(ce).index_add_(0, owner, torch.ones_like(value))
+    return {"source_ce": ce, "source_tokens": tokens}
 
 
 def train_step(
@@ -187,17 +233,25 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         output = backend.forward(**_to_device(batch, info.device))
         labels = batch["labels"].to(info.device, non_blocking=True)
-        parts = causal_lm_loss(output.logits, labels, config.optim.z_loss_weight, normalizer=normalizer)
+        weights = batch.get("loss_weights")
+        weights = weights.to(info.device, non_blocking=True) if weights is not None else None
+        parts = causal_lm_loss(
+            output.logits, labels, config.optim.z_loss_weight, normalizer=normalizer, weights=weights
+        )
         loss, ce_sum = parts.loss, parts.ce_sum
-        if output.code_loss_sum is not None:  # the depth heads' cross-entropy of the code stacks
-            loss = loss + output.code_loss_sum / normalizer
-            ce_sum = ce_sum + output.code_loss_sum.detach()
+        if output.code_losses is not None:  # the depth heads' cross-entropy of the code stacks
+            code = output.code_losses
+            if weights is not None:
+                code = code * weights[batch["code_targets"].to(info.device)]
+            loss = loss + code.sum() / normalizer
+            ce_sum = ce_sum + code.detach().sum()
         backend.backward(loss, sync=i == len(micro_batches) - 1)
         window.add(
             ce_sum=ce_sum,
             z_sum=parts.z_sum,
             seen_tokens=float(batch["input_ids"].numel()),
             real_tokens=float(batch.get("num_tokens", batch["input_ids"].numel())),
+            **source_losses(batch, parts, output.code_losses, len(window.sources)),
         )
     window.add(tokens=local, grad_norm=backend.optimizer_step())
     window.steps += 1
@@ -212,7 +266,8 @@ def train_loop(
     logger: RunLogger,
 ) -> dict[str, Any]:
     """Train from ``run.step`` to ``train.max_steps``; returns the last logged record."""
-    train, window, last = config.train, Window(info.device), {}
+    window = Window(info.device, tuple(source_names(config.data)))
+    train, last = config.train, {}
     started = time.perf_counter() - run.elapsed
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     backend.module.train()
@@ -341,7 +396,9 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     state = backend.full_state_dict()  # a collective: every rank takes part
     if info.is_main:
         if (run_dir / METRICS_FILE).is_file():
-            save_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, _CURVE_PANELS, log_scale=("loss",))
+            save_curves(
+                run_dir / METRICS_FILE, run_dir / CURVES_FILE, curve_panels(config), log_scale=("loss",)
+            )
         summary = {
             "fingerprint": fingerprint(config),
             "steps": run.step,
