@@ -6,7 +6,9 @@ One run, one model, the same prompts and greedy decoding for every contender:
   forward of its own (the Lumina-mGPT / UniToken design: two sequential forwards per image token) against (b)
   :meth:`unified_mllm.infer.engine.Engine.generate_images` (conditional and unconditional rows in one batch), at
   each batch size; both apply the same grid constraint and must draw identical codes;
-* text tokens/s — plain ``model.generate`` against :meth:`Engine.generate`, identical ids required.
+* text tokens/s — plain ``model.generate`` against :meth:`Engine.generate`, identical ids required;
+* speculative Jacobi decoding (:mod:`unified_mllm.infer.jacobi`) in our engine against its sequential decoding:
+  image tokens/s and LM forwards per image, greedy (identical codes required) and sampled (top-k 64).
 
 Default subject: the ``tiny`` preset with random weights and a sentencepiece tokenizer trained on the embedded
 world's captions in a temporary directory; ``--export DIR`` measures a trained export instead.
@@ -39,7 +41,7 @@ from transformers import ChameleonForConditionalGeneration, LlamaForCausalLM, Lo
 from unified_mllm.config import WorldConfig, load_config
 from unified_mllm.data.shapes import caption, make_scene
 from unified_mllm.infer.engine import Engine
-from unified_mllm.infer.processors import GridConstraint
+from unified_mllm.infer.processors import GridConstraint, sampling_processors
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
 from unified_mllm.model.backbone import cache_argument, lm_hf_config
@@ -171,6 +173,55 @@ def bench_image(
     return {"a": tokens_made / t_a, "b": tokens_made / t_b, "same": same}
 
 
+class ForwardCounter:
+    """Counts the LM's forwards (prefill included) through a forward hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def during(self, run: Callable[[], Any]) -> tuple[Any, int]:
+        start = self.calls
+        result = run()
+        return result, self.calls - start
+
+
+def bench_jacobi(
+    model: UnifiedModel, tokens: SpecialTokens, conditions: list[list[int]], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Our engine's image tokens/s and LM forwards, sequential (b) against speculative Jacobi decoding (c),
+    greedy (identical codes required) and sampled (top-k 64, temperature 1: the same distribution; the seeded
+    draws differ)."""
+    side, engine = args.grid, Engine(model, tokens, cache=args.cache)
+    counter = ForwardCounter(model.lm)
+    steps = side * (side + 1)
+    out = {}
+    for mode in ("greedy", "sampled"):
+        warpers = [] if mode == "greedy" else sampling_processors(
+            tokens, image_temperature=1.0, text_temperature=1.0, image_top_k=64, text_top_k=None
+        )  # fmt: skip
+
+        def run(window: int, warpers: list = warpers, greedy: bool = mode == "greedy") -> list[np.ndarray]:
+            generator = torch.Generator(device=args.device).manual_seed(0)
+            return engine.generate_images(
+                conditions, height=side, width=side, cfg_scale=args.cfg, greedy=greedy, processors=warpers,
+                generator=generator, jacobi_window=window,
+            )  # fmt: skip
+
+        (codes_b, forwards_b), (codes_c, forwards_c) = (
+            counter.during(lambda: run(0)),
+            counter.during(lambda: run(args.jacobi_window)),
+        )
+        _, t_b, _, t_c = race(lambda: run(0), lambda: run(args.jacobi_window), args.repeats)
+        same = all(np.array_equal(b, c) for b, c in zip(codes_b, codes_c)) if mode == "greedy" else None
+        made = len(conditions) * steps
+        out[mode] = {"b": made / t_b, "c": made / t_c, "fb": forwards_b, "fc": forwards_c, "same": same}
+    return out
+
+
 def bench_text(
     model: UnifiedModel,
     hf: PreTrainedModel,
@@ -214,6 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cache", choices=["auto", "dynamic", "static"], default="auto", help="our engine's KV cache"
     )
+    parser.add_argument(
+        "--jacobi-window", type=int, default=16, help="draft ids per forward of speculative Jacobi decoding"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_intermixed_args(argv)
     if args.cfg == 1.0:
@@ -251,6 +305,22 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [[tokens.bos, *tokenizer.encode(c)] for c in captions[:batch]]
         rows.append(("text", batch, bench_text(model, hf, tokens, prompts, args)))
     print_table(rows)
+    print(
+        f"\nspeculative Jacobi decoding (window {args.jacobi_window}) in our engine: (b) sequential, (c) Jacobi"
+    )
+    print(
+        f"{'mode':<8}{'batch':>6}  {'(b) tok/s':>10}  {'(c) tok/s':>10}  {'c/b':>6}  {'LM forwards b -> c':>19}  same ids"
+    )
+    for batch in args.batch_sizes:
+        conditions = [tokenizer.encode(c) for c in captions[:batch]]
+        for mode, r in bench_jacobi(model, tokens, conditions, args).items():
+            same = "n/a (sampled)" if r["same"] is None else r["same"]
+            forwards = f"{r['fb']} -> {r['fc']}"
+            print(
+                f"{mode:<8}{batch:>6}  {r['b']:>10.1f}  {r['c']:>10.1f}  {r['c'] / r['b']:>5.2f}x  {forwards:>19}  {same}"
+            )
+            if r["same"] is not None:
+                rows.append(("jacobi", batch, {"same": r["same"]}))
     ok = all(r["same"] for _, _, r in rows)
     for mode, batch, r in rows:
         if (mode, batch) == ("image", 1):

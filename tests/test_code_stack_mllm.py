@@ -151,6 +151,8 @@ def test_solver_understands_and_generates_with_code_stacks(trained: Config) -> N
     assert [i.size for i in images] == [(64, 64), (64, 64)]
     again = solver.generate_img(["a large red square in the center", "a small blue circle"], cfg=2.0, seed=0)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+    with pytest.raises(ValueError, match="Jacobi decoding supports one code per position"):
+        solver.generate_img("a small blue circle", jacobi_window=4)
 
 
 def test_an_image_drawn_inside_an_answer_keeps_its_stacks(

@@ -120,6 +120,7 @@ def test_yaml_typo_names_file_and_key(tmp_path: Path) -> None:
         ("train.stage=4", "train.stage"),
         ("generation.cfg_scale=-1", "generation.cfg_scale"),
         ("generation.image_top_k=0", "generation.image_top_k"),
+        ("generation.jacobi_window=-1", "generation.jacobi_window"),
         ("data.sources=[{path: /d, loss_weight: 0}]", "data.sources[0].loss_weight"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("model.vision.anyres.grids=[[0,2]]", "model.vision.anyres.grids[0]"),

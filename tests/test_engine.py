@@ -233,4 +233,11 @@ def test_the_speed_benchmark_runs_and_finds_identical_ids() -> None:
         ("text", "1", "True"),
         ("text", "2", "True"),
     ]
+    jacobi = [r for r in table if len(r) > 1 and r[0] in ("greedy", "sampled") and r[1].isdigit()]
+    assert [(r[0], r[1], r[-1]) for r in jacobi] == [
+        ("greedy", "1", "True"),
+        ("sampled", "1", "(sampled)"),
+        ("greedy", "2", "True"),
+        ("sampled", "2", "(sampled)"),
+    ]
     assert "identical ids in every comparison: True" in result.stdout

@@ -86,6 +86,17 @@ def test_batched_generate_img_equals_one_prompt_at_a_time(solver: InferenceSolve
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
 
+def test_jacobi_generate_img_gives_the_sequential_greedy_images(solver: InferenceSolver) -> None:
+    prompts = ["a small green triangle", "two red circles"]
+    sequential = solver.generate_img(prompts, temperature=0.0, cfg=2.5)
+    jacobi = solver.generate_img(prompts, temperature=0.0, cfg=2.5, jacobi_window=6)
+    assert [np.asarray(a).tolist() for a in sequential] == [np.asarray(b).tolist() for b in jacobi]
+    sampled = solver.generate_img(prompts, size=(32, 48), seed=5, jacobi_window=6)
+    assert [im.size for im in sampled] == [(48, 32), (48, 32)]
+    again = solver.generate_img(prompts, size=(32, 48), seed=5, jacobi_window=6)
+    assert [np.asarray(a).tolist() for a in sampled] == [np.asarray(b).tolist() for b in again]
+
+
 def test_generate_answers_one_conversation_or_a_batch(solver: InferenceSolver) -> None:
     one = solver.generate([picture(0)], [[QUESTION, None]])
     two_turns = [[QUESTION, "two"], ["what colour?", None]]
@@ -222,6 +233,8 @@ def test_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
         solver.generate_img("a red circle", cfg=-1.0)
     with pytest.raises(ValueError, match="image_top_k must be an integer >= 1"):
         solver.generate_img("a red circle", image_top_k=0)
+    with pytest.raises(ValueError, match="jacobi_window must be >= 0"):
+        solver.generate_img("a red circle", jacobi_window=-2)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         solver.generate([picture(0)], [[QUESTION, None]], top_k=0)
     with pytest.raises(ValueError, match=r"last qas pair must be \[question, None\]"):

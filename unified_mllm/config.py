@@ -477,6 +477,11 @@ class GenerationConfig:
     cfg_scale: float = opt(3.0, "Classifier-free guidance scale for images (UniToken GenEval: 5.5).")
     image_size: int = opt(512, "Side of generated images in pixels.")
     seed: int = opt(0, "Sampling seed.")
+    jacobi_window: int = opt(
+        0,
+        "Speculative Jacobi decoding of images: draft ids checked per forward (0: one id per forward); the "
+        "same distribution in fewer forwards (VQ-GAN codes only).",
+    )
 
 
 @dataclass
@@ -764,6 +769,7 @@ def validate(config: Config) -> Config:
     _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
     _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
     _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _require(gen.jacobi_window >= 0, "generation.jacobi_window", "must be >= 0 (0: sequential decoding)")
     _validate_vq_train(config.vq_train)
     return config
 

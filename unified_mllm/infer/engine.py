@@ -34,11 +34,17 @@ import numpy as np
 import torch
 from transformers import DynamicCache, StaticCache
 
-from unified_mllm.infer.processors import CFGProcessor, GridConstraint, SpanReader, check_non_negative
+from unified_mllm.infer.jacobi import decode_grid
+from unified_mllm.infer.processors import (
+    CFGProcessor,
+    GridConstraint,
+    Processor,
+    SpanReader,
+    check_non_negative,
+)
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
 from unified_mllm.model.unified import UnifiedModel
 
-Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (logits [R, V] of one code slot for all R rows, slot index) -> the chosen code of every row [R].
 StackChoice = Callable[[torch.Tensor, int], torch.Tensor]
 CacheKind = Literal["auto", "dynamic", "static"]
@@ -145,6 +151,22 @@ class _Batch:
         self.length += 1
         self.positions = self.positions[:, -1:] + 1
 
+    def extend(self, new_ids: torch.Tensor) -> None:
+        """Write ``new_ids`` ``[R, n]`` after the ids so far; :attr:`positions` becomes theirs ``[R, n]``."""
+        start, count = self.length, new_ids.shape[1]
+        self.ids[:, start : start + count] = new_ids
+        self.mask[:, start : start + count] = 1
+        self.key_bias[:, 0, 0, start : start + count] = 0
+        self.length += count
+        before = self.mask[:, :start].sum(dim=1, keepdim=True)
+        self.positions = before + torch.arange(count, device=new_ids.device)
+
+    def rewind(self, length: int) -> None:
+        """Forget the ids from slot ``length`` on (speculative decoding takes back rejected drafts)."""
+        self.mask[:, length : self.length] = 0  # the ids there stay but are never read: view() ends at length
+        self.key_bias[:, 0, 0, length : self.length] = self.blocked
+        self.length = length
+
 
 class Engine:
     """Batched autoregressive decoding for a :class:`UnifiedModel` in eval mode (see the module docstring).
@@ -227,10 +249,13 @@ class Engine:
         greedy: bool = False,
         generator: torch.Generator | None = None,
         stack_choice: StackChoice | None = None,
+        jacobi_window: int = 0,
     ) -> list[np.ndarray]:
         """Sample one ``height x width`` code grid per tokenized text condition; returns ``[h, w]`` VQ codes
         (``[h, w, D]`` stacks for code-stack tokenizers, sampled by the depth heads through ``stack_choice``,
         default :func:`guided_stack_choice` with this call's ``cfg_scale``, greedy or plain sampling).
+        ``jacobi_window > 0`` decodes with speculative Jacobi decoding, checking that many draft ids per
+        forward (:mod:`unified_mllm.infer.jacobi`; the same distribution, fewer forwards; VQ-GAN codes only).
 
         The prompt of each condition is :func:`~unified_mllm.layout.generation_prompt`; with ``cfg_scale != 1``
         the batch is doubled with :func:`~unified_mllm.layout.unconditional_prompt` rows and guided by
@@ -244,12 +269,26 @@ class Engine:
             prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
         guided.append(GridConstraint(self.tokens, size=(height, width)))
+        grid_length = height * (width + 1)
+        if jacobi_window > 0:
+            ids, _ = decode_grid(
+                self,
+                prompts,
+                sampled_rows=len(conditions),
+                length=grid_length,
+                processors=[*guided, *processors],
+                window=jacobi_window,
+                greedy=greedy,
+                generator=generator,
+            )
+            grids = ids.cpu().numpy().reshape(len(conditions), height, width + 1)[:, :, :width]
+            return [self.tokens.ids_to_codes(grid) for grid in grids]
         if self.model.code_heads is not None and stack_choice is None:
             stack_choice = guided_stack_choice(len(conditions), cfg_scale, greedy=greedy, generator=generator)
         result = self._run(
             prompts,
             sampled_rows=len(conditions),
-            budgets=height * (width + 1),
+            budgets=grid_length,
             processors=[*guided, *processors],
             stop_ids=(),
             greedy=greedy,
@@ -283,15 +322,20 @@ class Engine:
         if prefill and code_stacks is None and stacked_model and bool(self._is_code[ids].any()):
             raise ValueError("the prompts hold image codes but no code_stacks were given for them")
         embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask)
+        last = self._hidden(embeds, batch, cache)[:, -1]
+        return self.model.lm_head(last).float(), last
+
+    def _hidden(self, embeds: torch.Tensor, batch: _Batch, cache: DynamicCache | StaticCache) -> torch.Tensor:
+        """The LM's last hidden states ``[R, t, H]`` for ``embeds`` ``[R, t, H]``, the newest ``t`` ids of
+        ``batch`` (at ``batch.positions``), over ``cache``."""
         out = self.model.lm(
             inputs_embeds=embeds,
-            attention_mask=self._attention_mask(batch, ids.shape[1], cache),
+            attention_mask=self._attention_mask(batch, embeds.shape[1], cache),
             position_ids=batch.positions,
             use_cache=True,
             **{self.model.cache_argument: cache},
         )
-        last = out.last_hidden_state[:, -1]
-        return self.model.lm_head(last).float(), last
+        return out.last_hidden_state
 
     def _attention_mask(
         self, batch: _Batch, queries: int, cache: DynamicCache | StaticCache

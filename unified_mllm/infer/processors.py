@@ -20,12 +20,16 @@ grammar, then the sampling warpers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from unified_mllm.layout import SpecialTokens
+
+# What the engine calls a processor: (input_ids [B, T], scores [B, V]) -> scores [B, V].
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)

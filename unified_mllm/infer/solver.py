@@ -222,11 +222,13 @@ class InferenceSolver:
         temperature: float | None = None,
         size: int | tuple[int, int] | None = None,
         seed: int | None = None,
+        jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         """One image per prompt, ``size`` pixels (a side or ``(height, width)``), all prompts in one batch.
 
-        ``cfg`` is the guidance scale (1: none), ``temperature`` 0 decodes greedily; ``None`` takes the export's
-        ``config.generation`` value. The same seed gives the same images.
+        ``cfg`` is the guidance scale (1: none), ``temperature`` 0 decodes greedily, ``jacobi_window > 0``
+        decodes with speculative Jacobi decoding (the same distribution in fewer forwards; VQ-GAN codes only);
+        ``None`` takes the export's ``config.generation`` value. The same seed gives the same images.
         """
         gen = self.config.generation
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -237,6 +239,9 @@ class InferenceSolver:
         temperature = check_non_negative(
             "temperature", gen.temperature if temperature is None else temperature
         )
+        window = gen.jacobi_window if jacobi_window is None else jacobi_window
+        if window < 0:
+            raise ValueError(f"jacobi_window must be >= 0 (0: sequential decoding), got {window}")
         height, width = self.grid_size(size)
         warpers = sampling_processors(
             self.tokens,
@@ -265,6 +270,7 @@ class InferenceSolver:
             greedy=temperature == 0,
             generator=generator,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
+            jacobi_window=window,
         )
         return self.vq.codes_to_images(codes)
 
