@@ -204,9 +204,11 @@ class FakeSolver:
         image_top_k: int | None = None,
         size: int | None = None,
         seed: int | None = None,
+        jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         self.image_calls.append(
             {"rows": len(prompts), "cfg": cfg, "top_k": image_top_k, "size": size, "seed": seed}
+            | {"jacobi_window": jacobi_window}
         )
         return [self.draw(p) for p in prompts]
 
@@ -264,6 +266,7 @@ def test_oracle_solver_scores_everything(world: Config, tmp_path: Path) -> None:
         "top_k": g.image_top_k,
         "size": g.image_size,
         "seed": g.seed + 5,
+        "jacobi_window": g.jacobi_window,
     }
     assert all(c["temperature"] == 0.0 and c["max_gen_len"] == 16 for c in solver.text_calls)
     assert sum(c["rows"] for c in solver.text_calls) == vqa["total"]
@@ -386,14 +389,18 @@ def test_driver_runs_a_task_with_overrides(
         export_dir,
         limit=1,
         batch_size=4,
-        overrides=["generation.cfg_scale=5.5"],
+        overrides=["generation.cfg_scale=5.5", "generation.jacobi_window=16"],
         solver=solver,
         progress=False,
     )
     out = export_dir / "eval" / "shapesbench"
     assert result["files"]["json"] == str(out / JSON_FILE) and (out / GRID_FILE).is_file()
     assert result["model"] == str(export_dir)
-    assert solver.image_calls[0]["cfg"] == 5.5  # the override reached the decoding settings
+    assert solver.image_calls[0]["cfg"] == 5.5  # the overrides reached the decoding settings
+    assert (
+        solver.image_calls[0]["jacobi_window"] == 16
+        and result["generation"]["settings"]["jacobi_window"] == 16
+    )
     printed = capsys.readouterr().out
     assert "| question type | accuracy | correct |" in printed and f"grid: {out / GRID_FILE}" in printed
 

@@ -12,8 +12,8 @@ present object has a "no" twin about an absent one, adversarial when it can be).
 
 **Generation.** ``num_prompts`` GenEval-style prompts (``limit`` caps them too) from
 :func:`unified_mllm.data.shapes.geneval_prompts` — the six GenEval categories in turn — are drawn with the
-config's ``generation`` settings (``cfg_scale``, ``image_top_k``, ``image_size``, ``seed``; override them on
-the command line), and the programmatic judge (:func:`unified_mllm.eval.judge.score`) scores each image
+config's ``generation`` settings (``cfg_scale``, ``image_top_k``, ``image_size``, ``seed``, ``jacobi_window``;
+override them on the command line), and the programmatic judge (:func:`unified_mllm.eval.judge.score`) scores each image
 against its prompt's spec with GenEval's rules — except that an image the judge reads as more objects than
 the grid has cells is wrong (:func:`judge_image`: GenEval's rules only ask for the prompt's objects, and the
 judge reads noise as a dozen blobs of every kind). Reported: accuracy per category and overall (GenEval's:
@@ -198,6 +198,7 @@ def evaluate_generation(
             image_top_k=generation.image_top_k,
             size=generation.image_size,
             seed=generation.seed + i * batch_size,
+            jacobi_window=generation.jacobi_window,
         )
         if len(drawn) != len(batch):
             raise RuntimeError(f"the solver drew {len(drawn)} images for {len(batch)} prompts")
@@ -213,6 +214,7 @@ def evaluate_generation(
         "image_top_k": generation.image_top_k,
         "image_size": generation.image_size,
         "seed": generation.seed,
+        "jacobi_window": generation.jacobi_window,
     }
     result["records"] = [
         {

@@ -61,6 +61,7 @@ class Solver(Protocol):
         image_top_k: int | None = None,
         size: int | None = None,
         seed: int | None = None,
+        jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         """One image per prompt."""
         ...
