@@ -263,42 +263,43 @@ class Engine:
         Decoding stops after exactly ``height * (width + 1)`` ids: the last ``<row-end>``.
         """
         check_non_negative("cfg scale", cfg_scale)
+        if jacobi_window < 0:
+            raise ValueError(f"jacobi_window must be >= 0 (0: sequential decoding), got {jacobi_window}")
         prompts = [generation_prompt(c, self.tokens, height, width) for c in conditions]
         guided: list[Processor] = []
         if cfg_scale != 1.0:
             prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
         guided.append(GridConstraint(self.tokens, size=(height, width)))
-        grid_length = height * (width + 1)
+        decoding = {"sampled_rows": len(conditions), "greedy": greedy, "generator": generator}
         if jacobi_window > 0:
             ids, _ = decode_grid(
                 self,
                 prompts,
-                sampled_rows=len(conditions),
-                length=grid_length,
+                length=height * (width + 1),
                 processors=[*guided, *processors],
                 window=jacobi_window,
-                greedy=greedy,
-                generator=generator,
+                **decoding,
             )
-            grids = ids.cpu().numpy().reshape(len(conditions), height, width + 1)[:, :, :width]
-            return [self.tokens.ids_to_codes(grid) for grid in grids]
-        if self.model.code_heads is not None and stack_choice is None:
-            stack_choice = guided_stack_choice(len(conditions), cfg_scale, greedy=greedy, generator=generator)
-        result = self._run(
-            prompts,
-            sampled_rows=len(conditions),
-            budgets=grid_length,
-            processors=[*guided, *processors],
-            stop_ids=(),
-            greedy=greedy,
-            generator=generator,
-            fixed_length=True,
-            stack_choice=stack_choice,
-        )
-        if result.stacks is not None:
-            return [np.asarray(s).reshape(height, width + 1, -1)[:, :width] for s in result.stacks]
-        grids = [np.asarray(ids).reshape(height, width + 1)[:, :width] for ids in result.ids]
+            rows = ids.tolist()
+        else:
+            if self.model.code_heads is not None and stack_choice is None:
+                stack_choice = guided_stack_choice(
+                    len(conditions), cfg_scale, greedy=greedy, generator=generator
+                )
+            result = self._run(
+                prompts,
+                budgets=height * (width + 1),
+                processors=[*guided, *processors],
+                stop_ids=(),
+                fixed_length=True,
+                stack_choice=stack_choice,
+                **decoding,
+            )
+            if result.stacks is not None:
+                return [np.asarray(s).reshape(height, width + 1, -1)[:, :width] for s in result.stacks]
+            rows = result.ids
+        grids = [np.asarray(ids).reshape(height, width + 1)[:, :width] for ids in rows]
         return [self.tokens.ids_to_codes(grid) for grid in grids]
 
     # ----------------------------------------------------------------------------------------- decoding

@@ -239,9 +239,6 @@ class InferenceSolver:
         temperature = check_non_negative(
             "temperature", gen.temperature if temperature is None else temperature
         )
-        window = gen.jacobi_window if jacobi_window is None else jacobi_window
-        if window < 0:
-            raise ValueError(f"jacobi_window must be >= 0 (0: sequential decoding), got {window}")
         height, width = self.grid_size(size)
         warpers = sampling_processors(
             self.tokens,
@@ -270,7 +267,7 @@ class InferenceSolver:
             greedy=temperature == 0,
             generator=generator,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
-            jacobi_window=window,
+            jacobi_window=gen.jacobi_window if jacobi_window is None else jacobi_window,
         )
         return self.vq.codes_to_images(codes)
 
