@@ -41,6 +41,7 @@ from unified_mllm.infer.processors import (
     Processor,
     SpanReader,
     check_non_negative,
+    next_id_probabilities,
 )
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
 from unified_mllm.model.unified import UnifiedModel
@@ -360,10 +361,7 @@ class Engine:
         """Next id per row ``[B]`` from processed scores ``[B, V]``."""
         if greedy:
             return scores.argmax(dim=-1)
-        probs = scores.softmax(dim=-1)
-        if not bool(torch.isfinite(probs).all()):
-            raise ValueError("the processors left a row with no allowed id (all scores -inf) or NaN scores")
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
 
     def _check(self, prompts: Sequence[Sequence[int]], budgets: torch.Tensor, sampled_rows: int) -> None:
         if self.model.training:

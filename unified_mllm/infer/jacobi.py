@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from unified_mllm.infer.processors import Processor
+from unified_mllm.infer.processors import Processor, next_id_probabilities
 
 if TYPE_CHECKING:
     from unified_mllm.infer.engine import Engine
@@ -60,10 +60,7 @@ def _distributions(
     scores = scores[:rows]
     if greedy:
         return torch.zeros_like(scores).scatter_(1, scores.argmax(dim=1, keepdim=True), 1.0)
-    probs = scores.softmax(dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError("the processors left a row with no allowed id (all scores -inf) or NaN scores")
-    return probs
+    return next_id_probabilities(scores)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

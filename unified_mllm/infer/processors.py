@@ -197,6 +197,15 @@ def _per_row(read: SpanReader, input_ids: torch.Tensor, image: float, text: floa
     return torch.where(read(input_ids).inside, image, text).unsqueeze(1)
 
 
+def next_id_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax`` of processed scores ``[B, V]``, the distribution a sampler draws the next id from; a row the
+    processors left without any allowed id (or with NaN) is an error, not a silent draw."""
+    probs = scores.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the processors left a row with no allowed id (all scores -inf) or NaN scores")
+    return probs
+
+
 def check_non_negative(name: str, value: float) -> float:
     """``value`` as a float; ValueError naming ``name`` unless it is >= 0 (a temperature, a guidance scale)."""
     if not value >= 0:
