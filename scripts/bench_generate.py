@@ -84,6 +84,11 @@ class UnbatchedCFG(LogitsProcessor):
 
 def hf_causal_lm(model: UnifiedModel) -> PreTrainedModel:
     """transformers' causal LM class for our backbone, holding the same LM and head weights (in eval mode)."""
+    if model.code_grid_embedding is not None:
+        raise SystemExit(
+            f"this export adds learned grid positions (model.grid_positions={model.config.grid_positions}), "
+            "which transformers' causal LM cannot feed: compare on an export without them"
+        )
     config = lm_hf_config(model.config.lm)
     cls = ChameleonForConditionalGeneration if model.config.lm.arch == "chameleon" else LlamaForCausalLM
     hf = cls(config)

@@ -120,6 +120,19 @@ def test_single_process_run_trains_checkpoints_and_exports(single: Config) -> No
     assert summary["steps"] == 6 and summary["world_size"] == 1
 
 
+def test_a_run_with_grid_positions_trains_the_code_cells_tables(world: Config, tmp_path: Path) -> None:
+    """model.grid_positions through the data pipeline: stage 0 moves the row / column rows of the 8x8 grids'
+    cells off zero, never the "no cell" row, and leaves the (frozen) feature slots' embedding at zero."""
+    run = overrides(world, tmp_path, "model.grid_positions=32", "train.max_steps=2", "optim.lr=3e-3")
+    config = load_config([STAGE0], run)
+    train(config, progress=False)
+    weights = exported_weights(config)
+    for table in ("rows", "cols"):
+        moved = weights[f"code_grid_embedding.{table}.weight"].abs().sum(dim=1)
+        assert moved[0] == 0 and (moved[1:9] > 0).all() and (moved[9:] == 0).all(), table
+    assert (weights["vision.slot_embedding"] == 0).all()
+
+
 def test_the_log_has_each_sources_cross_entropy(single: Config) -> None:
     records = read_metrics(run_dir_of(single) / METRICS_FILE, "train")
     # A step of 2 samples may draw one source only: it logs that source alone.

@@ -311,6 +311,12 @@ class ModelConfig:
     depth_head: DepthHeadConfig = section(
         DepthHeadConfig, "Code-stack embedding and depth heads (model.vq.kind unitok / dualtoken only)."
     )
+    grid_positions: int = opt(
+        0,
+        "Learned 2-D positions of image slots, added to the LM input: row and column embeddings of each code "
+        "for code grids up to this side, and one embedding per feature slot of a SigLIP view. 0: off (the "
+        "published recipes; the LM then has only its 1-D RoPE positions to tell where a code or a feature is).",
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -749,6 +755,14 @@ def validate(config: Config) -> Config:
     tok = config.tokenizer
     _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
     _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
+    largest_grid = (tok.num_size_tokens - 1) * tok.size_unit
+    _require(config.model.grid_positions >= 0, "model.grid_positions", "must be >= 0 (0: off)")
+    _require(
+        config.model.grid_positions == 0 or config.model.grid_positions >= largest_grid,
+        "model.grid_positions",
+        f"must be 0 (off) or cover the largest code grid the size tokens express ({largest_grid} = "
+        f"(tokenizer.num_size_tokens - 1) x tokenizer.size_unit), got {config.model.grid_positions}",
+    )
 
     _validate_data(config.data)
 

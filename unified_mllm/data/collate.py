@@ -18,6 +18,8 @@ Every batch is a dict::
     attention_mask [B, T] long      (padding)   or   position_ids [B, T] long   (packing)
     pixel_values   [N_views, 3, S, S] float or None: the SigLIP views of every image, in the order of their
                    feature slots (batch row, then position in the row); each image's base view, then its tiles
+    code_cells     [B, T, 2] long or None: with ``code_cells`` given (``model.grid_positions``), the grid cell
+                   (row, column) of every image code, -1 elsewhere (unified_mllm.model.grid_positions)
     num_views      [N_images] long: views per image (one image per sample that has feature slots), in the same
                    order (what anyres.split_image_features takes)
     code_stacks    [N_positions, D] long or None: for tokenizers with D codes a position (UniTok, DualToken),
@@ -37,7 +39,7 @@ for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (defa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,7 +94,12 @@ class Collator:
     """Turn samples into a padded (or packed) batch; see the module docstring for the output."""
 
     def __init__(
-        self, pad_id: int, max_seq_len: int, pack: bool = False, pad_to_multiple_of: int = 1
+        self,
+        pad_id: int,
+        max_seq_len: int,
+        pack: bool = False,
+        pad_to_multiple_of: int = 1,
+        code_cells: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if max_seq_len < 1 or pad_to_multiple_of < 1:
             raise ValueError(
@@ -100,6 +107,7 @@ class Collator:
             )
         self.pad_id, self.max_seq_len = pad_id, max_seq_len
         self.pack, self.pad_to_multiple_of = pack, pad_to_multiple_of
+        self.code_cells = code_cells
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """Pad ``samples`` one per row, or (``pack``) first-fit them into as few rows as they need."""
@@ -168,6 +176,7 @@ class Collator:
                 (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
             )
         out["pixel_values"] = torch.cat(views) if views else None
+        out["code_cells"] = self.code_cells(out["input_ids"]) if self.code_cells is not None else None
         # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
         out["code_stacks"] = torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None
         samples = [s for row in rows for s in row]

@@ -50,6 +50,7 @@ from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, 
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
 from unified_mllm.data.samples import RecordError, SampleBuilder, TokenizedRecord
 from unified_mllm.data.shards import CorruptShardError, list_shards
+from unified_mllm.model.grid_positions import CodeCells
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.anyres import anyres_views
 
@@ -463,7 +464,13 @@ def build_batches(
     ``data.pack``), for ``DataLoader(..., batch_size=None, num_workers=data.num_workers)``."""
     plan = build_plan(config, split=split, with_features=with_features, tokenizer=tokenizer)
     tokens = plan.builder.tokens
-    collator = Collator(tokens.pad, config.data.max_seq_len, config.data.pack, config.data.pad_to_multiple_of)
+    collator = Collator(
+        tokens.pad,
+        config.data.max_seq_len,
+        config.data.pack,
+        config.data.pad_to_multiple_of,
+        code_cells=CodeCells(tokens) if config.model.grid_positions > 0 else None,
+    )
     return MicroBatches(
         plan,
         collator,

@@ -44,6 +44,7 @@ from unified_mllm.infer.processors import (
     next_id_probabilities,
 )
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
+from unified_mllm.model.grid_positions import CodeCells
 from unified_mllm.model.unified import UnifiedModel
 
 # (logits [R, V] of one code slot for all R rows, slot index) -> the chosen code of every row [R].
@@ -190,6 +191,8 @@ class Engine:
         code_ids = torch.as_tensor(tokens.codes_to_ids(np.arange(tokens.num_codes)), dtype=torch.long)
         self._is_code = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, code_ids, True).to(self.device)
         self._code_ids = code_ids.to(self.device)
+        # model.grid_positions: the code cells are read from the whole sequence, then the newest ones fed.
+        self._cells = CodeCells(tokens) if model.code_grid_embedding is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -323,9 +326,17 @@ class Engine:
         stacked_model = self.model.code_heads is not None
         if prefill and code_stacks is None and stacked_model and bool(self._is_code[ids].any()):
             raise ValueError("the prompts hold image codes but no code_stacks were given for them")
-        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask)
+        cells = self.code_cells(batch, ids.shape[1])
+        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask, cells)
         last = self._hidden(embeds, batch, cache)[:, -1]
         return self.model.lm_head(last).float(), last
+
+    def code_cells(self, batch: _Batch, count: int) -> torch.Tensor | None:
+        """The code cells ``[R, count, 2]`` of the newest ``count`` ids of ``batch`` (None: the model has no
+        grid positions). Read over the whole sequence: a code's row and column depend on the ids before it."""
+        if self._cells is None:
+            return None
+        return self._cells(batch.view())[:, -count:]
 
     def _hidden(self, embeds: torch.Tensor, batch: _Batch, cache: DynamicCache | StaticCache) -> torch.Tensor:
         """The LM's last hidden states ``[R, t, H]`` for ``embeds`` ``[R, t, H]``, the newest ``t`` ids of

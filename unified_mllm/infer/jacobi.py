@@ -186,7 +186,8 @@ def decode_grid(
         if surplus:
             cache.crop(-surplus)  # transformers 5: a negative count drops that many of the newest positions
         batch.extend(drafts.ids[:, low - 1 : low - 1 + count].repeat(repeats, 1))
-        hidden = engine._hidden(model.embed(batch.view()[:, -count:]), batch, cache)
+        embeds = model.embed(batch.view()[:, -count:], code_cells=engine.code_cells(batch, count))
+        hidden = engine._hidden(embeds, batch, cache)
         logits = model.lm_head(hidden).float()
         forwards += 1
         views = [batch.ids[:, : start + low + k] for k in range(count)]  # the ids before each window id

@@ -197,7 +197,9 @@ class InferenceSolver:
         size: int | tuple[int, int] | None = None,
     ) -> LogitsProcessorList:
         """The seeds' style processor list (CFG, grid constraint, temperature, top-k, top-p) for callers that
-        drive transformers' ``generate`` themselves; with guidance the batch must be ``[cond; uncond]``."""
+        drive transformers' ``generate`` themselves; with guidance the batch must be ``[cond; uncond]``. (A
+        model with ``model.grid_positions`` needs its code cells at every step, which ``generate`` does not
+        pass: decode it with :meth:`generate_img` / :meth:`generate`.)"""
         gen = self.config.generation
         return create_logits_processor(
             self.tokens,

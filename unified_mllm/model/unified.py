@@ -55,6 +55,7 @@ from unified_mllm.model.export import (
     unique_state_dict,
     write_export,
 )
+from unified_mllm.model.grid_positions import CodeGridEmbedding
 from unified_mllm.vision.siglip import VisionEncoder
 
 # Module paths of the parts, as the trainer's freezing rules name them.
@@ -91,7 +92,19 @@ class UnifiedModel(nn.Module):
         # What transformers calls the KV cache in `lm`'s forward (the engine calls `lm` directly too).
         self.cache_argument = cache_argument(self.lm)
         self.lm_head = build_lm_head(config.lm, device, embedding=self.lm.get_input_embeddings())
-        self.vision = VisionEncoder(config.vision, config.lm.hidden_size, config.projector, device)
+        self.vision = VisionEncoder(
+            config.vision,
+            config.lm.hidden_size,
+            config.projector,
+            device,
+            slot_positions=config.grid_positions > 0,
+        )
+        # model.grid_positions: learned row / column embeddings of code cells (model/grid_positions.py).
+        self.code_grid_embedding = (
+            CodeGridEmbedding(config.grid_positions, config.lm.hidden_size, device)
+            if config.grid_positions > 0
+            else None
+        )
         # Tokenizers with a stack of codes per position (UniTok, DualToken): the stack's embedding replaces the
         # id's at code positions, and depth heads predict stacks from the LM's hidden states.
         head = config.depth_head
@@ -161,6 +174,26 @@ class UnifiedModel(nn.Module):
             return self.code_heads.loss(inputs, stacks).float()[:0]
         return self.code_heads.loss(inputs, stacks).float()
 
+    def embed_code_cells(self, embeds: torch.Tensor, code_cells: torch.Tensor | None) -> torch.Tensor:
+        """``embeds`` plus the row / column embeddings of ``code_cells`` (``model.grid_positions``)."""
+        if self.code_grid_embedding is None:
+            if code_cells is not None:
+                raise ValueError(
+                    "code_cells given, but the model has no grid positions (model.grid_positions=0)"
+                )
+            return embeds
+        if code_cells is None:
+            raise ValueError(
+                "the model adds learned grid positions to image codes (model.grid_positions="
+                f"{self.config.grid_positions}): pass code_cells (model.grid_positions.CodeCells over the ids)"
+            )
+        if code_cells.shape != (*embeds.shape[:2], 2):
+            raise ValueError(
+                f"code_cells must be [B, T, 2] for input_ids {tuple(embeds.shape[:2])}, got "
+                f"{tuple(code_cells.shape)}"
+            )
+        return embeds + self.code_grid_embedding(code_cells).to(embeds.dtype)
+
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -168,15 +201,19 @@ class UnifiedModel(nn.Module):
         feature_mask: torch.Tensor | None = None,
         code_stacks: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
+        code_cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
         ``[N_views, 3, S, S]`` written at the True positions of ``feature_mask`` ``[B, T]`` (row-major order).
+        With ``model.grid_positions``, ``code_cells`` (``[B, T, 2]`` row, column; ``-1`` off the codes; from
+        :class:`~unified_mllm.model.grid_positions.CodeCells`) add the code cells' row / column embeddings.
 
         The write is out of place (``masked_scatter``), so gradients reach both the token embeddings and the
         vision encoder. Raises ValueError when the slots and the features do not match one to one (counting the
         slots is one host sync per batch that has pixels).
         """
         embeds = self.embed_code_stacks(self.lm.get_input_embeddings()(input_ids), code_stacks, code_mask)
+        embeds = self.embed_code_cells(embeds, code_cells)
         if pixel_values is None:
             # Reading the count is a host sync, but only the rare "mask without pixels" case pays it.
             if feature_mask is not None and bool(feature_mask.any()):
@@ -217,6 +254,7 @@ class UnifiedModel(nn.Module):
         code_stacks: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
         code_targets: torch.Tensor | None = None,
+        code_cells: torch.Tensor | None = None,
         past_key_values: Any | None = None,
         use_cache: bool = False,
         cache_position: torch.Tensor | None = None,
@@ -233,12 +271,15 @@ class UnifiedModel(nn.Module):
 
         Code stacks (UniTok / DualToken): ``code_stacks`` ``[N, D]`` are embedded at the ``code_mask`` positions
         (:meth:`embed_code_stacks`); with ``code_targets`` the depth heads' loss is computed here, inside the
-        forward that FSDP wraps (:meth:`code_stack_loss`). ``return_hidden`` adds the last hidden states.
+        forward that FSDP wraps (:meth:`code_stack_loss`). ``code_cells``: the code cells of ``input_ids`` when
+        ``model.grid_positions`` is on (:meth:`embed_code_cells`). ``return_hidden`` adds the last hidden states.
         """
         if position_ids is None and cache_position is not None:
             position_ids = cache_position.unsqueeze(0).expand(input_ids.shape[0], -1)
         out = self.lm(
-            inputs_embeds=self.embed(input_ids, pixel_values, feature_mask, code_stacks, code_mask),
+            inputs_embeds=self.embed(
+                input_ids, pixel_values, feature_mask, code_stacks, code_mask, code_cells
+            ),
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,

@@ -116,6 +116,7 @@ _MODEL_INPUTS = (
     "code_stacks",
     "code_mask",
     "code_targets",
+    "code_cells",
 )
 
 

@@ -157,6 +157,7 @@ class VisionEncoder(nn.Module):
         lm_hidden: int,
         projector: ProjectorConfig,
         device: str | torch.device = "cpu",
+        slot_positions: bool = False,
     ) -> None:
         super().__init__()
         check_feature_layer(vision)
@@ -164,6 +165,13 @@ class VisionEncoder(nn.Module):
         self.feature_layer = vision.feature_layer
         self.tower: SiglipVisionModel = build_siglip_tower(vision, device)
         self.projector: MLPProjector = build_projector(vision, lm_hidden, projector, device)
+        # model.grid_positions: one learned LM-width embedding per slot of a view, added after the projector
+        # (zero at the start: see unified_mllm.model.grid_positions).
+        self.slot_embedding: nn.Parameter | None = None
+        if slot_positions:
+            self.slot_embedding = nn.Parameter(
+                torch.zeros(features_per_view(vision), lm_hidden, device=device)
+            )
 
     @property
     def features_per_view(self) -> int:
@@ -185,7 +193,10 @@ class VisionEncoder(nn.Module):
             )
         # Cast to the tower's dtype so that fp32 pixels from preprocessing work on a bf16 tower.
         pixels = pixel_values.to(self.tower.embeddings.patch_embedding.weight.dtype)
-        return self.projector(self.patch_features(pixels))
+        features = self.projector(self.patch_features(pixels))
+        if self.slot_embedding is not None:
+            features = features + self.slot_embedding.to(features.dtype)
+        return features
 
     def load_pretrained_tower(self, path: str | Path) -> None:
         """Replace the tower's weights with a ``from_pretrained`` checkpoint (shapes checked against the config)."""
