@@ -2,9 +2,9 @@
 
 The LM sees an image as a 1-D run of ids, so its only clue to where a code sits is the RoPE distance to the
 span's start, and the row / column has to be worked out from that (``position mod (width + 1)`` with the
-row-end tokens). A small LM learns that slowly: on the embedded world the tiny preset answers "is the circle
-left of the square?" at chance. With ``model.grid_positions = G > 0`` the LM input gets, on top of the token
-embedding,
+row-end tokens). Some unified and vision-language models give image tokens explicit 2-D positions instead; this
+module is that option for our layout (what it does on the embedded world: README, quickstart section). With
+``model.grid_positions = G > 0`` the LM input gets, on top of the token embedding,
 
 * at every **code** position: ``row_embedding[r] + column_embedding[c]`` (factorised, so one table pair serves
   every ``h x w`` grid up to ``G x G``), where ``(r, c)`` is the code's cell in its image's grid;
@@ -68,8 +68,9 @@ class CodeCells:
 
 
 class CodeGridEmbedding(nn.Module):
-    """Row + column embeddings ``[B, T, H]`` of code cells ``[B, T, 2]`` (zero where a cell is ``-1``), for grids up to
-    ``max_side x max_side``. Index 0 of each table is the "no cell" entry: fixed at zero, never trained."""
+    """Row + column embeddings ``[B, T, H]`` of code cells ``[B, T, 2]`` (zero where a cell is ``-1``), for
+    grids up to ``max_side x max_side``. Index 0 of each table is the "no cell" entry: fixed at zero, never
+    trained."""
 
     def __init__(self, max_side: int, hidden: int, device: str | torch.device = "cpu") -> None:
         super().__init__()
