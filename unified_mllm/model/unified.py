@@ -12,7 +12,9 @@ parameters by these prefixes):
   DualToken; :mod:`unified_mllm.model.code_stack`): the stack's combined embedding is the LM input at a code
   position (its id, the stack's first code, is only a marker there), and small depth transformers on the LM's
   hidden state predict the next position's stack, one code after another. The LM head still predicts every
-  other token (text, row ends, the image's structure).
+  other token (text, row ends, the image's structure);
+* ``code_grid_embedding`` (and ``vision.slot_embedding``) — only with ``model.grid_positions``: learned 2-D
+  positions of code cells and feature slots (:mod:`unified_mllm.model.grid_positions`).
 
 **Feature scatter.** A sequence reserves one slot per continuous feature (layout: ``feature_mask``); the ids
 at those slots are ordinary ids of a placeholder token whose embedding is overwritten. :meth:`UnifiedModel.embed`
