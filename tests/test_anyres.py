@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unified_mllm.config import AnyResConfig, ConfigError, VisionConfig
-from unified_mllm.model.presets import get_preset
+from unified_mllm.config import AnyResConfig, ConfigError, VisionConfig, get_preset
 from unified_mllm.vision.anyres import (
     anyres_views,
     encode_images,

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from transformers import ChameleonConfig, ChameleonModel, LlamaConfig
 
-from unified_mllm.config import ConfigError, LMConfig, VisionConfig
+from unified_mllm.config import ConfigError, LMConfig, VisionConfig, get_preset
 from unified_mllm.model.backbone import add_residual_dropout, build_lm_backbone, build_lm_head, lm_hf_config
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.stats import count_parameters, format_count
 from unified_mllm.vision.siglip import (
     build_siglip_tower,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.test_solver import spy_on_engine
-from unified_mllm.config import Config, load_config
+from unified_mllm.config import Config, get_preset, load_config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import batch_stream
@@ -19,7 +19,6 @@ from unified_mllm.data.shapes import write_split
 from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import generation_prompt, unconditional_prompt
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics

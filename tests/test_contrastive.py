@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from unified_mllm.config import ContrastiveConfig, VisionConfig, load_config
+from unified_mllm.config import ContrastiveConfig, VisionConfig, get_preset, load_config
 from unified_mllm.data.shards import ShardWriter, list_shards
-from unified_mllm.model.presets import get_preset
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision import contrastive as C
 from unified_mllm.vision.siglip import load_siglip_pretrained

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import ChameleonForConditionalGeneration
 
+from unified_mllm.config import get_preset
 from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.processors import GridConstraint, sampling_processors
 from unified_mllm.layout import SpecialTokens, build_image_span, generation_prompt, unconditional_prompt
 from unified_mllm.model.backbone import lm_hf_config
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from unified_mllm.config import ConfigError, load_config
+from unified_mllm.config import ConfigError, get_preset, load_config
 from unified_mllm.data.collate import Collator
 from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.processors import GridConstraint
 from unified_mllm.layout import SpecialTokens, build_image_span, generation_prompt
 from unified_mllm.model.grid_positions import CodeCells
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.optim import config_rules, resolve_rules

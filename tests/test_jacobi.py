@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from unified_mllm.config import get_preset
 from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.jacobi import decode_grid
 from unified_mllm.infer.processors import CFGProcessor, GridConstraint, sampling_processors
 from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from unified_mllm.config import ConfigError, LMConfig, ModelConfig, VisionConfig, load_config
-from unified_mllm.model import presets
-from unified_mllm.model.presets import get_preset, list_presets, parameter_counts, register_preset
+from unified_mllm import config as config_module
+from unified_mllm.config import (
+    ConfigError,
+    LMConfig,
+    ModelConfig,
+    VisionConfig,
+    get_preset,
+    list_presets,
+    load_config,
+    register_preset,
+)
+from unified_mllm.model import stats
+from unified_mllm.model.stats import count_parameters, parameter_counts
 
 # Published sizes: Chameleon-7B / -34B (Team Chameleon 2024), SigLIP-so400m vision tower with its pooling
 # head (Alabdulmohsin et al. 2023, "Getting ViT in shape": 428M).
@@ -107,7 +117,7 @@ def test_tiny_shapes_fit_together() -> None:
 
 
 def test_register_preset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(presets, "_REGISTRY", dict(presets._REGISTRY))
+    monkeypatch.setattr(config_module, "_PRESETS", dict(config_module._PRESETS))
     fixed = ModelConfig(lm=LMConfig(num_layers=3))
     register_preset("fixed", fixed)
     register_preset("made", lambda: ModelConfig(lm=LMConfig(num_layers=5)))
@@ -127,7 +137,7 @@ def test_register_preset(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_importing_presets_stays_light() -> None:
-    code = "import sys, unified_mllm.model.presets as p; p.get_preset('tiny'); print('torch' in sys.modules)"
+    code = "import sys, unified_mllm.config as c; c.get_preset('tiny'); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -165,7 +175,6 @@ def test_chameleon_34b_counts() -> None:
 
 
 def test_siglip_so400m_counts() -> None:
-    from unified_mllm.model.stats import count_parameters
     from unified_mllm.vision.siglip import build_siglip_tower
 
     vision = get_preset("chameleon-7b").vision
@@ -190,9 +199,9 @@ def test_tiny_counts_are_small() -> None:
 
 
 def test_cli_prints_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    presets.main(["tiny"])
+    stats.main(["tiny"])
     out = capsys.readouterr().out
     assert out.startswith("tiny: ")
     assert "3,692,800" in out and "429,696" in out and "1,077,315" in out and "n/a" not in out
     with pytest.raises(SystemExit):
-        presets.main(["no-such-model"])
+        stats.main(["no-such-model"])

@@ -15,11 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from unified_mllm.config import Config, load_config
+from unified_mllm.config import Config, get_preset, load_config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.shapes import write_split
 from unified_mllm.data.shards import CorruptShardError, ShardWriter, iter_samples, list_shards
-from unified_mllm.model.presets import get_preset
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.vqgan import VQGAN
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from unified_mllm.config import ConfigError, ProjectorConfig
-from unified_mllm.model.presets import get_preset, parameter_counts, projector_parameter_count
-from unified_mllm.model.stats import count_parameters
+from unified_mllm.config import ConfigError, ProjectorConfig, get_preset
+from unified_mllm.model.stats import count_parameters, parameter_counts, projector_parameter_count
 from unified_mllm.vision.projector import MLPProjector, build_projector
 
 

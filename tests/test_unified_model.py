@@ -13,12 +13,11 @@ from safetensors.torch import load_file, save_file
 from transformers import ChameleonForConditionalGeneration, LlamaForCausalLM
 
 import unified_mllm.model.export as export
-from unified_mllm.config import ConfigError, ModelConfig
+from unified_mllm.config import ConfigError, ModelConfig, get_preset
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.layout import SpecialTokens
 from unified_mllm.model.backbone import lm_hf_config
 from unified_mllm.model.export import CheckpointMismatchError
-from unified_mllm.model.presets import get_preset
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.losses import causal_lm_loss

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unified_mllm.config import VQConfig
-from unified_mllm.model.presets import get_preset
+from unified_mllm.config import VQConfig, get_preset
 from unified_mllm.model.stats import count_parameters
 from unified_mllm.vision.image import preprocess
 from unified_mllm.vision.vqgan import VQGAN, VQCheckpointError, read_vq_config

@@ -8,7 +8,8 @@ wrongly typed values; :func:`load_config` re-raises those as :class:`ConfigError
 Every field carries its documentation in ``metadata["doc"]`` so that ``python -m unified_mllm.config``
 can print the whole tree with explanations, and a test can check that nothing is left undocumented.
 The dataclass defaults are the published UniToken-7B shapes (Chameleon-7B LM, SigLIP-so400m at 384 px,
-Chameleon's VQ-GAN); the ``tiny`` preset shrinks them for CPU work.
+Chameleon's VQ-GAN); the ``tiny`` preset shrinks them for CPU work. The preset table lives here too
+(:func:`get_preset`, :func:`register_preset`), so that loading a config needs nothing above this layer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import copy
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -302,7 +303,7 @@ class DepthHeadConfig:
 @dataclass
 class ModelConfig:
     preset: str | None = opt(
-        None, "Named preset from unified_mllm.model.presets applied before YAML values (e.g. tiny)."
+        None, "Named preset (get_preset; tiny, chameleon-7b, chameleon-34b) applied before YAML values."
     )
     lm: LMConfig = section(LMConfig, "The autoregressive language model.")
     vision: VisionConfig = section(VisionConfig, "The continuous SigLIP branch.")
@@ -607,6 +608,126 @@ class Config:
     )
 
 
+# --------------------------------------------------------------------------------------------- presets
+# Named model shapes (design convention 3). load_config applies the preset named by `model.preset`
+# underneath the YAML files and overrides, so a preset only supplies defaults; their parameter counts are
+# printed by `python -m unified_mllm.model.stats` (built on the meta device).
+
+PresetSource = ModelConfig | Callable[[], ModelConfig]
+
+_PRESETS: dict[str, PresetSource] = {}
+
+
+def register_preset(name: str, preset: PresetSource, *, overwrite: bool = False) -> None:
+    """Register ``preset`` (a :class:`ModelConfig`, or a zero-argument factory returning one) under ``name``.
+
+    A config object is deep-copied on every :func:`get_preset`, so callers can never mutate the registry.
+    Registering an existing name is an error unless ``overwrite`` is set, so that two modules cannot
+    silently shadow each other's presets.
+    """
+    if not name or name != name.strip():
+        raise ValueError(f"preset name must be non-empty without surrounding spaces, got {name!r}")
+    if name in _PRESETS and not overwrite:
+        raise ValueError(f"preset {name!r} is already registered (pass overwrite=True to replace it)")
+    if not (isinstance(preset, ModelConfig) or callable(preset)):
+        raise TypeError(f"preset {name!r} must be a ModelConfig or a factory, got {type(preset).__name__}")
+    _PRESETS[name] = preset
+
+
+def list_presets() -> list[str]:
+    """The registered preset names, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh :class:`ModelConfig` for preset ``name``, with its ``preset`` field set to ``name``.
+
+    Raises :class:`ConfigError` listing the known names when ``name`` is not registered.
+    """
+    source = _PRESETS.get(name)
+    if source is None:
+        raise ConfigError(
+            f"`model.preset`: unknown preset {name!r}; known presets: {', '.join(list_presets())}"
+        )
+    # Copy factory results too: a factory may hand out a shared object, and `preset` is set below.
+    config = copy.deepcopy(source if isinstance(source, ModelConfig) else source())
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"preset {name!r} factory returned {type(config).__name__}, not ModelConfig")
+    config.preset = name
+    return config
+
+
+def describe_preset(name: str) -> str:
+    """The preset factory's docstring on one line ('' for presets registered as plain config objects)."""
+    get_preset(name)  # raises the usual ConfigError for unknown names
+    source = _PRESETS[name]
+    doc = None if isinstance(source, ModelConfig) else getattr(source, "__doc__", None)
+    return " ".join((doc or "").split())
+
+
+def chameleon_7b() -> ModelConfig:
+    """UniToken-7B: Chameleon-7B LM + SigLIP-so400m-384 + Chameleon VQ-GAN, as in the published configs."""
+    # The config tree's dataclass defaults are exactly these published shapes: the LM from
+    # facebook/chameleon-7b config.json (Team Chameleon 2024), the tower from google/siglip-so400m-patch14-384
+    # (Zhai et al. 2023, "Getting ViT in shape"), the tokenizer from Chameleon's vqgan.yaml.
+    return ModelConfig()
+
+
+def chameleon_34b() -> ModelConfig:
+    """Chameleon-34B LM (facebook/chameleon-30b config.json) with chameleon-7b's SigLIP and VQ-GAN."""
+    return ModelConfig(
+        lm=LMConfig(
+            swin_norm=True,  # Chameleon-34B normalises each branch's output before the residual add
+            hidden_size=8192,
+            intermediate_size=22016,
+            num_layers=48,
+            num_heads=64,
+            num_kv_heads=8,
+            vocab_size=65536,
+        )
+    )
+
+
+def tiny() -> ModelConfig:
+    """Toy shapes that train on 2 CPU cores in minutes (tests, CI, quickstart); ours, not published."""
+    # Every part keeps the 7B design (Chameleon blocks, SigLIP, 2-layer projector, VQ-GAN) at 64 px images.
+    return ModelConfig(
+        lm=LMConfig(
+            arch="chameleon",
+            # 512 sentencepiece pieces (tokenizer.vocab_size) + 512 VQ codes (vq.codebook_size).
+            vocab_size=1024,
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            max_position_embeddings=512,
+            residual_dropout=0.05,
+        ),
+        # 64 px / 8 px patches → 8 x 8 = 64 feature slots per view.
+        vision=VisionConfig(
+            image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4
+        ),
+        projector=ProjectorConfig(depth=2),
+        # Four levels → 8x downsampling: a 64 px image becomes 8 x 8 codes.
+        vq=VQConfig(
+            codebook_size=512,
+            embed_dim=32,
+            z_channels=32,
+            base_channels=32,
+            channel_mult=[1, 1, 2, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            resolution=64,
+        ),
+    )
+
+
+register_preset("chameleon-7b", chameleon_7b)
+register_preset("chameleon-34b", chameleon_34b)
+register_preset("tiny", tiny)
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 
@@ -687,8 +808,6 @@ def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
             name = value
     if name is None:
         return None
-    from unified_mllm.model.presets import get_preset  # model presets import this module
-
     return OmegaConf.create({"model": dataclasses.asdict(get_preset(name))})
 
 

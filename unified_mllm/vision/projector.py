@@ -3,7 +3,7 @@
 With the default ``depth=2`` it is ``Linear(vision → LM) → GELU → Linear(LM → LM)``, LLaVA-1.5's
 ``mlp2x_gelu``, which UniToken keeps. ``depth=1`` is the single linear map of the original LLaVA; larger
 depths add ``activation → Linear(LM → LM)`` pairs. Every linear layer has a bias, so the parameter count is
-:func:`unified_mllm.model.presets.projector_parameter_count`.
+:func:`unified_mllm.model.stats.projector_parameter_count`.
 
 The projector is shape-agnostic over leading dimensions: ``(..., vision_hidden) → (..., lm_hidden)``.
 """
