@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ from unified_mllm.layout import (
     LayoutError,
     MalformedSpanError,
     PlaceholderMismatchError,
+    SpanReader,
     SpecialTokens,
     build_image_span,
     expand_image_placeholders,
@@ -177,3 +179,81 @@ def test_build_rejects_bad_grids() -> None:
         build_image_span([1, 2, 3], TOKENS)
     with pytest.raises(LayoutError, match="num_features"):
         build_image_span([[1]], TOKENS, -1)
+
+
+# ------------------------------------------------------------------------------------ the span reader
+
+# Ids of TOKENS: <image-start> 103, <image-end> 104, <row-end> 105, <sep> 106, feature 108, <size-n> 200 + n,
+# codes 1000.. ; 102 is padding, 300 a text id.
+S, E, R, P, X = 103, 104, 105, 102, 300
+
+
+def test_span_reader_reads_cells_and_codes_of_two_packed_spans_and_padding() -> None:
+    first = [S, 202, 202, 1000, 1001, R, 1002, 1003, R, 106, 108, E]  # 2 x 2 grid with one feature slot
+    second = [S, 201, 203, 1004, 1005, 1006, R, E]  # 1 x 3 grid
+    ids = torch.tensor([[X, *first, X, *second], [P, P, P, P, P, X, *second, X, *first[:7]]])
+    read = SpanReader(TOKENS)
+    cells = read.cells(ids)
+    assert cells.shape == (2, 22, 2) and cells.dtype == torch.long
+    no = [-1, -1]
+    assert cells[0].tolist() == [
+        no, no, no, no, [0, 0], [0, 1], no, [1, 0], [1, 1], no, no, no, no,  # text, the 2 x 2 span
+        no, no, no, no, [0, 0], [0, 1], [0, 2], no, no,  # text, the 1 x 3 span
+    ]  # fmt: skip
+    assert cells[1].tolist() == [
+        no, no, no, no, no, no, no, no, no, [0, 0], [0, 1], [0, 2], no, no, no,  # padding, text, 1 x 3
+        no, no, no, [0, 0], [0, 1], no, [1, 0],  # text, the first span cut after its first code of row 1
+    ]  # fmt: skip
+    is_code = read.is_code(ids)
+    assert is_code.tolist() == (cells >= 0).all(dim=-1).tolist()  # every code here sits in a span
+    assert int(is_code.sum()) == 4 + 3 + 3 + 3
+
+
+def test_span_reader_is_code_and_code_ids_beyond_the_tables() -> None:
+    read = SpanReader(TOKENS)
+    ids = torch.tensor([[999, 1000, 1015, 1016, 5000, 105, 0]])
+    assert read.is_code(ids).tolist() == [[False, True, True, False, False, False, False]]
+    assert read.is_code(ids[0]).tolist() == [False, True, True, False, False, False, False]  # any shape
+    assert read.code_to_id(torch.tensor([[0, 15], [3, 3]])).tolist() == [[1000, 1015], [1003, 1003]]
+
+
+def test_span_reader_state_of_open_closed_and_finished_spans() -> None:
+    rows = [
+        [X, S, 202, 203, 1000, 1001],  # open: offset 4, 2 x 3 named
+        [X, S, 201, 201, 1000, R, E, X],  # closed: outside
+        [P, P, P, P, X, S, 202],  # just opened: height read, width not yet
+        [S, 201, 202, 1000, 1001, R],  # a 1 x 2 grid whose last row is complete
+        [P, P, P, S, 201, 201, 1000, R, E, S],  # a second span opened after a closed one
+    ]
+    longest = max(len(r) for r in rows)
+    state = SpanReader(TOKENS).state(torch.tensor([[P] * (longest - len(r)) + r for r in rows]))
+    assert state.inside.tolist() == [True, False, True, True, True]
+    assert state.offset.tolist() == [4, 0, 1, 5, 0]
+    assert state.height.tolist() == [2, -1, 2, 1, -1]
+    assert state.width.tolist() == [3, -1, -1, 2, -1]
+    assert state.grid_length.tolist() == [8, 0, 0, 3, 0]
+    assert state.grid_done.tolist() == [False, False, False, True, False]
+
+
+def test_span_reader_state_matches_the_processors_view_of_left_padded_rows() -> None:
+    prompt = generation_prompt([X], TOKENS, 2, 3)  # ... <image-start> <size-2> <size-3>
+    closed = [100, X, 107, *build_image_span([[0, 1, 2], [3, 4, 5]], TOKENS)]
+    rows = [[*prompt, 1000, 1001], closed, prompt[:-1]]
+    longest = max(len(r) for r in rows)
+    read = SpanReader(TOKENS)
+    state = read.state(torch.tensor([[P] * (longest - len(r)) + r for r in rows]))
+    assert state.inside.tolist() == [True, False, True]
+    assert state.offset.tolist() == [4, 0, 1]
+    assert state.height.tolist() == [2, -1, 2]
+    assert state.width.tolist() == [3, -1, -1]
+    assert state.grid_done.tolist() == [False, False, False]
+    done = read.state(torch.tensor([[*prompt, 1000, 1001, 1002, R, 1003, 1004, 1005, R]]))
+    assert done.grid_done.tolist() == [True]
+
+
+def test_span_reader_wants_batched_rows() -> None:
+    read = SpanReader(TOKENS)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        read.cells(torch.tensor([S, 201, 201]))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        read.state(torch.tensor([S, 201, 201]))

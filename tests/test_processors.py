@@ -14,7 +14,6 @@ from unified_mllm.infer.processors import (
     ModalityTemperature,
     ModalityTopK,
     ModalityTopP,
-    SpanReader,
     create_logits_processor,
 )
 from unified_mllm.layout import LayoutError, SpecialTokens, build_image_span, generation_prompt
@@ -60,19 +59,6 @@ def test_cfg_rejects_a_negative_scale_and_an_odd_batch() -> None:
 
 
 # ------------------------------------------------------------------------------------ grid constraint
-
-
-def test_span_reader_finds_the_open_span_its_offset_and_size() -> None:
-    prompt = generation_prompt([29], TOKENS, 2, 3)  # ... <image-start> <size-2> <size-3>
-    closed = TEXT + build_image_span([[0, 1, 2], [3, 4, 5]], TOKENS)
-    state = SpanReader(TOKENS)(left_pad([[*prompt, 20, 21], closed, prompt[:-1]]))
-    assert state.inside.tolist() == [True, False, True]
-    assert state.offset.tolist() == [4, 0, 1]
-    assert state.height.tolist() == [2, -1, 2]
-    assert state.width.tolist() == [3, -1, -1]
-    assert state.grid_done.tolist() == [False, False, False]
-    done = SpanReader(TOKENS)(torch.tensor([[*prompt, 20, 21, 22, 5, 23, 24, 25, 5]]))
-    assert done.grid_done.tolist() == [True]
 
 
 def test_grid_constraint_allows_exactly_what_the_layout_needs_in_each_row() -> None:

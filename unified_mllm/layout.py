@@ -14,6 +14,8 @@ One image becomes one span (UniToken's layout, whose discrete part is exactly Lu
 
 Every id comes from :class:`SpecialTokens`, which is resolved by *name* from a text tokenizer; the
 functions here are pure (lists/arrays in, lists/arrays out) so they are easy to test and reuse.
+:class:`SpanReader` is the one reader of spans from batched id tensors: the logits processors' grid state,
+the model's code cells (``model.grid_positions``) and the engine's "is this id a code" all come from it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 IMAGE_PLACEHOLDER = "<|image|>"
 
@@ -285,6 +288,124 @@ def split_interleaved(ids: Sequence[int], tokens: SpecialTokens) -> list[list[in
 def feature_mask(ids: np.ndarray | Sequence[int], tokens: SpecialTokens) -> np.ndarray:
     """Boolean mask of the feature slots (where projected SigLIP features go)."""
     return np.asarray(ids) == tokens.feature
+
+
+# --------------------------------------------------------------------------- reading spans from id rows
+
+
+@dataclass(frozen=True)
+class SpanState:
+    """Where each row stands with respect to its last image span, read from the ids alone.
+
+    All fields are ``[B]`` tensors on the ids' device.
+    """
+
+    inside: torch.Tensor
+    """bool: the row's last ``<image-start>`` has no ``<image-end>`` after it."""
+    offset: torch.Tensor
+    """long: ids after that ``<image-start>`` (0: the next id is the height token); 0 outside a span."""
+    height: torch.Tensor
+    """long: code rows named by the span's height token; -1 outside a span or before the token."""
+    width: torch.Tensor
+    """long: code columns named by the width token; -1 outside a span or before the token."""
+
+    @property
+    def grid_length(self) -> torch.Tensor:
+        """``[B]`` ids of the code grid of the open span (rows of ``width`` codes plus ``<row-end>``)."""
+        return self.height * (self.width + 1)
+
+    @property
+    def grid_done(self) -> torch.Tensor:
+        """``[B]`` bool: the open span's last row is complete; only its closing part is left."""
+        return self.inside & (self.offset >= 2) & (self.offset - 2 == self.grid_length)
+
+
+def _latest(found: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` long: the index of the latest position at or before each one where ``found`` ``[B, T]``
+    holds (-1: none yet); cummax carries it forward along the row."""
+    index = torch.arange(found.shape[1], device=found.device).expand_as(found)
+    return torch.where(found, index, -1).cummax(dim=1).values
+
+
+class SpanReader:
+    """Reads image spans back from rows of ids ``[B, T]``: which ids are image codes, the grid cell of every
+    code, and where each row stands in its last span.
+
+    Vectorised torch on the ids' device; every row is read on its own, so batches, left padding and rows that
+    hold several spans (packed samples) need nothing special. Holds the id tables of one tokenizer (copied to
+    each device on first use); ids past a table are neither codes nor resolution tokens.
+    """
+
+    def __init__(self, tokens: SpecialTokens) -> None:
+        self.tokens = tokens
+        code_ids = torch.as_tensor(tokens.code_ids, dtype=torch.long)
+        is_code = torch.zeros(int(code_ids.max()) + 1, dtype=torch.bool).index_fill_(0, code_ids, True)
+        sides = torch.full((max(tokens.size_ids) + 1,), -1, dtype=torch.long)
+        sides[list(tokens.size_ids)] = torch.arange(len(tokens.size_ids)) * tokens.size_unit
+        self._tables = {torch.device("cpu"): {"is_code": is_code, "side": sides, "code_id": code_ids}}
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = {key: t.to(device) for key, t in self._tables[torch.device("cpu")].items()}
+        return self._tables[device][name]
+
+    def _lookup(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table entry of each id (clamped into the table) and whether the id lies inside the table."""
+        table = self._table(name, ids.device)
+        last = table.numel() - 1
+        return table[ids.clamp(max=last)], ids <= last
+
+    def is_code(self, ids: torch.Tensor) -> torch.Tensor:
+        """bool, the shape of ``ids`` (any): which ids are image codes."""
+        value, known = self._lookup("is_code", ids)
+        return value & known
+
+    def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
+        """The token id of each VQ code index in ``codes`` (any shape, on its device)."""
+        return self._table("code_id", codes.device)[codes]
+
+    def _side(self, ids: torch.Tensor) -> torch.Tensor:
+        """Grid side named by each resolution id in ``ids``; -1 for any other id."""
+        value, known = self._lookup("side", ids)
+        return torch.where(known, value, -1)
+
+    @staticmethod
+    def _check(ids: torch.Tensor) -> None:
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
+
+    def cells(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, 2]`` long: the grid cell (row, column) of every image-code position of ``ids`` ``[B, T]``,
+        ``-1`` everywhere else (text, structure tokens, feature slots, padding). Row = row-end tokens since the
+        image start, column = codes since the last row end or image start."""
+        self._check(ids)
+        is_code = self.is_code(ids)
+        is_start = ids == self.tokens.image_start
+        is_row_end = ids == self.tokens.row_end
+        start_at = _latest(is_start)
+        boundary_at = _latest(is_start | is_row_end)
+        row_ends = is_row_end.long().cumsum(dim=1)
+        codes = is_code.long().cumsum(dim=1)
+        rows = row_ends - row_ends.gather(1, start_at.clamp(min=0))
+        cols = codes - codes.gather(1, boundary_at.clamp(min=0)) - 1
+        inside = is_code & (start_at >= 0)
+        return torch.where(inside[..., None], torch.stack([rows, cols], dim=-1), -1)
+
+    def state(self, ids: torch.Tensor) -> SpanState:
+        """The :class:`SpanState` of each row of ``ids`` ``[B, T]``: its last span, open or not."""
+        self._check(ids)
+        length = ids.shape[1]
+        last_start = _latest(ids == self.tokens.image_start)[:, -1]
+        last_end = _latest(ids == self.tokens.image_end)[:, -1]
+        inside = last_start > last_end
+        offset = torch.where(inside, length - 1 - last_start, 0)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+
+        def side(delta: int) -> torch.Tensor:
+            read = self._side(ids[rows, (last_start + delta).clamp(0, length - 1)])
+            return torch.where(inside & (offset >= delta), read, -1)
+
+        return SpanState(inside=inside, offset=offset, height=side(1), width=side(2))
 
 
 # ------------------------------------------------------------------------------- text with images

@@ -1,7 +1,7 @@
 """Autoregressive decoding over token ids with a transformers KV cache (design convention 7).
 
-:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel`: one prefill of the left-padded
-prompts (``attention_mask`` + ``position_ids`` that start at 0 on each row's first real id, continuous features
+:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel` through the prefill / step primitives
+of :mod:`unified_mllm.infer.decoding`: one prefill of the left-padded prompts (``attention_mask`` + ``position_ids`` that start at 0 on each row's first real id, continuous features
 scattered into the prompt's feature slots), then one forward per new token over the cache. Each step runs the
 logits processors (:mod:`unified_mllm.infer.processors`) on ``[R, V]`` float32 scores and picks the next id by
 arg-max (greedy) or by sampling from a ``torch.Generator`` (seeded runs repeat exactly). Rows stop on their own:
@@ -28,28 +28,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from transformers import DynamicCache, StaticCache
 
+from unified_mllm.infer.decoding import Decoder
 from unified_mllm.infer.jacobi import decode_grid
 from unified_mllm.infer.processors import (
     CFGProcessor,
     GridConstraint,
     Processor,
-    SpanReader,
     check_non_negative,
     next_id_probabilities,
 )
-from unified_mllm.layout import SpecialTokens, generation_prompt, unconditional_prompt
-from unified_mllm.model.grid_positions import CodeCells
-from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.layout import generation_prompt, unconditional_prompt
 
 # (logits [R, V] of one code slot for all R rows, slot index) -> the chosen code of every row [R].
 StackChoice = Callable[[torch.Tensor, int], torch.Tensor]
-CacheKind = Literal["auto", "dynamic", "static"]
 FINISH_REASONS = ("running", "stop", "length", "image")
 
 
@@ -97,106 +92,15 @@ def guided_stack_choice(
     return choose
 
 
-class _Batch:
-    """Left-padded ids ``[R, C]`` (``C`` = longest prompt + budget) of the rows being decoded, filled up to
-    ``length``, with their padding mask ``[R, C]`` (1: a real id) and the same as an additive key bias
-    ``[R, 1, 1, C]`` in the model's dtype (0: a real id; the dtype's minimum: padding or a slot not written yet).
-    """
-
-    def __init__(
-        self,
-        prompts: Sequence[Sequence[int]],
-        budget: int,
-        pad: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        longest = max(len(p) for p in prompts)
-        self.ids = torch.full((len(prompts), longest + budget), pad, dtype=torch.long)
-        self.mask = torch.zeros_like(self.ids)
-        for row, prompt in enumerate(prompts):
-            self.ids[row, longest - len(prompt) : longest] = torch.as_tensor(list(prompt), dtype=torch.long)
-            self.mask[row, longest - len(prompt) : longest] = 1
-        self.ids, self.mask = self.ids.to(device), self.mask.to(device)
-        self.blocked = torch.finfo(dtype).min
-        self.key_bias = torch.zeros(self.mask.shape, dtype=dtype, device=device)
-        self.key_bias = self.key_bias.masked_fill(self.mask == 0, self.blocked)[:, None, None, :]
-        self.length = longest
-        self.padded = bool((self.mask[:, :longest] == 0).any())
-        # Positions count real ids only, so a left-padded row reads exactly like the same prompt unpadded.
-        self.positions = (self.mask[:, :longest].cumsum(dim=1) - 1).clamp(min=0)
-
-    @property
-    def capacity(self) -> int:
-        return self.ids.shape[1]
-
-    def view(self) -> torch.Tensor:
-        """``[R, length]`` ids so far (what the processors read)."""
-        return self.ids[:, : self.length]
-
-    def additive_mask(self, queries: int, keys: int) -> torch.Tensor:
-        """``[R, 1, queries, keys]`` additive mask of the newest ``queries`` ids over the first ``keys`` cache
-        slots: causal, and blind to padding. A padding query sees nothing but blocked slots, which the finite
-        minimum turns into a uniform (finite) attention instead of NaN; its output is never read."""
-        bias = self.key_bias[..., :keys]
-        if queries == 1:
-            return bias
-        device = bias.device
-        query_positions = torch.arange(self.length - queries, self.length, device=device)
-        future = torch.arange(keys, device=device)[None, :] > query_positions[:, None]
-        return bias.masked_fill(future, self.blocked)
-
-    def append(self, next_ids: torch.Tensor) -> None:
-        self.ids[:, self.length] = next_ids
-        self.mask[:, self.length] = 1
-        self.key_bias[:, 0, 0, self.length] = 0
-        self.length += 1
-        self.positions = self.positions[:, -1:] + 1
-
-    def extend(self, new_ids: torch.Tensor) -> None:
-        """Write ``new_ids`` ``[R, n]`` after the ids so far; :attr:`positions` becomes theirs ``[R, n]``."""
-        start, count = self.length, new_ids.shape[1]
-        self.ids[:, start : start + count] = new_ids
-        self.mask[:, start : start + count] = 1
-        self.key_bias[:, 0, 0, start : start + count] = 0
-        self.length += count
-        before = self.mask[:, :start].sum(dim=1, keepdim=True)
-        self.positions = before + torch.arange(count, device=new_ids.device)
-
-    def rewind(self, length: int) -> None:
-        """Forget the ids from slot ``length`` on (speculative decoding takes back rejected drafts)."""
-        self.mask[:, length : self.length] = 0  # the ids there stay but are never read: view() ends at length
-        self.key_bias[:, 0, 0, length : self.length] = self.blocked
-        self.length = length
-
-
-class Engine:
-    """Batched autoregressive decoding for a :class:`UnifiedModel` in eval mode (see the module docstring).
+class Engine(Decoder):
+    """Batched autoregressive decoding for a :class:`UnifiedModel` in eval mode (see the module docstring), on
+    the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder`.
 
     Args:
         model: the unified model; its ``lm`` / ``lm_head`` / ``embed`` run the forwards.
         tokens: the tokenizer's :class:`SpecialTokens` (padding, stop ids, the image layout).
         cache: ``"auto"``, ``"dynamic"`` or ``"static"`` KV cache (module docstring).
     """
-
-    def __init__(self, model: UnifiedModel, tokens: SpecialTokens, *, cache: CacheKind = "auto") -> None:
-        if cache not in ("auto", "dynamic", "static"):
-            raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
-        self.model = model
-        self.tokens = tokens
-        self.cache = cache
-        self._read = SpanReader(tokens)
-        # Id -> "is an image code" and code -> id tables, on the model's device (code stacks need both).
-        vocab = model.lm.get_input_embeddings().weight.shape[0]
-        code_ids = torch.as_tensor(tokens.codes_to_ids(np.arange(tokens.num_codes)), dtype=torch.long)
-        self._is_code = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, code_ids, True).to(self.device)
-        self._code_ids = code_ids.to(self.device)
-        # model.grid_positions: the code cells are read from the whole sequence, then the newest ones fed.
-        self._cells = CodeCells(tokens) if model.code_grid_embedding is not None else None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -308,85 +212,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- decoding
 
-    def _forward_last(
-        self,
-        ids: torch.Tensor,
-        batch: _Batch,
-        cache: DynamicCache | StaticCache,
-        pixel_values: torch.Tensor | None = None,
-        prefill: bool = False,
-        code_stacks: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 logits ``[R, V]`` and the hidden state ``[R, H]`` of the last position after feeding ``ids``
-        ``[R, t]`` (the head runs on the last position only: a long prompt never materialises ``[R, T, V]``
-        logits). Feature slots are read in the prefill only (``UnifiedModel.embed`` then rejects slots without
-        pixels, and pixels without slots); with code stacks, ``code_stacks`` fill the code positions of ``ids``."""
-        feature_mask = (ids == self.tokens.feature) if prefill else None
-        code_mask = self._is_code[ids] if code_stacks is not None else None
-        stacked_model = self.model.code_heads is not None
-        if prefill and code_stacks is None and stacked_model and bool(self._is_code[ids].any()):
-            raise ValueError("the prompts hold image codes but no code_stacks were given for them")
-        cells = self.code_cells(batch, ids.shape[1])
-        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask, cells)
-        last = self._hidden(embeds, batch, cache)[:, -1]
-        return self.model.lm_head(last).float(), last
-
-    def code_cells(self, batch: _Batch, count: int) -> torch.Tensor | None:
-        """The code cells ``[R, count, 2]`` of the newest ``count`` ids of ``batch`` (None: the model has no
-        grid positions). Read over the whole sequence: a code's row and column depend on the ids before it."""
-        if self._cells is None:
-            return None
-        return self._cells(batch.view())[:, -count:]
-
-    def _hidden(self, embeds: torch.Tensor, batch: _Batch, cache: DynamicCache | StaticCache) -> torch.Tensor:
-        """The LM's last hidden states ``[R, t, H]`` for ``embeds`` ``[R, t, H]``, the newest ``t`` ids of
-        ``batch`` (at ``batch.positions``), over ``cache``."""
-        out = self.model.lm(
-            inputs_embeds=embeds,
-            attention_mask=self._attention_mask(batch, embeds.shape[1], cache),
-            position_ids=batch.positions,
-            use_cache=True,
-            **{self.model.cache_argument: cache},
-        )
-        return out.last_hidden_state
-
-    def _attention_mask(
-        self, batch: _Batch, queries: int, cache: DynamicCache | StaticCache
-    ) -> torch.Tensor | None:
-        """The mask of one forward. sdpa / eager get a ready 4D additive mask (transformers would rebuild one
-        from the 2D mask at every step, a measurable share of a small model's step); flash attention gets the
-        2D mask it needs. Unpadded rows over a dynamic cache need none: sdpa's causal fast path."""
-        static = isinstance(cache, StaticCache)
-        if self.model.lm.config._attn_implementation not in ("sdpa", "eager"):
-            return batch.mask[:, : batch.length] if batch.padded else None
-        if not batch.padded and not static:
-            return None
-        return batch.additive_mask(queries, batch.capacity if static else batch.length)
-
-    def _new_cache(self, max_length: int, fixed_length: bool) -> DynamicCache | StaticCache:
-        if self.cache == "static" or (self.cache == "auto" and fixed_length):
-            return StaticCache(config=self.model.lm.config, max_cache_len=max_length)
-        return DynamicCache(config=self.model.lm.config)
-
     def _pick(self, scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Next id per row ``[B]`` from processed scores ``[B, V]``."""
         if greedy:
             return scores.argmax(dim=-1)
         return torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
-
-    def _check(self, prompts: Sequence[Sequence[int]], budgets: torch.Tensor, sampled_rows: int) -> None:
-        if self.model.training:
-            raise ValueError("the model is in training mode (dropout on): call model.eval() before decoding")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one id (prompts start with <bos>)")
-        if budgets.numel() != sampled_rows or bool((budgets < 1).any()):
-            raise ValueError(
-                f"max_new_tokens must be >= 1, one value or one per prompt; got {budgets.tolist()}"
-            )
-        longest = max(len(p) for p in prompts) + int(budgets.max())
-        limit = self.model.config.lm.max_position_embeddings
-        if longest > limit:
-            raise ValueError(f"prompt + new tokens need {longest} positions; the model has {limit}")
 
     @torch.inference_mode()
     def _run(
@@ -416,19 +246,12 @@ class Engine:
         limits = torch.as_tensor(budgets, dtype=torch.long).reshape(-1)
         if np.ndim(budgets) == 0:  # one budget for every row
             limits = limits.expand(sampled_rows)
-        self._check(prompts, limits, sampled_rows)
-        device = self.device
-        dtype = self.model.lm.get_input_embeddings().weight.dtype
-        batch = _Batch(prompts, int(limits.max()), self.tokens.pad, device, dtype)
-        cache = self._new_cache(batch.capacity, fixed_length=fixed_length)
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device=device, dtype=next(self.model.vision.parameters()).dtype)
-        if prompt_stacks is not None:
-            prompt_stacks = prompt_stacks.to(device)
-        logits, hidden = self._forward_last(
-            batch.view(), batch, cache, pixel_values, prefill=True, code_stacks=prompt_stacks
-        )
-        state = _RowState(sampled_rows, limits.to(device), stop_ids, device)
+        self.check(prompts, limits, sampled_rows)
+        batch = self.new_batch(prompts, int(limits.max()))
+        cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
+        out = self.prefill(batch, cache, pixel_values, prompt_stacks)
+        logits, hidden = out.logits[:, -1], out.hidden[:, -1]
+        state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
         repeats = len(prompts) // sampled_rows
         for _ in range(int(limits.max())):
             scores = logits
@@ -440,12 +263,14 @@ class Engine:
             stacks = None
             if stack_choice is not None:
                 picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
-            batch.append(picked.repeat(repeats))
-            grid_done = self._read(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
+            fed = picked.repeat(repeats)
+            batch.extend(fed[:, None])
+            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
             if state.update(picked, grid_done, stacks):
                 break
-            fed = None if stacks is None else stacks.repeat(repeats, 1)[self._is_code[picked.repeat(repeats)]]
-            logits, hidden = self._forward_last(batch.view()[:, -1:], batch, cache, code_stacks=fed)
+            fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
+            out = self.step(batch, cache, code_stacks=fed_stacks)
+            logits, hidden = out.logits[:, -1], out.hidden[:, -1]
         return state.result()
 
     def _sample_stacks(
@@ -455,10 +280,10 @@ class Engine:
         ids with each code replaced by the id of its stack's first code."""
         heads = self.model.code_heads
         assert heads is not None
-        is_code = self._is_code[picked]
+        is_code = self.spans.is_code(picked)
         stacks = heads.sample(hidden, choose)  # [R, D]: every row decodes (cheap), the code rows are kept
         stacks = stacks[: picked.shape[0]]
-        ids = torch.where(is_code, self._code_ids[stacks[:, 0]], picked)
+        ids = torch.where(is_code, self.spans.code_to_id(stacks[:, 0]), picked)
         return ids, torch.where(is_code[:, None], stacks, torch.full_like(stacks, -1))
 
 

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
+from unified_mllm.infer.decoding import Decoder
 from unified_mllm.infer.processors import Processor, next_id_probabilities
-
-if TYPE_CHECKING:
-    from unified_mllm.infer.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -143,7 +140,7 @@ class _Drafts:
 
 @torch.inference_mode()
 def decode_grid(
-    engine: Engine,
+    decoder: Decoder,
     prompts: Sequence[Sequence[int]],
     *,
     sampled_rows: int,
@@ -155,24 +152,22 @@ def decode_grid(
 ) -> tuple[torch.Tensor, JacobiStats]:
     """Decode ``length`` ids after each prompt with speculative Jacobi decoding (module docstring).
 
-    ``prompts``: ``R`` rows, the first ``sampled_rows`` (``B``) sampled, the ids fed to every row ``i + k * B``
-    as well (``[cond; uncond]`` guidance). ``window``: draft ids checked per forward (``L >= 1``; 1 is
-    sequential decoding). Returns the ids ``[B, length]`` (on the model's device) and the stats.
+    ``decoder`` runs the forwards (its public prefill / step; the :class:`~unified_mllm.infer.engine.Engine`
+    passes itself). ``prompts``: ``R`` rows, the first ``sampled_rows`` (``B``) sampled, the ids fed to every
+    row ``i + k * B`` as well (``[cond; uncond]`` guidance). ``window``: draft ids checked per forward
+    (``L >= 1``; 1 is sequential decoding). Returns the ids ``[B, length]`` (on the model's device) and the
+    stats.
     """
-    from unified_mllm.infer.engine import _Batch  # the engine imports this module
-
     if window < 1:
         raise ValueError(f"the Jacobi window must be >= 1 draft id, got {window}")
-    if engine.model.code_heads is not None:
+    if decoder.model.code_heads is not None:
         raise ValueError("speculative Jacobi decoding supports one code per position (model.vq.kind vqgan)")
-    engine._check(prompts, torch.full((sampled_rows,), length), sampled_rows)
-    model, repeats = engine.model, len(prompts) // sampled_rows
-    batch = _Batch(
-        prompts, length, engine.tokens.pad, engine.device, model.lm.get_input_embeddings().weight.dtype
-    )
-    cache = DynamicCache(config=model.lm.config)
+    decoder.check(prompts, torch.full((sampled_rows,), length), sampled_rows)
+    repeats = len(prompts) // sampled_rows
+    batch = decoder.new_batch(prompts, length)
+    cache = DynamicCache(config=decoder.model.lm.config)  # cropped back after each forward
     start = batch.length  # the slot of new id 0
-    logits, _ = engine._forward_last(batch.view(), batch, cache, prefill=True)
+    logits = decoder.prefill(batch, cache).logits[:, -1]
     drafts = _Drafts(
         _distributions(logits, batch.view(), processors, sampled_rows, greedy), length, window, generator
     )
@@ -186,9 +181,7 @@ def decode_grid(
         if surplus:
             cache.crop(-surplus)  # transformers 5: a negative count drops that many of the newest positions
         batch.extend(drafts.ids[:, low - 1 : low - 1 + count].repeat(repeats, 1))
-        embeds = model.embed(batch.view()[:, -count:], code_cells=engine.code_cells(batch, count))
-        hidden = engine._hidden(embeds, batch, cache)
-        logits = model.lm_head(hidden).float()
+        logits = decoder.step(batch, cache, count).logits
         forwards += 1
         views = [batch.ids[:, : start + low + k] for k in range(count)]  # the ids before each window id
         target = [

@@ -3,7 +3,8 @@
 They follow transformers' ``LogitsProcessor`` signature, so the same objects serve our engine
 (:mod:`unified_mllm.infer.engine`) and ``model.generate(logits_processor=...)``. Each one derives everything it
 needs from ``input_ids`` on every call (no decoding state is kept between calls), takes its device from its
-inputs, never prints, and treats every row of the batch independently (design convention 7):
+inputs, never prints, and treats every row of the batch independently (design convention 7); where a row
+stands in its image span is read by the layout's one span reader (:class:`~unified_mllm.layout.SpanReader`):
 
 * :class:`CFGProcessor` — classifier-free guidance for a batch laid out as ``[conditional rows; unconditional
   rows]``: ``uncond + s * (cond - uncond)``, returned for both halves so that a pair samples the same token.
@@ -21,78 +22,14 @@ grammar, then the sampling warpers).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from unified_mllm.layout import SpecialTokens
+from unified_mllm.layout import SpanReader, SpecialTokens
 
 # What the engine calls a processor: (input_ids [B, T], scores [B, V]) -> scores [B, V].
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SpanState:
-    """Where each row stands with respect to its last image span, read from the ids alone.
-
-    All fields are ``[B]`` tensors on the ids' device.
-    """
-
-    inside: torch.Tensor
-    """bool: the row's last ``<image-start>`` has no ``<image-end>`` after it."""
-    offset: torch.Tensor
-    """long: ids after that ``<image-start>`` (0: the next id is the height token); 0 outside a span."""
-    height: torch.Tensor
-    """long: code rows named by the span's height token; -1 outside a span or before the token."""
-    width: torch.Tensor
-    """long: code columns named by the width token; -1 outside a span or before the token."""
-
-    @property
-    def grid_length(self) -> torch.Tensor:
-        """``[B]`` ids of the code grid of the open span (rows of ``width`` codes plus ``<row-end>``)."""
-        return self.height * (self.width + 1)
-
-    @property
-    def grid_done(self) -> torch.Tensor:
-        """``[B]`` bool: the open span's last row is complete; only its closing part is left."""
-        return self.inside & (self.offset >= 2) & (self.offset - 2 == self.grid_length)
-
-
-class SpanReader:
-    """Reads the :class:`SpanState` of every row from ids; holds the id -> grid-side table of one tokenizer."""
-
-    def __init__(self, tokens: SpecialTokens) -> None:
-        self.tokens = tokens
-        sizes = torch.full((max(tokens.size_ids) + 1,), -1, dtype=torch.long)
-        sizes[list(tokens.size_ids)] = torch.arange(len(tokens.size_ids)) * tokens.size_unit
-        self._sizes = {"cpu": sizes}
-
-    def _side_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Grid side named by each resolution id in ``ids``; -1 for any other id (beyond the table too)."""
-        key = str(ids.device)
-        if key not in self._sizes:
-            self._sizes[key] = self._sizes["cpu"].to(ids.device)
-        table = self._sizes[key]
-        return torch.where(ids < table.numel(), table[ids.clamp(max=table.numel() - 1)], -1)
-
-    def __call__(self, input_ids: torch.Tensor) -> SpanState:
-        """The state of each row of ``input_ids`` ``[B, T]`` (left padding is fine)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device)
-        last_start = torch.where(input_ids == self.tokens.image_start, positions, -1).amax(dim=1)
-        last_end = torch.where(input_ids == self.tokens.image_end, positions, -1).amax(dim=1)
-        inside = last_start > last_end
-        offset = torch.where(inside, length - 1 - last_start, 0)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-
-        def side(delta: int) -> torch.Tensor:
-            read = self._side_of(input_ids[rows, (last_start + delta).clamp(0, length - 1)])
-            return torch.where(inside & (offset >= delta), read, -1)
-
-        return SpanState(inside=inside, offset=offset, height=side(1), width=side(2))
 
 
 def _check_scores(input_ids: torch.Tensor, scores: torch.Tensor) -> None:
@@ -168,7 +105,7 @@ class GridConstraint(LogitsProcessor):
 
     def states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` long: the class constant of what each row may emit next."""
-        state = self.read(input_ids)
+        state = self.read.state(input_ids)
         grid = state.offset - 2
         in_grid = state.inside & (state.offset >= 2)
         bad = in_grid & ((state.height < 1) | (state.width < 1))
@@ -194,7 +131,7 @@ class GridConstraint(LogitsProcessor):
 
 def _per_row(read: SpanReader, input_ids: torch.Tensor, image: float, text: float) -> torch.Tensor:
     """``[B, 1]``: ``image`` for rows inside an open image span, ``text`` for the others (dtype of the values)."""
-    return torch.where(read(input_ids).inside, image, text).unsqueeze(1)
+    return torch.where(read.state(input_ids).inside, image, text).unsqueeze(1)
 
 
 def next_id_probabilities(scores: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ from transformers import LogitsProcessorList
 
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.conversation import tokenize_conversation, turns_from_qas
-from unified_mllm.infer.engine import CacheKind, Engine, StackChoice, guided_stack_choice
+from unified_mllm.infer.decoding import CacheKind
+from unified_mllm.infer.engine import Engine, StackChoice, guided_stack_choice
 from unified_mllm.infer.processors import (
     GridConstraint,
     check_non_negative,
