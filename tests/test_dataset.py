@@ -259,7 +259,7 @@ def test_items_carry_the_image_views(world: Config) -> None:
     wide = next(iter(build_dataset(mix(anyres, ("t2i", 1.0)), with_features=True)))
     assert wide["pixel_values"].shape == (3, 3, 64, 64) and wide["feature_mask"].sum() == 3 * 64
     plain = next(iter(build_dataset(mix(world, ("t2i", 1.0)), with_features=False)))
-    assert plain.pixel_values is None and not plain.feature_mask.any()
+    assert plain["pixel_values"] is None and not plain["feature_mask"].any()
 
 
 def test_items_and_batches_carry_their_source_loss_weight(world: Config) -> None:

@@ -25,6 +25,7 @@ automatically (``checkpoint.resume``); a finished run with the same settings is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -38,11 +39,10 @@ from unified_mllm.config import Config, ConfigError, save_config
 from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import batch_stream, source_names
-from unified_mllm.model.export import load_safetensors_into, safetensors_files, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
-from unified_mllm.train import distributed
-from unified_mllm.train.backend import TrainingBackend, build_backend
+from unified_mllm.train import distributed, model_init
+from unified_mllm.train.backend import Materialize, TrainingBackend, build_backend
 from unified_mllm.train.checkpoint import (
     begin_checkpoint_dir,
     capture_rng_state,
@@ -79,16 +79,14 @@ def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
 # ----------------------------------------------------------------------------------------- the model
 
 
-def build_model(config: Config, info: DistInfo) -> UnifiedModel:
-    """The model of ``config`` with its starting weights, on this rank's device (same on every rank)."""
-    torch.manual_seed(config.train.seed)  # identical random init on every rank
-    model = UnifiedModel(config.model, device="cpu")
-    if config.checkpoint.init_from:
-        init = Path(config.checkpoint.init_from).expanduser()
-        load_safetensors_into(unique_state_dict(model), safetensors_files(init), f"export {init}")
-    if config.model.lm.pretrained or config.model.vision.pretrained:
-        model.load_pretrained(lm=config.model.lm.pretrained, siglip=config.model.vision.pretrained)
-    return model.to(info.device)
+def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materialize | None]:
+    """The model of ``config`` (same on every rank) and, when it is still on ``meta``, the function the backend
+    calls once it has sharded it, to allocate and load the starting weights shard by shard
+    (:mod:`unified_mllm.train.model_init`). Otherwise the model is on this rank's device, weights loaded."""
+    model, on_meta = model_init.build_model(config)
+    if on_meta:
+        return model, functools.partial(model_init.materialize, device=info.device, config=config)
+    return model.to(info.device), None
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -361,10 +359,10 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
             print(f"reusing the finished export in {export_dir}")
         return summary
     tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
-    model = build_model(config, info)
+    model, materialize = build_model(config, info)
     resolved = apply_param_rules(model, config_rules(config))
     _report_start(model, resolved, config, info)
-    backend = build_backend(model, resolved, config, info)
+    backend = build_backend(model, resolved, config, info, materialize=materialize)
     run = resume(backend, config, info)
     run_dir = Path(config.checkpoint.dir).expanduser()
     if info.is_main:
