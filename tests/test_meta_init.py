@@ -130,15 +130,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank(rank: int, world_size: int, port: int, checkpoints: tuple[Path, Path], out: Path) -> None:
-    """One FSDP2 rank: build, spy on the sharding step, materialise, then report what it holds."""
+def _rank(
+    rank: int, world_size: int, port: int, checkpoints: tuple[Path, Path], out: Path, extra: tuple[str, ...]
+) -> None:
+    """One rank: build, spy on the FSDP2 sharding step, materialise, then report what it holds."""
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
         | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
     info = distributed.init_distributed("cpu")
-    config = start_config(checkpoints, "train.parallel.backend=fsdp")
+    config = start_config(checkpoints, *extra)
     seen: dict[str, Any] = {}
     shard = backend_module.apply_fsdp
 
@@ -169,7 +171,8 @@ def _rank(rank: int, world_size: int, port: int, checkpoints: tuple[Path, Path],
 
 
 def test_fsdp_ranks_shard_on_meta_and_read_their_slices(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(2, _free_port(), checkpoints, tmp_path), nprocs=2, join=True)
+    extra = ("train.parallel.backend=fsdp",)
+    mp.spawn(_rank, args=(2, _free_port(), checkpoints, tmp_path, extra), nprocs=2, join=True)
     _, reference_rng = cpu_start(start_config(checkpoints))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for seen in ranks:
@@ -179,3 +182,16 @@ def test_fsdp_ranks_shard_on_meta_and_read_their_slices(checkpoints: tuple[Path,
     # Parameters are really split: the ranks hold disjoint halves of the embedding's rows.
     embed = [seen["regions"]["lm.embed_tokens.weight"] for seen in ranks]
     assert embed[0][0][1] == embed[1][0][0] and embed[0][0][0] == 0
+
+
+def test_deepspeed_ranks_start_from_the_checkpoint(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    """DeepSpeed partitions materialised parameters: the meta model is allocated whole before it initialises."""
+    pytest.importorskip("deepspeed")
+    extra = ("train.parallel.backend=deepspeed", f"train.parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json")
+    mp.spawn(_rank, args=(2, _free_port(), checkpoints, tmp_path, extra), nprocs=2, join=True)
+    _, reference_rng = cpu_start(start_config(checkpoints))
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert "meta_before_sharding" not in seen  # FSDP2 never ran
+        assert seen["mismatches"] == [] and len(seen["regions"]) > 0
+        assert torch.equal(seen["rng"], reference_rng)
