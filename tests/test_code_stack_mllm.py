@@ -109,8 +109,8 @@ def test_batches_carry_the_stacks_of_every_code_position(trained: Config) -> Non
 
 def test_pretokenized_stacks_and_training_with_depth_heads(trained: Config) -> None:
     records = read_metrics(Path(trained.checkpoint.dir) / METRICS_FILE, "train")
-    assert [r.step for r in records] == [1, 2, 3, 4]
-    assert all(np.isfinite(r.loss) for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
     model = UnifiedModel.from_pretrained(trained.checkpoint.export_dir)
     assert model.code_heads is not None and model.code_embedder is not None
     assert model.code_heads.depth == trained.model.vq.code_depth
