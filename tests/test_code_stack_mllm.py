@@ -96,14 +96,14 @@ def trained(
 def test_batches_carry_the_stacks_of_every_code_position(trained: Config) -> None:
     batch = next(batch_stream(trained, with_features=True))
     depth = trained.model.vq.code_depth
-    mask, targets, stacks = batch["code_mask"], batch["code_targets"], batch["code_stacks"]
+    mask, targets, stacks = batch.code_mask, batch.code_targets, batch.code_stacks
     assert stacks.shape == (int(mask.sum()), depth)
     assert bool((targets <= mask).all()) and int(targets.sum()) > 0  # text-to-image samples supervise stacks
-    assert bool((batch["labels"][mask] == IGNORE_INDEX).all())  # the LM head never predicts stacked codes
+    assert bool((batch.labels[mask] == IGNORE_INDEX).all())  # the LM head never predicts stacked codes
     # A position's id is its stack's first code.
     tokens = TextTokenizer.from_config(trained.tokenizer, trained.model.vq.codebook_size).special_tokens()
     first = tokens.codes_to_ids(stacks[:, 0].numpy())
-    assert np.array_equal(batch["input_ids"][mask].numpy(), first)
+    assert np.array_equal(batch.input_ids[mask].numpy(), first)
 
 
 def test_pretokenized_stacks_and_training_with_depth_heads(trained: Config) -> None:
@@ -118,15 +118,14 @@ def test_pretokenized_stacks_and_training_with_depth_heads(trained: Config) -> N
 def test_depth_head_losses_are_per_position(trained: Config) -> None:
     batch = next(batch_stream(trained, with_features=True))
     model = UnifiedModel.from_pretrained(trained.checkpoint.export_dir).eval()
-    names = ("input_ids", "position_ids", "attention_mask", "pixel_values", "feature_mask", "code_stacks")
-    inputs = {k: batch[k] for k in (*names, "code_mask") if batch.get(k) is not None}
-    targets = batch["code_targets"]
+    inputs = batch.model_inputs()
+    targets = inputs.pop("code_targets")
     with torch.no_grad():
         output = model(**inputs, code_targets=targets, return_hidden=True)
     # Entry i: the stack at the i-th target position (row-major), predicted from the hidden state before it.
     hidden = output.hidden_states.reshape(-1, model.config.lm.hidden_size)
     previous = torch.nonzero(targets.reshape(-1)).squeeze(1) - 1
-    expected = model.code_heads.loss(hidden[previous], batch["code_stacks"][targets[batch["code_mask"]]])
+    expected = model.code_heads.loss(hidden[previous], batch.code_stacks[targets[batch.code_mask]])
     assert output.code_losses.shape == (int(targets.sum()),) and output.code_losses.dtype == torch.float32
     torch.testing.assert_close(output.code_losses, expected)
     # No supervised stack (an understanding-only micro-batch): nothing to sum, yet every depth-head parameter

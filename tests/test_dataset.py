@@ -268,12 +268,12 @@ def test_items_and_batches_carry_their_source_loss_weight(world: Config) -> None
     items = list(islice(iter(build_dataset(config, with_features=False)), 12))
     assert {(i["task"], i["loss_weight"]) for i in items} == {("vqa", 4.0), ("t2i", 1.0)}
     batch = next(iter(build_batches(config, with_features=False, rows=6)))  # padded: a sample per row
-    assert not config.data.pack and {"vqa", "t2i"} <= set(batch["tasks"])
-    per_row = torch.tensor([4.0 if task == "vqa" else 1.0 for task in batch["tasks"]])
-    assert torch.equal(batch["loss_weights"], batch["attention_mask"] * per_row[:, None])
-    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert not config.data.pack and {"vqa", "t2i"} <= set(batch.tasks)
+    per_row = torch.tensor([4.0 if task == "vqa" else 1.0 for task in batch.tasks])
+    assert torch.equal(batch.loss_weights, batch.attention_mask * per_row[:, None])
+    supervised = batch.labels[:, 1:] != IGNORE_INDEX
     assert supervised_tokens(batch) == float((supervised * per_row[:, None]).sum())
-    assert supervised_tokens({**batch, "loss_weights": None}) == float(supervised.sum())
+    assert supervised_tokens(dataclasses.replace(batch, loss_weights=None)) == float(supervised.sum())
 
 
 def _names(shard: Path) -> dict[str, bytes]:
@@ -292,7 +292,7 @@ def test_cfg_dropout_on_real_records(world: Config) -> None:
 
 
 def batches_signature(batch: dict[str, Any]) -> tuple:
-    return tuple(batch["input_ids"].flatten().tolist()), tuple(batch["tasks"])
+    return tuple(batch.input_ids.flatten().tolist()), tuple(batch.tasks)
 
 
 def test_micro_batches_match_the_sample_stream_and_resume(world: Config) -> None:
@@ -300,11 +300,11 @@ def test_micro_batches_match_the_sample_stream_and_resume(world: Config) -> None
     batches = build_batches(world, rank=1, world_size=2, with_features=True, rows=2)
     for batch in islice(iter(batches), 2):
         pair = list(islice(iter(samples), 2))
-        assert [r[: len(s["ids"])].tolist() for r, s in zip(batch["input_ids"], pair)] == [
+        assert [r[: len(s["ids"])].tolist() for r, s in zip(batch.input_ids, pair)] == [
             s["ids"].tolist() for s in pair
         ]
-        assert batch["data_state"] == samples.state_dict()
-        assert torch.equal(batch["pixel_values"], torch.cat([s["pixel_values"] for s in pair]))
+        assert batch.data_state == samples.state_dict()
+        assert torch.equal(batch.pixel_values, torch.cat([s["pixel_values"] for s in pair]))
 
 
 def test_packed_batches_are_global_and_resume_from_their_state(world: Config) -> None:
@@ -313,12 +313,12 @@ def test_packed_batches_are_global_and_resume_from_their_state(world: Config) ->
         list(islice(iter(build_batches(config, rank=r, world_size=2, with_features=True, rows=2)), 3))
         for r in (0, 1)
     ]
-    assert [b["data_state"] for b in ranks[0]] == [b["data_state"] for b in ranks[1]]
+    assert [b.data_state for b in ranks[0]] == [b.data_state for b in ranks[1]]
     for batch in ranks[0]:
-        assert batch["input_ids"].shape[0] == 2 and "attention_mask" not in batch
-        assert batch["input_ids"].shape[1] <= 512
+        assert batch.input_ids.shape[0] == 2 and batch.attention_mask is None
+        assert batch.input_ids.shape[1] <= 512
     resumed = build_batches(
-        config, rank=0, world_size=2, with_features=True, rows=2, state=ranks[0][0]["data_state"]
+        config, rank=0, world_size=2, with_features=True, rows=2, state=ranks[0][0].data_state
     )
     assert [batches_signature(b) for b in islice(iter(resumed), 2)] == [
         batches_signature(b) for b in ranks[0][1:]

@@ -199,10 +199,10 @@ def test_the_collator_adds_cells_when_asked(tokens: SpecialTokens) -> None:
         "feature_mask": np.zeros(len(span) + 1, dtype=bool),
     }
     plain = Collator(tokens.pad, 64)([sample, sample])
-    assert plain["code_cells"] is None
+    assert plain.code_cells is None
     batch = Collator(tokens.pad, 64, pack=True, code_cells=CodeCells(tokens))([sample, sample])
-    assert torch.equal(batch["code_cells"], CodeCells(tokens)(batch["input_ids"]))
-    assert batch["code_cells"][0, len(sample["ids"]) + 4].tolist() == [0, 0]  # the packed second sample
+    assert torch.equal(batch.code_cells, CodeCells(tokens)(batch.input_ids))
+    assert batch.code_cells[0, len(sample["ids"]) + 4].tolist() == [0, 0]  # the packed second sample
 
 
 def test_stage1_freezes_the_code_table_and_trains_the_slot_embedding() -> None:

@@ -3,6 +3,7 @@ killed and resumed to the same loss sequence, resumed at another world size, exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.test_pretokenize import make_tokenized_world
 from unified_mllm.config import Config, ConfigError, load_config
+from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train.checkpoint import list_checkpoints
@@ -145,24 +147,40 @@ def test_the_log_has_each_sources_cross_entropy(single: Config) -> None:
             assert per_source[0] == pytest.approx(record["ce"])
 
 
+def _batch(labels: torch.Tensor, **fields: torch.Tensor) -> Batch:
+    """A padded batch around ``labels`` with the given optional fields (ids and statistics are placeholders)."""
+    return Batch(
+        input_ids=torch.zeros_like(labels),
+        labels=labels,
+        feature_mask=torch.zeros_like(labels, dtype=torch.bool),
+        num_views=torch.zeros(0, dtype=torch.long),
+        num_samples=labels.shape[0],
+        num_tokens=labels.numel(),
+        padding_fraction=0.0,
+        tasks=[""] * labels.shape[0],
+        **fields,
+    )
+
+
 def test_source_losses_sum_each_sources_tokens() -> None:
     logits = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [3.0, 1.0, 2.0]], [[0.0, 1.0, 0.0]] * 3])
     labels = torch.tensor([[IGNORE_INDEX, 1, 2], [IGNORE_INDEX, IGNORE_INDEX, 0]])
     sources = torch.tensor([[0, 0, 2], [1, 1, 1]])  # row 0 packs a sample of source 0, then one of source 2
     parts = causal_lm_loss(logits, labels, 0.0)
-    sums = source_losses({"source_ids": sources}, parts, None, num_sources=3)
+    batch = _batch(labels, source_ids=sources)
+    sums = source_losses(batch, parts, None, num_sources=3)
     ce0 = math.log(math.exp(1) + math.exp(2) + math.exp(0.5)) - 2.0
     ce2, ce1 = math.log(3.0), math.log(2 + math.e) - 0.0
     torch.testing.assert_close(sums["source_tokens"], torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(sums["source_ce"], torch.tensor([ce0, ce1, ce2], dtype=torch.float64))
     # Depth-head positions count for the source that owns them.
-    code = {"source_ids": sources, "code_targets": torch.tensor([[False, False, False], [False, True, True]])}
+    code = dataclasses.replace(batch, code_targets=torch.tensor([[False, False, False], [False, True, True]]))
     with_codes = source_losses(code, parts, torch.tensor([0.5, 0.25]), num_sources=3)
     torch.testing.assert_close(
         with_codes["source_tokens"], torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)
     )
     torch.testing.assert_close(with_codes["source_ce"][1], torch.tensor(ce1 + 0.75, dtype=torch.float64))
-    assert source_losses({"source_ids": None}, parts, None, num_sources=3) == {}
+    assert source_losses(dataclasses.replace(batch, source_ids=None), parts, None, num_sources=3) == {}
 
 
 def test_window_logs_per_source_means() -> None:

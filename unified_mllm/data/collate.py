@@ -12,25 +12,7 @@ the end of a row restarts at 0 as well and is a block of its own. Labels are nev
 shifts them once, and since each sample ends with its ``<end-of-turn>`` label and the next sample's first label
 is ``IGNORE_INDEX`` (``<bos>``), no target crosses a sample boundary.
 
-Every batch is a dict::
-
-    input_ids      [B, T] long      labels  [B, T] long (IGNORE_INDEX on padding)   feature_mask [B, T] bool
-    attention_mask [B, T] long      (padding)   or   position_ids [B, T] long   (packing)
-    pixel_values   [N_views, 3, S, S] float or None: the SigLIP views of every image, in the order of their
-                   feature slots (batch row, then position in the row); each image's base view, then its tiles
-    code_cells     [B, T, 2] long or None: with ``code_cells`` given (``model.grid_positions``), the grid cell
-                   (row, column) of every image code, -1 elsewhere (unified_mllm.model.grid_positions)
-    num_views      [N_images] long: views per image (one image per sample that has feature slots), in the same
-                   order (what anyres.split_image_features takes)
-    code_stacks    [N_positions, D] long or None: for tokenizers with D codes a position (UniTok, DualToken),
-                   the codes of every code position, in the order of input_ids (row, then position in the row);
-                   then also code_mask [B, T] bool (those positions) and code_targets [B, T] bool (the ones
-                   whose stack carries a loss; their labels are IGNORE_INDEX: the depth heads predict them)
-    loss_weights   [B, T] float or None: each position's sample ``loss_weight`` (0 on padding), present when a
-                   sample of the batch has a weight other than 1 (None: every supervised token weighs 1)
-    source_ids     [B, T] long or None: each position's sample ``source`` (the index of its data source; -1 on
-                   padding), present when the samples carry one (per-source losses in the training log)
-    num_samples, num_tokens (real ids), padding_fraction (float), tasks (list of str): statistics
+Every batch is a :class:`Batch` (its fields say their shapes; optional ones are None when absent).
 
 Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
 ``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``code_stacks`` (``[n, D]``
@@ -39,7 +21,9 @@ for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (defa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +32,85 @@ import torch
 from unified_mllm.data.conversation import IGNORE_INDEX
 
 Sample = Mapping[str, Any]
+
+
+@dataclass
+class Batch:
+    """One collated micro-batch (``B`` rows of ``T`` positions); tensors on the host until :meth:`to`."""
+
+    input_ids: torch.Tensor
+    """``[B, T]`` long: the ids, ``pad_id`` on padding."""
+    labels: torch.Tensor
+    """``[B, T]`` long, unshifted: ``IGNORE_INDEX`` on padding, prompts and code-stack positions."""
+    feature_mask: torch.Tensor
+    """``[B, T]`` bool: the SigLIP feature slots."""
+    num_views: torch.Tensor
+    """``[N_images]`` long: views per image (one image per sample with feature slots), in the order of
+    ``pixel_values`` (what ``anyres.split_image_features`` takes)."""
+    num_samples: int
+    """Samples in the batch."""
+    num_tokens: int
+    """Real (non-padding) ids."""
+    padding_fraction: float
+    """Share of the ``B x T`` positions that are padding."""
+    tasks: list[str]
+    """Each sample's task, in row order."""
+    attention_mask: torch.Tensor | None = None
+    """``[B, T]`` long, 1 on real tokens (padding); None when packing."""
+    position_ids: torch.Tensor | None = None
+    """``[B, T]`` long, restarting at 0 at every sample start (packing); None when padding."""
+    pixel_values: torch.Tensor | None = None
+    """``[N_views, 3, S, S]`` float: the SigLIP views of every image in the order of their feature slots (row,
+    then position in the row), each image's base view then its tiles; None without feature slots."""
+    code_cells: torch.Tensor | None = None
+    """``[B, T, 2]`` long: the grid cell (row, column) of every image code, -1 elsewhere; only with the
+    collator's ``code_cells`` (``model.grid_positions``)."""
+    code_stacks: torch.Tensor | None = None
+    """``[N_positions, D]`` long: for tokenizers with D codes a position (UniTok, DualToken), the codes of every
+    code position in the order of ``input_ids``; None otherwise (and then ``code_mask`` / ``code_targets`` too)."""
+    code_mask: torch.Tensor | None = None
+    """``[B, T]`` bool: the code positions of ``code_stacks``."""
+    code_targets: torch.Tensor | None = None
+    """``[B, T]`` bool: the code positions whose stack carries a loss (the depth heads predict them)."""
+    loss_weights: torch.Tensor | None = None
+    """``[B, T]`` float: each position's sample ``loss_weight`` (0 on padding); None when every weight is 1."""
+    source_ids: torch.Tensor | None = None
+    """``[B, T]`` long: each position's sample ``source`` (-1 on padding); None when the samples carry none."""
+    data_state: dict[str, Any] | None = None
+    """The data stream's position after this batch (set by the stream; what a trainer checkpoints)."""
+
+    # The fields UnifiedModel.forward takes, by its own argument names.
+    MODEL_INPUTS = (
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "pixel_values",
+        "feature_mask",
+        "code_stacks",
+        "code_mask",
+        "code_targets",
+        "code_cells",
+    )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of ``UnifiedModel.forward`` this batch provides (absent ones left out)."""
+        return {name: getattr(self, name) for name in self.MODEL_INPUTS if getattr(self, name) is not None}
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        changes = {
+            f.name: fn(value)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """A copy with every tensor on ``device`` (statistics, tasks and ``data_state`` as they are)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy with every tensor in pinned host memory (what ``DataLoader(pin_memory=True)`` calls)."""
+        return self._map_tensors(torch.Tensor.pin_memory)
 
 
 class FirstFitRows:
@@ -91,7 +154,7 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 class Collator:
-    """Turn samples into a padded (or packed) batch; see the module docstring for the output."""
+    """Turn samples into a padded (or packed) :class:`Batch`."""
 
     def __init__(
         self,
@@ -109,7 +172,7 @@ class Collator:
         self.pack, self.pad_to_multiple_of = pack, pad_to_multiple_of
         self.code_cells = code_cells
 
-    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
         """Pad ``samples`` one per row, or (``pack``) first-fit them into as few rows as they need."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
@@ -123,7 +186,7 @@ class Collator:
         multiple = self.pad_to_multiple_of
         return min(-(-longest // multiple) * multiple, self.max_seq_len)
 
-    def collate_rows(self, rows: Sequence[Sequence[Sample]]) -> dict[str, Any]:
+    def collate_rows(self, rows: Sequence[Sequence[Sample]]) -> Batch:
         """A batch whose row ``b`` holds the samples of ``rows[b]`` in order (one each when not packing)."""
         if not rows or not all(rows):
             raise ValueError("every row needs at least one sample")
@@ -161,33 +224,39 @@ class Collator:
                 start = end
             # Padding restarts its positions too: a block of its own, so pad tokens attend to no sample.
             positions[b, start:] = np.arange(width - start)
-        out: dict[str, Any] = {"input_ids": torch.from_numpy(ids)}
+        input_ids = torch.from_numpy(ids)
+        code_mask = code_targets = None
         if stacks:
             # Stacked codes are predicted by the depth heads, not by the LM head: their positions leave the
             # labels and become code_targets (the supervised ones) instead.
-            out["code_mask"] = torch.from_numpy(code_slots)
-            out["code_targets"] = torch.from_numpy(code_slots & (labels != IGNORE_INDEX))
+            code_mask = torch.from_numpy(code_slots)
+            code_targets = torch.from_numpy(code_slots & (labels != IGNORE_INDEX))
             labels[code_slots] = IGNORE_INDEX
-        out["labels"], out["feature_mask"] = torch.from_numpy(labels), torch.from_numpy(slots)
-        if self.pack:
-            out["position_ids"] = torch.from_numpy(positions)
-        else:
-            out["attention_mask"] = torch.from_numpy(
-                (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
-            )
-        out["pixel_values"] = torch.cat(views) if views else None
-        out["code_cells"] = self.code_cells(out["input_ids"]) if self.code_cells is not None else None
-        # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
-        out["code_stacks"] = torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None
         samples = [s for row in rows for s in row]
+        num_tokens = int(sum(lengths))
         weighted = any(s.get("loss_weight", 1.0) != 1.0 for s in samples)
-        out["loss_weights"] = torch.from_numpy(weights) if weighted else None
-        out["source_ids"] = torch.from_numpy(sources) if all("source" in s for s in samples) else None
-        out["num_views"] = torch.tensor([v.shape[0] for v in views], dtype=torch.long)
-        out["num_samples"], out["num_tokens"] = len(samples), int(sum(lengths))
-        out["padding_fraction"] = (batch * width - out["num_tokens"]) / (batch * width)
-        out["tasks"] = [str(s.get("task", "")) for s in samples]
-        return out
+        return Batch(
+            input_ids=input_ids,
+            labels=torch.from_numpy(labels),
+            feature_mask=torch.from_numpy(slots),
+            num_views=torch.tensor([v.shape[0] for v in views], dtype=torch.long),
+            num_samples=len(samples),
+            num_tokens=num_tokens,
+            padding_fraction=(batch * width - num_tokens) / (batch * width),
+            tasks=[str(s.get("task", "")) for s in samples],
+            attention_mask=None
+            if self.pack
+            else torch.from_numpy((np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)),
+            position_ids=torch.from_numpy(positions) if self.pack else None,
+            pixel_values=torch.cat(views) if views else None,
+            code_cells=self.code_cells(input_ids) if self.code_cells is not None else None,
+            # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
+            code_stacks=torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None,
+            code_mask=code_mask,
+            code_targets=code_targets,
+            loss_weights=torch.from_numpy(weights) if weighted else None,
+            source_ids=torch.from_numpy(sources) if all("source" in s for s in samples) else None,
+        )
 
 
 def _sample_views(sample: Sample, where: tuple[int, int]) -> list[torch.Tensor]:

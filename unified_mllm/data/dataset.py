@@ -27,7 +27,7 @@ global position carries over and the items from there on are dealt to the new ra
 ``DataLoader(num_workers=0)`` (a worker raises). :class:`MicroBatches` works with any ``num_workers``
 (``DataLoader(batches, batch_size=None, num_workers=k)``): worker ``w`` builds micro-batches ``w, w+k, ...`` of
 the rank's sequence (the loader returns them in order), and every batch carries its position as
-``batch["data_state"]`` — the value to checkpoint. :func:`batch_stream` is that loader, ready for a trainer.
+``batch.data_state`` — the value to checkpoint. :func:`batch_stream` is that loader, ready for a trainer.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unified_mllm.config import Config, DataConfig, VisionConfig
-from unified_mllm.data.collate import Collator, FirstFitRows
+from unified_mllm.data.collate import Batch, Collator, FirstFitRows
 from unified_mllm.data.conversation import TokenizedSample
 from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, raw_samples
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
@@ -304,7 +304,7 @@ class MixtureDataset(_RankStream):
 
 class MicroBatches(_RankStream):
     """This rank's collated micro-batches of ``rows`` rows (see the module docstring), each with its position
-    in ``batch["data_state"]``. Use ``DataLoader(micro_batches, batch_size=None, num_workers=k)``."""
+    in ``batch.data_state``. Use ``DataLoader(micro_batches, batch_size=None, num_workers=k)``."""
 
     def __init__(
         self,
@@ -348,7 +348,7 @@ class MicroBatches(_RankStream):
                 packer.add(0, len(planned.sample))
             members.append(planned)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for number, (rows, state) in enumerate(self.global_batches(self._state)):
@@ -356,7 +356,7 @@ class MicroBatches(_RankStream):
                 continue
             mine = rows[self.rank :: self.world_size]
             batch = self.collator.collate_rows([[materialize(p, self.vision) for p in row] for row in mine])
-            batch["data_state"] = state
+            batch.data_state = state
             self._state = state
             yield batch
 
@@ -491,10 +491,10 @@ def batch_stream(
     with_features: bool,
     state: Mapping[str, Any] | None = None,
     tokenizer: TextTokenizer | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """The endless iterator of this rank's micro-batches, built by ``data.num_workers`` loader processes.
 
-    Checkpoint ``batch["data_state"]`` of the last micro-batch consumed and pass it back as ``state``.
+    Checkpoint ``batch.data_state`` of the last micro-batch consumed and pass it back as ``state``.
     """
     batches = build_batches(
         config,

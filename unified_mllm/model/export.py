@@ -45,6 +45,8 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from unified_mllm.config import ConfigError, LMConfig, ModelConfig
 from unified_mllm.model.backbone import lm_hf_config
@@ -157,6 +159,30 @@ def _checkpoint_shapes(files: Mapping[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def local_region(target: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The ``(start, stop)`` of every dimension of ``target``'s global tensor that this rank holds, when
+    ``target`` is a sharded DTensor (FSDP2); None for a whole tensor."""
+    if not isinstance(target, DTensor):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    return [(start, start + size) for start, size in zip(offset, shape)]
+
+
+def local(target: torch.Tensor) -> torch.Tensor:
+    """The part of ``target`` this rank stores (its local shard for a DTensor; itself otherwise)."""
+    return target.to_local() if isinstance(target, DTensor) else target
+
+
+def copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy ``whole`` (the full tensor, e.g. read from a checkpoint) into ``target``; a sharded DTensor takes
+    only its own region. Values are cast to the target's dtype and device."""
+    region = local_region(target)
+    if region is None:
+        target.copy_(whole)
+    else:
+        local(target).copy_(whole[tuple(slice(a, b) for a, b in region)])
+
+
 # Maps a checkpoint tensor (our name, the tensor as read) to what is copied into the parameter.
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -173,8 +199,10 @@ def load_safetensors_into(
     """Copy the checkpoint tensors in ``files`` into ``targets`` (our name → live parameter / buffer).
 
     ``rename`` maps a checkpoint key to our name (``None``: skip the key); ``reshape`` gives the shape a
-    checkpoint tensor has after ``transform`` (for layout conversions). All keys and shapes are checked
-    before any tensor is read; values are cast to each target's dtype and device on copy.
+    checkpoint tensor has after ``transform`` (for layout conversions; a tensor stored in its target's shape is
+    copied as stored). All keys and shapes are checked before any tensor is read; values are cast to each
+    target's dtype and device on copy. A target that is a sharded DTensor (FSDP2 after ``to_empty``) receives
+    only its own shard, read as a slice of the file, so no rank reads or holds a whole sharded parameter.
     """
     renamed: dict[str, str] = {}
     unexpected = []
@@ -190,6 +218,7 @@ def load_safetensors_into(
     found = {ours: reshape(ours, raw_shapes[key]) for ours, key in renamed.items()}
     expected = {name: tuple(tensor.shape) for name, tensor in targets.items()}
     check_keys_and_shapes(expected, found, origin, unexpected=unexpected)
+    raw_shapes = {key: tuple(shape) for key, shape in raw_shapes.items()}
     by_file: dict[Path, list[str]] = {}
     for ours, key in renamed.items():
         by_file.setdefault(files[key], []).append(ours)
@@ -197,7 +226,14 @@ def load_safetensors_into(
         for path, names in sorted(by_file.items()):
             with safe_open(str(path), framework="pt") as handle:
                 for ours in names:
-                    targets[ours].copy_(transform(ours, handle.get_tensor(renamed[ours])))
+                    target, key = targets[ours], renamed[ours]
+                    region = local_region(target)
+                    if region is None or raw_shapes[key] != tuple(target.shape):
+                        # Whole tensors, and layout conversions (which need the whole tensor to convert).
+                        copy_into(target, transform(ours, handle.get_tensor(key)))
+                    elif all(stop > start for start, stop in region):
+                        # A shard stored in the model's layout: read this rank's slice only.
+                        local(target).copy_(handle.get_slice(key)[tuple(slice(a, b) for a, b in region)])
 
 
 # ------------------------------------------------------------------------------ published LM checkpoints

@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ from unified_mllm.config import Config, ConfigError
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.optim import build_optimizer, build_scheduler, param_groups
 from unified_mllm.train.parallelize import PRECISIONS, apply_fsdp, prepare_model
+
+# Allocates a model built on `meta` (after sharding: only this rank's shards) and loads its starting weights.
+Materialize = Callable[[nn.Module], None]
 
 DCP_DIR = "dcp"
 DEEPSPEED_DIR = "deepspeed"
@@ -91,7 +94,14 @@ class TrainingBackend:
 class FSDPBackend(TrainingBackend):
     """FSDP2 over every rank of the job, or the bare model when there is only one process."""
 
-    def __init__(self, model: nn.Module, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        resolved: dict[str, Any],
+        config: Config,
+        info: DistInfo,
+        materialize: Materialize | None = None,
+    ) -> None:
         parallel, precision = config.train.parallel, config.train.precision
         if precision == "fp16":
             raise ConfigError("`train.precision`: fp16 needs loss scaling; use bf16 (or backend=deepspeed)")
@@ -102,6 +112,8 @@ class FSDPBackend(TrainingBackend):
         self.sharded = info.distributed
         if self.sharded:
             apply_fsdp(model, parallel, precision, info)
+        if materialize is not None:  # torchtitan's order: meta -> shard -> allocate the shards -> load
+            materialize(model)
         self.dtype = PRECISIONS[precision]
         self.module = model
         self.optimizer = build_optimizer(param_groups(model, resolved, config.optim), config.optim)
@@ -198,12 +210,23 @@ def deepspeed_settings(config: Config, info: DistInfo) -> dict[str, Any]:
 class DeepSpeedBackend(TrainingBackend):
     """DeepSpeed ZeRO (stage from the JSON) around the model, our AdamW groups and our LR schedule."""
 
-    def __init__(self, model: nn.Module, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        resolved: dict[str, Any],
+        config: Config,
+        info: DistInfo,
+        materialize: Materialize | None = None,
+    ) -> None:
         if info.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
         import deepspeed  # optional dependency: imported only for this backend
 
         prepare_model(model, config.train.parallel)
+        if materialize is not None:
+            # deepspeed.initialize partitions materialised parameters (ZeRO-3 without zero.Init included), so
+            # every rank allocates the whole model here before DeepSpeed shards it.
+            materialize(model)
         self.info, self.grad_accum = info, config.train.grad_accum_steps
         settings = deepspeed_settings(config, info)
         self.zero_stage = int(settings.get("zero_optimization", {}).get("stage", 0))
@@ -258,9 +281,15 @@ def _gathered(module: nn.Module) -> Iterator[None]:
 
 
 def build_backend(
-    model: nn.Module, resolved: dict[str, Any], config: Config, info: DistInfo
+    model: nn.Module,
+    resolved: dict[str, Any],
+    config: Config,
+    info: DistInfo,
+    *,
+    materialize: Materialize | None = None,
 ) -> TrainingBackend:
-    """The engine ``train.parallel.backend`` names, around ``model`` (already on ``info.device``)."""
+    """The engine ``train.parallel.backend`` names, around ``model``: on ``info.device``, or on ``meta`` with
+    ``materialize`` to call once the engine has sharded it (before the optimizer takes its parameters)."""
     if config.train.parallel.backend == "deepspeed":
-        return DeepSpeedBackend(model, resolved, config, info)
-    return FSDPBackend(model, resolved, config, info)
+        return DeepSpeedBackend(model, resolved, config, info, materialize)
+    return FSDPBackend(model, resolved, config, info, materialize)

@@ -25,6 +25,7 @@ automatically (``checkpoint.resume``); a finished run with the same settings is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -35,13 +36,13 @@ from typing import Any
 import torch
 
 from unified_mllm.config import Config, ConfigError, save_config
+from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import batch_stream, source_names
-from unified_mllm.model.export import load_safetensors_into, safetensors_files, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
-from unified_mllm.train import distributed
-from unified_mllm.train.backend import TrainingBackend, build_backend
+from unified_mllm.train import distributed, model_init
+from unified_mllm.train.backend import Materialize, TrainingBackend, build_backend
 from unified_mllm.train.checkpoint import (
     begin_checkpoint_dir,
     capture_rng_state,
@@ -78,16 +79,14 @@ def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
 # ----------------------------------------------------------------------------------------- the model
 
 
-def build_model(config: Config, info: DistInfo) -> UnifiedModel:
-    """The model of ``config`` with its starting weights, on this rank's device (same on every rank)."""
-    torch.manual_seed(config.train.seed)  # identical random init on every rank
-    model = UnifiedModel(config.model, device="cpu")
-    if config.checkpoint.init_from:
-        init = Path(config.checkpoint.init_from).expanduser()
-        load_safetensors_into(unique_state_dict(model), safetensors_files(init), f"export {init}")
-    if config.model.lm.pretrained or config.model.vision.pretrained:
-        model.load_pretrained(lm=config.model.lm.pretrained, siglip=config.model.vision.pretrained)
-    return model.to(info.device)
+def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materialize | None]:
+    """The model of ``config`` (same on every rank) and, when it is still on ``meta``, the function the backend
+    calls once it has sharded it, to allocate and load the starting weights shard by shard
+    (:mod:`unified_mllm.train.model_init`). Otherwise the model is on this rank's device, weights loaded."""
+    model, on_meta = model_init.build_model(config)
+    if on_meta:
+        return model, functools.partial(model_init.materialize, device=info.device, config=config)
+    return model.to(info.device), None
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -95,7 +94,7 @@ def build_model(config: Config, info: DistInfo) -> UnifiedModel:
 
 def build_batches(
     config: Config, info: DistInfo, tokenizer: TextTokenizer, state: dict[str, Any] | None
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """The endless iterator of this rank's collated micro-batches, resumable from ``state``."""
     return batch_stream(
         config,
@@ -107,35 +106,16 @@ def build_batches(
     )
 
 
-_MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "pixel_values",
-    "feature_mask",
-    "code_stacks",
-    "code_mask",
-    "code_targets",
-    "code_cells",
-)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS if batch.get(k) is not None}
-
-
-def supervised_tokens(batch: dict[str, Any]) -> float:
+def supervised_tokens(batch: Batch) -> float:
     """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted), code-stack positions
     predicted by the depth heads included (each counts as one token, whatever its depth); with
-    ``batch["loss_weights"]`` each position counts its weight (the loss is then a weighted mean)."""
-    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
-    targets = batch.get("code_targets")
-    if targets is not None:
-        supervised = supervised | targets[:, 1:]
-    weights = batch.get("loss_weights")
-    if weights is None:
+    ``batch.loss_weights`` each position counts its weight (the loss is then a weighted mean)."""
+    supervised = batch.labels[:, 1:] != IGNORE_INDEX
+    if batch.code_targets is not None:
+        supervised = supervised | batch.code_targets[:, 1:]
+    if batch.loss_weights is None:
         return float(supervised.sum())
-    return float(weights[:, 1:][supervised].double().sum())
+    return float(batch.loss_weights[:, 1:][supervised].double().sum())
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -199,18 +179,18 @@ class Window:
 
 
 def source_losses(
-    batch: dict[str, Any], parts: LossParts, code_losses: torch.Tensor | None, num_sources: int
+    batch: Batch, parts: LossParts, code_losses: torch.Tensor | None, num_sources: int
 ) -> dict[str, torch.Tensor]:
     """Each source's summed unweighted cross-entropy and supervised-token count in this micro-batch (LM-head
     tokens and depth-head code positions alike), as ``source_ce`` / ``source_tokens`` vectors; {} when the
     batch has no ``source_ids``."""
-    ids = batch.get("source_ids")
-    if ids is None or num_sources == 0:
+    if batch.source_ids is None or num_sources == 0:
         return {}
-    ids = ids.to(parts.token_ce.device, non_blocking=True)
+    ids = batch.source_ids.to(parts.token_ce.device, non_blocking=True)
     owners, values = [ids[parts.token_positions[:, 0], parts.token_positions[:, 1]]], [parts.token_ce]
     if code_losses is not None:
-        owners.append(ids[batch["code_targets"].to(ids.device)])
+        assert batch.code_targets is not None  # depth-head losses come only with code targets
+        owners.append(ids[batch.code_targets.to(ids.device)])
         values.append(code_losses.detach())
     owner, value = torch.cat(owners), torch.cat(values).double()
     ce = torch.zeros(num_sources, dtype=torch.float64, device=ids.device).index_add_(0, owner, value)
@@ -220,7 +200,7 @@ def source_losses(
 
 def train_step(
     backend: TrainingBackend,
-    micro_batches: list[dict[str, Any]],
+    micro_batches: list[Batch],
     config: Config,
     info: DistInfo,
     window: Window,
@@ -231,27 +211,27 @@ def train_step(
     # stays a device tensor (no .item()): the collective is queued, not waited for by the host.
     global_tokens = distributed.all_reduce_sum(local.to(info.device, copy=True))
     normalizer = global_tokens.clamp(min=1.0) / backend.loss_multiplier()
-    for i, batch in enumerate(micro_batches):
-        output = backend.forward(**_to_device(batch, info.device))
-        labels = batch["labels"].to(info.device, non_blocking=True)
-        weights = batch.get("loss_weights")
-        weights = weights.to(info.device, non_blocking=True) if weights is not None else None
+    for i, host_batch in enumerate(micro_batches):
+        batch = host_batch.to(info.device)
+        output = backend.forward(**batch.model_inputs())
+        weights = batch.loss_weights
         parts = causal_lm_loss(
-            output.logits, labels, config.optim.z_loss_weight, normalizer=normalizer, weights=weights
+            output.logits, batch.labels, config.optim.z_loss_weight, normalizer=normalizer, weights=weights
         )
         loss, ce_sum = parts.loss, parts.ce_sum
         if output.code_losses is not None:  # the depth heads' cross-entropy of the code stacks
             code = output.code_losses
             if weights is not None:
-                code = code * weights[batch["code_targets"].to(info.device)]
+                assert batch.code_targets is not None  # depth-head losses come only with code targets
+                code = code * weights[batch.code_targets]
             loss = loss + code.sum() / normalizer
             ce_sum = ce_sum + code.detach().sum()
         backend.backward(loss, sync=i == len(micro_batches) - 1)
         window.add(
             ce_sum=ce_sum,
             z_sum=parts.z_sum,
-            seen_tokens=float(batch["input_ids"].numel()),
-            real_tokens=float(batch.get("num_tokens", batch["input_ids"].numel())),
+            seen_tokens=float(batch.input_ids.numel()),
+            real_tokens=float(batch.num_tokens),
             **source_losses(batch, parts, output.code_losses, len(window.sources)),
         )
     window.add(tokens=local, grad_norm=backend.optimizer_step())
@@ -260,7 +240,7 @@ def train_step(
 
 def train_loop(
     backend: TrainingBackend,
-    batches: Iterator[dict[str, Any]],
+    batches: Iterator[Batch],
     config: Config,
     info: DistInfo,
     run: RunState,
@@ -276,7 +256,7 @@ def train_loop(
         micro_batches = [next(batches) for _ in range(train.grad_accum_steps)]
         train_step(backend, micro_batches, config, info, window)
         run.step += 1
-        run.data_state = micro_batches[-1].get("data_state")
+        run.data_state = micro_batches[-1].data_state
         run.elapsed = time.perf_counter() - started
         logger.bar.update(1)
         if run.step % train.log_every == 0 or run.step == train.max_steps:
@@ -379,10 +359,10 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
             print(f"reusing the finished export in {export_dir}")
         return summary
     tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
-    model = build_model(config, info)
+    model, materialize = build_model(config, info)
     resolved = apply_param_rules(model, config_rules(config))
     _report_start(model, resolved, config, info)
-    backend = build_backend(model, resolved, config, info)
+    backend = build_backend(model, resolved, config, info, materialize=materialize)
     run = resume(backend, config, info)
     run_dir = Path(config.checkpoint.dir).expanduser()
     if info.is_main:
