@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from unified_mllm import io
 from unified_mllm.config import Config, save_config
 from unified_mllm.model.export import write_export
-from unified_mllm.train.run_log import write_json
 
 SUMMARY_FILE = "train_summary.json"
 TEXT_TOKENIZER_FILE = "text.model"
@@ -56,12 +56,9 @@ def fingerprint(config: Config) -> dict[str, Any]:
 
 def finished_export(export_dir: Path, config: Config) -> dict[str, Any] | None:
     """The summary of a finished export in ``export_dir`` trained with this config's settings, else None."""
-    try:
-        summary = json.loads((export_dir / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    complete = (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
-    return summary if complete and summary.get("fingerprint") == fingerprint(config) else None
+    return io.finished_output(
+        export_dir / SUMMARY_FILE, {"fingerprint": fingerprint(config)}, ("model.safetensors", "config.json")
+    )
 
 
 def _copy_tokenizers(config: Config, export_dir: Path) -> Config:
@@ -91,5 +88,5 @@ def export_run(
     write_export(export_dir, config.model, state_dict)
     portable = _copy_tokenizers(config, export_dir)
     save_config(portable, export_dir / CONFIG_YAML)
-    write_json(export_dir / SUMMARY_FILE, summary)
+    io.write_json(export_dir / SUMMARY_FILE, summary)
     return export_dir
