@@ -25,6 +25,8 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from unified_mllm.io import write_text
+
 BASE_KEY = "_base_"
 OUTPUT_ENV = "UMLLM_OUTPUT"
 DEFAULT_OUTPUT_ROOT = "~/.cache/unified_mllm"
@@ -730,11 +732,8 @@ def to_yaml(config: Config) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(config))
-    tmp.replace(path)
+    """Write the resolved config as YAML to ``path`` atomically."""
+    write_text(path, to_yaml(config))
 
 
 # ------------------------------------------------------------------------------------------ validation
