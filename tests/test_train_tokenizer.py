@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
+from unified_mllm.eval import tokenizer as eval_tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
-from unified_mllm.vision import eval_tokenizer
-from unified_mllm.vision.train_tokenizer import (
+from unified_mllm.train.tokenizer import (
     CHECKPOINT_DIR,
     CURVES_FILE,
     GRID_FILE,
@@ -162,7 +162,7 @@ def torchrun_tokenizer(overrides: list[str], timeout: float = 120, recipe: str =
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "unified_mllm.vision.train_tokenizer",
+        "unified_mllm.train.tokenizer",
         "--config",
         recipe,
         "--no-progress",

@@ -494,7 +494,7 @@ class GenerationConfig:
 
 @dataclass
 class VQTrainConfig:
-    """Image tokenizer training (python -m unified_mllm.vision.train_tokenizer) for every model.vq.kind;
+    """Image tokenizer training (python -m unified_mllm.train.tokenizer) for every model.vq.kind;
     defaults: the published-size VQ-GAN recipe (taming-transformers' losses); configs/tokenizer/*-tiny.yaml
     shrink it for CPUs and set the UniTok / DualToken recipes."""
 
@@ -531,7 +531,7 @@ class VQTrainConfig:
     )
     perceptual_weights: str | None = opt(
         None,
-        "LPIPS-VGG16 weights file (layout: unified_mllm.vision.losses.load_lpips); None: no perceptual loss.",
+        "LPIPS-VGG16 weights file (layout: unified_mllm.train.tokenizer_losses.load_lpips); None: no perceptual loss.",
     )
     perceptual_weight: float = opt(1.0, "Weight of the perceptual loss (taming: 1.0).")
     codebook_weight: float = opt(
@@ -597,7 +597,7 @@ class Config:
     tokenizer: TextTokenizerConfig = section(TextTokenizerConfig, "Text tokenizer.")
     contrastive: ContrastiveConfig = section(
         ContrastiveConfig,
-        "SigLIP pre-training on the world's captions (python -m unified_mllm.vision.contrastive).",
+        "SigLIP pre-training on the world's captions (python -m unified_mllm.train.contrastive).",
     )
     data: DataConfig = section(DataConfig, "Data.")
     optim: OptimConfig = section(OptimConfig, "Optimiser and schedule.")
@@ -605,7 +605,7 @@ class Config:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and export.")
     generation: GenerationConfig = section(GenerationConfig, "Decoding defaults.")
     vq_train: VQTrainConfig = section(
-        VQTrainConfig, "Image tokenizer training (python -m unified_mllm.vision.train_tokenizer)."
+        VQTrainConfig, "Image tokenizer training (python -m unified_mllm.train.tokenizer)."
     )
 
 

@@ -1,7 +1,7 @@
 """Train an image tokenizer (``model.vq.kind``: VQ-GAN, UniTok or DualToken), plain or DDP.
 
-    python -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
-    torchrun --nproc_per_node=2 -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/unitok-tiny.yaml
+    python -m unified_mllm.train.tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
+    torchrun --nproc_per_node=2 -m unified_mllm.train.tokenizer --config configs/tokenizer/unitok-tiny.yaml
 
 The architecture is ``model.vq``; everything about training is ``vq_train`` (see ``python -m
 unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per rank from
@@ -13,7 +13,7 @@ unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per r
   ``contrastive_weight * InfoNCE(image, caption)`` for UniTok (captions from the samples' metadata, ids from
   the project's text tokenizer), ``semantic_weight * distillation`` to the frozen teacher for DualToken — plus,
   from ``disc_start_step`` on, ``gan_weight * lambda * L_G(D(x'))`` with taming's adaptive ``lambda``
-  (:func:`~unified_mllm.vision.losses.adaptive_gan_weight`) or 1. The discriminator is frozen during this pass.
+  (:func:`~unified_mllm.train.tokenizer_losses.adaptive_gan_weight`) or 1. The discriminator is frozen during this pass.
   Every ``restart_every`` steps, codes unused for ``model.vq.dead_code_steps`` passes are restarted from this
   batch's encoder outputs (rank 0's, broadcast);
 * **discriminator** (from ``disc_start_step``): hinge or logistic loss on one forward of ``[x; sg(x')]``.
@@ -66,7 +66,7 @@ from unified_mllm.config import (
 )
 from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
-from unified_mllm.eval.image_metrics import psnr, ssim
+from unified_mllm.metrics import psnr, ssim
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
@@ -80,9 +80,7 @@ from unified_mllm.train.checkpoint import (
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves, write_json
 from unified_mllm.train.schedule import warmup_cosine
-from unified_mllm.vision.contrastive import tokenize
-from unified_mllm.vision.image import tensor_to_image
-from unified_mllm.vision.losses import (
+from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
     NLayerDiscriminator,
@@ -93,6 +91,8 @@ from unified_mllm.vision.losses import (
     discriminator_loss,
     generator_loss,
 )
+from unified_mllm.vision.contrastive import tokenize
+from unified_mllm.vision.image import tensor_to_image
 from unified_mllm.vision.quantizer import perplexity_from_counts
 from unified_mllm.vision.visual_tokenizer import (
     TokenizerOutput,

@@ -1,14 +1,14 @@
 """Evaluate an image tokenizer (any ``model.vq.kind``) by reconstruction: PSNR, SSIM, codebook usage, judge
 accuracy and (optionally) rFID.
 
-    python -m unified_mllm.vision.eval_tokenizer --config configs/tokenizer/vqgan-tiny.yaml \\
+    python -m unified_mllm.eval.tokenizer --config configs/tokenizer/vqgan-tiny.yaml \\
         [--checkpoint DIR] [--split test] [--limit N] [--inception PATH] [--reference-stats NPZ]
 
 Every image of the split (``data.root/<split>``, or ``--shards``) is preprocessed to ``model.vq.resolution``,
 encoded to codes and decoded back, in batches. Reported:
 
 * **PSNR** (dB, mean over images with a finite value; exact reconstructions are counted apart) and **SSIM**
-  (:mod:`unified_mllm.eval.image_metrics`, images in [-1, 1]);
+  (:mod:`unified_mllm.metrics`, images in [-1, 1]);
 * **codebook usage** over all codes of the split (fraction of the codebook used at least once) and the
   **perplexity** of the code distribution (the effective number of codes) — per code slot of a position and
   averaged for tokenizers with several codes per position (UniTok's sub-codebooks, DualToken's depths);
@@ -56,15 +56,14 @@ from unified_mllm.eval.image_metrics import (
     codebook_usage,
     compute_fid,
     load_stats,
-    psnr,
     save_stats,
-    ssim,
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
 from unified_mllm.eval.tasks import batched
+from unified_mllm.metrics import psnr, ssim, zero_shot_classify
 from unified_mllm.text import TextTokenizer
-from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize, zero_shot_classify
+from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize
 from unified_mllm.vision.image import preprocess, tensor_to_image
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
