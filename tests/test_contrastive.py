@@ -5,18 +5,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from unified_mllm.config import ContrastiveConfig, VisionConfig, load_config
 from unified_mllm.data.shards import ShardWriter, list_shards
 from unified_mllm.model.presets import get_preset
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import contrastive as C
+from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
+from unified_mllm.train.harness import CHECKPOINT_DIR, CRASH_ENV, CRASH_EXIT_CODE
+from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
@@ -167,6 +174,18 @@ def test_caption_batches_stream_past_one_epoch(
     assert shapes == [(16, 3, 64, 64, 16, 12)] * 5
 
 
+def test_caption_batches_skip_resumes_the_same_stream(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    cfg = small_contrastive(batch_size=16)
+    shards = list_shards(world / "train")
+    straight = C.caption_batches(shards, sp_tokenizer, vision, cfg)
+    expected = [next(straight) for _ in range(5)][3:]  # past the first epoch of 40 samples
+    resumed = C.caption_batches(shards, sp_tokenizer, vision, cfg, skip=3)
+    for (pixels, ids), (want_pixels, want_ids) in zip((next(resumed) for _ in range(2)), expected):
+        assert torch.equal(pixels, want_pixels) and torch.equal(ids, want_ids)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -183,9 +202,10 @@ def test_a_few_steps_reduce_the_loss(world: Path, sp_tokenizer: TextTokenizer, v
             return C.sigmoid_loss(*embeds, model.logit_scale, model.logit_bias).item()
 
     before = loss_on_fixed()
-    losses = C.train_contrastive(
-        model, C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg), cfg, progress=False
-    )
+    optimizer = C.make_optimizer(model, cfg)
+    schedule = C.make_schedule(optimizer, cfg)
+    batches = C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg)
+    losses = [C.train_step(model, optimizer, schedule, next(batches), cfg) for _ in range(12)]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert loss_on_fixed() < 0.7 * before
 
@@ -257,3 +277,41 @@ def test_cli_names_missing_inputs(tmp_path: Path, sp_model: Path) -> None:
         C.main(cli_args(tmp_path / "nowhere", sp_model))
     with pytest.raises(SystemExit, match="sentencepiece model not found"):
         C.main(cli_args(tmp_path, tmp_path / "missing.model"))
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_losses_and_weights(
+    world: Path, sp_model: Path, tmp_path: Path
+) -> None:
+    """Killed after step 3 (the harness's crash hook, as a kill would), resumed from the step-2 checkpoint:
+    the same loss at every step and the same final weights as a run that was never interrupted."""
+    steps = ["contrastive.max_steps=6", "contrastive.checkpoint_every=2", "contrastive.keep_last=5"]
+    steps += ["contrastive.log_every=1"]
+
+    def run(out: Path, crash_after: int = 0) -> subprocess.CompletedProcess[str]:
+        args = cli_args(world, sp_model, *steps, f"contrastive.output_dir={out}", f"output_root={tmp_path}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: str(crash_after)}
+        command = [sys.executable, "-m", "unified_mllm.train.contrastive", *args]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    killed = run(tmp_path / "resumed", crash_after=3)
+    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR)] == [2]
+    resumed = run(tmp_path / "resumed")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    def final(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+        state = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1][1])
+        return state["losses"], load_file(str(out / "model.safetensors"))
+
+    (losses, weights), (want_losses, want_weights) = final(tmp_path / "resumed"), final(tmp_path / "straight")
+    assert len(losses) == 6 and losses == want_losses
+    assert weights.keys() == want_weights.keys()
+    assert all(torch.equal(weights[k], want_weights[k]) for k in weights)
+    summary = json.loads((tmp_path / "resumed" / C.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6 and summary["first_loss"] == want_losses[0]
+    # The killed run's record of step 3 was dropped on resume, and step 3 logged again.
+    logged = read_metrics(tmp_path / "resumed" / METRICS_FILE)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged] == pytest.approx(want_losses, rel=1e-6)

@@ -160,6 +160,10 @@ class ContrastiveConfig:
     prompt_template: str = opt(
         "a photo of a {color} {shape}", "Zero-shot class prompt; {color} and {shape} range over data.world."
     )
+    log_every: int = opt(10, "Steps between metric logs (metrics.jsonl, the bar, wandb).")
+    checkpoint_every: int = opt(200, "Steps between training-state checkpoints (output_dir/checkpoints).")
+    keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
+    resume: bool = opt(True, "Resume from the newest training-state checkpoint in output_dir.")
 
 
 @dataclass

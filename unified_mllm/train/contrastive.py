@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,10 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import SiglipModel
 from transformers.utils import logging as hf_logging
 
+from unified_mllm import io
 from unified_mllm.config import (
     Config,
     ConfigError,
@@ -53,13 +53,13 @@ from unified_mllm.config import (
     VisionConfig,
     add_config_arguments,
     config_from_args,
-    save_config,
 )
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import zero_shot_classify
 from unified_mllm.text import TextTokenizer
-from unified_mllm.train.run_log import write_json
+from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
@@ -72,8 +72,18 @@ from unified_mllm.vision.contrastive import (
 
 SUMMARY_FILE = "contrastive.json"
 ZERO_SHOT_FILE = "zero_shot.json"
-# Settings that do not change the trained weights, so a checkpoint is reused when only they differ.
-_EVAL_ONLY_FIELDS = ("output_dir", "eval_split", "prompt_template")
+# Settings that do not change the trained weights, so a finished run is reused when only they differ.
+_NOT_TRAINING_FIELDS = (
+    "output_dir",
+    "eval_split",
+    "prompt_template",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "resume",
+)
+# The panels of loss_curves.png.
+CURVE_PANELS = (("sigmoid loss", ("loss",)), ("temperature", ("temperature",)), ("learning rate", ("lr",)))
 
 # --------------------------------------------------------------------------------------------- the loss
 
@@ -100,11 +110,14 @@ def caption_batches(
     tokenizer: TextTokenizer,
     vision: VisionConfig,
     contrastive: ContrastiveConfig,
+    *,
+    skip: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L))`` batches of (image, caption) pairs.
 
     Each pass visits the shards in a new seeded order through a shuffle buffer; samples without a caption
-    are skipped.
+    are skipped. ``skip``: the number of batches a resumed run has already trained on; they are drawn in the
+    same order (the stream is a function of the seed alone) but not turned into tensors.
     """
     rng = np.random.default_rng(contrastive.seed)
     while True:
@@ -116,11 +129,14 @@ def caption_batches(
             seen += 1
             batch.append(pair)
             if len(batch) == contrastive.batch_size:
-                images, texts = zip(*batch)
-                yield (
-                    image_pixels(images, vision.image_size),
-                    tokenize(tokenizer, texts, contrastive.text_max_length),
-                )
+                if skip:
+                    skip -= 1
+                else:
+                    images, texts = zip(*batch)
+                    yield (
+                        image_pixels(images, vision.image_size),
+                        tokenize(tokenizer, texts, contrastive.text_max_length),
+                    )
                 batch = []
         if seen == 0:
             raise ValueError(f"no captioned samples in {[str(s) for s in shards]}")
@@ -140,17 +156,9 @@ def make_optimizer(model: SiglipModel, contrastive: ContrastiveConfig) -> torch.
     return torch.optim.AdamW(groups, lr=contrastive.lr, betas=(0.9, 0.95))
 
 
-def train_contrastive(
-    model: SiglipModel,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    contrastive: ContrastiveConfig,
-    *,
-    progress: bool = True,
-) -> list[float]:
-    """Run ``contrastive.max_steps`` optimizer steps of :func:`sigmoid_loss`; returns the loss of each step."""
-    model.train()
-    optimizer = make_optimizer(model, contrastive)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
+def make_schedule(optimizer: torch.optim.Optimizer, contrastive: ContrastiveConfig) -> LambdaLR:
+    """Linear warm-up, then a cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    return LambdaLR(
         optimizer,
         warmup_cosine(
             warmup_steps=contrastive.warmup_steps,
@@ -158,23 +166,103 @@ def train_contrastive(
             min_ratio=contrastive.min_lr_ratio,
         ),
     )
+
+
+def train_step(
+    model: SiglipModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: LambdaLR,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    contrastive: ContrastiveConfig,
+) -> float:
+    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids); returns the step's loss."""
     device = model.logit_scale.device
+    pixels, ids = batch
+    image_embeds = embed_images(model, pixels.to(device))
+    text_embeds = embed_texts(model, ids.to(device))
+    loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if contrastive.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
+    optimizer.step()
+    schedule.step()
+    return loss.item()  # CPU-sized model: the sync costs nothing next to the step
+
+
+def train_contrastive(
+    model: SiglipModel, config: Config, tokenizer: TextTokenizer, *, force: bool = False, progress: bool = True
+) -> list[float]:
+    """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
+    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step.
+
+    A run resumes from its newest checkpoint made with the same settings; ``force`` starts over."""
+    cfg = config.contrastive
+    optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
+    schedule = make_schedule(optimizer, cfg)
+    harness = Run(
+        Path(cfg.output_dir),
+        DistInfo(rank=0, world_size=1, local_rank=0, device=model.logit_scale.device),
+        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
+        "contrastive.max_steps",
+        fingerprint=fingerprint(config),
+    )
+    if force:
+        harness.start_over()
+    run, state = harness.resume(cfg.max_steps)
     losses: list[float] = []
-    bar = tqdm(range(contrastive.max_steps), desc="siglip contrastive", unit="step", disable=not progress)
-    for step in bar:
-        pixels, ids = next(batches)
-        image_embeds = embed_images(model, pixels.to(device))
-        text_embeds = embed_texts(model, ids.to(device))
-        loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if contrastive.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())  # CPU-sized model: the sync costs nothing next to the step
-        if step % 10 == 0 or step == contrastive.max_steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", t=f"{model.logit_scale.exp().item():.1f}")
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        losses = list(state["losses"])
+    harness.snapshot_config(config)
+    batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
+    window = MetricWindow(model.logit_scale.device)
+
+    def step(run: RunState) -> None:
+        losses.append(train_step(model, optimizer, schedule, next(batches), cfg))
+        window.add(loss=losses[-1])
+        window.steps += 1
+        run.data_state = run.step + 1  # batches drawn
+
+    def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
+        seconds, loss = window.seconds, window.reduce(mean=True)["loss"]
+        record = {
+            "kind": "train",
+            "step": run.step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": loss,
+            "temperature": model.logit_scale.exp().item(),
+            "bias": model.logit_bias.item(),
+            "sec_per_step": seconds / max(window.steps, 1),
+        }
+        window.reset()
+        return record, {"loss": loss, "t": record["temperature"]}
+
+    def checkpoint(run: RunState) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "losses": losses,
+        }
+        harness.save(run, state, config)
+
+    harness.open_logger(
+        run,
+        name="siglip contrastive",
+        total=cfg.max_steps,
+        wandb=config.train.wandb,
+        wandb_config={"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)},
+        progress=progress,
+    )
+    model.train()
+    try:
+        harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
+    finally:
+        harness.close()
+    harness.save_curves(CURVE_PANELS)
     model.eval()
     return losses
 
@@ -238,7 +326,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
     for key in ("enabled", "feature_layer", "pretrained", "lr_scale", "anyres"):
         vision.pop(key)  # how the unified model uses the tower, not how it is pre-trained
     contrastive = dataclasses.asdict(config.contrastive)
-    for key in _EVAL_ONLY_FIELDS:
+    for key in _NOT_TRAINING_FIELDS:
         contrastive.pop(key)
     return {
         "vision": vision,
@@ -248,41 +336,31 @@ def fingerprint(config: Config) -> dict[str, Any]:
     }
 
 
-def reusable(out_dir: str | Path, config: Config) -> bool:
-    """Whether ``out_dir`` holds a finished checkpoint trained with this config's settings."""
-    try:
-        summary = json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return summary.get("fingerprint") == fingerprint(config) and (Path(out_dir) / "config.json").is_file()
+def finished_run(out_dir: str | Path, config: Config) -> dict[str, Any] | None:
+    """The summary of a finished run in ``out_dir`` trained with this config's settings, else None."""
+    expected = {"fingerprint": fingerprint(config)}
+    return io.finished_output(Path(out_dir).expanduser() / SUMMARY_FILE, expected, ("config.json",))
 
 
-def save_contrastive(
-    model: SiglipModel, out_dir: str | Path, config: Config, summary: dict[str, Any]
-) -> Path:
-    """Write the model (``save_pretrained``), the resolved config and ``contrastive.json`` atomically.
-
-    Everything goes to ``<out_dir>.tmp`` first and is swapped in at the end, so ``out_dir`` is either the
-    previous finished checkpoint or the new one, never half written.
-    """
+def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write the model (``save_pretrained``: ``config.json``, ``model.safetensors``) into the run directory
+    ``out_dir``, each file atomically, then ``contrastive.json`` last (it marks the run finished)."""
     out_dir = Path(out_dir).expanduser()
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
     # save_pretrained diffs against a default SiglipTextConfig, whose own token ids (49406/49407 for a
     # 32000-piece vocabulary) trigger a spurious warning about that default; our config is not concerned.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    tmp = io.begin_directory(out_dir / "export")
     try:
         model.save_pretrained(tmp)
+        io.fsync_tree(tmp)
+        for file in sorted(tmp.iterdir()):
+            file.replace(out_dir / file.name)  # a rename within the directory's file system: atomic
+        io.fsync_dir(out_dir)
     finally:
         hf_logging.set_verbosity(verbosity)
-    save_config(config, tmp / "config.yaml")
-    write_json(tmp / SUMMARY_FILE, summary)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.replace(old)
-    tmp.replace(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    io.write_json(out_dir / SUMMARY_FILE, summary)
     return out_dir
 
 
@@ -300,24 +378,25 @@ def _split_shards(config: Config, split: str) -> list[Path]:
 
 
 def run_contrastive(config: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the contrastive SigLIP of ``config`` and measure its zero-shot accuracy."""
+    """Train (or reuse, or resume) the contrastive SigLIP of ``config`` and measure its zero-shot accuracy."""
     cfg, vision = config.contrastive, config.model.vision
     if cfg.text_max_length < 1 or cfg.batch_size < 2 or cfg.max_steps < 1:
         raise ConfigError("`contrastive`: need text_max_length >= 1, batch_size >= 2 and max_steps >= 1")
+    if min(cfg.log_every, cfg.checkpoint_every, cfg.keep_last) < 1:
+        raise ConfigError("`contrastive`: log_every, checkpoint_every and keep_last must be >= 1")
     tokenizer = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
     out_dir = Path(cfg.output_dir).expanduser()
-    if not force and reusable(out_dir, config):
+    summary = None if force else finished_run(out_dir, config)
+    if summary is not None:
         print(f"reusing the finished checkpoint in {out_dir} (pass --force to retrain)")
         model = load_contrastive(out_dir)
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
     else:
-        shards = _split_shards(config, cfg.train_split)
+        _split_shards(config, cfg.train_split)  # fail before building anything when the world is missing
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # never an old summary beside new weights
         torch.manual_seed(cfg.seed)
         model = build_contrastive_model(vision, cfg, tokenizer.vocab_size, tokenizer.special_tokens().pad)
         start = time.perf_counter()
-        losses = train_contrastive(
-            model, caption_batches(shards, tokenizer, vision, cfg), cfg, progress=progress
-        )
+        losses = train_contrastive(model, config, tokenizer, force=force, progress=progress)
         seconds = time.perf_counter() - start
         summary = {
             "fingerprint": fingerprint(config),
@@ -329,7 +408,7 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
             "temperature": model.logit_scale.exp().item(),
             "bias": model.logit_bias.item(),
         }
-        save_contrastive(model, out_dir, config, summary)
+        save_contrastive(model, out_dir, summary)
         print(
             f"trained {len(losses)} steps in {seconds:.1f} s: loss {losses[0]:.3f} -> "
             f"{summary['final_loss']:.3f}; saved to {out_dir}"
@@ -337,7 +416,7 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
     samples = iter_samples(_split_shards(config, cfg.eval_split))
     world = config.data.world
     result = zero_shot_eval(model, tokenizer, samples, vision, cfg, world.colors, world.shapes)
-    write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
+    io.write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
     print(format_zero_shot(result, cfg.eval_split))
     return {"summary": summary, "zero_shot": result, "output_dir": str(out_dir)}
 

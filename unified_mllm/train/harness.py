@@ -26,6 +26,7 @@ and checkpoint steps.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -132,13 +133,16 @@ class CheckpointPolicy:
 class Run:
     """One training run: its directory, checkpoint policy and (optional) sharded state.
 
-    ``total_name`` is the config key of the run's length, named in errors (``train.max_steps``)."""
+    ``total_name`` is the config key of the run's length, named in errors (``train.max_steps``). With a
+    ``fingerprint`` (the settings the weights depend on) every checkpoint records it, and checkpoints made
+    with other settings are not resumed: the run starts over."""
 
     directory: Path
     info: DistInfo
     policy: CheckpointPolicy
     total_name: str
     sharded: ShardedState | None = None
+    fingerprint: Any = None
     logger: RunLogger | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +160,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
+    def start_over(self) -> None:
+        """Rank 0: delete the run's checkpoints (a run with other settings, or one retrained on request)."""
+        if self.info.is_main and self.checkpoints.is_dir():
+            shutil.rmtree(self.checkpoints)
+        distributed.barrier()
+
     def resume(self, total: int, map_location: str | torch.device = "cpu") -> tuple[RunState, dict[str, Any]]:
         """Load the newest checkpoint (when resuming and there is one): the sharded state in place, the RNG
         streams; returns where to continue and the trainer's state ({} for a fresh run)."""
@@ -163,6 +173,11 @@ class Run:
         if path is None:
             return RunState(), {}
         state = load_checkpoint(path / STATE_FILE, map_location=map_location)
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+            if self.info.is_main:
+                print(f"the checkpoints in {self.checkpoints} were made with other settings: starting over")
+            self.start_over()
+            return RunState(), {}
         if int(state["step"]) > total:
             raise ConfigError(
                 f"`{self.total_name}`: {path} is already at step {state['step']}; ask for at least that"
@@ -191,6 +206,7 @@ class Run:
         rng = distributed.all_gather_object(capture_rng_state())
         if self.info.is_main:
             position = {
+                "fingerprint": self.fingerprint,
                 "step": run.step,
                 "data_state": run.data_state,
                 "elapsed_seconds": run.elapsed,
