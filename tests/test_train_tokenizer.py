@@ -17,14 +17,9 @@ from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
 from unified_mllm.eval import tokenizer as eval_tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
-from unified_mllm.train.tokenizer import (
-    CHECKPOINT_DIR,
-    CURVES_FILE,
-    GRID_FILE,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    train_tokenizer,
-)
+from unified_mllm.train.harness import CHECKPOINT_DIR, CURVES_FILE
+from unified_mllm.train.run_log import METRICS_FILE
+from unified_mllm.train.tokenizer import GRID_FILE, SUMMARY_FILE, train_tokenizer
 from unified_mllm.vision.vqgan import VQGAN, VQCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

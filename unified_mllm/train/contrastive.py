@@ -348,8 +348,10 @@ def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str,
     out_dir = Path(out_dir).expanduser()
     # save_pretrained diffs against a default SiglipTextConfig, whose own token ids (49406/49407 for a
     # 32000-piece vocabulary) trigger a spurious warning about that default; our config is not concerned.
-    verbosity = hf_logging.get_verbosity()
+    # Its "Writing model shards" bar would be one more carriage-return bar in a log file.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     tmp = io.begin_directory(out_dir / "export")
     try:
         model.save_pretrained(tmp)
@@ -359,6 +361,8 @@ def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str,
         io.fsync_dir(out_dir)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
     io.write_json(out_dir / SUMMARY_FILE, summary)
     return out_dir

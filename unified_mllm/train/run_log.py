@@ -21,7 +21,6 @@ from typing import Any
 
 from unified_mllm import io
 from unified_mllm.config import WandbConfig
-from unified_mllm.io import write_json  # noqa: F401  (TEMPORARY: until vision/ trainers use unified_mllm.io)
 from unified_mllm.progress import progress as progress_bar
 
 METRICS_FILE = "metrics.jsonl"
