@@ -28,7 +28,6 @@ unified_mllm.text train``). Single process, no distribution (model code here kno
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import shutil
@@ -51,15 +50,13 @@ from unified_mllm.config import (
     ConfigError,
     ContrastiveConfig,
     VisionConfig,
-    add_config_arguments,
-    config_from_args,
 )
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
@@ -82,6 +79,8 @@ _NOT_TRAINING_FIELDS = (
     "keep_last",
     "resume",
 )
+# One process: this trainer knows nothing of distribution.
+_ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # The panels of loss_curves.png.
 CURVE_PANELS = (("sigmoid loss", ("loss",)), ("temperature", ("temperature",)), ("learning rate", ("lr",)))
 
@@ -191,7 +190,12 @@ def train_step(
 
 
 def train_contrastive(
-    model: SiglipModel, config: Config, tokenizer: TextTokenizer, *, force: bool = False, progress: bool = True
+    model: SiglipModel,
+    config: Config,
+    tokenizer: TextTokenizer,
+    *,
+    force: bool = False,
+    progress: bool = True,
 ) -> list[float]:
     """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
     (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step.
@@ -202,7 +206,7 @@ def train_contrastive(
     schedule = make_schedule(optimizer, cfg)
     harness = Run(
         Path(cfg.output_dir),
-        DistInfo(rank=0, world_size=1, local_rank=0, device=model.logit_scale.device),
+        dataclasses.replace(_ONE, device=model.logit_scale.device),
         CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
         "contrastive.max_steps",
         fingerprint=fingerprint(config),
@@ -254,7 +258,10 @@ def train_contrastive(
         name="siglip contrastive",
         total=cfg.max_steps,
         wandb=config.train.wandb,
-        wandb_config={"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)},
+        wandb_config={
+            "contrastive": dataclasses.asdict(cfg),
+            "vision": dataclasses.asdict(config.model.vision),
+        },
         progress=progress,
     )
     model.train()
@@ -336,12 +343,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     }
 
 
-def finished_run(out_dir: str | Path, config: Config) -> dict[str, Any] | None:
-    """The summary of a finished run in ``out_dir`` trained with this config's settings, else None."""
-    expected = {"fingerprint": fingerprint(config)}
-    return io.finished_output(Path(out_dir).expanduser() / SUMMARY_FILE, expected, ("config.json",))
-
-
 def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write the model (``save_pretrained``: ``config.json``, ``model.safetensors``) into the run directory
     ``out_dir``, each file atomically, then ``contrastive.json`` last (it marks the run finished)."""
@@ -390,9 +391,9 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
         raise ConfigError("`contrastive`: log_every, checkpoint_every and keep_last must be >= 1")
     tokenizer = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
     out_dir = Path(cfg.output_dir).expanduser()
-    summary = None if force else finished_run(out_dir, config)
+    record, what = out_dir / SUMMARY_FILE, f"checkpoint in {out_dir} (pass --force to retrain)"
+    summary = None if force else reuse_finished(record, fingerprint(config), ("config.json",), _ONE, what)
     if summary is not None:
-        print(f"reusing the finished checkpoint in {out_dir} (pass --force to retrain)")
         model = load_contrastive(out_dir)
     else:
         _split_shards(config, cfg.train_split)  # fail before building anything when the world is missing
@@ -426,18 +427,13 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Pre-train the SigLIP tower contrastively on the world's captions; report zero-shot accuracy."
+    run_cli(
+        "Pre-train the SigLIP tower contrastively on the world's captions; report zero-shot accuracy.",
+        lambda config, args: run_contrastive(config, force=args.force, progress=not args.no_progress),
+        argv,
+        errors=(FileNotFoundError, ConfigError, ValueError),
+        flags={"--force": "retrain even when a matching checkpoint exists"},
     )
-    add_config_arguments(parser)
-    parser.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_intermixed_args(argv)
-    config = config_from_args(args)
-    try:
-        run_contrastive(config, force=args.force, progress=not args.no_progress)
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ SUMMARY_FILE = "train_summary.json"
 TEXT_TOKENIZER_FILE = "text.model"
 VQ_DIR = "vq"
 CONFIG_YAML = "config.yaml"
+# The files a finished export has besides its summary.
+EXPORT_FILES = ("model.safetensors", "config.json")
 
 # Settings that do not change the trained weights: a finished export is reused when only they differ.
 _NOT_TRAINING = {
@@ -52,13 +54,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     for key in ("generation", "vq_train", "contrastive", "output_root", "run_name"):
         tree.pop(key, None)
     return json.loads(json.dumps(tree))  # as it reads back from JSON (lists, not tuples)
-
-
-def finished_export(export_dir: Path, config: Config) -> dict[str, Any] | None:
-    """The summary of a finished export in ``export_dir`` trained with this config's settings, else None."""
-    return io.finished_output(
-        export_dir / SUMMARY_FILE, {"fingerprint": fingerprint(config)}, ("model.safetensors", "config.json")
-    )
 
 
 def _copy_tokenizers(config: Config, export_dir: Path) -> Config:

@@ -25,17 +25,26 @@ and checkpoint steps.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from unified_mllm.config import Config, ConfigError, WandbConfig, save_config
+from unified_mllm import io
+from unified_mllm.config import (
+    Config,
+    ConfigError,
+    WandbConfig,
+    add_config_arguments,
+    config_from_args,
+    save_config,
+)
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
     STATE_FILE,
@@ -55,6 +64,42 @@ CURVES_FILE = "loss_curves.png"
 # Tests and fault drills: exit abruptly (as a kill would) right after this step.
 CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
 CRASH_EXIT_CODE = 17
+
+
+def reuse_finished(
+    record_file: Path, fingerprint: Any, required: Sequence[str], info: DistInfo, what: str
+) -> dict[str, Any] | None:
+    """The summary a finished run made with ``fingerprint`` wrote last into ``record_file`` (with its
+    ``required`` files beside it), announced on rank 0 as ``reusing the finished <what>``; None: train."""
+    summary = io.finished_output(record_file, {"fingerprint": fingerprint}, required)
+    if summary is not None and info.is_main:
+        print(f"reusing the finished {what}")
+    return summary
+
+
+def run_cli(
+    description: str,
+    train: Callable[[Config, argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+    *,
+    errors: tuple[type[Exception], ...] = (FileNotFoundError, ConfigError),
+    flags: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> None:
+    """A trainer's command line: ``--config`` files and ``key=value`` overrides, ``--no-progress``, the
+    trainer's own ``flags`` (``{"--force": help}``, booleans); ``errors`` end it with a one-line message."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        train(config_from_args(args), args)
+    except errors as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        distributed.shutdown()
 
 
 @dataclass

@@ -45,7 +45,6 @@ happen on log, check and checkpoint steps.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
@@ -62,8 +61,6 @@ from unified_mllm.config import (
     Config,
     ConfigError,
     VQTrainConfig,
-    add_config_arguments,
-    config_from_args,
 )
 from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
@@ -71,7 +68,7 @@ from unified_mllm.metrics import psnr, ssim
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
@@ -96,6 +93,7 @@ from unified_mllm.vision.visual_tokenizer import (
 
 SUMMARY_FILE = "train_summary.json"
 GRID_FILE = "reconstructions.png"
+_EXPORT_FILES = ("model.safetensors", "config.json")
 # vq_train fields that do not change the trained weights: a finished run is reused when only they differ.
 _NON_TRAINING_FIELDS = (
     "output_dir",
@@ -117,12 +115,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     vq = {k: v for k, v in dataclasses.asdict(config.model.vq).items() if k != "checkpoint"}
     train = {k: v for k, v in dataclasses.asdict(config.vq_train).items() if k not in _NON_TRAINING_FIELDS}
     return {"vq": vq, "vq_train": train}
-
-
-def finished_run(out_dir: Path, config: Config) -> dict[str, Any] | None:
-    """The summary of a finished run in ``out_dir`` trained with this config's settings, else None."""
-    expected = {"fingerprint": fingerprint(config)}
-    return io.finished_output(out_dir / SUMMARY_FILE, expected, ("model.safetensors", "config.json"))
 
 
 # Terms logged as totals over the log window (the others are per-step means).
@@ -599,10 +591,9 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse, or resume) the tokenizer of ``config``; returns the run summary."""
     info = distributed.init_distributed()
     out_dir = Path(config.vq_train.output_dir).expanduser()
-    summary = finished_run(out_dir, config)
+    what = f"tokenizer in {out_dir} (load_visual_tokenizer({str(out_dir)!r}))"
+    summary = reuse_finished(out_dir / SUMMARY_FILE, fingerprint(config), _EXPORT_FILES, info, what)
     if summary is not None:
-        if info.is_main:
-            print(f"reusing the finished tokenizer in {out_dir} (load_visual_tokenizer({str(out_dir)!r}))")
         return summary
     cfg = config.vq_train
     check_data(cfg)
@@ -633,19 +624,11 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Train the VQ-GAN image tokenizer (plain or under torchrun)."
+    run_cli(
+        "Train an image tokenizer: VQ-GAN, UniTok or DualToken (plain or under torchrun).",
+        lambda config, args: train_tokenizer(config, progress=not args.no_progress),
+        argv,
     )
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        config = config_from_args(args)
-        train_tokenizer(config, progress=not args.no_progress)
-    except (FileNotFoundError, ConfigError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    finally:
-        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.backend import TrainingBackend, build_backend
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.export import export_run, fingerprint, finished_export
-from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState
+from unified_mllm.train.export import EXPORT_FILES, SUMMARY_FILE, export_run, fingerprint
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished
 from unified_mllm.train.losses import LossParts, causal_lm_loss
 from unified_mllm.train.optim import apply_param_rules, config_rules, trainable_summary
 
@@ -275,10 +275,10 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse, or resume) the stage ``config`` describes; returns the export's summary."""
     info = distributed.init_distributed(config.train.device)
     export_dir = Path(config.checkpoint.export_dir).expanduser()
-    summary = finished_export(export_dir, config)
+    summary = reuse_finished(
+        export_dir / SUMMARY_FILE, fingerprint(config), EXPORT_FILES, info, f"export in {export_dir}"
+    )
     if summary is not None:
-        if info.is_main:
-            print(f"reusing the finished export in {export_dir}")
         return summary
     tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
     model = build_model(config, info)
