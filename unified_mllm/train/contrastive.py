@@ -56,7 +56,7 @@ from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
+from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.schedule import warmup_cosine
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
@@ -189,21 +189,12 @@ def train_step(
     return loss.item()  # CPU-sized model: the sync costs nothing next to the step
 
 
-def train_contrastive(
-    model: SiglipModel,
-    config: Config,
-    tokenizer: TextTokenizer,
-    *,
-    force: bool = False,
-    progress: bool = True,
-) -> list[float]:
-    """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
-    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step.
-
-    A run resumes from its newest checkpoint made with the same settings; ``force`` starts over."""
+def _open_run(
+    model: SiglipModel, optimizer: torch.optim.Optimizer, schedule: LambdaLR, config: Config, force: bool
+) -> tuple[Run, RunState, list[float]]:
+    """The run on the harness in ``contrastive.output_dir``, resumed from its newest checkpoint made with the
+    same settings (``force``: started over); returns it, where to continue and the losses so far."""
     cfg = config.contrastive
-    optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
-    schedule = make_schedule(optimizer, cfg)
     harness = Run(
         Path(cfg.output_dir),
         dataclasses.replace(_ONE, device=model.logit_scale.device),
@@ -214,54 +205,56 @@ def train_contrastive(
     if force:
         harness.start_over()
     run, state = harness.resume(cfg.max_steps)
-    losses: list[float] = []
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        losses = list(state["losses"])
     harness.snapshot_config(config)
+    return harness, run, list(state.get("losses", []))
+
+
+def train_contrastive(
+    model: SiglipModel,
+    config: Config,
+    tokenizer: TextTokenizer,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
+    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step."""
+    cfg = config.contrastive
+    optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
+    schedule = make_schedule(optimizer, cfg)
+    harness, run, losses = _open_run(model, optimizer, schedule, config, force)
     batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
-    window = MetricWindow(model.logit_scale.device)
+    logged, started = run.step, time.perf_counter()
 
     def step(run: RunState) -> None:
         losses.append(train_step(model, optimizer, schedule, next(batches), cfg))
-        window.add(loss=losses[-1])
-        window.steps += 1
         run.data_state = run.step + 1  # batches drawn
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
-        seconds, loss = window.seconds, window.reduce(mean=True)["loss"]
-        record = {
-            "kind": "train",
-            "step": run.step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "loss": loss,
-            "temperature": model.logit_scale.exp().item(),
-            "bias": model.logit_bias.item(),
-            "sec_per_step": seconds / max(window.steps, 1),
-        }
-        window.reset()
-        return record, {"loss": loss, "t": record["temperature"]}
+        nonlocal logged, started
+        loss, temperature = float(np.mean(losses[logged:])), model.logit_scale.exp().item()
+        seconds = (time.perf_counter() - started) / max(run.step - logged, 1)
+        logged, started = run.step, time.perf_counter()
+        record = {"kind": "train", "step": run.step, "lr": optimizer.param_groups[0]["lr"], "loss": loss}
+        record |= {"temperature": temperature, "bias": model.logit_bias.item(), "sec_per_step": seconds}
+        return record, {"loss": loss, "t": temperature}
 
     def checkpoint(run: RunState) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "losses": losses,
-        }
-        harness.save(run, state, config)
+        parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+        harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
 
+    vision = dataclasses.asdict(config.model.vision)
+    wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": vision}
     harness.open_logger(
         run,
         name="siglip contrastive",
         total=cfg.max_steps,
         wandb=config.train.wandb,
-        wandb_config={
-            "contrastive": dataclasses.asdict(cfg),
-            "vision": dataclasses.asdict(config.model.vision),
-        },
+        wandb_config=wandb_config,
         progress=progress,
     )
     model.train()
