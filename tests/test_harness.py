@@ -48,7 +48,6 @@ def _toy_run(directory: Path, total: int, fingerprint: Any = None) -> tuple[list
     run, state = harness.resume(total)
     weights: list[float] = list(state.get("weights", []))
     harness.snapshot_config(Config())
-    harness.open_logger(run, name="toy", total=total, wandb=OFF, wandb_config={}, progress=False)
     window = MetricWindow(ONE.device)
 
     def step(run: RunState) -> None:
@@ -68,12 +67,10 @@ def _toy_run(directory: Path, total: int, fingerprint: Any = None) -> tuple[list
     def checkpoint(run: RunState) -> None:
         harness.save(run, {"weights": weights}, Config())
 
-    try:
+    with harness.logging(run, name="toy", total=total, wandb=OFF, wandb_config={}, progress=False):
         harness.loop(
             run, total, step, log_every=3, log=log, checkpoint=checkpoint, evaluate=evaluate, eval_every=4
         )
-    finally:
-        harness.close()
     return weights, [r["step"] for r in read_metrics(directory / METRICS_FILE)]
 
 

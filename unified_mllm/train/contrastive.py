@@ -247,21 +247,13 @@ def train_contrastive(
         parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
         harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
 
-    vision = dataclasses.asdict(config.model.vision)
-    wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": vision}
-    harness.open_logger(
-        run,
-        name="siglip contrastive",
-        total=cfg.max_steps,
-        wandb=config.train.wandb,
-        wandb_config=wandb_config,
-        progress=progress,
-    )
+    wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)}
+    name, wandb = "siglip contrastive", config.train.wandb
     model.train()
-    try:
+    with harness.logging(
+        run, name=name, total=cfg.max_steps, wandb=wandb, wandb_config=wandb_config, progress=progress
+    ):
         harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
-    finally:
-        harness.close()
     harness.save_curves(CURVE_PANELS)
     model.eval()
     return losses

@@ -26,10 +26,11 @@ and checkpoint steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -267,7 +268,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------- logging
 
-    def open_logger(
+    @contextlib.contextmanager
+    def logging(
         self,
         run: RunState,
         *,
@@ -276,8 +278,9 @@ class Run:
         wandb: WandbConfig,
         wandb_config: Mapping[str, Any],
         progress: bool,
-    ) -> RunLogger:
-        """The run's bar, ``metrics.jsonl`` (records past ``run.step`` dropped) and wandb run (rank 0)."""
+    ) -> Iterator[RunLogger]:
+        """The run's bar, ``metrics.jsonl`` (records past ``run.step`` dropped) and wandb run (rank 0), open
+        for the block (the loop logs through it) and closed after it."""
         self.logger = RunLogger(
             self.directory,
             name=name,
@@ -288,7 +291,11 @@ class Run:
             wandb_config=wandb_config,
             progress=progress,
         )
-        return self.logger
+        try:
+            yield self.logger
+        finally:
+            self.logger.close()
+            self.logger = None
 
     def save_curves(self, panels: tuple[Panel, ...], *, log_scale: tuple[str, ...] = ()) -> None:
         """Rank 0: ``loss_curves.png`` from ``metrics.jsonl`` (when anything was logged)."""
@@ -316,7 +323,7 @@ class Run:
         a record (with ``kind`` and ``step``) and the bar's postfix; ``evaluate(run)`` an evaluation record
         (every ``eval_every`` steps); ``checkpoint(run)`` saves (every ``policy.every`` steps and at the end).
         """
-        assert self.logger is not None, "open_logger first"
+        assert self.logger is not None, "loop inside `with run.logging(...)`"
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         last: dict[str, dict[str, Any]] = {}
         started = time.perf_counter() - run.elapsed
@@ -336,7 +343,3 @@ class Run:
             if crash_after and run.step == crash_after:
                 os._exit(CRASH_EXIT_CODE)
         return last
-
-    def close(self) -> None:
-        if self.logger is not None:
-            self.logger.close()

@@ -602,18 +602,15 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     nets = build_networks(config, info)
     harness, run = open_run(nets, config, info)
     harness.snapshot_config(config)
-    harness.open_logger(
+    with harness.logging(
         run,
         name=config.model.vq.kind,
         total=cfg.steps,
         wandb=config.train.wandb,
         wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
         progress=progress,
-    )
-    try:
+    ):
         last = train_loop(nets, config, harness, run)
-    finally:
-        harness.close()
     # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
     harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
     if info.is_main:

@@ -288,18 +288,15 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     harness, run = open_run(config, info, backend)
     harness.snapshot_config(config)
     batches = build_batches(config, info, tokenizer, run.data_state)
-    harness.open_logger(
+    with harness.logging(
         run,
         name=f"stage{config.train.stage}",
         total=config.train.max_steps,
         wandb=config.train.wandb,
         wandb_config=dataclasses.asdict(config),
         progress=progress,
-    )
-    try:
+    ):
         last = train_loop(backend, batches, config, harness, run)
-    finally:
-        harness.close()
     state = backend.full_state_dict()  # a collective: every rank takes part
     harness.save_curves(curve_panels(config), log_scale=("loss",))
     if info.is_main:
