@@ -21,7 +21,7 @@ config_value() { python -m unified_mllm.config --get "$@"; }
 step "shared: the world, the text tokenizer, the tiny SigLIP (DualToken's backbone and teacher)"
 python -m unified_mllm.data.shapes --config configs/quickstart.yaml --stats "$@"
 python -m unified_mllm.text train --config configs/quickstart.yaml "$@"
-python -m unified_mllm.vision.contrastive --config configs/tokenizer/siglip-tiny.yaml "$@"
+python -m unified_mllm.train.contrastive --config configs/tokenizer/siglip-tiny.yaml "$@"
 
 rows=()
 for kind in vqgan unitok dualtoken; do
@@ -35,8 +35,8 @@ for kind in vqgan unitok dualtoken; do
         data=("data.tokenized_root=\${data.root}/tokenized-$kind")
     fi
     step "$kind: tokenizer training and evaluation"
-    launch -m unified_mllm.vision.train_tokenizer --config "configs/tokenizer/$kind-tiny.yaml" --no-progress "$@"
-    python -m unified_mllm.vision.eval_tokenizer --config "configs/tokenizer/$kind-tiny.yaml" \
+    launch -m unified_mllm.train.tokenizer --config "configs/tokenizer/$kind-tiny.yaml" --no-progress "$@"
+    python -m unified_mllm.eval.tokenizer --config "configs/tokenizer/$kind-tiny.yaml" \
         --limit "$limit" --no-progress "$@"
     step "$kind: pre-tokenization"
     python -m unified_mllm.data.pretokenize --config configs/quickstart.yaml "${model[@]}" "${data[@]}" "$@"

@@ -25,12 +25,12 @@ step "3/10 the judge's self-check: read-back accuracy on clean and degraded rend
 python -m unified_mllm.eval.judge "${config[@]}" --self-check "${UMLLM_SELF_CHECK:-200}" "$@"
 
 step "4/10 the tiny VQ-GAN (64 px -> 8x8 codes) and its reconstructions"
-launch -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml --no-progress "$@"
-python -m unified_mllm.vision.eval_tokenizer --config configs/tokenizer/vqgan-tiny.yaml \
+launch -m unified_mllm.train.tokenizer --config configs/tokenizer/vqgan-tiny.yaml --no-progress "$@"
+python -m unified_mllm.eval.tokenizer --config configs/tokenizer/vqgan-tiny.yaml \
     --limit "${UMLLM_BENCH_LIMIT:-300}" --no-progress "$@"
 
 step "5/10 the tiny SigLIP: sigmoid-loss pre-training on the captions"
-python -m unified_mllm.vision.contrastive --config configs/tokenizer/siglip-tiny.yaml "$@"
+python -m unified_mllm.train.contrastive --config configs/tokenizer/siglip-tiny.yaml "$@"
 
 step "6/10 pre-tokenization: VQ codes and text ids once per sample"
 python -m unified_mllm.data.pretokenize "${config[@]}" "$@"

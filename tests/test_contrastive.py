@@ -5,17 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from unified_mllm.config import ContrastiveConfig, VisionConfig, get_preset, load_config
 from unified_mllm.data.shards import ShardWriter, list_shards
 from unified_mllm.text import TextTokenizer
-from unified_mllm.vision import contrastive as C
+from unified_mllm.train import contrastive as C
+from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
+from unified_mllm.train.harness import CHECKPOINT_DIR, CRASH_ENV, CRASH_EXIT_CODE
+from unified_mllm.train.run_log import METRICS_FILE, read_metrics
+from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.vision.contrastive import (
+    build_contrastive_model,
+    embed_images,
+    embed_texts,
+    load_contrastive,
+    text_attention_mask,
+    tokenize,
+)
 from unified_mllm.vision.siglip import load_siglip_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,32 +115,34 @@ def test_sigmoid_loss_matches_hand_computation() -> None:
 
 def test_sigmoid_loss_matches_transformers(vision: VisionConfig) -> None:
     torch.manual_seed(0)
-    model = C.build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3).eval()
+    model = build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3).eval()
     pixels, ids = torch.rand(3, 3, 64, 64) * 2 - 1, torch.randint(0, 50, (3, 12))
     ids[:, -4:] = 3  # some padding, masked the same way on both sides
-    mask = C.text_attention_mask(ids, pad_id=3)
+    mask = text_attention_mask(ids, pad_id=3)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
         ours = C.sigmoid_loss(
-            C.embed_images(model, pixels), C.embed_texts(model, ids), model.logit_scale, model.logit_bias
+            embed_images(model, pixels), embed_texts(model, ids), model.logit_scale, model.logit_bias
         )
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_model_starts_at_siglip_temperature_and_bias(vision: VisionConfig) -> None:
-    model = C.build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3)
+    model = build_contrastive_model(vision, small_contrastive(), vocab_size=50, pad_id=3)
     assert model.logit_scale.exp().item() == pytest.approx(10.0, rel=1e-5)
     assert model.logit_bias.item() == -10.0
     assert model.config.text_config.projection_size == vision.hidden_size
     assert model.vision_model.config.vision_use_head
 
 
-def test_lr_factor_warms_up_then_decays() -> None:
-    assert C.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert C.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert C.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert C.lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert C.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+def test_schedule_warms_up_then_decays() -> None:
+    # The contrastive trainer's LR factor (warmup_steps=10, max_steps=100, min_lr_ratio=0.1).
+    factor = warmup_cosine(warmup_steps=10, total_steps=100, min_ratio=0.1)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.55)
+    assert factor(100) == pytest.approx(0.1)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -132,11 +150,11 @@ def test_lr_factor_warms_up_then_decays() -> None:
 
 def test_text_mask_hides_padding_but_keeps_the_pooled_slot() -> None:
     ids = torch.tensor([[5, 6, 3, 3], [5, 6, 7, 8]])
-    assert C.text_attention_mask(ids, pad_id=3).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+    assert text_attention_mask(ids, pad_id=3).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
 
 
 def test_tokenize_pads_and_cuts_to_a_fixed_length(sp_tokenizer: TextTokenizer) -> None:
-    ids = C.tokenize(sp_tokenizer, ["a red circle", "a " * 30], max_length=8)
+    ids = tokenize(sp_tokenizer, ["a red circle", "a " * 30], max_length=8)
     pad = sp_tokenizer.special_tokens().pad
     assert ids.shape == (2, 8) and ids.dtype == torch.long
     short = sp_tokenizer.encode("a red circle")
@@ -155,25 +173,38 @@ def test_caption_batches_stream_past_one_epoch(
     assert shapes == [(16, 3, 64, 64, 16, 12)] * 5
 
 
+def test_caption_batches_skip_resumes_the_same_stream(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    cfg = small_contrastive(batch_size=16)
+    shards = list_shards(world / "train")
+    straight = C.caption_batches(shards, sp_tokenizer, vision, cfg)
+    expected = [next(straight) for _ in range(5)][3:]  # past the first epoch of 40 samples
+    resumed = C.caption_batches(shards, sp_tokenizer, vision, cfg, skip=3)
+    for (pixels, ids), (want_pixels, want_ids) in zip((next(resumed) for _ in range(2)), expected):
+        assert torch.equal(pixels, want_pixels) and torch.equal(ids, want_ids)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
 def test_a_few_steps_reduce_the_loss(world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig) -> None:
     cfg = small_contrastive(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2)
     torch.manual_seed(0)
-    model = C.build_contrastive_model(vision, cfg, sp_tokenizer.vocab_size, sp_tokenizer.special_tokens().pad)
+    model = build_contrastive_model(vision, cfg, sp_tokenizer.vocab_size, sp_tokenizer.special_tokens().pad)
     fixed = next(C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg))
 
     def loss_on_fixed() -> float:
         with torch.no_grad():
             pixels, ids = fixed
-            embeds = C.embed_images(model, pixels), C.embed_texts(model, ids)
+            embeds = embed_images(model, pixels), embed_texts(model, ids)
             return C.sigmoid_loss(*embeds, model.logit_scale, model.logit_bias).item()
 
     before = loss_on_fixed()
-    losses = C.train_contrastive(
-        model, C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg), cfg, progress=False
-    )
+    optimizer = C.make_optimizer(model, cfg)
+    schedule = C.make_schedule(optimizer, cfg)
+    batches = C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg)
+    losses = [C.train_step(model, optimizer, schedule, next(batches), cfg) for _ in range(12)]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert loss_on_fixed() < 0.7 * before
 
@@ -183,7 +214,7 @@ def test_zero_shot_eval_counts_single_object_images(
 ) -> None:
     from unified_mllm.data.shards import iter_samples
 
-    model = C.build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
+    model = build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
     samples = list(iter_samples(world / "test"))
     samples[0].meta["objects"] = samples[0].meta["objects"] * 2  # a two-object image is left out
     result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, small_contrastive(), list(COLORS), SHAPES)
@@ -229,7 +260,7 @@ def test_cli_trains_saves_reuses_and_reports(
     vision = load_config([REPO / "configs/quickstart.yaml"]).model.vision
     tower = load_siglip_pretrained(out_dir, vision)
     assert tower(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape == (1, 64, 128)
-    saved = C.load_contrastive(out_dir)
+    saved = load_contrastive(out_dir)
     assert torch.equal(saved.vision_model.state_dict()["post_layernorm.weight"], tower.post_layernorm.weight)
     assert json.loads((out_dir / "zero_shot.json").read_text())["num_images"] == 12
 
@@ -245,3 +276,41 @@ def test_cli_names_missing_inputs(tmp_path: Path, sp_model: Path) -> None:
         C.main(cli_args(tmp_path / "nowhere", sp_model))
     with pytest.raises(SystemExit, match="sentencepiece model not found"):
         C.main(cli_args(tmp_path, tmp_path / "missing.model"))
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_losses_and_weights(
+    world: Path, sp_model: Path, tmp_path: Path
+) -> None:
+    """Killed after step 3 (the harness's crash hook, as a kill would), resumed from the step-2 checkpoint:
+    the same loss at every step and the same final weights as a run that was never interrupted."""
+    steps = ["contrastive.max_steps=6", "contrastive.checkpoint_every=2", "contrastive.keep_last=5"]
+    steps += ["contrastive.log_every=1"]
+
+    def run(out: Path, crash_after: int = 0) -> subprocess.CompletedProcess[str]:
+        args = cli_args(world, sp_model, *steps, f"contrastive.output_dir={out}", f"output_root={tmp_path}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: str(crash_after)}
+        command = [sys.executable, "-m", "unified_mllm.train.contrastive", *args]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    killed = run(tmp_path / "resumed", crash_after=3)
+    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR)] == [2]
+    resumed = run(tmp_path / "resumed")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    def final(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+        state = load_checkpoint(list_checkpoints(out / CHECKPOINT_DIR)[-1][1])
+        return state["losses"], load_file(str(out / "model.safetensors"))
+
+    (losses, weights), (want_losses, want_weights) = final(tmp_path / "resumed"), final(tmp_path / "straight")
+    assert len(losses) == 6 and losses == want_losses
+    assert weights.keys() == want_weights.keys()
+    assert all(torch.equal(weights[k], want_weights[k]) for k in weights)
+    summary = json.loads((tmp_path / "resumed" / C.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6 and summary["first_loss"] == want_losses[0]
+    # The killed run's record of step 3 was dropped on resume, and step 3 logged again.
+    logged = read_metrics(tmp_path / "resumed" / METRICS_FILE)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged] == pytest.approx(want_losses, rel=1e-6)

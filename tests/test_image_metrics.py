@@ -18,10 +18,9 @@ from unified_mllm.eval.image_metrics import (
     feature_statistics,
     frechet_distance,
     load_stats,
-    psnr,
     save_stats,
-    ssim,
 )
+from unified_mllm.metrics import psnr, ssim
 
 # ------------------------------------------------------------------------------------------------------ PSNR
 

@@ -15,16 +15,11 @@ from safetensors.torch import load_file
 
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
+from unified_mllm.eval import tokenizer as eval_tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
-from unified_mllm.vision import eval_tokenizer
-from unified_mllm.vision.train_tokenizer import (
-    CHECKPOINT_DIR,
-    CURVES_FILE,
-    GRID_FILE,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    train_tokenizer,
-)
+from unified_mllm.train.harness import CHECKPOINT_DIR, CURVES_FILE
+from unified_mllm.train.run_log import METRICS_FILE
+from unified_mllm.train.tokenizer import GRID_FILE, SUMMARY_FILE, train_tokenizer
 from unified_mllm.vision.vqgan import VQGAN, VQCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +157,7 @@ def torchrun_tokenizer(overrides: list[str], timeout: float = 120, recipe: str =
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "unified_mllm.vision.train_tokenizer",
+        "unified_mllm.train.tokenizer",
         "--config",
         recipe,
         "--no-progress",

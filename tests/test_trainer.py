@@ -22,9 +22,10 @@ from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train.checkpoint import list_checkpoints
 from unified_mllm.train.export import SUMMARY_FILE
+from unified_mllm.train.harness import CHECKPOINT_DIR, CRASH_ENV, CURVES_FILE
 from unified_mllm.train.losses import causal_lm_loss
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics
-from unified_mllm.train.trainer import CHECKPOINT_DIR, CRASH_ENV, CURVES_FILE, Window, source_losses, train
+from unified_mllm.train.trainer import Window, source_losses, train
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE0 = REPO / "configs" / "train" / "tiny-stage0.yaml"

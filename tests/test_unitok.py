@@ -15,7 +15,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from unified_mllm.config import UniTokConfig, VQConfig
 from unified_mllm.train.distributed import all_gather_with_grad
-from unified_mllm.vision.losses import (
+from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
     discriminator_loss,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unified_mllm.vision.losses import (
+from unified_mllm.train.tokenizer_losses import (
     LPIPS,
     NLayerDiscriminator,
     PerceptualLoss,
@@ -147,7 +147,7 @@ def test_perceptual_off_without_weights() -> None:
 
 def test_lpips_channel_normalisation_ignores_feature_scale() -> None:
     # The distance compares unit-normalised features: scaling one side's features changes nothing.
-    from unified_mllm.vision.losses import _channel_normalize
+    from unified_mllm.train.tokenizer_losses import _channel_normalize
 
     f = torch.randn(2, 8, 4, 4)
     assert torch.allclose(_channel_normalize(f), _channel_normalize(3.0 * f), atol=1e-6)

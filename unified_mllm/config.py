@@ -26,6 +26,8 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from unified_mllm.io import write_text
+
 BASE_KEY = "_base_"
 OUTPUT_ENV = "UMLLM_OUTPUT"
 DEFAULT_OUTPUT_ROOT = "~/.cache/unified_mllm"
@@ -159,6 +161,10 @@ class ContrastiveConfig:
     prompt_template: str = opt(
         "a photo of a {color} {shape}", "Zero-shot class prompt; {color} and {shape} range over data.world."
     )
+    log_every: int = opt(10, "Steps between metric logs (metrics.jsonl, the bar, wandb).")
+    checkpoint_every: int = opt(200, "Steps between training-state checkpoints (output_dir/checkpoints).")
+    keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
+    resume: bool = opt(True, "Resume from the newest training-state checkpoint in output_dir.")
 
 
 @dataclass
@@ -493,7 +499,7 @@ class GenerationConfig:
 
 @dataclass
 class VQTrainConfig:
-    """Image tokenizer training (python -m unified_mllm.vision.train_tokenizer) for every model.vq.kind;
+    """Image tokenizer training (python -m unified_mllm.train.tokenizer) for every model.vq.kind;
     defaults: the published-size VQ-GAN recipe (taming-transformers' losses); configs/tokenizer/*-tiny.yaml
     shrink it for CPUs and set the UniTok / DualToken recipes."""
 
@@ -530,7 +536,7 @@ class VQTrainConfig:
     )
     perceptual_weights: str | None = opt(
         None,
-        "LPIPS-VGG16 weights file (layout: unified_mllm.vision.losses.load_lpips); None: no perceptual loss.",
+        "LPIPS-VGG16 weights file (layout: unified_mllm.train.tokenizer_losses.load_lpips); None: no perceptual loss.",
     )
     perceptual_weight: float = opt(1.0, "Weight of the perceptual loss (taming: 1.0).")
     codebook_weight: float = opt(
@@ -596,7 +602,7 @@ class Config:
     tokenizer: TextTokenizerConfig = section(TextTokenizerConfig, "Text tokenizer.")
     contrastive: ContrastiveConfig = section(
         ContrastiveConfig,
-        "SigLIP pre-training on the world's captions (python -m unified_mllm.vision.contrastive).",
+        "SigLIP pre-training on the world's captions (python -m unified_mllm.train.contrastive).",
     )
     data: DataConfig = section(DataConfig, "Data.")
     optim: OptimConfig = section(OptimConfig, "Optimiser and schedule.")
@@ -604,7 +610,7 @@ class Config:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and export.")
     generation: GenerationConfig = section(GenerationConfig, "Decoding defaults.")
     vq_train: VQTrainConfig = section(
-        VQTrainConfig, "Image tokenizer training (python -m unified_mllm.vision.train_tokenizer)."
+        VQTrainConfig, "Image tokenizer training (python -m unified_mllm.train.tokenizer)."
     )
 
 
@@ -849,11 +855,8 @@ def to_yaml(config: Config) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(config))
-    tmp.replace(path)
+    """Write the resolved config as YAML to ``path`` atomically."""
+    write_text(path, to_yaml(config))
 
 
 # ------------------------------------------------------------------------------------------ validation

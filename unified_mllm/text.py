@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from unified_mllm.config import TextTokenizerConfig, add_config_arguments, config_from_args
+from unified_mllm.io import write_bytes
 from unified_mllm.layout import SpecialTokens
 
 # Names of the structural tokens in a trained sentencepiece model (user-defined pieces).
@@ -286,11 +287,7 @@ def train_sentencepiece(
         num_threads=max(1, min(4, os.cpu_count() or 1)),
         minloglevel=2,
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return out_path
+    return write_bytes(out_path, model.getvalue())
 
 
 def _read_corpus(paths: Sequence[str]) -> list[str]:

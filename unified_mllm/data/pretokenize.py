@@ -16,9 +16,9 @@ Input records are the world's (``caption``, ``vqa``, ``t2i``) or conversations
 (``{"conversations": [{"from": "human", "value": "<|image|>\\nQ"}, {"from": "gpt", "value": "A"}]}``) with at
 most one ``<|image|>``: each sample stores one image.
 
-**Resumable.** Each shard is written under ``<name>.tmp`` and renamed when complete, then recorded in
-``manifest.json`` (written atomically too) with its sample count and its input's size and mtime. A re-run skips
-every recorded shard whose input is unchanged, so a killed run continues by shard. The manifest carries a
+**Resumable.** Each shard is written under a temporary name and renamed when complete (:mod:`unified_mllm.io`),
+then recorded in ``manifest.json`` (written atomically too) with its sample count and its input's size and
+mtime. A re-run skips every recorded shard whose input is unchanged, so a killed run continues by shard. The manifest carries a
 fingerprint of the text tokenizer file and of the VQ weights: when either changes, every shard is rebuilt instead
 of silently reused; the training dataset checks the tokenizer fingerprint too. The manifest says ``complete``
 once every shard is done.
@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unified_mllm.config import Config, TextTokenizerConfig, add_config_arguments, config_from_args
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
 from unified_mllm.data.shards import CorruptShardError, Sample, iter_samples, list_shards
+from unified_mllm.io import atomic_path, remove_stale_temporaries, write_json
+from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
@@ -107,12 +108,6 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def _input_stamp(path: Path) -> dict[str, int]:
@@ -184,25 +179,17 @@ def tokenize_shard(
     source: Path, target: Path, vq: VisualTokenizer, tokenizer: TextTokenizer, batch_size: int
 ) -> int:
     """Write the tokenized twin of shard ``source`` to ``target`` atomically; returns its number of samples."""
-    tmp = target.with_name(target.name + ".tmp")
     count = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            batch: list[Sample] = []
-            for sample in iter_samples([source]):
-                batch.append(sample)
-                if len(batch) == batch_size:
-                    _write_batch(tar, batch, vq, tokenizer)
-                    count, batch = count + len(batch), []
-            if batch:
+    with atomic_path(target) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        batch: list[Sample] = []
+        for sample in iter_samples([source]):
+            batch.append(sample)
+            if len(batch) == batch_size:
                 _write_batch(tar, batch, vq, tokenizer)
-                count += len(batch)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(target)
+                count, batch = count + len(batch), []
+        if batch:
+            _write_batch(tar, batch, vq, tokenizer)
+            count += len(batch)
     return count
 
 
@@ -253,10 +240,12 @@ def pretokenize_split(
     names = {s.name for s in shards}
     manifest["shards"] = {k: v for k, v in manifest["shards"].items() if k in names}
     # Leftovers: partial shards of a killed run, and shards whose input is gone (the output mirrors the input).
+    # (``*.tmp``: the temporary names of earlier versions.)
+    remove_stale_temporaries(out_dir)
     for stale in [*out_dir.glob("*.tmp"), *(p for p in out_dir.glob("*.tar") if p.name not in names)]:
         stale.unlink()
     start, written = time.perf_counter(), 0
-    bar = tqdm(shards, desc=f"pretokenize {split}", unit="shard", disable=not progress)
+    bar = progress_bar(shards, desc=f"pretokenize {split}", unit="shard", disable=not progress)
     for shard in bar:
         if _is_done(manifest, shard, out_dir):
             continue
@@ -267,12 +256,12 @@ def pretokenize_split(
             "output_bytes": output_bytes,
             **_input_stamp(shard),
         }
-        _write_json(out_dir / MANIFEST_FILE, manifest)
+        write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
         written += 1
         bar.set_postfix(samples=sum(e["samples"] for e in manifest["shards"].values()))
     manifest["complete"] = True
     manifest["num_samples"] = sum(e["samples"] for e in manifest["shards"].values())
-    _write_json(out_dir / MANIFEST_FILE, manifest)
+    write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
     return SplitReport(
         split,
         str(out_dir),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from collections import Counter
@@ -38,10 +37,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from unified_mllm import io
 from unified_mllm.config import Config, WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shards import ShardWriter
+from unified_mllm.progress import progress as progress_bar
 
 # Bump when a change to this file changes any generated sample: stats.json records it, so old splits are
 # regenerated instead of silently reused.
@@ -909,25 +909,15 @@ def world_settings(world: WorldConfig) -> dict[str, Any]:
 
 def _reusable(split_dir: Path, world: WorldConfig, split: str) -> dict[str, Any] | None:
     """The split's stats if its finished shards match this world and size, else None."""
-    try:
-        stats = json.loads((split_dir / "stats.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    matches = stats.get("world") == world_settings(world) and stats.get("num_scenes") == split_size(
-        world, split
-    )
-    if matches and all((split_dir / name).is_file() for name in stats.get("shards", [])):
-        return stats
-    return None
+    expected = {"world": world_settings(world), "num_scenes": split_size(world, split)}
+    return io.finished_output(split_dir / "stats.json", expected, lambda stats: stats.get("shards", []))
 
 
-def _write_text(path: Path, lines: Iterable[str]) -> None:
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
     """Write lines atomically (a killed run never leaves a half file under the final name)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with io.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for line in lines:
             handle.write(line + "\n")
-    tmp.replace(path)
 
 
 def write_split(
@@ -948,7 +938,7 @@ def write_split(
     if stats is not None and (corpus_path is None or corpus_path.is_file()):
         return stats, True
     if stats is not None and corpus_path is not None:  # only the corpus is missing: text needs no pixels
-        _write_text(corpus_path, corpus(world, split))
+        _write_lines(corpus_path, corpus(world, split))
         return stats, True
     split_dir.mkdir(parents=True, exist_ok=True)
     for old in [split_dir / "stats.json", *split_dir.glob(f"shapes-{split}-*.tar*")]:
@@ -956,14 +946,14 @@ def write_split(
     n, counts, lines = split_size(world, split), WorldStats(), []
     start = time.perf_counter()
     with ShardWriter(split_dir, f"shapes-{split}", world.samples_per_shard) as writer:
-        for index in tqdm(range(n), desc=f"shapes {split}", unit="scene", disable=not progress):
+        for index in progress_bar(range(n), desc=f"shapes {split}", unit="scene", disable=not progress):
             image, record = make_sample(world, split, index)
             writer.write(record["key"], image, record)
             counts.add(record)
             if corpus_path is not None:
                 lines.extend(record_texts(record))
     if corpus_path is not None:
-        _write_text(corpus_path, lines)
+        _write_lines(corpus_path, lines)
     stats = {
         "split": split,
         "num_scenes": n,
@@ -972,7 +962,7 @@ def write_split(
         "seconds": round(time.perf_counter() - start, 3),
         "counts": counts.to_json(),
     }
-    _write_text(split_dir / "stats.json", [json.dumps(stats, indent=2)])  # last: marks the split finished
+    io.write_json(split_dir / "stats.json", stats)  # last: marks the split finished
     return stats, False
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image
+
+from unified_mllm.io import fsync_dir, fsync_file
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -115,10 +116,10 @@ class ShardWriter:
         if self._tar is None or self._tmp is None:
             return
         self._tar.close()
-        with open(self._tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(self._tmp)
         final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
         self._tmp.replace(final)
+        fsync_dir(self.directory)
         self.written.append(final)
         self._tar, self._tmp = None, None
 

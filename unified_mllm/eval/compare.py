@@ -4,7 +4,7 @@ unified model's ShapesBench after the same training budget (``scripts/compare_to
     python -m unified_mllm.eval.compare --row NAME TOKENIZER_DIR EXPORT_DIR [--row ...] --output DIR
 
 Each row reads what the project's own evaluations wrote: ``eval_test.json`` in the tokenizer's directory
-(:mod:`unified_mllm.vision.eval_tokenizer`: PSNR, SSIM, judge accuracy on reconstructions, semantic zero-shot)
+(:mod:`unified_mllm.eval.tokenizer`: PSNR, SSIM, judge accuracy on reconstructions, semantic zero-shot)
 and ``eval/shapesbench/shapesbench.json`` in the stage-2 export (:mod:`unified_mllm.eval.shapesbench`). It writes
 ``tokenizers.json`` and ``tokenizers.md`` under ``--output`` and prints the markdown.
 """

@@ -1,16 +1,8 @@
-"""Image-quality metrics for tokenizer reconstruction and generation: PSNR, SSIM, codebook usage, FID.
+"""Image-quality metrics for tokenizer reconstruction and generation: codebook usage and FID (PSNR and SSIM
+are in :mod:`unified_mllm.metrics`, below every package folder, since the tokenizer trainer uses them too).
 
 Conventions (chosen to match the tools published numbers come from):
 
-* **Value ranges.** Float images are the project's ``[-1, 1]`` tensors, so ``data_range`` defaults to 2.0 for
-  floats and 255 for ``uint8``. Pass ``data_range=1.0`` for ``[0, 1]`` floats.
-* **PSNR** is per image (MSE over channels and pixels), ``10 * log10(data_range**2 / mse)``; identical images
-  give ``inf`` (no cap), so average finite values or report the count of exact reconstructions separately.
-* **SSIM** is Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, population
-  (biased) local variances, evaluated on the 'valid' region only (the window never crosses the border), per
-  channel and then averaged over channels and pixels. This equals scikit-image's
-  ``structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-  data_range=..., channel_axis=...)``. Computed in float64 (float32 on devices without float64).
 * **FID** uses the 2048-d pool3 features of :mod:`unified_mllm.eval.inception`; covariances are unbiased
   (``np.cov`` default, divide by ``n - 1``), as pytorch-fid and the original TTUR code do. Reference statistics
   are ``.npz`` files with ``mu``, ``sigma`` and ``n`` (pytorch-fid's files, which lack ``n``, also load).
@@ -24,103 +16,8 @@ from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import linalg
 from torch import Tensor
-
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
-
-
-# --------------------------------------------------------------------------------------------------- PSNR / SSIM
-
-
-def _default_range(x: Tensor, data_range: float | None) -> float:
-    if data_range is not None:
-        if data_range <= 0:
-            raise ValueError(f"data_range must be positive, got {data_range}")
-        return float(data_range)
-    return 255.0 if x.dtype == torch.uint8 else 2.0
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    # float64 keeps SSIM's variance differences (E[x^2] - E[x]^2) exact enough; MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _as_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Check shapes; ``[C, H, W]`` becomes a batch of one."""
-    if a.shape != b.shape:
-        raise ValueError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.ndim == 3:
-        a, b = a.unsqueeze(0), b.unsqueeze(0)
-    if a.ndim != 4:
-        raise ValueError(f"expected images [B, C, H, W] or [C, H, W], got shape {tuple(a.shape)}")
-    return a, b
-
-
-def psnr(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image: ``[B, C, H, W]`` x2 -> ``[B]`` (float64; ``inf`` if equal).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs.
-    """
-    a, b = _as_batch(a, b)
-    peak = _default_range(a, data_range)
-    dtype = _compute_dtype(a.device)
-    diff = a.to(dtype) - b.to(device=a.device, dtype=dtype)
-    mse = diff.square().flatten(1).mean(dim=1)
-    # Division by zero gives +inf on purpose: identical images have unbounded PSNR (documented above).
-    return 10.0 * torch.log10(peak**2 / mse)
-
-
-def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tensor:
-    """Normalised 1-D Gaussian taps ``[size]`` (float64), centred; the 2-D window is its outer product."""
-    if size % 2 != 1:
-        raise ValueError(f"window size must be odd, got {size}")
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    taps = torch.exp(-(offsets**2) / (2 * sigma**2))
-    return taps / taps.sum()
-
-
-def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
-    """Separable Gaussian filter of every channel, 'valid' region only: ``[N, 1, H, W] -> [N, 1, H-k+1, W-k+1]``."""
-    k = taps.numel()
-    x = F.conv2d(x, taps.view(1, 1, k, 1))
-    return F.conv2d(x, taps.view(1, 1, 1, k))
-
-
-def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (see the module docstring for the convention).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs. Images must be at least
-    11x11 (the window).
-    """
-    a, b = _as_batch(a, b)
-    peak = _default_range(a, data_range)
-    batch, channels, height, width = a.shape
-    if min(height, width) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {height}x{width}")
-    dtype = _compute_dtype(a.device)
-    taps = gaussian_window_1d().to(device=a.device, dtype=dtype)
-    # Channels are folded into the batch: each is filtered on its own, as skimage does per channel.
-    x = a.to(dtype).reshape(batch * channels, 1, height, width)
-    y = b.to(device=a.device, dtype=dtype).reshape(batch * channels, 1, height, width)
-    # One conv call for the five local moments.
-    moments = _filter_valid(torch.cat([x, y, x * x, y * y, x * y]), taps)
-    mu_x, mu_y, xx, yy, xy = moments.chunk(5)
-    var_x = xx - mu_x * mu_x
-    var_y = yy - mu_y * mu_y
-    cov = xy - mu_x * mu_y
-    c1 = (SSIM_K1 * peak) ** 2
-    c2 = (SSIM_K2 * peak) ** 2
-    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    ssim_map = num / den
-    # Mean over pixels then channels equals the channel-averaged SSIM, as every channel has the same area.
-    return ssim_map.reshape(batch, -1).mean(dim=1)
-
 
 # --------------------------------------------------------------------------------------------- codebook usage
 

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
-from tqdm import tqdm
 
 from unified_mllm.config import WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shapes import (
@@ -54,6 +53,7 @@ from unified_mllm.data.shapes import (
     validate_spec,
     world_rng,
 )
+from unified_mllm.progress import progress as progress_bar
 
 DEGRADATIONS = ("blur", "noise", "jpeg", "mixed")
 ALPHA_THRESHOLD = 0.5  # a pixel belongs to an object when it is at least half the object's colour
@@ -470,7 +470,7 @@ def self_check(
     """
     world = dataclasses.replace(check_world(world), seed=seed)
     totals = {k: {"scenes": 0, "scenes_ok": 0, "prompts": 0, "prompts_ok": 0, "failures": []} for k in kinds}
-    for index in tqdm(range(n), desc="judge self-check", unit="scene", disable=not progress):
+    for index in progress_bar(range(n), desc="judge self-check", unit="scene", disable=not progress):
         scene = make_scene(world, "self-check", index)
         prompts = prompts_for_scene(scene, world_rng(seed, "self-check", index, "text"))
         clean = render(scene)

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+from unified_mllm import io
 from unified_mllm.config import Config, GenerationConfig, WorldConfig
 from unified_mllm.data.shapes import CATEGORIES, check_world, geneval_prompts
 from unified_mllm.data.shards import iter_samples
@@ -53,10 +53,9 @@ from unified_mllm.eval.tasks import (
     markdown_table,
     percent,
     register_task,
-    write_text,
 )
 from unified_mllm.layout import IMAGE_PLACEHOLDER
-from unified_mllm.train.run_log import write_json
+from unified_mllm.progress import progress as progress_bar
 
 PARTS = ("understanding", "generation")
 DEFAULT_PROMPTS = 600  # 100 per GenEval category (GenEval itself has 553 prompts)
@@ -121,7 +120,7 @@ def evaluate_understanding(
     predictions: list[str] = []
     start = time.perf_counter()
     steps = math.ceil(len(questions) / batch_size)
-    for batch in tqdm(batched(questions, batch_size), total=steps, desc="VQA", disable=not progress):
+    for batch in progress_bar(batched(questions, batch_size), total=steps, desc="VQA", disable=not progress):
         answers = solver.generate(
             [[q.image] for q in batch],
             [[[IMAGE_PLACEHOLDER + q.question, None]] for q in batch],
@@ -190,7 +189,7 @@ def evaluate_generation(
     start = time.perf_counter()
     steps = math.ceil(len(prompts) / batch_size)
     for i, batch in enumerate(
-        tqdm(batched(prompts, batch_size), total=steps, desc="T2I", disable=not progress)
+        progress_bar(batched(prompts, batch_size), total=steps, desc="T2I", disable=not progress)
     ):
         drawn = solver.generate_img(
             [p["prompt"] for p in batch],
@@ -395,8 +394,8 @@ class ShapesBench(Task):
             files.update(self._write_images(images, result["generation"]["records"], output_dir))
         result["files"] = {label: str(path) for label, path in files.items()}
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(files["json"], result)
-        write_text(files["markdown"], self.format_table(result))
+        io.write_json(files["json"], result)
+        io.write_text(files["markdown"], self.format_table(result))
         return result
 
     def _write_images(self, images: Sequence[Image.Image], records: Sequence[dict], output_dir: Path) -> dict:
@@ -413,9 +412,8 @@ class ShapesBench(Task):
                 [r["correct"] for r in records[:shown]],
             )
             files["grid"] = output_dir / GRID_FILE
-            tmp = files["grid"].with_name(GRID_FILE + ".tmp")
-            grid.save(tmp, format="PNG")
-            tmp.replace(files["grid"])
+            with io.atomic_path(files["grid"]) as tmp:
+                grid.save(tmp, format="PNG")
         return files
 
     def format_table(self, result: dict[str, Any]) -> str:

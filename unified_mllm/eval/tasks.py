@@ -164,15 +164,6 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write atomically (a killed run never leaves a half file under the final name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def percent(value: float | None) -> str:
     """'93.10%' or 'n/a' for an empty group."""
     return "n/a" if value is None else f"{100 * value:.2f}%"
@@ -197,5 +188,4 @@ __all__ = [
     "percent",
     "register_task",
     "task_names",
-    "write_text",
 ]

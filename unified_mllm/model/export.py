@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from unified_mllm.config import ConfigError, LMConfig, ModelConfig
+from unified_mllm.io import atomic_directory
 from unified_mllm.model.backbone import lm_hf_config
 
 CONFIG_NAME = "config.json"
@@ -342,15 +342,11 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def atomic_directory(directory: Path, write: Callable[[Path], None], own_files: tuple[str, ...]) -> Path:
-    """Fill ``directory`` through ``write(tmp_dir)`` so that it appears complete or not at all.
+def replace_directory_keeping(
+    directory: Path, write: Callable[[Path], None], own_files: tuple[str, ...]
+) -> Path:
+    """Fill ``directory`` through ``write(tmp_dir)`` so that it appears complete or not at all
+    (:func:`unified_mllm.io.atomic_directory`).
 
     Entries of an existing ``directory`` other than ``own_files`` are carried over (hard-linked when
     possible). See the module docstring for the one window a kill can hit.
@@ -358,11 +354,7 @@ def atomic_directory(directory: Path, write: Callable[[Path], None], own_files: 
     directory = Path(directory).expanduser().absolute()
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"cannot export into {directory}: it is a file")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = directory.parent / f".tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         if directory.is_dir():
             for entry in directory.iterdir():
                 if entry.name in own_files:
@@ -372,18 +364,6 @@ def atomic_directory(directory: Path, write: Callable[[Path], None], own_files: 
                 else:
                     _link_or_copy(str(entry), str(tmp / entry.name))
         write(tmp)
-        _fsync_tree(tmp)
-        if directory.exists():
-            # A directory cannot be renamed over a non-empty one: move the old export aside first.
-            old = directory.parent / f".old-{tag}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -419,7 +399,7 @@ def write_export(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text)
 
-    return atomic_directory(Path(directory), write, _OWN_FILES)
+    return replace_directory_keeping(Path(directory), write, _OWN_FILES)
 
 
 def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, torch.dtype]:

@@ -8,27 +8,26 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from unified_mllm.config import ConfigError, add_config_arguments, config_from_args
+from unified_mllm.config import Config, ConfigError
 from unified_mllm.layout import LayoutError
 from unified_mllm.train import distributed
+from unified_mllm.train.harness import run_cli
+
+
+def _train(config: Config, args: argparse.Namespace) -> None:
+    from unified_mllm.train.trainer import train  # heavy imports after argument parsing (fast --help)
+
+    train(config, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    run_cli(
+        "Train one stage of the unified model (plain, or under torchrun with FSDP2 / DeepSpeed).",
+        _train,
+        argv,
+        errors=(FileNotFoundError, ConfigError, LayoutError),
         prog="python -m unified_mllm.train",
-        description="Train one stage of the unified model (plain, or under torchrun with FSDP2 / DeepSpeed).",
     )
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_intermixed_args(argv)
-    from unified_mllm.train.trainer import train  # heavy imports after argument parsing (fast --help)
-
-    try:
-        train(config_from_args(args), progress=not args.no_progress)
-    except (FileNotFoundError, ConfigError, LayoutError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    finally:
-        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Layout under a run's checkpoint directory::
     step-00000500/state.pt      torch.save of the training-state dict (model, optimizers, schedulers, step,
     step-00001000/state.pt      data position, RNG, ...): whatever the trainer puts in it
 
-A checkpoint is written into a hidden temporary directory (``.tmp-step-...``) and renamed into place only when
-every file in it is complete and fsynced, so a run killed while saving never leaves a ``step-*`` directory that
+A checkpoint is written into a hidden temporary directory (:func:`unified_mllm.io.begin_directory`) and renamed
+into place only when every file in it is complete and fsynced, so a run killed while saving never leaves a ``step-*`` directory that
 looks finished; :func:`latest_checkpoint` only ever sees whole ones. :func:`write_checkpoint_dir` takes a
 writer callback, so a trainer can put anything in the directory (the LM trainer adds sharded
 ``torch.distributed.checkpoint`` files) and still get the atomic rename and the pruning.
@@ -22,13 +22,14 @@ import os
 import random
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from unified_mllm import io
 
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "step-"
@@ -66,21 +67,11 @@ def prune_checkpoints(directory: str | os.PathLike[str], keep_last: int) -> list
     deleted paths."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    directory = Path(directory)
     doomed = [path for _, path in list_checkpoints(directory)[:-keep_last]]
-    if directory.is_dir():
-        # Leftovers of a run killed while saving: never a finished checkpoint.
-        doomed += [p for p in directory.iterdir() if p.name.startswith(f".tmp-{CHECKPOINT_PREFIX}")]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
-    return doomed
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+    # Leftovers of a run killed while saving: never a finished checkpoint.
+    return doomed + io.remove_stale_temporaries(directory, CHECKPOINT_PREFIX)
 
 
 def begin_checkpoint_dir(directory: str | os.PathLike[str], step: int) -> Path:
@@ -89,27 +80,15 @@ def begin_checkpoint_dir(directory: str | os.PathLike[str], step: int) -> Path:
     Multi-rank writers (sharded ``torch.distributed.checkpoint``, DeepSpeed) call this on one rank, share the
     path, let every rank write, wait for all, and then call :func:`commit_checkpoint_dir` on that same rank.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-{checkpoint_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
+    return io.begin_directory(Path(directory) / checkpoint_name(step))
 
 
 def commit_checkpoint_dir(tmp: Path, step: int, *, keep_last: int | None = None) -> Path:
     """fsync ``tmp`` and rename it to ``step-XXXXXXXX`` beside it (replacing an older copy of that step);
     then, with ``keep_last``, delete the older checkpoints beyond the newest ``keep_last``."""
-    directory = tmp.parent
-    final = directory / checkpoint_name(step)
-    _fsync_tree(tmp)
-    if final.exists():
-        # A directory cannot be renamed over a non-empty one: move the old copy aside first.
-        stale = directory / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
-        final.replace(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.replace(final)
+    final = io.commit_directory(tmp, tmp.parent / checkpoint_name(step))
     if keep_last is not None:
-        prune_checkpoints(directory, keep_last)
+        prune_checkpoints(tmp.parent, keep_last)
     return final
 
 

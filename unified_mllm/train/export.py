@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 
+from unified_mllm import io
 from unified_mllm.config import Config, save_config
 from unified_mllm.model.export import write_export
-from unified_mllm.train.run_log import write_json
 
 SUMMARY_FILE = "train_summary.json"
 TEXT_TOKENIZER_FILE = "text.model"
 VQ_DIR = "vq"
 CONFIG_YAML = "config.yaml"
+# The files a finished export has besides its summary.
+EXPORT_FILES = ("model.safetensors", "config.json")
 
 # Settings that do not change the trained weights: a finished export is reused when only they differ.
 _NOT_TRAINING = {
@@ -52,16 +54,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     for key in ("generation", "vq_train", "contrastive", "output_root", "run_name"):
         tree.pop(key, None)
     return json.loads(json.dumps(tree))  # as it reads back from JSON (lists, not tuples)
-
-
-def finished_export(export_dir: Path, config: Config) -> dict[str, Any] | None:
-    """The summary of a finished export in ``export_dir`` trained with this config's settings, else None."""
-    try:
-        summary = json.loads((export_dir / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    complete = (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
-    return summary if complete and summary.get("fingerprint") == fingerprint(config) else None
 
 
 def _copy_tokenizers(config: Config, export_dir: Path) -> Config:
@@ -91,5 +83,5 @@ def export_run(
     write_export(export_dir, config.model, state_dict)
     portable = _copy_tokenizers(config, export_dir)
     save_config(portable, export_dir / CONFIG_YAML)
-    write_json(export_dir / SUMMARY_FILE, summary)
+    io.write_json(export_dir / SUMMARY_FILE, summary)
     return export_dir

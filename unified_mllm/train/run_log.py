@@ -19,18 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from unified_mllm import io
 from unified_mllm.config import WandbConfig
+from unified_mllm.progress import progress as progress_bar
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as indented JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _step_of(line: str) -> int:
@@ -47,9 +40,7 @@ class MetricsFile:
         self.path = path
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            io.write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -101,7 +92,7 @@ class RunLogger:
         self.main = is_main
         self.file = MetricsFile(run_dir / METRICS_FILE, initial) if is_main else None
         self.wandb = init_wandb(wandb, run_dir, name, wandb_config) if is_main else None
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=total, initial=initial, desc=name, unit="step", disable=not (progress and is_main)
         )
 
@@ -159,7 +150,6 @@ def save_curves(
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)

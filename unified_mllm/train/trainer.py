@@ -14,10 +14,10 @@ tokens of the whole step on all ranks (one all-reduce per step), so every token 
 padding, packing, accumulation or world size. A data source's ``loss_weight`` makes its tokens count that many
 times, in the loss and in the count alike (a weighted mean; the logged ``ce`` is then weighted too).
 
-Run directory (``checkpoint.dir``; rank 0 writes): ``checkpoints/step-XXXXXXXX/`` training states (model and
-optimizer through the backend, plus ``trainer.pt``: step, LR schedule, data position, every rank's RNG) written
-atomically every ``checkpoint.every_steps`` steps, the newest ``checkpoint.keep_last`` kept; ``metrics.jsonl``,
-``loss_curves.png``, wandb files (offline by default), ``config.yaml``; and the final export
+Run directory (``checkpoint.dir``; :mod:`unified_mllm.train.harness`): ``checkpoints/step-XXXXXXXX/`` training
+states (model and optimizer through the backend, plus ``state.pt``: step, LR schedule, data position, every
+rank's RNG) written atomically every ``checkpoint.every_steps`` steps, the newest ``checkpoint.keep_last`` kept;
+``metrics.jsonl``, ``loss_curves.png``, wandb files (offline by default), ``config.yaml``; and the final export
 (``checkpoint.export_dir``, :mod:`unified_mllm.train.export`). A run resumes from its newest checkpoint
 automatically (``checkpoint.resume``); a finished run with the same settings is reused, not retrained.
 """
@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unified_mllm.config import Config, ConfigError, save_config
+from unified_mllm.config import Config
 from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import batch_stream, source_names
@@ -43,26 +40,11 @@ from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed, model_init
 from unified_mllm.train.backend import Materialize, TrainingBackend, build_backend
-from unified_mllm.train.checkpoint import (
-    begin_checkpoint_dir,
-    capture_rng_state,
-    commit_checkpoint_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-)
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.export import export_run, fingerprint, finished_export
+from unified_mllm.train.export import EXPORT_FILES, SUMMARY_FILE, export_run, fingerprint
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished
 from unified_mllm.train.losses import LossParts, causal_lm_loss
 from unified_mllm.train.optim import apply_param_rules, config_rules, trainable_summary
-from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves
-
-CHECKPOINT_DIR = "checkpoints"
-TRAINER_STATE = "trainer.pt"
-CONFIG_FILE = "config.yaml"
-CURVES_FILE = "loss_curves.png"
-# Tests and fault drills: exit abruptly (as a kill would) right after this optimizer step.
-CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
 
 
 def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -121,46 +103,21 @@ def supervised_tokens(batch: Batch) -> float:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-@dataclass
-class RunState:
-    """Where the loop is: the next step to train, the data position, time spent so far."""
-
-    step: int = 0
-    data_state: dict[str, Any] | None = None
-    elapsed: float = 0.0
-
-
-@dataclass
-class Window:
-    """Sums of the steps since the last log, kept on the device (no host sync until :meth:`flush`).
+class Window(MetricWindow):
+    """The LM's metric window: token-weighted cross-entropy and z-loss, grad norm, throughput, padding.
 
     ``sources`` names the data mix's entries: the window then also sums each source's unweighted cross-entropy
     and tokens (``source_ce`` / ``source_tokens``, vectors) and logs ``ce/<name>``.
     """
 
-    device: torch.device
-    sources: tuple[str, ...] = ()
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, **values: torch.Tensor | float) -> None:
-        for name, value in values.items():
-            value = torch.as_tensor(value, device=self.device, dtype=torch.float64).detach()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+    def __init__(self, device: torch.device, sources: tuple[str, ...] = ()) -> None:
+        super().__init__(device)
+        self.sources = sources
 
     def flush(self) -> dict[str, float]:
         """Token-weighted means over the window and all ranks (a collective), then reset."""
-        names = sorted(self.sums)
-        # One collective for scalars and vectors alike: every rank holds the same names and sizes.
-        totals = distributed.all_reduce_sum(torch.cat([self.sums[n].reshape(-1) for n in names])).tolist()
-        sums: dict[str, Any] = {}
-        for name in names:
-            size = self.sums[name].numel()
-            sums[name] = totals[:size] if self.sums[name].ndim else totals[0]
-            totals = totals[size:]
+        sums, seconds = self.reduce(), self.seconds
         tokens = max(sums.pop("tokens"), 1.0)
-        seconds = time.perf_counter() - self.started
         out = {
             "ce": sums["ce_sum"] / tokens,
             "z_loss": sums["z_sum"] / tokens,
@@ -174,7 +131,7 @@ class Window:
             for name, ce, count in zip(self.sources, sums["source_ce"], sums["source_tokens"]):
                 if count > 0:
                     out[f"ce/{name}"] = ce / count
-        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        self.reset()
         return out
 
 
@@ -239,103 +196,48 @@ def train_step(
 
 
 def train_loop(
-    backend: TrainingBackend,
-    batches: Iterator[Batch],
-    config: Config,
-    info: DistInfo,
-    run: RunState,
-    logger: RunLogger,
+    backend: TrainingBackend, batches: Iterator[Batch], config: Config, harness: Run, run: RunState
 ) -> dict[str, Any]:
-    """Train from ``run.step`` to ``train.max_steps``; returns the last logged record."""
+    """Train from ``run.step`` to ``train.max_steps`` on the harness; returns the last logged record."""
+    info, train = harness.info, config.train
     window = Window(info.device, tuple(source_names(config.data)))
-    train, last = config.train, {}
-    started = time.perf_counter() - run.elapsed
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    backend.module.train()
-    while run.step < train.max_steps:
+
+    def step(run: RunState) -> None:
         micro_batches = [next(batches) for _ in range(train.grad_accum_steps)]
         train_step(backend, micro_batches, config, info, window)
-        run.step += 1
         run.data_state = micro_batches[-1].data_state
-        run.elapsed = time.perf_counter() - started
-        logger.bar.update(1)
-        if run.step % train.log_every == 0 or run.step == train.max_steps:
-            metrics = window.flush()
-            last = {"kind": "train", "step": run.step, "lr": backend.lrs[0], **metrics}
-            logger.log(last, {"loss": metrics["loss"], "tok/s": metrics["tokens_per_second"]})
-        if run.step % config.checkpoint.every_steps == 0 or run.step == train.max_steps:
-            save_training_state(backend, run, config, info)
-        if crash_after and run.step == crash_after:
-            os._exit(17)
-    return last
 
+    def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
+        metrics = window.flush()
+        record = {"kind": "train", "step": run.step, "lr": backend.lrs[0], **metrics}
+        return record, {"loss": metrics["loss"], "tok/s": metrics["tokens_per_second"]}
 
-# ------------------------------------------------------------------------------------ checkpoints
+    def checkpoint(run: RunState) -> None:
+        harness.save(run, {"scheduler": backend.scheduler.state_dict()}, config)
 
-
-def checkpoint_root(config: Config) -> Path:
-    return Path(config.checkpoint.dir).expanduser() / CHECKPOINT_DIR
-
-
-def save_training_state(backend: TrainingBackend, run: RunState, config: Config, info: DistInfo) -> None:
-    """Write ``checkpoints/step-XXXXXXXX/`` atomically: every rank writes its part, rank 0 renames it."""
-    tmp = begin_checkpoint_dir(checkpoint_root(config), run.step) if info.is_main else None
-    tmp = distributed.broadcast_object(tmp)
-    backend.save(tmp)
-    rng = distributed.all_gather_object(capture_rng_state())
-    if info.is_main:
-        trainer_state = {
-            "step": run.step,
-            "data_state": run.data_state,
-            "elapsed_seconds": run.elapsed,
-            "world_size": info.world_size,
-            "scheduler": backend.scheduler.state_dict(),
-            "rng": rng,
-        }
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        save_config(config, tmp / CONFIG_FILE)
-    distributed.barrier()  # every rank's shards are on disk before the rename
-    if info.is_main:
-        commit_checkpoint_dir(tmp, run.step, keep_last=config.checkpoint.keep_last)
-    distributed.barrier()
-
-
-def resume(backend: TrainingBackend, config: Config, info: DistInfo) -> RunState:
-    """Load the newest training state in the run directory (if resuming); returns where to continue."""
-    path = latest_checkpoint(checkpoint_root(config)) if config.checkpoint.resume else None
-    if path is None:
-        return RunState()
-    state = load_checkpoint(path / TRAINER_STATE)
-    if int(state["step"]) > config.train.max_steps:
-        raise ConfigError(
-            f"`train.max_steps`: {path} is already at step {state['step']}; ask for at least that"
-        )
-    backend.load(path)
-    backend.scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    # At another world size the old ranks' RNG streams cannot be handed over one to one; rank 0's seeds all.
-    restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
-    if info.is_main:
-        print(
-            f"resuming from {path} (step {state['step']}, world size {state['world_size']} -> {info.world_size})"
-        )
-    return RunState(int(state["step"]), state.get("data_state"), float(state.get("elapsed_seconds", 0.0)))
+    backend.module.train()
+    last = harness.loop(run, train.max_steps, step, log_every=train.log_every, log=log, checkpoint=checkpoint)
+    return last.get("train", {})
 
 
 # ----------------------------------------------------------------------------------------- the run
 
 
-def make_logger(config: Config, run: RunState, info: DistInfo, progress: bool) -> RunLogger:
-    return RunLogger(
-        Path(config.checkpoint.dir).expanduser(),
-        name=f"stage{config.train.stage}",
-        total=config.train.max_steps,
-        initial=run.step,
-        is_main=info.is_main,
-        wandb=config.train.wandb,
-        wandb_config=dataclasses.asdict(config),
-        progress=progress,
+def open_run(config: Config, info: DistInfo, backend: TrainingBackend) -> tuple[Run, RunState]:
+    """The run on the harness (the backend holds the sharded model and optimizer), resumed from its newest
+    checkpoint when there is one."""
+    ckpt = config.checkpoint
+    harness = Run(
+        Path(ckpt.dir),
+        info,
+        CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume),
+        "train.max_steps",
+        sharded=backend,
     )
+    run, state = harness.resume(config.train.max_steps)
+    if state:
+        backend.scheduler.load_state_dict(state["scheduler"])
+    return harness, run
 
 
 def _report_start(model: UnifiedModel, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
@@ -353,33 +255,31 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse, or resume) the stage ``config`` describes; returns the export's summary."""
     info = distributed.init_distributed(config.train.device)
     export_dir = Path(config.checkpoint.export_dir).expanduser()
-    summary = finished_export(export_dir, config)
+    summary = reuse_finished(
+        export_dir / SUMMARY_FILE, fingerprint(config), EXPORT_FILES, info, f"export in {export_dir}"
+    )
     if summary is not None:
-        if info.is_main:
-            print(f"reusing the finished export in {export_dir}")
         return summary
     tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
     model, materialize = build_model(config, info)
     resolved = apply_param_rules(model, config_rules(config))
     _report_start(model, resolved, config, info)
     backend = build_backend(model, resolved, config, info, materialize=materialize)
-    run = resume(backend, config, info)
-    run_dir = Path(config.checkpoint.dir).expanduser()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
+    harness, run = open_run(config, info, backend)
+    harness.snapshot_config(config)
     batches = build_batches(config, info, tokenizer, run.data_state)
-    logger = make_logger(config, run, info, progress)
-    try:
-        last = train_loop(backend, batches, config, info, run, logger)
-    finally:
-        logger.close()
+    with harness.logging(
+        run,
+        name=f"stage{config.train.stage}",
+        total=config.train.max_steps,
+        wandb=config.train.wandb,
+        wandb_config=dataclasses.asdict(config),
+        progress=progress,
+    ):
+        last = train_loop(backend, batches, config, harness, run)
     state = backend.full_state_dict()  # a collective: every rank takes part
+    harness.save_curves(curve_panels(config), log_scale=("loss",))
     if info.is_main:
-        if (run_dir / METRICS_FILE).is_file():
-            save_curves(
-                run_dir / METRICS_FILE, run_dir / CURVES_FILE, curve_panels(config), log_scale=("loss",)
-            )
         summary = {
             "fingerprint": fingerprint(config),
             "steps": run.step,

@@ -1,76 +1,29 @@
-"""Contrastive pre-training of the tiny SigLIP on the world's captions, with the sigmoid loss of SigLIP.
+"""The contrastive SigLIP: a full ``SiglipModel`` (vision tower with SigLIP's attention-pooling head + a small
+text tower) that embeds images and texts into one space, as SigLIP (Zhai et al. 2023) does.
 
-Published SigLIP towers come from image–text pre-training (Zhai et al. 2023, "Sigmoid Loss for Language Image
-Pre-Training"). The tiny preset has no such checkpoint, so this module trains one the same way on the embedded
-world: the vision tower of ``model.vision`` (with SigLIP's attention-pooling head, needed for one embedding per
-image) and a small SigLIP text tower (``contrastive.text_*``) reading our text tokenizer's ids, padded to a
-fixed length like SigLIP's (the text tower pools the last position; see :func:`text_attention_mask`).
-
-The loss, for a batch of ``B`` pairs with L2-normalised embeddings ``x_i`` (images) and ``y_j`` (texts), a
-learnable log-temperature ``t'`` (``t = exp(t')``, initialised to 10) and bias ``b`` (initialised to -10), is
-
-    loss = -1/B * sum_i sum_j log sigmoid(z_ij * (t * <x_i, y_j> + b)),   z_ij = +1 if i == j else -1
-
-(:func:`sigmoid_loss`). The result is written with ``save_pretrained`` as a full ``SiglipModel`` (vision +
-text towers, ``config.json`` + ``model.safetensors``) under ``contrastive.output_dir``; the unified model reads
-its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set ``model.vision.pretrained``
-to that directory). ``contrastive.json`` beside it records what it was trained from, so a re-run with the same
-settings reuses it instead of training again.
-
-The report at the end is **zero-shot classification** on ``contrastive.eval_split``: every image with exactly
-one object is classified among ``prompt_template`` filled with each (colour, shape) of ``data.world``; the
-colour-only and shape-only accuracies are those of the same joint prediction.
-
-    python -m unified_mllm.vision.contrastive --config configs/quickstart.yaml [key=value ...]
-
-It needs the world (``python -m unified_mllm.data.shapes``) and the text tokenizer (``python -m
-unified_mllm.text train``). Single process, no distribution (model code here knows nothing of it).
+The vision tower is ``model.vision``'s (the pooling head gives one embedding per image); the text tower
+(``contrastive.text_*``) reads our text tokenizer's ids, padded to a fixed length like SigLIP's (the text tower
+pools the last position; see :func:`text_attention_mask`). Training it is
+:mod:`unified_mllm.train.contrastive`; the unified model reads its vision tower with
+:func:`unified_mllm.vision.siglip.load_siglip_pretrained`, and tokenizer evaluation uses its text tower for
+DualToken's semantic side. Model code only: building does no I/O, :func:`load_contrastive` reads a saved model.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import math
-import shutil
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 from transformers import SiglipConfig, SiglipModel, SiglipTextConfig
-from transformers.utils import logging as hf_logging
 
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    ContrastiveConfig,
-    VisionConfig,
-    add_config_arguments,
-    config_from_args,
-    save_config,
-)
-from unified_mllm.data.images import buffered_shuffle
-from unified_mllm.data.shards import Sample, iter_samples, list_shards
+from unified_mllm.config import ContrastiveConfig, VisionConfig
 from unified_mllm.text import TextTokenizer
-from unified_mllm.train.run_log import write_json
 from unified_mllm.vision.anyres import base_view
 from unified_mllm.vision.image import image_to_tensor
 from unified_mllm.vision.siglip import siglip_hf_config
-
-SUMMARY_FILE = "contrastive.json"
-ZERO_SHOT_FILE = "zero_shot.json"
-# Settings that do not change the trained weights, so a checkpoint is reused when only they differ.
-_EVAL_ONLY_FIELDS = ("output_dir", "eval_split", "prompt_template")
-
-# ------------------------------------------------------------------------------------------------ model
 
 
 def text_hf_config(
@@ -117,20 +70,6 @@ def build_contrastive_model(
     return model
 
 
-def sigmoid_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
-) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss for ``B`` matching pairs (row i of each input belongs together).
-
-    ``image_embeds``, ``text_embeds``: ``(B, D)``, L2-normalised. ``logit_scale`` is t' (the temperature is
-    ``exp(t')``), ``logit_bias`` is b. Every pair is a binary problem (+1 on the diagonal, -1 elsewhere); the
-    negative log-likelihoods are summed over all ``B * B`` pairs and divided by ``B``, as in the paper.
-    """
-    logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
-    labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
-    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
-
-
 def embed_images(model: SiglipModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """``pixel_values (B, 3, S, S)`` in [-1, 1] → L2-normalised pooled embeddings ``(B, D)``."""
     return F.normalize(model.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
@@ -174,325 +113,7 @@ def image_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.stack([image_to_tensor(base_view(image, size)) for image in images])
 
 
-# ------------------------------------------------------------------------------------------------- data
-
-
-def caption_batches(
-    shards: Sequence[Path],
-    tokenizer: TextTokenizer,
-    vision: VisionConfig,
-    contrastive: ContrastiveConfig,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L))`` batches of (image, caption) pairs.
-
-    Each pass visits the shards in a new seeded order through a shuffle buffer; samples without a caption
-    are skipped.
-    """
-    rng = np.random.default_rng(contrastive.seed)
-    while True:
-        order = [shards[int(i)] for i in rng.permutation(len(shards))]
-        pairs = ((s.image, s.meta["caption"]) for s in iter_samples(order) if s.meta.get("caption"))
-        batch: list[tuple[Image.Image, str]] = []
-        seen = 0
-        for pair in buffered_shuffle(pairs, contrastive.shuffle_buffer, rng):
-            seen += 1
-            batch.append(pair)
-            if len(batch) == contrastive.batch_size:
-                images, texts = zip(*batch)
-                yield (
-                    image_pixels(images, vision.image_size),
-                    tokenize(tokenizer, texts, contrastive.text_max_length),
-                )
-                batch = []
-        if seen == 0:
-            raise ValueError(f"no captioned samples in {[str(s) for s in shards]}")
-
-
-# --------------------------------------------------------------------------------------------- training
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up over ``warmup_steps``, then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: SiglipModel, contrastive: ContrastiveConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases, norms, t' and b are not pulled towards 0)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": contrastive.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=contrastive.lr, betas=(0.9, 0.95))
-
-
-def train_contrastive(
-    model: SiglipModel,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    contrastive: ContrastiveConfig,
-    *,
-    progress: bool = True,
-) -> list[float]:
-    """Run ``contrastive.max_steps`` optimizer steps of :func:`sigmoid_loss`; returns the loss of each step."""
-    model.train()
-    optimizer = make_optimizer(model, contrastive)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(
-            step, contrastive.warmup_steps, contrastive.max_steps, contrastive.min_lr_ratio
-        ),
-    )
-    device = model.logit_scale.device
-    losses: list[float] = []
-    bar = tqdm(range(contrastive.max_steps), desc="siglip contrastive", unit="step", disable=not progress)
-    for step in bar:
-        pixels, ids = next(batches)
-        image_embeds = embed_images(model, pixels.to(device))
-        text_embeds = embed_texts(model, ids.to(device))
-        loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if contrastive.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())  # CPU-sized model: the sync costs nothing next to the step
-        if step % 10 == 0 or step == contrastive.max_steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", t=f"{model.logit_scale.exp().item():.1f}")
-    model.eval()
-    return losses
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def zero_shot_classify(
-    embed_images_fn: Callable[[Sequence[Image.Image]], torch.Tensor],
-    embed_prompts_fn: Callable[[Sequence[str]], torch.Tensor],
-    samples: Iterable[Sample],
-    *,
-    prompt_template: str,
-    colors: Sequence[str],
-    shapes: Sequence[str],
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Zero-shot (colour, shape) classification of every single-object image among ``colors x shapes`` by
-    the cosine similarity of l2-normalised image and prompt embeddings (any model: SigLIP, UniTok's codes,
-    DualToken's semantic codes).
-
-    Returns ``accuracy`` (both right), ``color_accuracy`` and ``shape_accuracy`` (of the same joint
-    prediction), their chance levels, and ``num_images``.
-    """
-    classes = [(color, shape) for color in colors for shape in shapes]
-    text = embed_prompts_fn([prompt_template.format(color=c, shape=s) for c, s in classes])
-    images, truth = [], []
-    for sample in samples:
-        objects = sample.meta.get("objects") or []
-        if len(objects) == 1 and (objects[0]["color"], objects[0]["shape"]) in classes:
-            images.append(sample.image)
-            truth.append((objects[0]["color"], objects[0]["shape"]))
-    predictions: list[tuple[str, str]] = []
-    for start in range(0, len(images), batch_size):
-        scores = embed_images_fn(images[start : start + batch_size]) @ text.to(torch.float32).t()
-        predictions += [classes[int(i)] for i in scores.argmax(dim=-1)]
-    n = len(truth)
-
-    def rate(hits: Iterable[bool]) -> float:
-        return sum(hits) / n if n else float("nan")
-
-    return {
-        "num_images": n,
-        "accuracy": rate(p == t for p, t in zip(predictions, truth)),
-        "color_accuracy": rate(p[0] == t[0] for p, t in zip(predictions, truth)),
-        "shape_accuracy": rate(p[1] == t[1] for p, t in zip(predictions, truth)),
-        "chance": {"accuracy": 1 / len(classes), "color": 1 / len(colors), "shape": 1 / len(shapes)},
-    }
-
-
-def zero_shot_eval(
-    model: SiglipModel,
-    tokenizer: TextTokenizer,
-    samples: Iterable[Sample],
-    vision: VisionConfig,
-    contrastive: ContrastiveConfig,
-    colors: Sequence[str],
-    shapes: Sequence[str],
-) -> dict[str, Any]:
-    """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
-    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
-    model.eval()
-    device = model.logit_scale.device
-
-    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
-        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
-
-    def prompts_fn(prompts: Sequence[str]) -> torch.Tensor:
-        return embed_texts(
-            model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device)
-        ).float()
-
-    return zero_shot_classify(
-        images_fn,
-        prompts_fn,
-        samples,
-        prompt_template=contrastive.prompt_template,
-        colors=colors,
-        shapes=shapes,
-        batch_size=contrastive.batch_size,
-    )
-
-
-def format_zero_shot(result: dict[str, Any], split: str) -> str:
-    chance = result["chance"]
-    return (
-        f"zero-shot on {split} ({result['num_images']} single-object images): "
-        f"colour+shape {100 * result['accuracy']:.1f}% (chance {100 * chance['accuracy']:.1f}%), "
-        f"colour {100 * result['color_accuracy']:.1f}% (chance {100 * chance['color']:.1f}%), "
-        f"shape {100 * result['shape_accuracy']:.1f}% (chance {100 * chance['shape']:.1f}%)"
-    )
-
-
-# ---------------------------------------------------------------------------------------- checkpointing
-
-
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def fingerprint(config: Config) -> dict[str, Any]:
-    """Everything the trained weights depend on; a saved checkpoint with the same fingerprint is reused."""
-    vision = dataclasses.asdict(config.model.vision)
-    for key in ("enabled", "feature_layer", "pretrained", "lr_scale", "anyres"):
-        vision.pop(key)  # how the unified model uses the tower, not how it is pre-trained
-    contrastive = dataclasses.asdict(config.contrastive)
-    for key in _EVAL_ONLY_FIELDS:
-        contrastive.pop(key)
-    return {
-        "vision": vision,
-        "contrastive": contrastive,
-        "tokenizer_sha256": _sha256(config.tokenizer.path),
-        "train_data": str(Path(config.data.root).expanduser() / config.contrastive.train_split),
-    }
-
-
-def reusable(out_dir: str | Path, config: Config) -> bool:
-    """Whether ``out_dir`` holds a finished checkpoint trained with this config's settings."""
-    try:
-        summary = json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return summary.get("fingerprint") == fingerprint(config) and (Path(out_dir) / "config.json").is_file()
-
-
-def save_contrastive(
-    model: SiglipModel, out_dir: str | Path, config: Config, summary: dict[str, Any]
-) -> Path:
-    """Write the model (``save_pretrained``), the resolved config and ``contrastive.json`` atomically.
-
-    Everything goes to ``<out_dir>.tmp`` first and is swapped in at the end, so ``out_dir`` is either the
-    previous finished checkpoint or the new one, never half written.
-    """
-    out_dir = Path(out_dir).expanduser()
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # save_pretrained diffs against a default SiglipTextConfig, whose own token ids (49406/49407 for a
-    # 32000-piece vocabulary) trigger a spurious warning about that default; our config is not concerned.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model.save_pretrained(tmp)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    save_config(config, tmp / "config.yaml")
-    write_json(tmp / SUMMARY_FILE, summary)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.replace(old)
-    tmp.replace(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 def load_contrastive(out_dir: str | Path) -> SiglipModel:
-    """The full pre-trained ``SiglipModel`` (both towers) saved by :func:`save_contrastive`, in fp32."""
+    """The full pre-trained ``SiglipModel`` (both towers) saved by
+    :func:`unified_mllm.train.contrastive.save_contrastive`, in fp32."""
     return SiglipModel.from_pretrained(str(Path(out_dir).expanduser()), dtype=torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _split_shards(config: Config, split: str) -> list[Path]:
-    path = Path(config.data.root).expanduser() / split
-    try:
-        return list_shards(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"{exc} (write the world first: python -m unified_mllm.data.shapes)"
-        ) from None
-
-
-def run_contrastive(config: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the contrastive SigLIP of ``config`` and measure its zero-shot accuracy."""
-    cfg, vision = config.contrastive, config.model.vision
-    if cfg.text_max_length < 1 or cfg.batch_size < 2 or cfg.max_steps < 1:
-        raise ConfigError("`contrastive`: need text_max_length >= 1, batch_size >= 2 and max_steps >= 1")
-    tokenizer = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
-    out_dir = Path(cfg.output_dir).expanduser()
-    if not force and reusable(out_dir, config):
-        print(f"reusing the finished checkpoint in {out_dir} (pass --force to retrain)")
-        model = load_contrastive(out_dir)
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
-    else:
-        shards = _split_shards(config, cfg.train_split)
-        torch.manual_seed(cfg.seed)
-        model = build_contrastive_model(vision, cfg, tokenizer.vocab_size, tokenizer.special_tokens().pad)
-        start = time.perf_counter()
-        losses = train_contrastive(
-            model, caption_batches(shards, tokenizer, vision, cfg), cfg, progress=progress
-        )
-        seconds = time.perf_counter() - start
-        summary = {
-            "fingerprint": fingerprint(config),
-            "steps": len(losses),
-            "samples_seen": len(losses) * cfg.batch_size,
-            "train_seconds": round(seconds, 2),
-            "first_loss": losses[0],
-            "final_loss": float(np.mean(losses[-10:])),
-            "temperature": model.logit_scale.exp().item(),
-            "bias": model.logit_bias.item(),
-        }
-        save_contrastive(model, out_dir, config, summary)
-        print(
-            f"trained {len(losses)} steps in {seconds:.1f} s: loss {losses[0]:.3f} -> "
-            f"{summary['final_loss']:.3f}; saved to {out_dir}"
-        )
-    samples = iter_samples(_split_shards(config, cfg.eval_split))
-    world = config.data.world
-    result = zero_shot_eval(model, tokenizer, samples, vision, cfg, world.colors, world.shapes)
-    write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
-    print(format_zero_shot(result, cfg.eval_split))
-    return {"summary": summary, "zero_shot": result, "output_dir": str(out_dir)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Pre-train the SigLIP tower contrastively on the world's captions; report zero-shot accuracy."
-    )
-    add_config_arguments(parser)
-    parser.add_argument("--force", action="store_true", help="retrain even when a matching checkpoint exists")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_intermixed_args(argv)
-    config = config_from_args(args)
-    try:
-        run_contrastive(config, force=args.force, progress=not args.no_progress)
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-
-
-if __name__ == "__main__":
-    main()

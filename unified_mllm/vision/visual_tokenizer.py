@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from unified_mllm.config import VQConfig
+from unified_mllm.io import atomic_path, write_json
 from unified_mllm.vision.image import ImageSource, preprocess, tensor_to_image
 from unified_mllm.vision.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -213,13 +213,9 @@ class VisualTokenizer(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         vq = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "checkpoint"}
         document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), {"format": FORMAT_NAME})
-        )
-        atomic_write(
-            directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n")
-        )
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), {"format": FORMAT_NAME})
+        write_json(directory / CONFIG_FILE, document)
         return directory
 
     # -- images -----------------------------------------------------------------------------------------
@@ -439,15 +435,3 @@ def mismatch_message(
     listed("missing keys", missing)
     listed("unexpected keys", unexpected)
     return "\n".join(lines)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` through ``write(temporary path)`` and an atomic rename; no partial file is left."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

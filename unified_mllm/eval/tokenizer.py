@@ -1,14 +1,14 @@
 """Evaluate an image tokenizer (any ``model.vq.kind``) by reconstruction: PSNR, SSIM, codebook usage, judge
 accuracy and (optionally) rFID.
 
-    python -m unified_mllm.vision.eval_tokenizer --config configs/tokenizer/vqgan-tiny.yaml \\
+    python -m unified_mllm.eval.tokenizer --config configs/tokenizer/vqgan-tiny.yaml \\
         [--checkpoint DIR] [--split test] [--limit N] [--inception PATH] [--reference-stats NPZ]
 
 Every image of the split (``data.root/<split>``, or ``--shards``) is preprocessed to ``model.vq.resolution``,
 encoded to codes and decoded back, in batches. Reported:
 
 * **PSNR** (dB, mean over images with a finite value; exact reconstructions are counted apart) and **SSIM**
-  (:mod:`unified_mllm.eval.image_metrics`, images in [-1, 1]);
+  (:mod:`unified_mllm.metrics`, images in [-1, 1]);
 * **codebook usage** over all codes of the split (fraction of the codebook used at least once) and the
   **perplexity** of the code distribution (the effective number of codes) — per code slot of a position and
   averaged for tokenizers with several codes per position (UniTok's sub-codebooks, DualToken's depths);
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import time
 from collections import Counter
@@ -47,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from unified_mllm import io
 from unified_mllm.config import Config, ConfigError, WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shards import Sample, iter_samples
 from unified_mllm.eval.image_metrics import (
@@ -56,15 +55,15 @@ from unified_mllm.eval.image_metrics import (
     codebook_usage,
     compute_fid,
     load_stats,
-    psnr,
     save_stats,
-    ssim,
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
 from unified_mllm.eval.tasks import batched
+from unified_mllm.metrics import psnr, ssim, zero_shot_classify
+from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
-from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize, zero_shot_classify
+from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize
 from unified_mllm.vision.image import preprocess, tensor_to_image
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
 
@@ -205,7 +204,7 @@ def evaluate_tokenizer(
         device = next(tokenizer.parameters()).device
         tallies.fid_real, tallies.fid_fake = FIDAccumulator(device=device), FIDAccumulator(device=device)
     start = time.perf_counter()
-    bar = tqdm(desc="reconstruct", unit="img", total=limit, disable=not progress)
+    bar = progress_bar(desc="reconstruct", unit="img", total=limit, disable=not progress)
     for batch in batched(itertools.islice(samples, limit), batch_size):
         _evaluate_batch(tokenizer, batch, tallies, world, inception)
         bar.update(len(batch))
@@ -345,13 +344,6 @@ def resolve_checkpoint(config: Config, checkpoint: str | None) -> Path:
     return Path(path).expanduser()
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure an image tokenizer's reconstructions of a split.")
     add_config_arguments(parser)
@@ -390,8 +382,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["zero_shot"] = semantic_zero_shot(tokenizer, config, iter_samples(shards), args.limit)
     result = {"checkpoint": str(checkpoint), "split": args.split, "shards": str(shards), **result}
     json_path, md_path = output_paths(checkpoint, args.split, args.output)
-    _write(json_path, json.dumps(result, indent=2) + "\n")
-    _write(md_path, format_markdown(result))
+    io.write_json(json_path, result)
+    io.write_text(md_path, format_markdown(result))
     print(format_markdown(result))
     print(f"wrote {json_path} and {md_path}")
     return result

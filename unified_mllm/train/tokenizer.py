@@ -1,7 +1,7 @@
 """Train an image tokenizer (``model.vq.kind``: VQ-GAN, UniTok or DualToken), plain or DDP.
 
-    python -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
-    torchrun --nproc_per_node=2 -m unified_mllm.vision.train_tokenizer --config configs/tokenizer/unitok-tiny.yaml
+    python -m unified_mllm.train.tokenizer --config configs/tokenizer/vqgan-tiny.yaml [key=value ...]
+    torchrun --nproc_per_node=2 -m unified_mllm.train.tokenizer --config configs/tokenizer/unitok-tiny.yaml
 
 The architecture is ``model.vq``; everything about training is ``vq_train`` (see ``python -m
 unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per rank from
@@ -13,7 +13,7 @@ unified_mllm.config --docs``). Per step, on ``vq_train.batch_size`` images per r
   ``contrastive_weight * InfoNCE(image, caption)`` for UniTok (captions from the samples' metadata, ids from
   the project's text tokenizer), ``semantic_weight * distillation`` to the frozen teacher for DualToken — plus,
   from ``disc_start_step`` on, ``gan_weight * lambda * L_G(D(x'))`` with taming's adaptive ``lambda``
-  (:func:`~unified_mllm.vision.losses.adaptive_gan_weight`) or 1. The discriminator is frozen during this pass.
+  (:func:`~unified_mllm.train.tokenizer_losses.adaptive_gan_weight`) or 1. The discriminator is frozen during this pass.
   Every ``restart_every`` steps, codes unused for ``model.vq.dead_code_steps`` passes are restarted from this
   batch's encoder outputs (rank 0's, broadcast);
 * **discriminator** (from ``disc_start_step``): hinge or logistic loss on one forward of ``[x; sg(x')]``.
@@ -23,7 +23,8 @@ quantizers' ``all_reduce`` sums code counts and EMA statistics over ranks, so th
 everywhere. Training runs in fp32. UniTok's contrastive loss contrasts each rank's pairs with the
 embeddings of every rank (the global batch; equal per-rank batches).
 
-Output directory (``vq_train.output_dir``, rank 0 writes):
+Output directory (``vq_train.output_dir``, the run directory of :mod:`unified_mllm.train.harness`; rank 0
+writes):
 
 * ``model.safetensors`` + ``config.json`` — the final tokenizer (``load_visual_tokenizer(output_dir)``);
 * ``config.yaml`` — the resolved config; ``train_summary.json`` — what was trained, how long, final metrics
@@ -31,22 +32,21 @@ Output directory (``vq_train.output_dir``, rank 0 writes):
 * ``metrics.jsonl`` — one record per log step (loss terms, codebook usage and perplexity over the window, LR,
   seconds per step) and per evaluation (PSNR, SSIM and usage on ``eval_images`` images of ``eval_data``);
 * ``loss_curves.png``, ``reconstructions.png`` (originals above reconstructions);
-* ``checkpoints/step-XXXXXXXX/state.pt`` (+ ``config.yaml``) — training state every ``checkpoint_every`` steps and at the end:
-  generator, discriminator, both optimizers and schedulers, step, data position, every rank's RNG state. A run
-  resumes from the newest one automatically (``vq_train.resume``), also with a larger ``vq_train.steps``.
-  Resuming at another world size restores the data position exactly but not the per-rank RNG streams.
+* ``checkpoints/step-XXXXXXXX/state.pt`` (+ ``config.yaml``) — training state every ``checkpoint_every`` steps
+  and at the end: generator, discriminator, both optimizers and schedulers, step, data position, every rank's
+  RNG state. A run resumes from the newest one automatically (``vq_train.resume``), also with a larger
+  ``vq_train.steps``. Resuming at another world size restores the data position exactly but not the per-rank
+  RNG streams.
 
-Logging: a tqdm bar and the JSONL file on rank 0, wandb when ``train.wandb.mode`` is not ``disabled``
-(offline by default: files under ``output_dir/wandb``). Host syncs happen on log, check and checkpoint steps.
+Logging: a progress bar (:mod:`unified_mllm.progress`) and the JSONL file on rank 0, wandb when
+``train.wandb.mode`` is not ``disabled`` (offline by default: files under ``output_dir/wandb``). Host syncs
+happen on log, check and checkpoint steps.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,33 +56,21 @@ import torch
 from PIL import Image
 from torch import nn
 
+from unified_mllm import io
 from unified_mllm.config import (
     Config,
     ConfigError,
     VQTrainConfig,
-    add_config_arguments,
-    config_from_args,
-    save_config,
 )
 from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
-from unified_mllm.eval.image_metrics import psnr, ssim
+from unified_mllm.metrics import psnr, ssim
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
-from unified_mllm.train.checkpoint import (
-    STATE_FILE,
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    write_checkpoint_dir,
-)
 from unified_mllm.train.distributed import DistInfo
-from unified_mllm.train.run_log import METRICS_FILE, RunLogger, save_curves, write_json
+from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.schedule import warmup_cosine
-from unified_mllm.vision.contrastive import tokenize
-from unified_mllm.vision.image import tensor_to_image
-from unified_mllm.vision.losses import (
+from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
     NLayerDiscriminator,
@@ -93,6 +81,8 @@ from unified_mllm.vision.losses import (
     discriminator_loss,
     generator_loss,
 )
+from unified_mllm.vision.contrastive import tokenize
+from unified_mllm.vision.image import tensor_to_image
 from unified_mllm.vision.quantizer import perplexity_from_counts
 from unified_mllm.vision.visual_tokenizer import (
     TokenizerOutput,
@@ -102,10 +92,8 @@ from unified_mllm.vision.visual_tokenizer import (
 )
 
 SUMMARY_FILE = "train_summary.json"
-CURVES_FILE = "loss_curves.png"
 GRID_FILE = "reconstructions.png"
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.yaml"
+_EXPORT_FILES = ("model.safetensors", "config.json")
 # vq_train fields that do not change the trained weights: a finished run is reused when only they differ.
 _NON_TRAINING_FIELDS = (
     "output_dir",
@@ -129,39 +117,23 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {"vq": vq, "vq_train": train}
 
 
-def finished_run(out_dir: Path, config: Config) -> dict[str, Any] | None:
-    """The summary of a finished run in ``out_dir`` trained with this config's settings, else None."""
-    try:
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    weights = (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
-    return summary if weights and summary.get("fingerprint") == fingerprint(config) else None
-
-
 # Terms logged as totals over the log window (the others are per-step means).
 _WINDOW_TOTALS = ("restarted",)
 
 
-class MetricWindow:
-    """Loss terms of the steps since the last log, kept on the device (no host sync until :meth:`flush`),
-    with each quantizer's code counts (``[codebook_size]`` or ``[codebooks, codebook_size]``) summed over the
-    window for usage and perplexity."""
+class TokenizerWindow(MetricWindow):
+    """Loss terms of the steps since the last log (per-step means), with each quantizer's code counts
+    (``[codebook_size]`` or ``[codebooks, codebook_size]``) summed over the window for usage and perplexity."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
+        super().__init__(device, torch.float32)
 
     def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        super().reset()
         self.counts: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.started = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+    def add_step(self, terms: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> None:
+        self.add(**terms)
         for name, value in counts.items():
             value = value.detach().float()
             self.counts[name] = self.counts[name] + value if name in self.counts else value
@@ -172,12 +144,8 @@ class MetricWindow:
 
         ``usage`` / ``perplexity`` average over every codebook (a multi-codebook quantizer's rows each count
         once); with several quantizers each also gets ``usage_<name>`` / ``perplexity_<name>``."""
-        names = sorted(self.sums)
-        means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1) if names else None
-        if means is not None:
-            distributed.all_reduce_mean(means)
+        out = self.reduce(mean=True)
         # Counts from a training forward are already summed over ranks by the quantizer's all_reduce.
-        out = dict(zip(names, means.tolist())) if means is not None else {}
         for name in _WINDOW_TOTALS:
             if name in out:
                 out[name] = round(out[name] * self.steps)  # a count per window, not a per-step mean
@@ -193,7 +161,7 @@ class MetricWindow:
             for name in rows:
                 out[f"usage_{name}"] = float(usage[name].mean())
                 out[f"perplexity_{name}"] = float(perplexity[name].mean())
-        out["sec_per_step"] = (time.perf_counter() - self.started) / max(self.steps, 1)
+        out["sec_per_step"] = self.seconds / max(self.steps, 1)
         self.reset()
         return out
 
@@ -438,15 +406,9 @@ def train_step(
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def training_state(
-    nets: Networks, step: int, position: int, elapsed: float, config: Config
-) -> dict[str, Any]:
-    """Everything an exact resume needs; every rank's RNG state is gathered (a collective)."""
+def training_state(nets: Networks, config: Config) -> dict[str, Any]:
+    """The networks' part of a checkpoint (the harness adds step, data position and RNG)."""
     return {
-        "step": step,
-        "position": position,
-        "elapsed_seconds": elapsed,
-        "world_size": distributed.get_world_size(),
         "vq": fingerprint(config)["vq"],
         "generator": nets.tokenizer.state_dict(),
         "discriminator": nets.disc.state_dict(),
@@ -455,11 +417,10 @@ def training_state(
         "sched_g": nets.sched_g.state_dict(),
         "sched_d": nets.sched_d.state_dict(),
         "restart_generator": nets.restart_generator.get_state(),
-        "rng": distributed.all_gather_object(capture_rng_state()),
     }
 
 
-def restore_training_state(nets: Networks, state: dict[str, Any], config: Config, info: DistInfo) -> None:
+def restore_training_state(nets: Networks, state: dict[str, Any], config: Config) -> None:
     """Load a :func:`training_state` into freshly built networks (same architecture required)."""
     if state.get("vq") != fingerprint(config)["vq"]:
         raise ConfigError(
@@ -473,23 +434,6 @@ def restore_training_state(nets: Networks, state: dict[str, Any], config: Config
     nets.sched_g.load_state_dict(state["sched_g"])
     nets.sched_d.load_state_dict(state["sched_d"])
     nets.restart_generator.set_state(state["restart_generator"].to("cpu"))
-    rng = state["rng"]
-    # Another world size: ranks cannot take over the old ranks' streams one to one; rank 0's is a fair seed.
-    restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
-
-
-def save_training_state(nets: Networks, step: int, position: int, elapsed: float, config: Config) -> None:
-    """Write ``checkpoints/step-XXXXXXXX/`` (``state.pt`` + the resolved ``config.yaml``) from rank 0."""
-    state = training_state(nets, step, position, elapsed, config)  # collective: all ranks
-    if distributed.get_rank() == 0:
-
-        def write(directory: Path) -> None:
-            torch.save(state, directory / STATE_FILE)
-            save_config(config, directory / CONFIG_FILE)
-
-        directory = Path(config.vq_train.output_dir).expanduser() / CHECKPOINT_DIR
-        write_checkpoint_dir(directory, step, write, keep_last=config.vq_train.keep_last)
-    distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------- evaluation, plots
@@ -526,9 +470,8 @@ def save_reconstruction_grid(
         for col, pixels in enumerate(images):
             image = tensor_to_image(pixels.cpu()).resize((tile, tile), Image.Resampling.NEAREST)
             grid.paste(image, (col * tile, row * tile))
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    with io.atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 _CURVE_PANELS = (
@@ -539,55 +482,19 @@ _CURVE_PANELS = (
 )
 
 
-def save_loss_curves(metrics_path: Path, path: Path) -> None:
-    """Plot the JSONL's training records (one panel per group of terms) into a PNG."""
-    # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
-    save_curves(metrics_path, path, _CURVE_PANELS, log_scale=("reconstruction",))
-
-
 # ------------------------------------------------------------------------------------------------- loop
 
 
-@dataclass
-class RunState:
-    """Where the loop is: the next step to train, the data position after the last step, time spent."""
-
-    step: int = 0
-    position: int = 0
-    elapsed: float = 0.0
-
-
-def make_logger(config: Config, out_dir: Path, run: RunState, info: DistInfo, progress: bool) -> RunLogger:
-    """The run's bar, metrics file and wandb run (rank 0)."""
-    return RunLogger(
-        out_dir,
-        name=config.model.vq.kind,
-        total=config.vq_train.steps,
-        initial=run.step,
-        is_main=info.is_main,
-        wandb=config.train.wandb,
-        wandb_config={
-            "vq": dataclasses.asdict(config.model.vq),
-            "vq_train": dataclasses.asdict(config.vq_train),
-        },
-        progress=progress,
-    )
-
-
-def _resume(nets: Networks, config: Config, info: DistInfo) -> RunState:
-    directory = Path(config.vq_train.output_dir).expanduser() / CHECKPOINT_DIR
-    path = latest_checkpoint(directory) if config.vq_train.resume else None
-    if path is None:
-        return RunState()
-    state = load_checkpoint(path, map_location=info.device)
-    if int(state["step"]) > config.vq_train.steps:
-        raise ConfigError(
-            f"`vq_train.steps`: {path} is already at step {state['step']}; ask for at least that many steps"
-        )
-    restore_training_state(nets, state, config, info)
-    if info.is_main:
-        print(f"resuming from {path} (step {state['step']}, {state['position']} samples seen)")
-    return RunState(int(state["step"]), int(state["position"]), float(state.get("elapsed_seconds", 0.0)))
+def open_run(nets: Networks, config: Config, info: DistInfo) -> tuple[Run, RunState]:
+    """The run on the harness in ``vq_train.output_dir``, resumed from its newest checkpoint if any."""
+    cfg = config.vq_train
+    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
+    harness = Run(Path(cfg.output_dir), info, policy, "vq_train.steps")
+    run, state = harness.resume(cfg.steps, map_location=info.device)
+    if state:
+        restore_training_state(nets, state, config)
+    run.data_state = run.data_state or 0
+    return harness, run
 
 
 def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
@@ -598,11 +505,9 @@ def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
     return pixels.to(info.device)
 
 
-def train_loop(
-    nets: Networks, config: Config, info: DistInfo, run: RunState, logger: RunLogger
-) -> dict[str, Any]:
-    """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation metrics."""
-    cfg = config.vq_train
+def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> dict[str, Any]:
+    """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation records."""
+    cfg, info = config.vq_train, harness.info
     stream = ImageStream(
         cfg.train_data,
         resolution=config.model.vq.resolution,
@@ -611,32 +516,40 @@ def train_loop(
         rank=info.rank,
         world_size=info.world_size,
         shuffle_buffer=cfg.shuffle_buffer,
-        position=run.position,
+        position=run.data_state,
         hflip=cfg.hflip,
     )
     eval_pixels = _eval_pixels(config, info)
-    window = MetricWindow(info.device)
+    window = TokenizerWindow(info.device)
     batches = iter(stream)
-    last: dict[str, Any] = {}
-    started = time.perf_counter() - run.elapsed
-    while run.step < cfg.steps:
+    epoch = 0
+
+    def step(run: RunState) -> None:
+        nonlocal epoch
         batch = next(batches)
-        terms, counts = train_step(nets, batch, run.step, cfg, info)
-        window.add(terms, counts)
-        run.step, run.position = run.step + 1, batch.position
-        run.elapsed = time.perf_counter() - started
-        logger.bar.update(1)
-        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-            metrics = window.flush()
-            lr = nets.opt_g.param_groups[0]["lr"]
-            last["train"] = {"kind": "train", "step": run.step, "lr": lr, "epoch": batch.epoch, **metrics}
-            logger.log(last["train"], {k: metrics[k] for k in ("l1", "usage") if k in metrics})
-        if eval_pixels is not None and cfg.eval_every and run.step % cfg.eval_every == 0:
-            last["eval"] = {"kind": "eval", "step": run.step, **evaluate(nets.tokenizer, eval_pixels)[0]}
-            logger.log(last["eval"])
-        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
-            save_training_state(nets, run.step, run.position, run.elapsed, config)
-    return last
+        window.add_step(*train_step(nets, batch, run.step, cfg, info))
+        run.data_state, epoch = batch.position, batch.epoch
+
+    def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
+        metrics = window.flush()
+        lr = nets.opt_g.param_groups[0]["lr"]
+        record = {"kind": "train", "step": run.step, "lr": lr, "epoch": epoch, **metrics}
+        return record, {k: metrics[k] for k in ("l1", "usage") if k in metrics}
+
+    def check(run: RunState) -> dict[str, Any]:
+        assert eval_pixels is not None
+        return {"kind": "eval", "step": run.step, **evaluate(nets.tokenizer, eval_pixels)[0]}
+
+    return harness.loop(
+        run,
+        cfg.steps,
+        step,
+        log_every=cfg.log_every,
+        log=log,
+        checkpoint=lambda run: harness.save(run, training_state(nets, config), config),
+        evaluate=check if eval_pixels is not None else None,
+        eval_every=cfg.eval_every,
+    )
 
 
 def finish_run(
@@ -644,25 +557,22 @@ def finish_run(
 ) -> dict[str, Any]:
     """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
     nets.tokenizer.save_pretrained(out_dir)
-    save_config(config, out_dir / CONFIG_FILE)
     eval_pixels = _eval_pixels(config, info)
     if eval_pixels is not None:
         metrics, recon = evaluate(nets.tokenizer, eval_pixels)
         last["eval"] = {"kind": "eval", "step": run.step, **metrics}
         save_reconstruction_grid(eval_pixels, recon, out_dir / GRID_FILE)
-    if (out_dir / METRICS_FILE).is_file():
-        save_loss_curves(out_dir / METRICS_FILE, out_dir / CURVES_FILE)
     summary = {
         "fingerprint": fingerprint(config),
         "steps": run.step,
-        "samples_seen": run.position,
+        "samples_seen": run.data_state,
         "world_size": distributed.get_world_size(),
         "train_seconds": round(run.elapsed, 2),
         "final_train": last.get("train", {}),
         "final_eval": last.get("eval", {}),
         "output_dir": str(out_dir),
     }
-    write_json(out_dir / SUMMARY_FILE, summary)
+    io.write_json(out_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -681,23 +591,28 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse, or resume) the tokenizer of ``config``; returns the run summary."""
     info = distributed.init_distributed()
     out_dir = Path(config.vq_train.output_dir).expanduser()
-    summary = finished_run(out_dir, config)
+    what = f"tokenizer in {out_dir} (load_visual_tokenizer({str(out_dir)!r}))"
+    summary = reuse_finished(out_dir / SUMMARY_FILE, fingerprint(config), _EXPORT_FILES, info, what)
     if summary is not None:
-        if info.is_main:
-            print(f"reusing the finished tokenizer in {out_dir} (load_visual_tokenizer({str(out_dir)!r}))")
         return summary
     cfg = config.vq_train
     check_data(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main and cfg.perceptual != "none" and cfg.perceptual_weights is None:
         print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
     nets = build_networks(config, info)
-    run = _resume(nets, config, info)
-    logger = make_logger(config, out_dir, run, info, progress)
-    try:
-        last = train_loop(nets, config, info, run, logger)
-    finally:
-        logger.close()
+    harness, run = open_run(nets, config, info)
+    harness.snapshot_config(config)
+    with harness.logging(
+        run,
+        name=config.model.vq.kind,
+        total=cfg.steps,
+        wandb=config.train.wandb,
+        wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
+        progress=progress,
+    ):
+        last = train_loop(nets, config, harness, run)
+    # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
+    harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
     if info.is_main:
         summary = finish_run(nets, config, info, run, last, out_dir)
         print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
@@ -706,19 +621,11 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Train the VQ-GAN image tokenizer (plain or under torchrun)."
+    run_cli(
+        "Train an image tokenizer: VQ-GAN, UniTok or DualToken (plain or under torchrun).",
+        lambda config, args: train_tokenizer(config, progress=not args.no_progress),
+        argv,
     )
-    add_config_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        config = config_from_args(args)
-        train_tokenizer(config, progress=not args.no_progress)
-    except (FileNotFoundError, ConfigError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    finally:
-        distributed.shutdown()
 
 
 if __name__ == "__main__":

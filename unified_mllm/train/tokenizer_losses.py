@@ -1,6 +1,6 @@
 """Training losses of the image tokenizers: discriminators, GAN losses, adaptive GAN weight, LPIPS.
 
-What the tokenizer trainer (:mod:`unified_mllm.vision.train_tokenizer`) combines, following taming-transformers'
+What the tokenizer trainer (:mod:`unified_mllm.train.tokenizer`) combines, following taming-transformers'
 ``VQLPIPSWithDiscriminator`` (Esser et al. 2021), which Chameleon's tokenizer descends from:
 
 * :class:`NLayerDiscriminator` — the pix2pix PatchGAN: ``num_layers`` stride-2 4x4 convolutions (widths
@@ -356,7 +356,7 @@ def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu")
                 shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
                 problems.append(f"{len(items)} {title} keys: {shown}")
         raise PerceptualWeightsError(
-            f"{path} is not an LPIPS-VGG16 state dict (see unified_mllm.vision.losses.load_lpips):\n  "
+            f"{path} is not an LPIPS-VGG16 state dict (see unified_mllm.train.tokenizer_losses.load_lpips):\n  "
             + "\n  ".join(problems)
         )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

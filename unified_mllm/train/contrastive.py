@@ -1,0 +1,425 @@
+"""Contrastive pre-training of the tiny SigLIP on the world's captions, with the sigmoid loss of SigLIP.
+
+Published SigLIP towers come from image–text pre-training (Zhai et al. 2023, "Sigmoid Loss for Language Image
+Pre-Training"). The tiny preset has no such checkpoint, so this module trains one the same way on the embedded
+world: the contrastive ``SiglipModel`` of :mod:`unified_mllm.vision.contrastive` (the vision tower of
+``model.vision`` with SigLIP's attention-pooling head, and a small text tower reading our text tokenizer's ids).
+
+The loss, for a batch of ``B`` pairs with L2-normalised embeddings ``x_i`` (images) and ``y_j`` (texts), a
+learnable log-temperature ``t'`` (``t = exp(t')``, initialised to 10) and bias ``b`` (initialised to -10), is
+
+    loss = -1/B * sum_i sum_j log sigmoid(z_ij * (t * <x_i, y_j> + b)),   z_ij = +1 if i == j else -1
+
+(:func:`sigmoid_loss`). The result is written with ``save_pretrained`` as a full ``SiglipModel`` (vision +
+text towers, ``config.json`` + ``model.safetensors``) under ``contrastive.output_dir``; the unified model reads
+its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set ``model.vision.pretrained``
+to that directory). ``contrastive.json`` beside it records what it was trained from, so a re-run with the same
+settings reuses it instead of training again.
+
+The report at the end is **zero-shot classification** on ``contrastive.eval_split``: every image with exactly
+one object is classified among ``prompt_template`` filled with each (colour, shape) of ``data.world``; the
+colour-only and shape-only accuracies are those of the same joint prediction.
+
+    python -m unified_mllm.train.contrastive --config configs/quickstart.yaml [key=value ...]
+
+It needs the world (``python -m unified_mllm.data.shapes``) and the text tokenizer (``python -m
+unified_mllm.text train``). Single process, no distribution (model code here knows nothing of it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import SiglipModel
+from transformers.utils import logging as hf_logging
+
+from unified_mllm import io
+from unified_mllm.config import (
+    Config,
+    ConfigError,
+    ContrastiveConfig,
+    VisionConfig,
+)
+from unified_mllm.data.images import buffered_shuffle
+from unified_mllm.data.shards import Sample, iter_samples, list_shards
+from unified_mllm.metrics import zero_shot_classify
+from unified_mllm.text import TextTokenizer
+from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
+from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.vision.contrastive import (
+    build_contrastive_model,
+    embed_images,
+    embed_texts,
+    image_pixels,
+    load_contrastive,
+    tokenize,
+)
+
+SUMMARY_FILE = "contrastive.json"
+ZERO_SHOT_FILE = "zero_shot.json"
+# Settings that do not change the trained weights, so a finished run is reused when only they differ.
+_NOT_TRAINING_FIELDS = (
+    "output_dir",
+    "eval_split",
+    "prompt_template",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "resume",
+)
+# One process: this trainer knows nothing of distribution.
+_ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+# The panels of loss_curves.png.
+CURVE_PANELS = (("sigmoid loss", ("loss",)), ("temperature", ("temperature",)), ("learning rate", ("lr",)))
+
+# --------------------------------------------------------------------------------------------- the loss
+
+
+def sigmoid_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss for ``B`` matching pairs (row i of each input belongs together).
+
+    ``image_embeds``, ``text_embeds``: ``(B, D)``, L2-normalised. ``logit_scale`` is t' (the temperature is
+    ``exp(t')``), ``logit_bias`` is b. Every pair is a binary problem (+1 on the diagonal, -1 elsewhere); the
+    negative log-likelihoods are summed over all ``B * B`` pairs and divided by ``B``, as in the paper.
+    """
+    logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
+    labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def caption_batches(
+    shards: Sequence[Path],
+    tokenizer: TextTokenizer,
+    vision: VisionConfig,
+    contrastive: ContrastiveConfig,
+    *,
+    skip: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L))`` batches of (image, caption) pairs.
+
+    Each pass visits the shards in a new seeded order through a shuffle buffer; samples without a caption
+    are skipped. ``skip``: the number of batches a resumed run has already trained on; they are drawn in the
+    same order (the stream is a function of the seed alone) but not turned into tensors.
+    """
+    rng = np.random.default_rng(contrastive.seed)
+    while True:
+        order = [shards[int(i)] for i in rng.permutation(len(shards))]
+        pairs = ((s.image, s.meta["caption"]) for s in iter_samples(order) if s.meta.get("caption"))
+        batch: list[tuple[Image.Image, str]] = []
+        seen = 0
+        for pair in buffered_shuffle(pairs, contrastive.shuffle_buffer, rng):
+            seen += 1
+            batch.append(pair)
+            if len(batch) == contrastive.batch_size:
+                if skip:
+                    skip -= 1
+                else:
+                    images, texts = zip(*batch)
+                    yield (
+                        image_pixels(images, vision.image_size),
+                        tokenize(tokenizer, texts, contrastive.text_max_length),
+                    )
+                batch = []
+        if seen == 0:
+            raise ValueError(f"no captioned samples in {[str(s) for s in shards]}")
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def make_optimizer(model: SiglipModel, contrastive: ContrastiveConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases, norms, t' and b are not pulled towards 0)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": contrastive.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=contrastive.lr, betas=(0.9, 0.95))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, contrastive: ContrastiveConfig) -> LambdaLR:
+    """Linear warm-up, then a cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    return LambdaLR(
+        optimizer,
+        warmup_cosine(
+            warmup_steps=contrastive.warmup_steps,
+            total_steps=contrastive.max_steps,
+            min_ratio=contrastive.min_lr_ratio,
+        ),
+    )
+
+
+def train_step(
+    model: SiglipModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: LambdaLR,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    contrastive: ContrastiveConfig,
+) -> float:
+    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids); returns the step's loss."""
+    device = model.logit_scale.device
+    pixels, ids = batch
+    image_embeds = embed_images(model, pixels.to(device))
+    text_embeds = embed_texts(model, ids.to(device))
+    loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if contrastive.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
+    optimizer.step()
+    schedule.step()
+    return loss.item()  # CPU-sized model: the sync costs nothing next to the step
+
+
+def _open_run(
+    model: SiglipModel, optimizer: torch.optim.Optimizer, schedule: LambdaLR, config: Config, force: bool
+) -> tuple[Run, RunState, list[float]]:
+    """The run on the harness in ``contrastive.output_dir``, resumed from its newest checkpoint made with the
+    same settings (``force``: started over); returns it, where to continue and the losses so far."""
+    cfg = config.contrastive
+    harness = Run(
+        Path(cfg.output_dir),
+        dataclasses.replace(_ONE, device=model.logit_scale.device),
+        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
+        "contrastive.max_steps",
+        fingerprint=fingerprint(config),
+    )
+    if force:
+        harness.start_over()
+    run, state = harness.resume(cfg.max_steps)
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+    harness.snapshot_config(config)
+    return harness, run, list(state.get("losses", []))
+
+
+def train_contrastive(
+    model: SiglipModel,
+    config: Config,
+    tokenizer: TextTokenizer,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
+    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step."""
+    cfg = config.contrastive
+    optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
+    schedule = make_schedule(optimizer, cfg)
+    harness, run, losses = _open_run(model, optimizer, schedule, config, force)
+    batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
+    logged, started = run.step, time.perf_counter()
+
+    def step(run: RunState) -> None:
+        losses.append(train_step(model, optimizer, schedule, next(batches), cfg))
+        run.data_state = run.step + 1  # batches drawn
+
+    def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
+        nonlocal logged, started
+        loss, temperature = float(np.mean(losses[logged:])), model.logit_scale.exp().item()
+        seconds = (time.perf_counter() - started) / max(run.step - logged, 1)
+        logged, started = run.step, time.perf_counter()
+        record = {"kind": "train", "step": run.step, "lr": optimizer.param_groups[0]["lr"], "loss": loss}
+        record |= {"temperature": temperature, "bias": model.logit_bias.item(), "sec_per_step": seconds}
+        return record, {"loss": loss, "t": temperature}
+
+    def checkpoint(run: RunState) -> None:
+        parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+        harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
+
+    wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)}
+    name, wandb = "siglip contrastive", config.train.wandb
+    model.train()
+    with harness.logging(
+        run, name=name, total=cfg.max_steps, wandb=wandb, wandb_config=wandb_config, progress=progress
+    ):
+        harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
+    harness.save_curves(CURVE_PANELS)
+    model.eval()
+    return losses
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def zero_shot_eval(
+    model: SiglipModel,
+    tokenizer: TextTokenizer,
+    samples: Iterable[Sample],
+    vision: VisionConfig,
+    contrastive: ContrastiveConfig,
+    colors: Sequence[str],
+    shapes: Sequence[str],
+) -> dict[str, Any]:
+    """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
+    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
+    model.eval()
+    device = model.logit_scale.device
+
+    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
+        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
+
+    def prompts_fn(prompts: Sequence[str]) -> torch.Tensor:
+        return embed_texts(
+            model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device)
+        ).float()
+
+    return zero_shot_classify(
+        images_fn,
+        prompts_fn,
+        samples,
+        prompt_template=contrastive.prompt_template,
+        colors=colors,
+        shapes=shapes,
+        batch_size=contrastive.batch_size,
+    )
+
+
+def format_zero_shot(result: dict[str, Any], split: str) -> str:
+    chance = result["chance"]
+    return (
+        f"zero-shot on {split} ({result['num_images']} single-object images): "
+        f"colour+shape {100 * result['accuracy']:.1f}% (chance {100 * chance['accuracy']:.1f}%), "
+        f"colour {100 * result['color_accuracy']:.1f}% (chance {100 * chance['color']:.1f}%), "
+        f"shape {100 * result['shape_accuracy']:.1f}% (chance {100 * chance['shape']:.1f}%)"
+    )
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """Everything the trained weights depend on; a saved checkpoint with the same fingerprint is reused."""
+    vision = dataclasses.asdict(config.model.vision)
+    for key in ("enabled", "feature_layer", "pretrained", "lr_scale", "anyres"):
+        vision.pop(key)  # how the unified model uses the tower, not how it is pre-trained
+    contrastive = dataclasses.asdict(config.contrastive)
+    for key in _NOT_TRAINING_FIELDS:
+        contrastive.pop(key)
+    return {
+        "vision": vision,
+        "contrastive": contrastive,
+        "tokenizer_sha256": _sha256(config.tokenizer.path),
+        "train_data": str(Path(config.data.root).expanduser() / config.contrastive.train_split),
+    }
+
+
+def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write the model (``save_pretrained``: ``config.json``, ``model.safetensors``) into the run directory
+    ``out_dir``, each file atomically, then ``contrastive.json`` last (it marks the run finished)."""
+    out_dir = Path(out_dir).expanduser()
+    # save_pretrained diffs against a default SiglipTextConfig, whose own token ids (49406/49407 for a
+    # 32000-piece vocabulary) trigger a spurious warning about that default; our config is not concerned.
+    # Its "Writing model shards" bar would be one more carriage-return bar in a log file.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tmp = io.begin_directory(out_dir / "export")
+    try:
+        model.save_pretrained(tmp)
+        io.fsync_tree(tmp)
+        for file in sorted(tmp.iterdir()):
+            file.replace(out_dir / file.name)  # a rename within the directory's file system: atomic
+        io.fsync_dir(out_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
+    io.write_json(out_dir / SUMMARY_FILE, summary)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _split_shards(config: Config, split: str) -> list[Path]:
+    path = Path(config.data.root).expanduser() / split
+    try:
+        return list_shards(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc} (write the world first: python -m unified_mllm.data.shapes)"
+        ) from None
+
+
+def run_contrastive(config: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse, or resume) the contrastive SigLIP of ``config`` and measure its zero-shot accuracy."""
+    cfg, vision = config.contrastive, config.model.vision
+    if cfg.text_max_length < 1 or cfg.batch_size < 2 or cfg.max_steps < 1:
+        raise ConfigError("`contrastive`: need text_max_length >= 1, batch_size >= 2 and max_steps >= 1")
+    if min(cfg.log_every, cfg.checkpoint_every, cfg.keep_last) < 1:
+        raise ConfigError("`contrastive`: log_every, checkpoint_every and keep_last must be >= 1")
+    tokenizer = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
+    out_dir = Path(cfg.output_dir).expanduser()
+    record, what = out_dir / SUMMARY_FILE, f"checkpoint in {out_dir} (pass --force to retrain)"
+    summary = None if force else reuse_finished(record, fingerprint(config), ("config.json",), _ONE, what)
+    if summary is not None:
+        model = load_contrastive(out_dir)
+    else:
+        _split_shards(config, cfg.train_split)  # fail before building anything when the world is missing
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # never an old summary beside new weights
+        torch.manual_seed(cfg.seed)
+        model = build_contrastive_model(vision, cfg, tokenizer.vocab_size, tokenizer.special_tokens().pad)
+        start = time.perf_counter()
+        losses = train_contrastive(model, config, tokenizer, force=force, progress=progress)
+        seconds = time.perf_counter() - start
+        summary = {
+            "fingerprint": fingerprint(config),
+            "steps": len(losses),
+            "samples_seen": len(losses) * cfg.batch_size,
+            "train_seconds": round(seconds, 2),
+            "first_loss": losses[0],
+            "final_loss": float(np.mean(losses[-10:])),
+            "temperature": model.logit_scale.exp().item(),
+            "bias": model.logit_bias.item(),
+        }
+        save_contrastive(model, out_dir, summary)
+        print(
+            f"trained {len(losses)} steps in {seconds:.1f} s: loss {losses[0]:.3f} -> "
+            f"{summary['final_loss']:.3f}; saved to {out_dir}"
+        )
+    samples = iter_samples(_split_shards(config, cfg.eval_split))
+    world = config.data.world
+    result = zero_shot_eval(model, tokenizer, samples, vision, cfg, world.colors, world.shapes)
+    io.write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
+    print(format_zero_shot(result, cfg.eval_split))
+    return {"summary": summary, "zero_shot": result, "output_dir": str(out_dir)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(
+        "Pre-train the SigLIP tower contrastively on the world's captions; report zero-shot accuracy.",
+        lambda config, args: run_contrastive(config, force=args.force, progress=not args.no_progress),
+        argv,
+        errors=(FileNotFoundError, ConfigError, ValueError),
+        flags={"--force": "retrain even when a matching checkpoint exists"},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""The run harness every trainer stands on: run directory, resume, checkpoints, the step loop, logging.
+
+A trainer (the LM stages, the image tokenizers, contrastive SigLIP) supplies what is its own — how to train one
+step, what its training state holds, what its log record says — and :class:`Run` does the rest the same way
+for all of them:
+
+* the **run directory**: ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``loss_curves.png``, wandb
+  files (:mod:`unified_mllm.train.run_log`), and ``checkpoints/step-XXXXXXXX/``;
+* **checkpoints** for exact resume, written atomically every ``every`` steps and at the end, the newest
+  ``keep_last`` kept (:mod:`unified_mllm.train.checkpoint`). Each holds the state file (``state.pt`` — the
+  trainer's state plus the step, data position, time spent and every rank's RNG state) and ``config.yaml``.
+  The small models keep everything in the state file, written by rank 0; the sharded LM hands its model and
+  optimizer to a :class:`ShardedState` (its training backend: torch.distributed.checkpoint or DeepSpeed) that
+  every rank writes its part of;
+* **resume**: the newest checkpoint is loaded when there is one (RNG streams per rank; at another world size
+  rank 0's seeds all), and the loop continues at its step;
+* the **step loop** (:meth:`Run.loop`): the progress bar, a log record every ``log_every`` steps, optional
+  evaluations, checkpoints, and the crash hook: with ``UMLLM_CRASH_AFTER_STEP=k`` in the environment the process
+  exits abruptly (as a kill would) right after step ``k``, for tests and fault drills;
+* **reuse** of a finished run: :func:`unified_mllm.io.finished_output` on the summary a trainer writes last.
+
+Metric sums stay on the device between logs (:class:`MetricWindow`): no host sync except on log, evaluation
+and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from unified_mllm import io
+from unified_mllm.config import (
+    Config,
+    ConfigError,
+    WandbConfig,
+    add_config_arguments,
+    config_from_args,
+    save_config,
+)
+from unified_mllm.train import distributed
+from unified_mllm.train.checkpoint import (
+    STATE_FILE,
+    begin_checkpoint_dir,
+    capture_rng_state,
+    commit_checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+)
+from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.run_log import METRICS_FILE, Panel, RunLogger, save_curves
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+CURVES_FILE = "loss_curves.png"
+# Tests and fault drills: exit abruptly (as a kill would) right after this step.
+CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
+CRASH_EXIT_CODE = 17
+
+
+def reuse_finished(
+    record_file: Path, fingerprint: Any, required: Sequence[str], info: DistInfo, what: str
+) -> dict[str, Any] | None:
+    """The summary a finished run made with ``fingerprint`` wrote last into ``record_file`` (with its
+    ``required`` files beside it), announced on rank 0 as ``reusing the finished <what>``; None: train."""
+    summary = io.finished_output(record_file, {"fingerprint": fingerprint}, required)
+    if summary is not None and info.is_main:
+        print(f"reusing the finished {what}")
+    return summary
+
+
+def run_cli(
+    description: str,
+    train: Callable[[Config, argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+    *,
+    errors: tuple[type[Exception], ...] = (FileNotFoundError, ConfigError),
+    flags: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> None:
+    """A trainer's command line: ``--config`` files and ``key=value`` overrides, ``--no-progress``, the
+    trainer's own ``flags`` (``{"--force": help}``, booleans); ``errors`` end it with a one-line message."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        train(config_from_args(args), args)
+    except errors as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        distributed.shutdown()
+
+
+@dataclass
+class RunState:
+    """Where the loop is: the next step to train, the data position after the last step, time spent so far.
+
+    ``data_state`` is whatever the trainer's data stream resumes from (a dict, a sample count, ...)."""
+
+    step: int = 0
+    data_state: Any = None
+    elapsed: float = 0.0
+
+
+class MetricWindow:
+    """Sums of named values over the steps since the last log, kept on the device (no host sync until
+    :meth:`reduce`). Scalars and vectors alike; every rank must add the same names and sizes."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
+        self.device, self.dtype = device, dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, **values: torch.Tensor | float) -> None:
+        """Add one step's (or micro-batch's) values to the sums."""
+        for name, value in values.items():
+            value = torch.as_tensor(value, device=self.device).detach().to(self.dtype)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the window opened."""
+        return time.perf_counter() - self.started
+
+    def reduce(self, *, mean: bool = False) -> dict[str, Any]:
+        """The window's sums over all ranks, or with ``mean`` the per-step means averaged over ranks (one
+        collective: every rank calls it). Scalars come back as floats, vectors as lists."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        flat = torch.cat([self.sums[n].reshape(-1) for n in names])
+        if mean:
+            totals = distributed.all_reduce_mean(flat / max(self.steps, 1)).tolist()
+        else:
+            totals = distributed.all_reduce_sum(flat).tolist()
+        out: dict[str, Any] = {}
+        for name in names:
+            size = self.sums[name].numel()
+            out[name] = totals[:size] if self.sums[name].ndim else totals[0]
+            totals = totals[size:]
+        return out
+
+
+class ShardedState(Protocol):
+    """What a sharded model and optimizer do at checkpoints: every rank saves and loads its own part."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+@dataclass
+class CheckpointPolicy:
+    """When checkpoints are written (every ``every`` steps and at the end), how many stay on disk, and
+    whether a run resumes from the newest one."""
+
+    every: int
+    keep_last: int
+    resume: bool = True
+
+
+@dataclass
+class Run:
+    """One training run: its directory, checkpoint policy and (optional) sharded state.
+
+    ``total_name`` is the config key of the run's length, named in errors (``train.max_steps``). With a
+    ``fingerprint`` (the settings the weights depend on) every checkpoint records it, and checkpoints made
+    with other settings are not resumed: the run starts over."""
+
+    directory: Path
+    info: DistInfo
+    policy: CheckpointPolicy
+    total_name: str
+    sharded: ShardedState | None = None
+    fingerprint: Any = None
+    logger: RunLogger | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory).expanduser()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / CHECKPOINT_DIR
+
+    def snapshot_config(self, config: Config) -> None:
+        """Rank 0: create the run directory and write the resolved config into it."""
+        if self.info.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.directory / CONFIG_FILE)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def start_over(self) -> None:
+        """Rank 0: delete the run's checkpoints (a run with other settings, or one retrained on request)."""
+        if self.info.is_main and self.checkpoints.is_dir():
+            shutil.rmtree(self.checkpoints)
+        distributed.barrier()
+
+    def resume(self, total: int, map_location: str | torch.device = "cpu") -> tuple[RunState, dict[str, Any]]:
+        """Load the newest checkpoint (when resuming and there is one): the sharded state in place, the RNG
+        streams; returns where to continue and the trainer's state ({} for a fresh run)."""
+        path = latest_checkpoint(self.checkpoints) if self.policy.resume else None
+        if path is None:
+            return RunState(), {}
+        state = load_checkpoint(path / STATE_FILE, map_location=map_location)
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+            if self.info.is_main:
+                print(f"the checkpoints in {self.checkpoints} were made with other settings: starting over")
+            self.start_over()
+            return RunState(), {}
+        if int(state["step"]) > total:
+            raise ConfigError(
+                f"`{self.total_name}`: {path} is already at step {state['step']}; ask for at least that"
+            )
+        if self.sharded is not None:
+            self.sharded.load(path)
+        rng = state["rng"]
+        # At another world size the old ranks' RNG streams cannot be handed over one to one; rank 0's seeds all.
+        restore_rng_state(rng[self.info.rank] if len(rng) == self.info.world_size else rng[0])
+        if self.info.is_main:
+            print(
+                f"resuming from {path} (step {state['step']}, "
+                f"world size {state['world_size']} -> {self.info.world_size})"
+            )
+        run = RunState(int(state["step"]), state.get("data_state"), float(state.get("elapsed_seconds", 0.0)))
+        return run, state
+
+    def save(self, run: RunState, state: Mapping[str, Any], config: Config) -> None:
+        """Write ``checkpoints/step-XXXXXXXX/`` atomically (a collective): every rank writes its sharded
+        part, rank 0 the state file (``state`` plus the run's position and every rank's RNG) and the config,
+        then renames the directory into place and prunes to ``keep_last``."""
+        tmp = begin_checkpoint_dir(self.checkpoints, run.step) if self.info.is_main else None
+        tmp = distributed.broadcast_object(tmp)
+        if self.sharded is not None:
+            self.sharded.save(tmp)
+        rng = distributed.all_gather_object(capture_rng_state())
+        if self.info.is_main:
+            position = {
+                "fingerprint": self.fingerprint,
+                "step": run.step,
+                "data_state": run.data_state,
+                "elapsed_seconds": run.elapsed,
+                "world_size": self.info.world_size,
+                "rng": rng,
+            }
+            torch.save({**state, **position}, tmp / STATE_FILE)
+            save_config(config, tmp / CONFIG_FILE)
+        distributed.barrier()  # every rank's part is on disk before the rename
+        if self.info.is_main:
+            commit_checkpoint_dir(tmp, run.step, keep_last=self.policy.keep_last)
+        distributed.barrier()
+
+    # ------------------------------------------------------------------------------------- logging
+
+    @contextlib.contextmanager
+    def logging(
+        self,
+        run: RunState,
+        *,
+        name: str,
+        total: int,
+        wandb: WandbConfig,
+        wandb_config: Mapping[str, Any],
+        progress: bool,
+    ) -> Iterator[RunLogger]:
+        """The run's bar, ``metrics.jsonl`` (records past ``run.step`` dropped) and wandb run (rank 0), open
+        for the block (the loop logs through it) and closed after it."""
+        self.logger = RunLogger(
+            self.directory,
+            name=name,
+            total=total,
+            initial=run.step,
+            is_main=self.info.is_main,
+            wandb=wandb,
+            wandb_config=wandb_config,
+            progress=progress,
+        )
+        try:
+            yield self.logger
+        finally:
+            self.logger.close()
+            self.logger = None
+
+    def save_curves(self, panels: tuple[Panel, ...], *, log_scale: tuple[str, ...] = ()) -> None:
+        """Rank 0: ``loss_curves.png`` from ``metrics.jsonl`` (when anything was logged)."""
+        metrics = self.directory / METRICS_FILE
+        if self.info.is_main and metrics.is_file():
+            save_curves(metrics, self.directory / CURVES_FILE, panels, log_scale=log_scale)
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def loop(
+        self,
+        run: RunState,
+        total: int,
+        train_step: Callable[[RunState], None],
+        *,
+        log_every: int,
+        log: Callable[[RunState], tuple[dict[str, Any], Mapping[str, float]]],
+        checkpoint: Callable[[RunState], None],
+        evaluate: Callable[[RunState], dict[str, Any]] | None = None,
+        eval_every: int = 0,
+    ) -> dict[str, dict[str, Any]]:
+        """Train from ``run.step`` to ``total``; returns the last record of each kind (``train``, ``eval``).
+
+        ``train_step(run)`` trains step ``run.step`` (0-based) and sets ``run.data_state``; ``log(run)`` gives
+        a record (with ``kind`` and ``step``) and the bar's postfix; ``evaluate(run)`` an evaluation record
+        (every ``eval_every`` steps); ``checkpoint(run)`` saves (every ``policy.every`` steps and at the end).
+        """
+        assert self.logger is not None, "loop inside `with run.logging(...)`"
+        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        last: dict[str, dict[str, Any]] = {}
+        started = time.perf_counter() - run.elapsed
+        while run.step < total:
+            train_step(run)
+            run.step += 1
+            run.elapsed = time.perf_counter() - started
+            self.logger.bar.update(1)
+            if run.step % log_every == 0 or run.step == total:
+                last["train"], postfix = log(run)
+                self.logger.log(last["train"], postfix)
+            if evaluate is not None and eval_every and run.step % eval_every == 0:
+                last["eval"] = evaluate(run)
+                self.logger.log(last["eval"])
+            if run.step % self.policy.every == 0 or run.step == total:
+                checkpoint(run)
+            if crash_after and run.step == crash_after:
+                os._exit(CRASH_EXIT_CODE)
+        return last
