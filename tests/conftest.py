@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated output root, a small trained sentencepiece tokenizer, a fake Chameleon vocab."""
+"""Shared fixtures: an isolated output root, a small trained sentencepiece tokenizer, a fake Chameleon vocab,
+a user's own shards (no world ground truth)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
+from unified_mllm.data.shards import ShardWriter
 from unified_mllm.text import (
     CHAMELEON_SPECIAL_NAMES,
     TextTokenizer,
@@ -118,3 +121,26 @@ def write_fake_chameleon_vocab(path: Path, num_codes: int = 12, num_sizes: int =
 @pytest.fixture
 def chameleon_vocab(tmp_path: Path) -> Path:
     return write_fake_chameleon_vocab(tmp_path / "text_tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def user_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's own data in the documented shard format: ``train`` (16) and ``test`` (10) splits of 64 px
+    images whose records carry a caption, a question and a text-to-image prompt, but none of the world's
+    ground truth (no ``objects``)."""
+    root = tmp_path_factory.mktemp("user_shards")
+    rng = random.Random(7)
+    for split, count in (("train", 16), ("test", 10)):
+        with ShardWriter(root / split, f"mine-{split}", samples_per_shard=6) as writer:
+            for i in range(count):
+                colour = tuple(rng.randrange(256) for _ in range(3))
+                image = Image.new("RGB", (64, 64), colour)
+                ImageDraw.Draw(image).rectangle((8 * (i % 6), 10, 8 * (i % 6) + 20, 40), fill=(255, 255, 255))
+                caption = " ".join(rng.choice(WORDS) for _ in range(6))
+                record = {
+                    "caption": caption,
+                    "vqa": [{"question": "what is shown?", "answer": caption}],
+                    "t2i": [{"prompt": caption}],
+                }
+                writer.write(f"{split}-{i:04d}", image, record)
+    return root

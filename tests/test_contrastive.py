@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from unified_mllm.config import ContrastiveConfig, VisionConfig, get_preset, load_config
-from unified_mllm.data.shards import ShardWriter, list_shards
+from unified_mllm.data.shards import Sample, ShardWriter, list_shards
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import contrastive as C
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
@@ -252,8 +253,9 @@ def test_cli_trains_saves_reuses_and_reports(
     C.main(cli_args(world, sp_model))
     out = capsys.readouterr().out
     assert "trained 3 steps" in out and "zero-shot on test (12 single-object images)" in out
+    assert "retrieval on test (12 image-caption pairs" in out
     out_dir = isolated_output_root / "tokenizer" / "siglip-tiny"
-    assert {"config.json", "model.safetensors", "config.yaml", "contrastive.json", "zero_shot.json"} <= {
+    assert {"config.json", "model.safetensors", "config.yaml", "contrastive.json", "eval.json"} <= {
         p.name for p in out_dir.iterdir()
     }
     assert not out_dir.with_name("siglip-tiny.tmp").exists()
@@ -262,13 +264,48 @@ def test_cli_trains_saves_reuses_and_reports(
     assert tower(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape == (1, 64, 128)
     saved = load_contrastive(out_dir)
     assert torch.equal(saved.vision_model.state_dict()["post_layernorm.weight"], tower.post_layernorm.weight)
-    assert json.loads((out_dir / "zero_shot.json").read_text())["num_images"] == 12
+    evaluation = json.loads((out_dir / "eval.json").read_text())
+    assert evaluation["split"] == "test" and evaluation["zero_shot"]["num_images"] == 12
+    assert evaluation["retrieval"]["num_pairs"] == 12
+    assert_recalls_in_range(evaluation["retrieval"])
 
     # Same settings: reused; only the prompt changes: still reused; a training setting changes: retrained.
     C.main(cli_args(world, sp_model, "contrastive.prompt_template=a {shape} that is {color}"))
     assert "reusing the finished checkpoint" in capsys.readouterr().out
     C.main(cli_args(world, sp_model, "contrastive.max_steps=2"))
     assert "trained 2 steps" in capsys.readouterr().out
+
+
+def assert_recalls_in_range(retrieval: dict[str, Any]) -> None:
+    for direction in ("image_to_text", "text_to_image"):
+        assert set(retrieval[direction]) == {"recall@1", "recall@5"}
+        assert 0.0 <= retrieval[direction]["recall@1"] <= retrieval[direction]["recall@5"] <= 1.0
+
+
+def test_cli_on_user_shards_reports_retrieval_and_no_zero_shot(
+    user_shards: Path, sp_model: Path, isolated_output_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's captioned shards without the world's ``objects``: retrieval figures, no zero-shot, no NaN."""
+    C.main(cli_args(user_shards, sp_model))
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "retrieval on test (10 image-caption pairs, 10 distinct" in out
+    assert "zero-shot" not in out and "nan" not in out
+    text = (isolated_output_root / "tokenizer" / "siglip-tiny" / "eval.json").read_text()
+    evaluation = json.loads(text)
+    assert "zero_shot" not in evaluation and "NaN" not in text
+    assert evaluation["retrieval"]["num_pairs"] == evaluation["retrieval"]["distinct_captions"] == 10
+    assert_recalls_in_range(evaluation["retrieval"])
+
+
+def test_evaluation_without_captions_reports_no_retrieval(
+    sp_tokenizer: TextTokenizer, vision: VisionConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_config([REPO / "configs/quickstart.yaml"])
+    config.contrastive = small_contrastive()
+    model = build_contrastive_model(vision, config.contrastive, sp_tokenizer.vocab_size, 3)
+    samples = [Sample(f"k{i}", Image.new("RGB", (64, 64)), {"vqa": []}, "shard") for i in range(3)]
+    assert C.evaluate_contrastive(model, sp_tokenizer, samples, config) == {"split": "test", "retrieval": None}
+    assert capsys.readouterr().out == "retrieval on test: no captioned images\n"
 
 
 def test_cli_names_missing_inputs(tmp_path: Path, sp_model: Path) -> None:

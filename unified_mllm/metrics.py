@@ -1,5 +1,5 @@
-"""Metrics on tensors that every layer may use: image fidelity (PSNR, SSIM) and zero-shot classification by
-embedding similarity.
+"""Metrics on tensors that every layer may use: image fidelity (PSNR, SSIM), image-text retrieval recall and
+zero-shot classification by embedding similarity.
 
 Conventions for PSNR and SSIM (chosen to match the tools published numbers come from):
 
@@ -13,8 +13,13 @@ Conventions for PSNR and SSIM (chosen to match the tools published numbers come 
   ``structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
   data_range=..., channel_axis=...)``. Computed in float64 (float32 on devices without float64).
 
-They live here, below every package folder, because both the tokenizer trainer (``train``) and tokenizer
-evaluation (``eval``) measure reconstructions with them.
+**Retrieval recall@k** ranks, for every query, all candidates by similarity; a query counts as found at ``k``
+when one of its right candidates is among the first ``k``. A wrong candidate that ties the best right one is
+ranked before it, so the figure does not depend on the candidates' order and a collapsed model (every
+similarity equal) finds nothing unless ``k`` exceeds the wrong candidates.
+
+They live here, below every package folder, because trainers (``train``) and evaluation (``eval``) both use
+them.
 """
 
 from __future__ import annotations
@@ -119,6 +124,56 @@ def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
     ssim_map = num / den
     # Mean over pixels then channels equals the channel-averaged SSIM, as every channel has the same area.
     return ssim_map.reshape(batch, -1).mean(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def retrieval_ranks(similarity: Tensor, matches: Tensor) -> Tensor:
+    """Rank of each query's best right candidate: ``similarity (Q, C)`` and ``matches (Q, C)`` (bool, True
+    where candidate c is a right answer to query q) -> ``(Q,)`` int64, 0 when a right one comes first.
+
+    The rank is the number of wrong candidates scoring at least as high as the query's best right one (ties
+    count against the query: see the module docstring). Every query needs at least one right candidate.
+    """
+    if similarity.ndim != 2 or similarity.shape != matches.shape:
+        raise ValueError(
+            f"need similarity and matches of one shape (Q, C), got {tuple(similarity.shape)} and "
+            f"{tuple(matches.shape)}"
+        )
+    matches = matches.to(device=similarity.device, dtype=torch.bool)
+    if not bool(matches.any(dim=1).all()):
+        raise ValueError("every query needs at least one right candidate")
+    best = similarity.masked_fill(~matches, float("-inf")).amax(dim=1, keepdim=True)
+    return ((similarity >= best) & ~matches).sum(dim=1)
+
+
+def retrieval_recall(
+    similarity: Tensor, matches: Tensor | None = None, ks: Sequence[int] = (1, 5)
+) -> dict[str, dict[str, float]]:
+    """Image-text retrieval recall@k in both directions from ``similarity (I, T)`` (image i against text t).
+
+    ``matches (I, T)`` marks the right (image, text) pairs; by default pair i is image i with text i (a square
+    matrix). Returns ``{"image_to_text": {"recall@k": ...}, "text_to_image": {...}}``: the fraction of images
+    whose right text is among their ``k`` most similar texts (rows), and of texts whose right image is among
+    their ``k`` most similar images (columns).
+    """
+    if matches is None:
+        if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+            raise ValueError(f"without matches the similarity must be square, got {tuple(similarity.shape)}")
+        matches = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    if min(similarity.shape) == 0 or min(ks, default=1) < 1:
+        raise ValueError(
+            f"need at least one image and one text and every k >= 1, got {tuple(similarity.shape)}, {ks}"
+        )
+    directions = {
+        "image_to_text": retrieval_ranks(similarity, matches),
+        "text_to_image": retrieval_ranks(similarity.t(), matches.t()),
+    }
+    return {
+        name: {f"recall@{k}": float((ranks < k).double().mean()) for k in ks}
+        for name, ranks in directions.items()
+    }
 
 
 # ---------------------------------------------------------------------------------- zero-shot classification

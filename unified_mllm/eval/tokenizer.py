@@ -24,8 +24,12 @@ encoded to codes and decoded back, in batches. Reported:
   validation images at 256 px; on the world's few hundred 64 px scenes, upsampled to Inception's 299 px, the
   number is only a relative figure for comparing tokenizers on the same split, not comparable to papers
   (fewer images than the 2048 feature dimensions also leave the covariance rank-deficient);
-* **semantic zero-shot** (UniTok, DualToken): (colour, shape) classification of the split's single-object
-  scenes by the tokenizer's semantic side against text prompts (:func:`semantic_zero_shot`).
+* **semantic zero-shot** (UniTok, DualToken; world data only, like the judge): (colour, shape)
+  classification of the split's single-object scenes by the tokenizer's semantic side against text prompts
+  (:func:`semantic_zero_shot`).
+
+PSNR, SSIM, codebook usage and rFID need nothing but images, so any shards in the documented format work;
+figures a split cannot give are left out (``null`` in the JSON), never reported as NaN.
 
 The checkpoint is ``--checkpoint`` (a ``save_pretrained`` directory, or Chameleon's ``vqgan.ckpt`` with its
 yaml beside it), else ``model.vq.checkpoint``, else the trainer's ``vq_train.output_dir``. Results are written
@@ -98,8 +102,9 @@ class JudgeTally:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "object_accuracy": self.recovered / self.objects if self.objects else math.nan,
-            "scene_accuracy": self.exact / self.scenes if self.scenes else math.nan,
+            # None, not NaN, when nothing was counted (scenes listing no objects): JSON has no NaN.
+            "object_accuracy": self.recovered / self.objects if self.objects else None,
+            "scene_accuracy": self.exact / self.scenes if self.scenes else None,
             "objects": self.objects,
             "objects_recovered": self.recovered,
             "extra_objects": self.extra,
@@ -269,19 +274,21 @@ def semantic_zero_shot(
     ``samples`` (``contrastive.prompt_template`` prompts): UniTok's image embedding of its codes against its own
     text tower, DualToken's quantized semantic embedding against the text tower of the SigLIP it distils
     (``model.vq.dualtoken.pretrained``, a contrastive SiglipModel directory). None for the VQ-GAN (no
-    semantic side) or a DualToken without that directory."""
+    semantic side), a DualToken without that directory, or samples without single-object world scenes (data
+    whose records carry no ``objects``)."""
     tokenizer.eval()
     embedders = semantic_embedders(tokenizer, config)
     if embedders is None:
         return None
     world = config.data.world
-    return zero_shot_classify(
+    result = zero_shot_classify(
         *embedders,
         itertools.islice(samples, limit),
         prompt_template=config.contrastive.prompt_template,
         colors=world.colors,
         shapes=world.shapes,
     )
+    return result if result["num_images"] else None
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -3,7 +3,8 @@
 Published SigLIP towers come from image–text pre-training (Zhai et al. 2023, "Sigmoid Loss for Language Image
 Pre-Training"). The tiny preset has no such checkpoint, so this module trains one the same way on the embedded
 world: the contrastive ``SiglipModel`` of :mod:`unified_mllm.vision.contrastive` (the vision tower of
-``model.vision`` with SigLIP's attention-pooling head, and a small text tower reading our text tokenizer's ids).
+``model.vision`` with SigLIP's attention-pooling head, and a small text tower reading our text tokenizer's
+ids).
 
 The loss, for a batch of ``B`` pairs with L2-normalised embeddings ``x_i`` (images) and ``y_j`` (texts), a
 learnable log-temperature ``t'`` (``t = exp(t')``, initialised to 10) and bias ``b`` (initialised to -10), is
@@ -16,14 +17,18 @@ its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` 
 to that directory). ``contrastive.json`` beside it records what it was trained from, so a re-run with the same
 settings reuses it instead of training again.
 
-The report at the end is **zero-shot classification** on ``contrastive.eval_split``: every image with exactly
-one object is classified among ``prompt_template`` filled with each (colour, shape) of ``data.world``; the
-colour-only and shape-only accuracies are those of the same joint prediction.
+The report at the end, on ``contrastive.eval_split`` (``eval.json`` beside the model), is what any
+captioned data allows: **image-text retrieval** recall@1 and recall@5 in both directions over the split's
+(image, caption) pairs (:func:`unified_mllm.metrics.retrieval_recall`; images with the same caption share
+their right captions). Where the records carry the world's ``objects``, **zero-shot classification** is
+added: every image with exactly one object is classified among ``prompt_template`` filled with each (colour,
+shape) of ``data.world``; the colour-only and shape-only accuracies are those of the same joint prediction.
 
     python -m unified_mllm.train.contrastive --config configs/quickstart.yaml [key=value ...]
 
-It needs the world (``python -m unified_mllm.data.shapes``) and the text tokenizer (``python -m
-unified_mllm.text train``). Single process, no distribution (model code here knows nothing of it).
+It needs captioned shards (the world's, ``python -m unified_mllm.data.shapes``, or your own in the same
+format) and the text tokenizer (``python -m unified_mllm.text train``). Single process, no distribution
+(model code here knows nothing of it).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from unified_mllm.config import (
 )
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
-from unified_mllm.metrics import zero_shot_classify
+from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
@@ -68,7 +73,7 @@ from unified_mllm.vision.contrastive import (
 )
 
 SUMMARY_FILE = "contrastive.json"
-ZERO_SHOT_FILE = "zero_shot.json"
+EVAL_FILE = "eval.json"
 # Settings that do not change the trained weights, so a finished run is reused when only they differ.
 _NOT_TRAINING_FIELDS = (
     "output_dir",
@@ -305,6 +310,92 @@ def format_zero_shot(result: dict[str, Any], split: str) -> str:
     )
 
 
+@torch.no_grad()
+def embed_pairs(
+    model: SiglipModel,
+    tokenizer: TextTokenizer,
+    pairs: Sequence[tuple[Image.Image, str]],
+    vision: VisionConfig,
+    contrastive: ContrastiveConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised ``(image embeddings (N, D), caption embeddings (N, D))`` of (image, caption) pairs, fp32
+    on the CPU."""
+    device = model.logit_scale.device
+    images, captions = zip(*pairs)
+    pixels = image_pixels(images, vision.image_size).to(device)
+    ids = tokenize(tokenizer, captions, contrastive.text_max_length).to(device)
+    return embed_images(model, pixels).float().cpu(), embed_texts(model, ids).float().cpu()
+
+
+def caption_retrieval(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]
+) -> dict[str, Any]:
+    """Recall@1/@5 of image -> caption and caption -> image retrieval by cosine similarity; pair i is image i
+    with caption i, and images whose captions are the same string share their right captions (the world
+    repeats captions, and no model can tell identical texts apart)."""
+    index = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[caption] for caption in captions])
+    similarity = image_embeds @ text_embeds.t()
+    return {
+        "num_pairs": len(captions),
+        "distinct_captions": len(index),
+        **retrieval_recall(similarity, ids[:, None] == ids[None, :]),
+    }
+
+
+def evaluate_contrastive(
+    model: SiglipModel, tokenizer: TextTokenizer, samples: Iterable[Sample], config: Config
+) -> dict[str, Any]:
+    """What any captioned split allows, plus the world's figures where its records carry them.
+
+    Returns ``split``, ``retrieval`` (:func:`caption_retrieval` over the captioned samples; None without any)
+    and, only when some records list ``objects`` and one of them is a single-object scene, ``zero_shot``
+    (:func:`zero_shot_eval`). Prints one line for each.
+    """
+    cfg, vision, world = config.contrastive, config.model.vision, config.data.world
+    model.eval()
+    annotated: list[Sample] = []  # records with the world's ground truth, for zero-shot classification
+    pairs: list[tuple[Image.Image, str]] = []
+    embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
+    captions: list[str] = []
+    for sample in samples:
+        if isinstance(sample.meta.get("objects"), list):
+            annotated.append(sample)
+        if sample.meta.get("caption"):
+            pairs.append((sample.image, sample.meta["caption"]))
+        if len(pairs) == cfg.batch_size:
+            embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
+            captions += [caption for _, caption in pairs]
+            pairs = []
+    if pairs:
+        embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
+        captions += [caption for _, caption in pairs]
+    result: dict[str, Any] = {"split": cfg.eval_split, "retrieval": None}
+    if captions:
+        image_embeds, text_embeds = (torch.cat(parts) for parts in zip(*embeds))
+        result["retrieval"] = caption_retrieval(image_embeds, text_embeds, captions)
+    print(format_retrieval(result["retrieval"], cfg.eval_split))
+    if annotated:
+        zero_shot = zero_shot_eval(model, tokenizer, annotated, vision, cfg, world.colors, world.shapes)
+        if zero_shot["num_images"]:
+            result["zero_shot"] = zero_shot
+            print(format_zero_shot(zero_shot, cfg.eval_split))
+    return result
+
+
+def format_retrieval(result: dict[str, Any] | None, split: str) -> str:
+    """One line of :func:`caption_retrieval`'s figures (or of their absence) for the console."""
+    if result is None:
+        return f"retrieval on {split}: no captioned images"
+    i2t, t2i = result["image_to_text"], result["text_to_image"]
+    return (
+        f"retrieval on {split} ({result['num_pairs']} image-caption pairs, {result['distinct_captions']} "
+        f"distinct captions): image->text R@1 {100 * i2t['recall@1']:.1f}%, "
+        f"R@5 {100 * i2t['recall@5']:.1f}%; text->image R@1 {100 * t2i['recall@1']:.1f}%, "
+        f"R@5 {100 * t2i['recall@5']:.1f}%"
+    )
+
+
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
@@ -368,7 +459,8 @@ def _split_shards(config: Config, split: str) -> list[Path]:
 
 
 def run_contrastive(config: Config, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse, or resume) the contrastive SigLIP of ``config`` and measure its zero-shot accuracy."""
+    """Train (or reuse, or resume) the contrastive SigLIP of ``config`` and evaluate it
+    (:func:`evaluate_contrastive`)."""
     cfg, vision = config.contrastive, config.model.vision
     if cfg.text_max_length < 1 or cfg.batch_size < 2 or cfg.max_steps < 1:
         raise ConfigError("`contrastive`: need text_max_length >= 1, batch_size >= 2 and max_steps >= 1")
@@ -404,16 +496,15 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
             f"{summary['final_loss']:.3f}; saved to {out_dir}"
         )
     samples = iter_samples(_split_shards(config, cfg.eval_split))
-    world = config.data.world
-    result = zero_shot_eval(model, tokenizer, samples, vision, cfg, world.colors, world.shapes)
-    io.write_json(out_dir / ZERO_SHOT_FILE, {"split": cfg.eval_split, **result})
-    print(format_zero_shot(result, cfg.eval_split))
-    return {"summary": summary, "zero_shot": result, "output_dir": str(out_dir)}
+    result = evaluate_contrastive(model, tokenizer, samples, config)
+    io.write_json(out_dir / EVAL_FILE, result)
+    return {"summary": summary, **result, "output_dir": str(out_dir)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     run_cli(
-        "Pre-train the SigLIP tower contrastively on the world's captions; report zero-shot accuracy.",
+        "Pre-train the SigLIP tower contrastively on captioned shards (the world's by default); "
+        "report image-text retrieval recall, and zero-shot accuracy on the world.",
         lambda config, args: run_contrastive(config, force=args.force, progress=not args.no_progress),
         argv,
         errors=(FileNotFoundError, ConfigError, ValueError),

@@ -6,7 +6,8 @@ The vision tower is ``model.vision``'s (the pooling head gives one embedding per
 pools the last position; see :func:`text_attention_mask`). Training it is
 :mod:`unified_mllm.train.contrastive`; the unified model reads its vision tower with
 :func:`unified_mllm.vision.siglip.load_siglip_pretrained`, and tokenizer evaluation uses its text tower for
-DualToken's semantic side. Model code only: building does no I/O, :func:`load_contrastive` reads a saved model.
+DualToken's semantic side. Model code only: building does no I/O; :func:`load_contrastive` reads a saved
+model.
 """
 
 from __future__ import annotations
