@@ -127,6 +127,7 @@ def test_single_process_run_writes_a_loadable_tokenizer(
     assert again == summary and "reusing the finished tokenizer" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_more_steps_resume_to_the_uninterrupted_weights(world_root: Path, tmp_path: Path) -> None:
     """Finish 3 steps, then ask for 6: the run resumes from step 3 and matches a straight 6-step run
     (a constant LR, so the schedule does not depend on the total)."""
