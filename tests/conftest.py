@@ -3,7 +3,6 @@ a user's own shards (no world ground truth)."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,52 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.helpers import WORDS, write_fake_chameleon_vocab
 from unified_mllm.data.shards import ShardWriter
-from unified_mllm.text import (
-    CHAMELEON_SPECIAL_NAMES,
-    TextTokenizer,
-    chameleon_name_of_code,
-    train_sentencepiece,
-)
-
-WORDS = [
-    "a",
-    "photo",
-    "of",
-    "the",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "purple",
-    "orange",
-    "circle",
-    "square",
-    "triangle",
-    "small",
-    "large",
-    "left",
-    "right",
-    "above",
-    "below",
-    "top",
-    "bottom",
-    "center",
-    "is",
-    "there",
-    "how",
-    "many",
-    "objects",
-    "what",
-    "colour",
-    "shape",
-    "yes",
-    "no",
-    "one",
-    "two",
-    "three",
-    "four",
-]
+from unified_mllm.text import TextTokenizer, train_sentencepiece
 
 
 @pytest.fixture(autouse=True)
@@ -93,29 +49,6 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory, corpus_lines: list[str]) 
 @pytest.fixture(scope="session")
 def sp_tokenizer(sp_model: Path) -> TextTokenizer:
     return TextTokenizer.load_sentencepiece(sp_model, num_image_codes=16)
-
-
-def write_fake_chameleon_vocab(path: Path, num_codes: int = 12, num_sizes: int = 40) -> Path:
-    """A WordLevel tokenizers JSON laid out like Chameleon's: image tokens named IMGIMG…, reserved entries.
-
-    The image-token entries are deliberately *not* in code order, so tests prove that the mapping is
-    resolved by name rather than by position.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    names = ["<s>", "<pad>", "</s>", "<unk>"]
-    codes = list(range(num_codes))
-    random.Random(1).shuffle(codes)
-    names += [chameleon_name_of_code(c) for c in codes]
-    names += [n for role, n in CHAMELEON_SPECIAL_NAMES.items() if role not in ("bos", "eos", "pad")]
-    names += [f"<reserved{8800 + n:05d}>" for n in range(num_sizes)]
-    names += [*sorted(set(WORDS)), "?"]
-    vocab = {name: i for i, name in enumerate(names)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(path))
-    json.loads(path.read_text())  # the file must be plain JSON, like Chameleon's
-    return path
 
 
 @pytest.fixture

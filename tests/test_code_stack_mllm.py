@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_solver import spy_on_engine
+from tests.helpers import spy_on_engine
 from unified_mllm.config import Config, get_preset, load_config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.conversation import IGNORE_INDEX

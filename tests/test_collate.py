@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
-from tests.test_layout import TOKENS
+from tests.helpers import TOKENS
 from unified_mllm.data.collate import Collator, FirstFitRows, first_fit
 from unified_mllm.data.conversation import IGNORE_INDEX, Turn, tokenize_conversation
 from unified_mllm.layout import build_image_span

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_quickstart import MICRO
+from tests.helpers import MICRO
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_layout import TOKENS
+from tests.helpers import TOKENS
 from unified_mllm.data.conversation import (
     IGNORE_INDEX,
     ConversationError,

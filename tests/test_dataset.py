@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tests.test_layout import TOKENS
-from tests.test_pretokenize import make_tokenized_world
+from tests.helpers import TOKENS, make_tokenized_world
 from unified_mllm.config import Config, DataSourceConfig, VisionConfig
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import (

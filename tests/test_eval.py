@@ -438,8 +438,7 @@ def test_shapesbench_on_a_tiny_export_with_the_real_solver(
     tmp_path_factory: pytest.TempPathFactory, sp_model: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Train a 2-step stage-0 model, export it, and run the driver's whole path with the InferenceSolver."""
-    from tests.test_pretokenize import make_tokenized_world
-    from tests.test_trainer import STAGE0, overrides
+    from tests.helpers import STAGE0, make_tokenized_world, overrides
     from unified_mllm.train import export
     from unified_mllm.train.trainer import train
 

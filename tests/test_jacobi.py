@@ -98,6 +98,7 @@ def _exact_grid_distribution(
     return table
 
 
+@pytest.mark.slow
 def test_sampled_grids_follow_the_sequential_distribution(small_model, sp_tokenizer, tokens) -> None:
     """The speculative rule keeps the distribution exact: with the draws confined to two codes per position
     (top-k 2) and sharpened (temperature 0.2), the 16 possible 2x2 grids are sampled with their exact

@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import TOKENS
 from unified_mllm.layout import (
     LayoutError,
     MalformedSpanError,
     PlaceholderMismatchError,
     SpanReader,
-    SpecialTokens,
     build_image_span,
     expand_image_placeholders,
     feature_mask,
@@ -27,13 +27,6 @@ from unified_mllm.layout import (
     split_interleaved,
     unconditional_prompt,
 )
-
-# A hand-made vocabulary: 9 structural roles at 100.., 8 size tokens at 200.. (unit 1), 16 codes at 1000..
-TOKENS = SpecialTokens(
-    bos=100, eos=101, pad=102, image_start=103, image_end=104, row_end=105, separator=106,
-    end_of_turn=107, feature=108, size_ids=tuple(range(200, 208)), size_unit=1,
-    code_ids=tuple(range(1000, 1016)),
-)  # fmt: skip
 
 
 def test_span_of_a_2x3_grid_with_features_is_exact() -> None:

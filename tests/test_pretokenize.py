@@ -3,7 +3,6 @@ corrupt input and mismatched checkpoints named."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import shutil
@@ -12,46 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from unified_mllm.config import Config, get_preset, load_config
+from tests.helpers import make_tokenized_world, save_random_vq, world_config
+from unified_mllm.config import Config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.shapes import write_split
 from unified_mllm.data.shards import CorruptShardError, ShardWriter, iter_samples, list_shards
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.vqgan import VQGAN
-
-
-def save_random_vq(path: Path, seed: int = 0, **changes: object) -> Path:
-    """A random tiny VQ-GAN written with save_pretrained (the layout from_checkpoint reads)."""
-    torch.manual_seed(seed)
-    return VQGAN.from_config(dataclasses.replace(get_preset("tiny").vq, **changes)).save_pretrained(path)
-
-
-def world_config(root: Path, sp_model: Path, *extra: str) -> Config:
-    """The tiny preset over a 5-scene world in 3 shards under ``root``, with the test tokenizer."""
-    return load_config(
-        overrides=[
-            "model.preset=tiny",
-            f"data.root={root}/shapes",
-            f"tokenizer.path={sp_model}",
-            f"model.vq.checkpoint={root}/vq",
-            "data.world.num_train=5",
-            "data.world.samples_per_shard=2",
-            "data.pretokenize_batch_size=2",
-            *extra,
-        ]
-    )
-
-
-def make_tokenized_world(root: Path, sp_model: Path, *extra: str) -> Config:
-    """Generate the train split, a random VQ and the tokenized shards; returns the config."""
-    config = world_config(root, sp_model, *extra)
-    save_random_vq(root / "vq")
-    write_split(config.data.world, config.data.root, "train", progress=False)
-    P.pretokenize(config, ["train"], device="cpu", progress=False)
-    return config
 
 
 def tokenized_members(shard: Path) -> dict[str, bytes]:

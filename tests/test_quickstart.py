@@ -11,25 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import MICRO
+
 REPO = Path(__file__).resolve().parents[1]
-MICRO = [
-    "data.world.num_train=120",
-    "data.world.num_val=10",
-    "data.world.num_test=10",
-    "data.world.samples_per_shard=60",
-    "tokenizer.vocab_size=420",
-    "vq_train.steps=4",
-    "vq_train.batch_size=2",
-    "vq_train.eval_images=4",
-    "vq_train.checkpoint_every=4",
-    "contrastive.max_steps=4",
-    "contrastive.batch_size=8",
-    "train.max_steps=3",
-    "train.micro_batch_size=2",
-    "train.log_every=1",
-    "train.wandb.mode=disabled",
-    "checkpoint.every_steps=3",
-]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_pretokenize import save_random_vq
+from tests.helpers import save_random_vq, spy_on_engine
 from unified_mllm.config import load_config
 from unified_mllm.infer.processors import CFGProcessor, GridConstraint, ModalityTopK
 from unified_mllm.infer.solver import InferenceSolver
@@ -122,19 +122,6 @@ def test_sampled_answers_follow_the_seed(solver: InferenceSolver) -> None:
 
     assert answer(5) == answer(5)
     assert len({answer(s) for s in range(4)}) > 1
-
-
-def spy_on_engine(solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Record the prompts and arguments of every engine.generate call the solver makes."""
-    calls: list[dict] = []
-    generate = solver.engine.generate
-
-    def spy(prompts, **kwargs):
-        calls.append({"prompts": [list(p) for p in prompts], **kwargs})
-        return generate(prompts, **kwargs)
-
-    monkeypatch.setattr(solver.engine, "generate", spy)
-    return calls
 
 
 def test_understanding_prompts_are_the_training_template(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_fake_chameleon_vocab
+from tests.helpers import write_fake_chameleon_vocab
 from unified_mllm.config import TextTokenizerConfig
 from unified_mllm.layout import build_image_span, parse_image_span
 from unified_mllm.text import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_tokenizer import torchrun_tokenizer
+from tests.helpers import torchrun_tokenizer
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
 from unified_mllm.eval import tokenizer as eval_tokenizer

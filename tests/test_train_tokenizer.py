@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import torchrun_tokenizer
 from unified_mllm.config import Config, load_config
 from unified_mllm.data.shapes import write_split
 from unified_mllm.eval import tokenizer as eval_tokenizer
@@ -124,6 +122,7 @@ def test_single_process_run_writes_a_loadable_tokenizer(
     assert again == summary and "reusing the finished tokenizer" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_more_steps_resume_to_the_uninterrupted_weights(world_root: Path, tmp_path: Path) -> None:
     """Finish 3 steps, then ask for 6: the run resumes from step 3 and matches a straight 6-step run
     (a constant LR, so the schedule does not depend on the total)."""
@@ -148,38 +147,18 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(disc_a[k], disc_b[k]) for k in disc_a)
 
 
-def torchrun_tokenizer(overrides: list[str], timeout: float = 120, recipe: str = RECIPE) -> None:
-    """The trainer under ``torchrun`` with two gloo ranks (one thread each); fails with its output's tail."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "unified_mllm.train.tokenizer",
-        "--config",
-        recipe,
-        "--no-progress",
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_run_resumes_exactly(world_root: Path, tmp_path: Path) -> None:
     """Two ranks (gloo): an uninterrupted 6-step run, and a run killed after its step-3 checkpoint (its
     directory holds nothing but that checkpoint) that resumes: same final generator and discriminator."""
     extra = ("model.vq.ema_decay=0.99", "vq_train.disc_norm=batch")
-    torchrun_tokenizer(_overrides(world_root, tmp_path / "a", *extra))
+    torchrun_tokenizer(_overrides(world_root, tmp_path / "a", *extra), recipe=RECIPE)
     out_a = Path(_config(world_root, tmp_path / "a").vq_train.output_dir)
     summary = json.loads((out_a / SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2 and summary["samples_seen"] == 6 * 4 * 2
     out_b = Path(_config(world_root, tmp_path / "b").vq_train.output_dir)
     shutil.copytree(out_a / CHECKPOINT_DIR / "step-00000003", out_b / CHECKPOINT_DIR / "step-00000003")
-    torchrun_tokenizer(_overrides(world_root, tmp_path / "b", *extra))
+    torchrun_tokenizer(_overrides(world_root, tmp_path / "b", *extra), recipe=RECIPE)
     assert json.loads((out_b / SUMMARY_FILE).read_text())["steps"] == 6
     _assert_same_weights(out_a, out_b)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_pretokenize import make_tokenized_world
+from tests.helpers import STAGE0, make_tokenized_world, overrides
 from unified_mllm.config import Config, ConfigError, load_config
 from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
@@ -28,22 +28,7 @@ from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.trainer import Window, source_losses, train
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE0 = REPO / "configs" / "train" / "tiny-stage0.yaml"
 STAGE2 = REPO / "configs" / "train" / "tiny-stage2.yaml"
-SMALL = (
-    "train.max_steps=6",
-    "train.micro_batch_size=2",
-    "train.log_every=1",
-    "train.wandb.mode=disabled",
-    "train.precision=fp32",  # exact comparisons across backends and world sizes
-    "checkpoint.every_steps=2",
-    "checkpoint.keep_last=5",
-    "data.max_seq_len=256",
-    "data.shuffle_buffer=8",
-    "optim.warmup_steps=2",
-    "model.vision.pretrained=null",
-    "checkpoint.init_from=null",
-)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +40,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Config:
         "data.world.num_train=32",
         "data.world.samples_per_shard=8",
     )
-
-
-def overrides(world: Config, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"output_root={run_dir}",
-        f"data.root={world.data.root}",
-        f"tokenizer.path={world.tokenizer.path}",
-        f"tokenizer.num_size_tokens={world.tokenizer.num_size_tokens}",
-        f"model.vq.checkpoint={world.model.vq.checkpoint}",
-        *SMALL,
-        *extra,
-    ]
 
 
 def run_dir_of(config: Config) -> Path:

@@ -247,6 +247,7 @@ def _contrastive_on_rank(rank: int, world: int, init: str, images: torch.Tensor,
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_contrastive_loss_over_ranks_is_the_global_batch_loss(tmp_path: Path) -> None:
     """Two gloo ranks with 3 pairs each: the mean of their losses is the 6-pair loss, and each rank's gradient
     on its own embeddings is the 6-pair loss's gradient on them (the negatives come from both ranks)."""

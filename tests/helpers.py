@@ -1,0 +1,230 @@
+"""Plain helpers and constants shared by several test modules (fixtures live in conftest.py).
+
+Test modules import from here, never from one another: a test module imported by another is collected twice
+under two names, and its helpers are hard to find.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from unified_mllm.config import Config, get_preset, load_config
+from unified_mllm.data import pretokenize as P
+from unified_mllm.data.shapes import write_split
+from unified_mllm.layout import SpecialTokens
+from unified_mllm.text import CHAMELEON_SPECIAL_NAMES, chameleon_name_of_code
+from unified_mllm.vision.vqgan import VQGAN
+
+if TYPE_CHECKING:
+    from unified_mllm.infer.solver import InferenceSolver
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------------- vocabularies
+
+# A hand-made vocabulary: 9 structural roles at 100.., 8 size tokens at 200.. (unit 1), 16 codes at 1000..
+TOKENS = SpecialTokens(
+    bos=100, eos=101, pad=102, image_start=103, image_end=104, row_end=105, separator=106,
+    end_of_turn=107, feature=108, size_ids=tuple(range(200, 208)), size_unit=1,
+    code_ids=tuple(range(1000, 1016)),
+)  # fmt: skip
+
+# The words of the test corpus (conftest's sentencepiece tokenizer) and of the fake Chameleon vocabulary.
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "circle",
+    "square",
+    "triangle",
+    "small",
+    "large",
+    "left",
+    "right",
+    "above",
+    "below",
+    "top",
+    "bottom",
+    "center",
+    "is",
+    "there",
+    "how",
+    "many",
+    "objects",
+    "what",
+    "colour",
+    "shape",
+    "yes",
+    "no",
+    "one",
+    "two",
+    "three",
+    "four",
+]
+
+
+def write_fake_chameleon_vocab(path: Path, num_codes: int = 12, num_sizes: int = 40) -> Path:
+    """A WordLevel tokenizers JSON laid out like Chameleon's: image tokens named IMGIMG…, reserved entries.
+
+    The image-token entries are deliberately *not* in code order, so tests prove that the mapping is
+    resolved by name rather than by position.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = ["<s>", "<pad>", "</s>", "<unk>"]
+    codes = list(range(num_codes))
+    random.Random(1).shuffle(codes)
+    names += [chameleon_name_of_code(c) for c in codes]
+    names += [n for role, n in CHAMELEON_SPECIAL_NAMES.items() if role not in ("bos", "eos", "pad")]
+    names += [f"<reserved{8800 + n:05d}>" for n in range(num_sizes)]
+    names += [*sorted(set(WORDS)), "?"]
+    vocab = {name: i for i, name in enumerate(names)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+    json.loads(path.read_text())  # the file must be plain JSON, like Chameleon's
+    return path
+
+
+# ------------------------------------------------------------------------------------ tokenized worlds
+
+
+def save_random_vq(path: Path, seed: int = 0, **changes: object) -> Path:
+    """A random tiny VQ-GAN written with save_pretrained (the layout from_checkpoint reads)."""
+    torch.manual_seed(seed)
+    return VQGAN.from_config(dataclasses.replace(get_preset("tiny").vq, **changes)).save_pretrained(path)
+
+
+def world_config(root: Path, sp_model: Path, *extra: str) -> Config:
+    """The tiny preset over a 5-scene world in 3 shards under ``root``, with the test tokenizer."""
+    return load_config(
+        overrides=[
+            "model.preset=tiny",
+            f"data.root={root}/shapes",
+            f"tokenizer.path={sp_model}",
+            f"model.vq.checkpoint={root}/vq",
+            "data.world.num_train=5",
+            "data.world.samples_per_shard=2",
+            "data.pretokenize_batch_size=2",
+            *extra,
+        ]
+    )
+
+
+def make_tokenized_world(root: Path, sp_model: Path, *extra: str) -> Config:
+    """Generate the train split, a random VQ and the tokenized shards; returns the config."""
+    config = world_config(root, sp_model, *extra)
+    save_random_vq(root / "vq")
+    write_split(config.data.world, config.data.root, "train", progress=False)
+    P.pretokenize(config, ["train"], device="cpu", progress=False)
+    return config
+
+
+# ------------------------------------------------------------------------------------------ training
+
+STAGE0 = REPO / "configs" / "train" / "tiny-stage0.yaml"
+# A short LM run on a tokenized world, exact enough to compare across backends and world sizes.
+SMALL_RUN = (
+    "train.max_steps=6",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.wandb.mode=disabled",
+    "train.precision=fp32",  # exact comparisons across backends and world sizes
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=5",
+    "data.max_seq_len=256",
+    "data.shuffle_buffer=8",
+    "optim.warmup_steps=2",
+    "model.vision.pretrained=null",
+    "checkpoint.init_from=null",
+)
+
+
+def overrides(world: Config, run_dir: Path, *extra: str) -> list[str]:
+    """The overrides of a SMALL_RUN of the LM trainer on ``world`` (from make_tokenized_world) into ``run_dir``."""
+    return [
+        f"output_root={run_dir}",
+        f"data.root={world.data.root}",
+        f"tokenizer.path={world.tokenizer.path}",
+        f"tokenizer.num_size_tokens={world.tokenizer.num_size_tokens}",
+        f"model.vq.checkpoint={world.model.vq.checkpoint}",
+        *SMALL_RUN,
+        *extra,
+    ]
+
+
+def torchrun_tokenizer(overrides: list[str], *, recipe: str, timeout: float = 120) -> None:
+    """The tokenizer trainer under ``torchrun`` with two gloo ranks (one thread each); fails with its output's
+    tail."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "unified_mllm.train.tokenizer",
+        "--config",
+        recipe,
+        "--no-progress",
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------- inference
+
+
+def spy_on_engine(solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record the prompts and arguments of every engine.generate call the solver makes."""
+    calls: list[dict] = []
+    generate = solver.engine.generate
+
+    def spy(prompts, **kwargs):
+        calls.append({"prompts": [list(p) for p in prompts], **kwargs})
+        return generate(prompts, **kwargs)
+
+    monkeypatch.setattr(solver.engine, "generate", spy)
+    return calls
+
+
+# ------------------------------------------------------------------------------------ end-to-end scripts
+
+# The micro budget of the quickstart and compare-tokenizers smoke tests: every step runs, a few steps each.
+MICRO = [
+    "data.world.num_train=120",
+    "data.world.num_val=10",
+    "data.world.num_test=10",
+    "data.world.samples_per_shard=60",
+    "tokenizer.vocab_size=420",
+    "vq_train.steps=4",
+    "vq_train.batch_size=2",
+    "vq_train.eval_images=4",
+    "vq_train.checkpoint_every=4",
+    "contrastive.max_steps=4",
+    "contrastive.batch_size=8",
+    "train.max_steps=3",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.wandb.mode=disabled",
+    "checkpoint.every_steps=3",
+]
