@@ -23,7 +23,7 @@ from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.trainer import train
-from unified_mllm.vision.visual_tokenizer import build_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2 = REPO / "configs" / "train" / "tiny-stage2.yaml"

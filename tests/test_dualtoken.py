@@ -23,11 +23,8 @@ from unified_mllm.vision.dualtoken import (
     tiny_dualtoken_config,
 )
 from unified_mllm.vision.siglip import siglip_hf_config
-from unified_mllm.vision.visual_tokenizer import (
-    VQCheckpointError,
-    build_visual_tokenizer,
-    load_visual_tokenizer,
-)
+from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer, load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import VQCheckpointError
 
 SIDE = 5  # tiny: 32 px / 6 px patches (the last 2 pixel rows and columns are unseen, as at 384 / 14)
 PIXEL_DEPTH, SEMANTIC_DEPTH = 3, 2

@@ -14,7 +14,7 @@ from unified_mllm.data.shapes import write_split
 from unified_mllm.eval import tokenizer as eval_tokenizer
 from unified_mllm.train.run_log import METRICS_FILE
 from unified_mllm.train.tokenizer import SUMMARY_FILE, train_tokenizer
-from unified_mllm.vision.visual_tokenizer import build_visual_tokenizer, load_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer, load_visual_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [

@@ -21,8 +21,9 @@ from unified_mllm.train.tokenizer_losses import (
     discriminator_loss,
     generator_loss,
 )
+from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
 from unified_mllm.vision.unitok import UniTok, unitok_large_config
-from unified_mllm.vision.visual_tokenizer import VQCheckpointError, load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import VQCheckpointError
 
 PAD = 0  # the tiny config's text_pad_id (OpenCLIP's default)
 

@@ -52,7 +52,8 @@ from unified_mllm.io import atomic_path, remove_stale_temporaries, write_json
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
-from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer
 
 FORMAT_NAME = "unified_mllm.pretokenized"
 FORMAT_VERSION = 1

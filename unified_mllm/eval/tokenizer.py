@@ -69,7 +69,8 @@ from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.contrastive import embed_texts, load_contrastive, tokenize
 from unified_mllm.vision.image import preprocess, tensor_to_image
-from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer
 
 ObjectKey = tuple[str, str, str, int, int]
 

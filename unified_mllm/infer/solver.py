@@ -60,7 +60,8 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train.export import CONFIG_YAML
 from unified_mllm.vision.anyres import anyres_views, num_image_features
 from unified_mllm.vision.image import ImageSource, load_image
-from unified_mllm.vision.visual_tokenizer import VisualTokenizer, load_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer
 
 Pair = Sequence[str | None]
 Piece = str | Image.Image

@@ -14,7 +14,7 @@ from torch import nn
 from unified_mllm.config import ConfigError, ModelConfig, describe_preset, get_preset, list_presets
 from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
 from unified_mllm.vision.siglip import build_siglip_tower
-from unified_mllm.vision.visual_tokenizer import build_visual_tokenizer
+from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:

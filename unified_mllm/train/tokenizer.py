@@ -84,12 +84,8 @@ from unified_mllm.train.tokenizer_losses import (
 from unified_mllm.vision.contrastive import tokenize
 from unified_mllm.vision.image import tensor_to_image
 from unified_mllm.vision.quantizer import perplexity_from_counts
-from unified_mllm.vision.visual_tokenizer import (
-    TokenizerOutput,
-    VisualTokenizer,
-    build_visual_tokenizer,
-    load_visual_tokenizer,
-)
+from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer, load_visual_tokenizer
+from unified_mllm.vision.visual_tokenizer import TokenizerOutput, VisualTokenizer
 
 SUMMARY_FILE = "train_summary.json"
 GRID_FILE = "reconstructions.png"

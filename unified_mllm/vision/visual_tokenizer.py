@@ -9,8 +9,8 @@ many values each slot of the stack takes.
 
 Files: :meth:`VisualTokenizer.save_pretrained` writes ``model.safetensors`` + ``config.json``
 (``{"format": "unified_mllm.vqgan", "format_version": 1, "vq": {VQConfig fields}}`` — the name predates the
-other kinds and stays for compatibility); :func:`load_visual_tokenizer` reads the kind from that file and
-builds the right class. Every load checks each key and shape and lists all mismatches.
+other kinds and stays for compatibility); ``load_visual_tokenizer`` (:mod:`.tokenizer_registry`) reads the
+kind from that file and builds the right class. Every load checks each key and shape and lists all mismatches.
 
 Training: the tokenizer trainer calls :meth:`VisualTokenizer.training_forward`, which returns a
 :class:`TokenizerOutput` — the reconstruction, one :class:`~.quantizer.QuantizerOutput` per quantizer (keys
@@ -323,46 +323,6 @@ def quantizer_options(vq: VQConfig) -> dict[str, Any]:
         "ema_decay": vq.ema_decay,
         "dead_code_steps": vq.dead_code_steps,
     }
-
-
-# ------------------------------------------------------------------------------------------- registry
-
-
-def tokenizer_class(kind: str) -> type[VisualTokenizer]:
-    """The class for ``model.vq.kind`` (imports lazily: each tokenizer module imports this one)."""
-    if kind == "vqgan":
-        from unified_mllm.vision.vqgan import VQGAN
-
-        return VQGAN
-    if kind == "unitok":
-        from unified_mllm.vision.unitok import UniTok
-
-        return UniTok
-    if kind == "dualtoken":
-        from unified_mllm.vision.dualtoken import DualToken
-
-        return DualToken
-    raise ValueError(f"unknown visual tokenizer kind {kind!r}; valid: 'vqgan', 'unitok', 'dualtoken'")
-
-
-def build_visual_tokenizer(vq: VQConfig, device: str | torch.device | None = None) -> VisualTokenizer:
-    """A randomly initialised tokenizer of ``vq.kind`` (no I/O; ``device="meta"`` allocates nothing)."""
-    return tokenizer_class(vq.kind).from_config(vq, device=device)
-
-
-def load_visual_tokenizer(
-    path: str | os.PathLike[str], *, config: VQConfig | None = None, device: str | torch.device = "cpu"
-) -> VisualTokenizer:
-    """Trained weights of any kind: the kind comes from the ``config.json`` beside them (else ``config``;
-    Chameleon's ``vqgan.ckpt`` + ``vqgan.yaml`` go to :meth:`VQGAN.from_checkpoint`)."""
-    _, config_path = resolve_checkpoint_paths(Path(path))
-    if config_path is not None and config_path.suffix == ".json":
-        kind = read_tokenizer_config(config_path).kind
-    elif config is not None:
-        kind = config.kind
-    else:
-        kind = "vqgan"  # a taming checkpoint with its yaml, or an error from VQGAN naming what is missing
-    return tokenizer_class(kind).from_checkpoint(path, config=config, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ files
