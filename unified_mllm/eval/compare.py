@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unified_mllm import io
+
 TOKENIZER_RESULT = "eval_test.json"
 BENCH_RESULT = Path("eval") / "shapesbench" / "shapesbench.json"
 COLUMNS = (
@@ -91,11 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = [table_row(name, Path(tok), Path(export)) for name, tok, export in args.row]
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = format_table(rows)
-    (out / "tokenizers.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "tokenizers.md").write_text(markdown)
+    out, markdown = Path(args.output), format_table(rows)
+    io.write_json(out / "tokenizers.json", rows)
+    io.write_text(out / "tokenizers.md", markdown)
     print(markdown)
 
 
