@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from unified_mllm.config import Config, load_config
-from unified_mllm.model.export import load_safetensors_into, local, safetensors_files, unique_state_dict
+from unified_mllm.model.export import load_safetensors_into, safetensors_files, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train import distributed
 from unified_mllm.train.backend import build_backend
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.model_init import shard_region
 from unified_mllm.train.optim import apply_param_rules, config_rules
 from unified_mllm.train.trainer import build_model
 
@@ -102,7 +103,8 @@ def worker(way: str, export: Path, extra: list[str], out: Path) -> None:
     resolved = apply_param_rules(model, config_rules(config))
     build_backend(model, resolved, config, info, materialize=materialize)
     seconds = time.perf_counter() - started
-    checksum = sum(float(local(t).detach().double().sum()) for t in unique_state_dict(model).values())
+    parts = [(shard_region(t) or (t, None))[0] for t in unique_state_dict(model).values()]
+    checksum = sum(float(part.detach().double().sum()) for part in parts)
     record = {"rank": info.rank, "before": before, "peak_rss_mib": rss_mib("VmHWM"), "seconds": seconds}
     record["checksum"] = checksum
     (out / f"{way}-rank{info.rank}.json").write_text(json.dumps(record))

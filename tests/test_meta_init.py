@@ -14,12 +14,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from unified_mllm.config import Config, load_config
-from unified_mllm.model.export import local, local_region, unique_state_dict
+from unified_mllm.model.export import unique_state_dict
 from unified_mllm.model.meta_init import build_meta_model
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train import backend as backend_module
 from unified_mllm.train import distributed, model_init
 from unified_mllm.train.backend import build_backend
+from unified_mllm.train.model_init import shard_region
 from unified_mllm.train.optim import apply_param_rules, config_rules
 from unified_mllm.train.trainer import build_model
 from unified_mllm.vision.siglip import build_siglip_tower
@@ -158,12 +159,13 @@ def _rank(
     seen["regions"] = {}
     seen["mismatches"] = []
     for name, tensor in unique_state_dict(model).items():
-        region = local_region(tensor)
+        shard = shard_region(tensor)
+        local, region = (tensor, None) if shard is None else shard
         whole = expected[name].float() if name in expected else None
         if whole is None:
             continue
         part = whole if region is None else whole[tuple(slice(a, b) for a, b in region)]
-        if not torch.equal(local(tensor), part):
+        if not torch.equal(local, part):
             seen["mismatches"].append(name)
         seen["regions"][name] = region
     torch.save(seen, out / f"rank{rank}.pt")

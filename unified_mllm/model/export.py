@@ -44,8 +44,6 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from unified_mllm.config import ConfigError, LMConfig, ModelConfig
 from unified_mllm.io import atomic_directory
@@ -159,28 +157,26 @@ def _checkpoint_shapes(files: Mapping[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def local_region(target: torch.Tensor) -> list[tuple[int, int]] | None:
-    """The ``(start, stop)`` of every dimension of ``target``'s global tensor that this rank holds, when
-    ``target`` is a sharded DTensor (FSDP2); None for a whole tensor."""
-    if not isinstance(target, DTensor):
-        return None
-    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
-    return [(start, start + size) for start, size in zip(offset, shape)]
+# Where this process's part of a parameter lies: ``(the part it stores, (start, stop) of every dimension of the
+# whole tensor)``, or None for a tensor held whole. The trainer passes one for sharded parameters
+# (:func:`unified_mllm.train.model_init.shard_region`): model code knows nothing of sharding (convention 1).
+ShardRegion = Callable[[torch.Tensor], "tuple[torch.Tensor, list[tuple[int, int]]] | None"]
 
 
-def local(target: torch.Tensor) -> torch.Tensor:
-    """The part of ``target`` this rank stores (its local shard for a DTensor; itself otherwise)."""
-    return target.to_local() if isinstance(target, DTensor) else target
+def held_whole(target: torch.Tensor) -> None:
+    """The default :data:`ShardRegion`: every tensor is held whole."""
+    return None
 
 
-def copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """Copy ``whole`` (the full tensor, e.g. read from a checkpoint) into ``target``; a sharded DTensor takes
-    only its own region. Values are cast to the target's dtype and device."""
-    region = local_region(target)
-    if region is None:
+def copy_into(target: torch.Tensor, whole: torch.Tensor, shard: ShardRegion = held_whole) -> None:
+    """Copy ``whole`` (the full tensor, e.g. read from a checkpoint) into ``target``; a sharded target (per
+    ``shard``) takes only its own region. Values are cast to the target's dtype and device."""
+    part = shard(target)
+    if part is None:
         target.copy_(whole)
     else:
-        local(target).copy_(whole[tuple(slice(a, b) for a, b in region)])
+        local, region = part
+        local.copy_(whole[tuple(slice(a, b) for a, b in region)])
 
 
 # Maps a checkpoint tensor (our name, the tensor as read) to what is copied into the parameter.
@@ -195,14 +191,15 @@ def load_safetensors_into(
     rename: Callable[[str], str | None] = lambda key: key,
     reshape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda key, shape: shape,
     transform: Transform = lambda key, tensor: tensor,
+    shard: ShardRegion = held_whole,
 ) -> None:
     """Copy the checkpoint tensors in ``files`` into ``targets`` (our name → live parameter / buffer).
 
     ``rename`` maps a checkpoint key to our name (``None``: skip the key); ``reshape`` gives the shape a
     checkpoint tensor has after ``transform`` (for layout conversions; a tensor stored in its target's shape is
     copied as stored). All keys and shapes are checked before any tensor is read; values are cast to each
-    target's dtype and device on copy. A target that is a sharded DTensor (FSDP2 after ``to_empty``) receives
-    only its own shard, read as a slice of the file, so no rank reads or holds a whole sharded parameter.
+    target's dtype and device on copy. A target that ``shard`` says is sharded (FSDP2 after ``to_empty``) receives
+    only its own region, read as a slice of the file, so no rank reads or holds a whole sharded parameter.
     """
     renamed: dict[str, str] = {}
     unexpected = []
@@ -227,13 +224,13 @@ def load_safetensors_into(
             with safe_open(str(path), framework="pt") as handle:
                 for ours in names:
                     target, key = targets[ours], renamed[ours]
-                    region = local_region(target)
-                    if region is None or raw_shapes[key] != tuple(target.shape):
+                    part = shard(target)
+                    if part is None or raw_shapes[key] != tuple(target.shape):
                         # Whole tensors, and layout conversions (which need the whole tensor to convert).
-                        copy_into(target, transform(ours, handle.get_tensor(key)))
-                    elif all(stop > start for start, stop in region):
+                        copy_into(target, transform(ours, handle.get_tensor(key)), shard)
+                    elif all(stop > start for start, stop in part[1]):
                         # A shard stored in the model's layout: read this rank's slice only.
-                        local(target).copy_(handle.get_slice(key)[tuple(slice(a, b) for a, b in region)])
+                        part[0].copy_(handle.get_slice(key)[tuple(slice(a, b) for a, b in part[1])])
 
 
 # ------------------------------------------------------------------------------ published LM checkpoints

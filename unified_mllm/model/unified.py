@@ -48,8 +48,10 @@ from unified_mllm.config import ModelConfig
 from unified_mllm.model.backbone import build_lm_backbone, build_lm_head, cache_argument
 from unified_mllm.model.code_stack import build_code_stack
 from unified_mllm.model.export import (
+    ShardRegion,
     check_lm_checkpoint_config,
     expand_qk_norm,
+    held_whole,
     lm_checkpoint_key,
     load_safetensors_into,
     read_export_config,
@@ -334,7 +336,11 @@ class UnifiedModel(nn.Module):
             raise RuntimeError(f"non-persistent buffers with no known initialisation: {sorted(unknown)}")
 
     def load_pretrained(
-        self, *, lm: str | os.PathLike[str] | None = None, siglip: str | os.PathLike[str] | None = None
+        self,
+        *,
+        lm: str | os.PathLike[str] | None = None,
+        siglip: str | os.PathLike[str] | None = None,
+        shard: ShardRegion = held_whole,
     ) -> None:
         """Read published weights (the only reads besides :meth:`from_pretrained`).
 
@@ -342,7 +348,8 @@ class UnifiedModel(nn.Module):
         index), e.g. Lumina-mGPT-7B; its ``model.*`` keys go to ``self.lm``, ``lm_head.weight`` to the head,
         the VQ encoder is skipped, Lumina's per-shard q/k norms are expanded per head. Its config.json must
         agree with ``config.lm`` and every shape must match, else ConfigError / CheckpointMismatchError listing
-        what differs. ``siglip``: a SigLIP ``from_pretrained`` directory for ``vision.tower``.
+        what differs. ``siglip``: a SigLIP ``from_pretrained`` directory for ``vision.tower``. ``shard``: where a
+        sharded model's parameters keep this rank's part (the LM is then read slice by slice).
         """
         if lm is None and siglip is None:
             raise ValueError("load_pretrained: nothing to load (pass lm=... and/or siglip=...)")
@@ -357,6 +364,7 @@ class UnifiedModel(nn.Module):
                 rename=lm_checkpoint_key,
                 reshape=reshape,
                 transform=transform,
+                shard=shard,
             )
         if siglip is not None:
             self.vision.load_pretrained_tower(Path(siglip))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from unified_mllm.config import Config
 from unified_mllm.model.export import (
@@ -39,6 +41,15 @@ from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.vision.siglip import load_siglip_pretrained
 
 TOWER_PREFIX = "vision.tower."
+
+
+def shard_region(target: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
+    """The :data:`~unified_mllm.model.export.ShardRegion` of FSDP2: a sharded DTensor's local shard and the
+    ``(start, stop)`` of every dimension of the whole tensor it covers; None for a whole tensor."""
+    if not isinstance(target, DTensor):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    return target.to_local(), [(start, start + size) for start, size in zip(offset, shape)]
 
 
 def checkpoint_names(config: Config, names: set[str]) -> set[str]:
@@ -85,9 +96,11 @@ def load_starting_weights(model: UnifiedModel, config: Config) -> None:
     """Read ``checkpoint.init_from``, then the published LM, then SigLIP into ``model`` (whole or sharded)."""
     if config.checkpoint.init_from:
         init = Path(config.checkpoint.init_from).expanduser()
-        load_safetensors_into(unique_state_dict(model), safetensors_files(init), f"export {init}")
+        load_safetensors_into(
+            unique_state_dict(model), safetensors_files(init), f"export {init}", shard=shard_region
+        )
     if config.model.lm.pretrained:
-        model.load_pretrained(lm=config.model.lm.pretrained)
+        model.load_pretrained(lm=config.model.lm.pretrained, shard=shard_region)
     if config.model.vision.pretrained:
         load_tower(model, config.model.vision.pretrained)
 
@@ -104,4 +117,4 @@ def load_tower(model: UnifiedModel, path: str) -> None:
         raise KeyError(f"SigLIP checkpoint {path}: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for name, target in targets.items():
-            copy_into(target, loaded[name])
+            copy_into(target, loaded[name], shard_region)
