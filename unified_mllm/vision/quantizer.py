@@ -120,6 +120,13 @@ def straight_through(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor
     return vectors + (codes - vectors).detach()
 
 
+def _vectors_last(z: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """``z`` with its dimension ``dim`` (which must hold ``width`` channels) moved last."""
+    if z.shape[dim] != width:
+        raise ValueError(f"expected {width} channels at dim {dim}, got shape {tuple(z.shape)}")
+    return z.movedim(dim, -1)
+
+
 class VectorQuantizer(nn.Module):
     """A codebook of ``codebook_size`` vectors of width ``dim``; the parameter is ``embedding.weight`` (taming's
     and Chameleon's name, so ``quantize.embedding.weight`` loads from ``vqgan.ckpt`` unchanged).
@@ -196,9 +203,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Code indices for ``z`` (vectors along ``dim``) without losses or statistics: inference only."""
-        if z.shape[dim] != self.dim:
-            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
-        moved = z.movedim(dim, -1)
+        moved = _vectors_last(z, dim, self.dim)
         indices = nearest_code_indices(
             moved.reshape(-1, self.dim).detach(), self.embedding.weight.detach(), cosine=self.l2_normalize
         )
@@ -206,9 +211,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
         """Quantize ``z``, whose dimension ``dim`` holds the code vectors (``dim=1`` for ``[B, C, H, W]``)."""
-        if z.shape[dim] != self.dim:
-            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
-        moved = z.movedim(dim, -1)
+        moved = _vectors_last(z, dim, self.dim)
         flat = moved.reshape(-1, self.dim)
         if self.l2_normalize:
             flat = F.normalize(flat, dim=1)
@@ -338,26 +341,28 @@ class VectorQuantizer(nn.Module):
 # ------------------------------------------------------------------------------- multi-code quantizers
 
 
-def _merge_outputs(
-    outputs: list[QuantizerOutput], quantized: torch.Tensor, indices: torch.Tensor, latents: torch.Tensor
-) -> QuantizerOutput:
-    """One :class:`QuantizerOutput` for several codebooks: losses and statistics averaged over them, the
-    per-codebook ``counts`` stacked to ``[codebooks, codebook_size]``."""
-    counts = torch.stack([out.counts for out in outputs])
-    return QuantizerOutput(
-        quantized=quantized,
-        indices=indices,
-        loss=torch.stack([out.loss for out in outputs]).mean(),
-        codebook_loss=torch.stack([out.codebook_loss for out in outputs]).mean(),
-        commitment_loss=torch.stack([out.commitment_loss for out in outputs]).mean(),
-        counts=counts,
-        perplexity=torch.stack([out.perplexity for out in outputs]).mean(),
-        usage=torch.stack([out.usage for out in outputs]).mean(),
-        latents=latents,
-    )
+class _QuantizerGroup(nn.Module):
+    """What the multi-code quantizers share: the trainer's ``all_reduce`` hook and ``dead_code_steps`` reach
+    every :class:`VectorQuantizer` inside."""
+
+    def _vector_quantizers(self) -> list[VectorQuantizer]:
+        return [module for module in self.modules() if isinstance(module, VectorQuantizer)]
+
+    @property
+    def all_reduce(self) -> TensorHook | None:
+        return self._vector_quantizers()[0].all_reduce
+
+    @all_reduce.setter
+    def all_reduce(self, hook: TensorHook | None) -> None:
+        for quantizer in self._vector_quantizers():
+            quantizer.all_reduce = hook
+
+    @property
+    def dead_code_steps(self) -> int:
+        return self._vector_quantizers()[0].dead_code_steps
 
 
-class MultiCodebookQuantizer(nn.Module):
+class MultiCodebookQuantizer(_QuantizerGroup):
     """UniTok's multi-codebook quantization: the ``dim`` channels of each vector are split into
     ``num_codebooks`` contiguous chunks, and chunk ``k`` is quantized by its own :class:`VectorQuantizer`
     (``codebook_size`` codes of ``dim / num_codebooks`` channels). One position thus takes one of
@@ -379,37 +384,28 @@ class MultiCodebookQuantizer(nn.Module):
             for _ in range(num_codebooks)
         )
 
-    @property
-    def all_reduce(self) -> TensorHook | None:
-        return self.codebooks[0].all_reduce
-
-    @all_reduce.setter
-    def all_reduce(self, hook: TensorHook | None) -> None:
-        for codebook in self.codebooks:
-            codebook.all_reduce = hook
-
-    @property
-    def dead_code_steps(self) -> int:
-        return self.codebooks[0].dead_code_steps
-
-    def _check(self, z: torch.Tensor, dim: int) -> torch.Tensor:
-        if z.shape[dim] != self.dim:
-            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
-        return z.movedim(dim, -1)
-
     def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
-        moved = self._check(z, dim)
-        outputs = [
-            codebook(chunk) for codebook, chunk in zip(self.codebooks, moved.split(self.chunk_dim, -1))
-        ]
-        quantized = torch.cat([out.quantized for out in outputs], dim=-1).movedim(-1, dim)
-        indices = torch.stack([out.indices for out in outputs], dim=-1)
-        latents = torch.cat([out.latents for out in outputs], dim=1)
-        return _merge_outputs(outputs, quantized, indices, latents)
+        chunks = _vectors_last(z, dim, self.dim).split(self.chunk_dim, -1)
+        outputs = [codebook(chunk) for codebook, chunk in zip(self.codebooks, chunks)]
+
+        def mean(name: str) -> torch.Tensor:
+            return torch.stack([getattr(out, name) for out in outputs]).mean()
+
+        return QuantizerOutput(
+            quantized=torch.cat([out.quantized for out in outputs], dim=-1).movedim(-1, dim),
+            indices=torch.stack([out.indices for out in outputs], dim=-1),
+            loss=mean("loss"),
+            codebook_loss=mean("codebook_loss"),
+            commitment_loss=mean("commitment_loss"),
+            counts=torch.stack([out.counts for out in outputs]),
+            perplexity=mean("perplexity"),
+            usage=mean("usage"),
+            latents=torch.cat([out.latents for out in outputs], dim=1),
+        )
 
     def nearest(self, z: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Indices ``[..., num_codebooks]`` for ``z`` without losses or statistics."""
-        chunks = self._check(z, dim).split(self.chunk_dim, -1)
+        chunks = _vectors_last(z, dim, self.dim).split(self.chunk_dim, -1)
         return torch.stack([cb.nearest(chunk) for cb, chunk in zip(self.codebooks, chunks)], dim=-1)
 
     def lookup(self, indices: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -433,7 +429,7 @@ class MultiCodebookQuantizer(nn.Module):
         return torch.cat(restarted)
 
 
-class ResidualQuantizer(nn.Module):
+class ResidualQuantizer(_QuantizerGroup):
     """Residual quantization (RQ-VAE, Lee et al. 2022) with one codebook shared by all ``depth`` steps, as
     DualToken uses it: step ``d`` quantizes what the first ``d - 1`` codes left over, and the position's
     vector is the sum of its ``depth`` codes (finer and finer corrections).
@@ -452,18 +448,6 @@ class ResidualQuantizer(nn.Module):
         self.depth, self.codebook_size, self.dim = depth, codebook_size, dim
         self.codebook = VectorQuantizer(codebook_size, dim, **quantizer_kwargs)  # type: ignore[arg-type]
 
-    @property
-    def all_reduce(self) -> TensorHook | None:
-        return self.codebook.all_reduce
-
-    @all_reduce.setter
-    def all_reduce(self, hook: TensorHook | None) -> None:
-        self.codebook.all_reduce = hook
-
-    @property
-    def dead_code_steps(self) -> int:
-        return self.codebook.dead_code_steps
-
     def _residual_codes(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per depth: the residual that was quantized ``[N, dim]`` and its code indices ``[N]``."""
         residual, residuals, indices = flat.detach(), [], []
@@ -476,9 +460,7 @@ class ResidualQuantizer(nn.Module):
         return residuals, indices
 
     def forward(self, z: torch.Tensor, dim: int = -1) -> QuantizerOutput:
-        if z.shape[dim] != self.dim:
-            raise ValueError(f"expected {self.dim} channels at dim {dim}, got shape {tuple(z.shape)}")
-        moved = z.movedim(dim, -1)
+        moved = _vectors_last(z, dim, self.dim)
         flat = moved.reshape(-1, self.dim)
         residuals, indices = self._residual_codes(flat)
         codebook = self.codebook.codebook
