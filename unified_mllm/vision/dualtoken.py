@@ -72,12 +72,7 @@ from transformers import SiglipVisionModel
 from unified_mllm.config import DualTokenConfig, VisionConfig, VQConfig
 from unified_mllm.vision.quantizer import QuantizerOutput, ResidualQuantizer
 from unified_mllm.vision.siglip import build_siglip_tower, load_siglip_pretrained
-from unified_mllm.vision.visual_tokenizer import (
-    TokenizerOutput,
-    VisualTokenizer,
-    describe_value,
-    quantizer_options,
-)
+from unified_mllm.vision.visual_tokenizer import TokenizerOutput, VisualTokenizer, quantizer_options
 from unified_mllm.vision.vit import AttnProjection, init_transformer_weights
 from unified_mllm.vision.vqgan import Decoder
 
@@ -250,6 +245,7 @@ class DualToken(VisualTokenizer):
     """SigLIP backbone + pixel and semantic residual quantizers + VQ-GAN pixel decoder (module docstring)."""
 
     kind = "dualtoken"
+    fixed_resolution = True
 
     def __init__(self, vq: VQConfig) -> None:
         check_dualtoken_config(vq)
@@ -407,20 +403,6 @@ class DualToken(VisualTokenizer):
         return hidden, self._head(self.teacher, hidden)
 
     # -- the tokenizer interface ---------------------------------------------------------------------------
-
-    def check_pixels(self, pixels: torch.Tensor) -> None:
-        """A clear error unless ``pixels`` is a float ``[B, 3, S, S]`` with ``S = resolution`` (SigLIP's
-        position embeddings are learned for exactly that grid)."""
-        side = self.config.resolution
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise ValueError(
-                f"pixels must be a float tensor [B, 3, {side}, {side}], got {describe_value(pixels)}"
-            )
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, side, side):
-            hint = " (add a batch dimension: pixels[None])" if pixels.ndim == 3 else ""
-            raise ValueError(
-                f"pixels must have shape [B, 3, {side}, {side}], got {tuple(pixels.shape)}{hint}"
-            )
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, S, S]`` → codes ``[B, h, w, pixel_depth + semantic_depth]`` (pixel depths first)."""

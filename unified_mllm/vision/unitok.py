@@ -56,8 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -69,6 +67,7 @@ from unified_mllm.config import UniTokConfig, VQConfig
 from unified_mllm.vision.quantizer import MultiCodebookQuantizer
 from unified_mllm.vision.visual_tokenizer import TokenizerOutput, VisualTokenizer, quantizer_options
 from unified_mllm.vision.vit import AttnProjection, ViTBlock, init_transformer_weights
+from unified_mllm.vision.vqgan import Upsample
 
 # CLIP's bound on the contrastive temperature: logits are at most 100 x cosine similarity.
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -102,23 +101,12 @@ class LayerNorm2d(nn.LayerNorm):
         return out.permute(0, 3, 1, 2)
 
 
-class Upsample2d(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (``in_ch`` -> ``out_ch``): no checkerboard of transposed convs."""
-
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class MBConv(nn.Module):
     """Pre-norm inverted bottleneck: ``shortcut(x) + project(dw3x3(expand(norm(x))))`` with GELUs after the
     expansion and the depthwise conv; the middle width is ``out_ch * expansion``.
 
     ``resample="down"`` halves the side (strided depthwise conv; average-pool shortcut), ``"up"`` doubles it
-    (an :class:`Upsample2d` on the expanded channels and on the shortcut), ``None`` keeps it.
+    (an :class:`~.vqgan.Upsample` on the expanded channels and on the shortcut), ``None`` keeps it.
     """
 
     def __init__(self, in_ch: int, out_ch: int, expansion: int, resample: Resample = None) -> None:
@@ -128,12 +116,12 @@ class MBConv(nn.Module):
             pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
             self.shortcut: nn.Module = nn.Sequential(pool, _pointwise_or_identity(in_ch, out_ch))
         elif resample == "up":
-            self.shortcut = Upsample2d(in_ch, out_ch)
+            self.shortcut = Upsample(in_ch, out_ch)
         else:
             self.shortcut = _pointwise_or_identity(in_ch, out_ch)
         self.norm = LayerNorm2d(in_ch, eps=NORM_EPS)
         self.expand = nn.Conv2d(in_ch, mid, 1)
-        self.up = Upsample2d(mid, mid) if resample == "up" else nn.Identity()
+        self.up = Upsample(mid, mid) if resample == "up" else nn.Identity()
         stride = 2 if resample == "down" else 1
         self.depthwise = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid)
         self.project = nn.Conv2d(mid, out_ch, 1)
@@ -219,12 +207,10 @@ class UniTokDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width)
         widths, depths = cfg.conv_widths[::-1], cfg.conv_depths[::-1]
-        self.up = Upsample2d(cfg.width, widths[0])
+        self.up = Upsample(cfg.width, widths[0])
         self.stages = _conv_stages(widths, depths, widths[0], cfg.conv_expansion, "up")
         first = cfg.conv_widths[0]
-        self.to_pixels = NormConv(
-            Upsample2d(first, first), first, nn.Conv2d(first, 3, 3, padding=1), act=True
-        )
+        self.to_pixels = NormConv(Upsample(first, first), first, nn.Conv2d(first, 3, 3, padding=1), act=True)
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -271,12 +257,6 @@ def text_tower_config(cfg: UniTokConfig) -> CLIPTextConfig:
         bos_token_id=None,
         eos_token_id=cfg.text_pad_id,
     )
-
-
-@contextmanager
-def _outside_autocast(like: torch.Tensor) -> Iterator[None]:
-    with torch.autocast(device_type=like.device.type, enabled=False):
-        yield
 
 
 def _check_config(vq: VQConfig) -> None:
@@ -354,19 +334,19 @@ class UniTok(VisualTokenizer):
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> pre-quantization latents ``[B, h * w, embed_dim]`` and ``(h, w)``."""
         self.check_pixels(pixels)
         tokens, grid = self.encoder(pixels)
-        with _outside_autocast(tokens):
+        with torch.autocast(tokens.device.type, enabled=False):
             latents = self.quant_proj(tokens.to(self.quant_proj.shortcut.weight.dtype))
         return latents, grid
 
     def post_quantize(self, code_vectors: torch.Tensor) -> torch.Tensor:
         """Code vectors ``[B, N, embed_dim]`` -> decoder / CLIP tokens ``[B, N, width]`` (outside autocast)."""
-        with _outside_autocast(code_vectors):
+        with torch.autocast(code_vectors.device.type, enabled=False):
             return self.post_quant_proj(code_vectors.to(self.post_quant_proj.shortcut.weight.dtype))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` -> codes ``[B, H / f, W / f, num_codebooks]`` (long); no losses or statistics."""
         latents, (height, width) = self.encode_latents(pixels)
-        with _outside_autocast(latents):
+        with torch.autocast(latents.device.type, enabled=False):
             codes = self.quantize.nearest(latents)
         return codes.reshape(latents.shape[0], height, width, -1)
 
@@ -385,7 +365,7 @@ class UniTok(VisualTokenizer):
         straight-through code vectors ``[B, N, embed_dim]``) and, with ``text_ids`` ``[B, L]`` (one caption per
         image), the unweighted ``contrastive`` loss."""
         latents, grid = self.encode_latents(pixels)
-        with _outside_autocast(latents):
+        with torch.autocast(latents.device.type, enabled=False):
             out = self.quantize(latents)
         out.indices = out.indices.reshape(latents.shape[0], grid[0], grid[1], -1)
         tokens = self.post_quantize(out.quantized)

@@ -81,6 +81,8 @@ class VisualTokenizer(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # True for kinds that take exactly ``resolution`` px (DualToken: SigLIP's position embeddings fix the grid).
+    fixed_resolution: ClassVar[bool] = False
     config: VQConfig
 
     def __init__(self, vq: VQConfig) -> None:
@@ -281,14 +283,18 @@ class VisualTokenizer(nn.Module):
             self.train(was_training)
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
-        """A clear error unless ``pixels`` is a float ``[B, 3, H, W]`` with sides this tokenizer can encode."""
+        """A clear error unless ``pixels`` is a float ``[B, 3, H, W]`` with sides this tokenizer can encode
+        (exactly ``resolution`` with :attr:`fixed_resolution`)."""
+        side = self.config.resolution
+        want = f"[B, 3, {side}, {side}]" if self.fixed_resolution else "[B, 3, H, W]"
         if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise ValueError(
-                f"pixels must be a float tensor [B, 3, H, W] in [-1, 1], got {describe_value(pixels)}"
-            )
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be a float tensor {want} in [-1, 1], got {describe_value(pixels)}")
+        wrong_side = self.fixed_resolution and tuple(pixels.shape[2:]) != (side, side)
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or wrong_side:
             hint = " (add a batch dimension: pixels[None])" if pixels.ndim == 3 else ""
-            raise ValueError(f"pixels must have shape [B, 3, H, W], got {tuple(pixels.shape)}{hint}")
+            raise ValueError(f"pixels must have shape {want}, got {tuple(pixels.shape)}{hint}")
+        if self.fixed_resolution:
+            return
         factor = self.config.downsample_factor
         height, width = pixels.shape[-2:]
         if height == 0 or width == 0 or height % factor or width % factor:
@@ -328,8 +334,11 @@ def quantizer_options(vq: VQConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def resolve_checkpoint_paths(path: Path) -> tuple[Path, Path | None]:
-    """(weights file, the config file beside it or None) for a checkpoint path as the user gave it."""
+def resolve_checkpoint_paths(
+    path: Path, config_path: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path | None]:
+    """(weights file, config file or None) for a checkpoint path as the user gave it: an explicit
+    ``config_path`` wins over a config found beside the weights."""
     if path.is_dir():
         weights, candidates = path / WEIGHTS_FILE, [path / CONFIG_FILE]
     else:
@@ -337,7 +346,11 @@ def resolve_checkpoint_paths(path: Path) -> tuple[Path, Path | None]:
         candidates = [path.with_suffix(".yaml"), path.with_suffix(".yml"), path.parent / CONFIG_FILE]
     if not weights.is_file():
         raise FileNotFoundError(f"tokenizer weights not found: {weights}")
-    return weights, next((c for c in candidates if c.is_file()), None)
+    if config_path is None:
+        return weights, next((c for c in candidates if c.is_file()), None)
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"VQ-GAN config not found: {config_path}")
+    return weights, Path(config_path)
 
 
 def read_tokenizer_config(path: str | os.PathLike[str]) -> VQConfig:

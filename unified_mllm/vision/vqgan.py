@@ -48,6 +48,7 @@ from unified_mllm.vision.visual_tokenizer import (
     VisualTokenizer,
     VQCheckpointError,
     quantizer_options,
+    read_safetensors,
     read_tokenizer_config,
     resolve_checkpoint_paths,
     typed_vq_config,
@@ -128,11 +129,11 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 convolution."""
+    """Double the resolution: nearest-neighbour x2, then a 3x3 convolution (to ``out_channels`` if given)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -298,7 +299,7 @@ class VQGAN(VisualTokenizer):
         with ``trust_pickle=True``, the file is unpickled in full, which can run arbitrary code: only load
         files from a source you trust, or pass ``trust_pickle=False`` to get an error instead.
         """
-        weights_path, config_path = _resolve_checkpoint_paths(Path(ckpt_path), yaml_path)
+        weights_path, config_path = resolve_checkpoint_paths(Path(ckpt_path), yaml_path)
         if config_path is not None:
             vq = read_vq_config(config_path, base=config)
         elif config is not None:
@@ -368,18 +369,6 @@ class VQGAN(VisualTokenizer):
 # ------------------------------------------------------------------------------------------------- files
 
 
-def _resolve_checkpoint_paths(
-    path: Path, yaml_path: str | os.PathLike[str] | None
-) -> tuple[Path, Path | None]:
-    """(weights file, config file or None): an explicit ``yaml_path`` wins over a config found beside them."""
-    weights, found = resolve_checkpoint_paths(path)
-    if yaml_path is None:
-        return weights, found
-    if not Path(yaml_path).is_file():
-        raise FileNotFoundError(f"VQ-GAN config not found: {yaml_path}")
-    return weights, Path(yaml_path)
-
-
 def read_vq_config(path: str | os.PathLike[str], base: VQConfig | None = None) -> VQConfig:
     """A :class:`VQConfig` from our ``config.json`` or from a taming / Chameleon ``vqgan.yaml``.
 
@@ -430,9 +419,7 @@ def load_checkpoint_state(
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
