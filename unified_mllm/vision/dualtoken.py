@@ -45,8 +45,7 @@ Choices where the paper and its code are silent or where we differ on purpose:
   trainer from ``QuantizerOutput.latents`` after ``vq.dead_code_steps`` unused steps.
 * The teacher is not saved (:meth:`DualToken.state_to_save`): it is a copy of weights the user already has.
   Loading a checkpoint without teacher weights makes the teacher a copy of the loaded backbone; training
-  from the published SigLIP goes through :meth:`DualToken.load_backbone` (backbone and teacher), and
-  :meth:`DualToken.load_teacher` restores the original teacher under a fine-tuned backbone.
+  from the published SigLIP goes through :meth:`DualToken.load_backbone` (backbone and teacher).
 * A tiny configuration (:func:`tiny_dualtoken_config`, tests and CPU runs) starts from a random backbone, so
   its "teacher" is just the random initial backbone: the distillation then only keeps the semantic path
   close to where it started; a real semantic target needs ``dualtoken.pretrained``, a SigLIP of the
@@ -302,16 +301,10 @@ class DualToken(VisualTokenizer):
     def load_backbone(self, path: str | os.PathLike[str]) -> None:
         """Read SigLIP weights (a transformers ``SiglipModel`` or ``SiglipVisionModel`` directory, shapes
         checked against ``dualtoken.backbone``) into the backbone, then copy them into the teacher."""
-        self.backbone.load_state_dict(self._read_siglip(path).state_dict())
-        self.reset_teacher()
-
-    def load_teacher(self, path: str | os.PathLike[str]) -> None:
-        """Read SigLIP weights into the teacher only (resuming distillation under a fine-tuned backbone)."""
-        self.teacher.load_state_dict(self._read_siglip(path).state_dict())
-
-    def _read_siglip(self, path: str | os.PathLike[str]) -> SiglipVisionModel:
         dtype = self.backbone.embeddings.patch_embedding.weight.dtype
-        return load_siglip_pretrained(path, self.dualtoken.backbone, use_head=True, dtype=dtype)
+        loaded = load_siglip_pretrained(path, self.dualtoken.backbone, use_head=True, dtype=dtype)
+        self.backbone.load_state_dict(loaded.state_dict())
+        self.reset_teacher()
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """Everything but the teacher (a frozen copy of weights the user already has)."""
