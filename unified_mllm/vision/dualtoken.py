@@ -455,9 +455,6 @@ class DualToken(VisualTokenizer):
     def quantizers(self) -> dict[str, nn.Module]:
         return {"pixel": self.pixel_quantizer, "semantic": self.semantic_quantizer}
 
-    def get_last_layer(self) -> nn.Parameter:
-        return self.decoder.conv_out.weight
-
     def code_vocab_sizes(self) -> list[int]:
         """``codebook_size`` for each of the pixel depths, then each of the semantic depths."""
         pixel, semantic = self.pixel_quantizer, self.semantic_quantizer

@@ -85,17 +85,6 @@ def build_siglip_tower(
         return SiglipVisionModel(config)
 
 
-def check_siglip_config(config: SiglipVisionConfig, vision: VisionConfig, origin: str) -> None:
-    """Raise :class:`ConfigError` naming each ``model.vision`` field that ``config`` contradicts."""
-    mismatches = [
-        f"model.vision.{ours}={getattr(vision, ours)} but {origin} has {hf_name}={getattr(config, hf_name)}"
-        for ours, hf_name in _FIELD_MAP.items()
-        if getattr(vision, ours) != getattr(config, hf_name)
-    ]
-    if mismatches:
-        raise ConfigError("SigLIP checkpoint does not match the config: " + "; ".join(mismatches))
-
-
 def load_siglip_pretrained(
     path: str | Path,
     vision: VisionConfig | None = None,
@@ -116,8 +105,13 @@ def load_siglip_pretrained(
         raise FileNotFoundError(f"SigLIP checkpoint not found: {path}")
     # Check the shapes before reading ~1.6 GB of weights that would then be thrown away.
     config = SiglipVisionConfig.from_pretrained(str(path), vision_use_head=use_head)
-    if vision is not None:
-        check_siglip_config(config, vision, str(path))
+    mismatches = [
+        f"model.vision.{ours}={getattr(vision, ours)} but {path} has {hf_name}={getattr(config, hf_name)}"
+        for ours, hf_name in _FIELD_MAP.items()
+        if vision is not None and getattr(vision, ours) != getattr(config, hf_name)
+    ]
+    if mismatches:
+        raise ConfigError("SigLIP checkpoint does not match the config: " + "; ".join(mismatches))
     return SiglipVisionModel.from_pretrained(str(path), config=config, dtype=dtype)
 
 

@@ -212,11 +212,6 @@ class UniTokDecoder(nn.Module):
         first = cfg.conv_widths[0]
         self.to_pixels = NormConv(Upsample(first, first), first, nn.Conv2d(first, 3, 3, padding=1), act=True)
 
-    @property
-    def last_layer(self) -> nn.Parameter:
-        """The weight of the conv that writes the pixels."""
-        return self.to_pixels.conv.weight
-
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         for block in self.blocks:
             tokens = block(tokens)
@@ -323,12 +318,9 @@ class UniTok(VisualTokenizer):
 
     # -- the VisualTokenizer interface ----------------------------------------------------------------
 
-    def quantizers(self) -> dict[str, nn.Module]:
-        return {"codes": self.quantize}
-
     def get_last_layer(self) -> nn.Parameter:
         """The weight of the decoder's final conv (3 output channels), for the adaptive GAN weight."""
-        return self.decoder.last_layer
+        return self.decoder.to_pixels.conv.weight
 
     def encode_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> pre-quantization latents ``[B, h * w, embed_dim]`` and ``(h, w)``."""

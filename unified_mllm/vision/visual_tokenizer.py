@@ -76,8 +76,9 @@ class VisualTokenizer(nn.Module):
     """Base class: files, checks and image conversion on top of the subclass's tensor methods.
 
     Subclasses set :attr:`kind`, build their modules in ``__init__(vq)`` (no I/O) and implement
-    :meth:`encode`, :meth:`decode`, :meth:`training_forward`, :meth:`quantizers` and :meth:`get_last_layer`;
-    they may extend :meth:`code_vocab_sizes` and the checks.
+    :meth:`encode`, :meth:`decode` and :meth:`training_forward`; :meth:`quantizers` and :meth:`get_last_layer`
+    default to a ``quantize`` module and a VQ-GAN ``decoder``. They may extend :meth:`code_vocab_sizes` and the
+    checks.
     """
 
     kind: ClassVar[str] = ""
@@ -111,11 +112,11 @@ class VisualTokenizer(nn.Module):
 
     def quantizers(self) -> dict[str, nn.Module]:
         """The quantizer modules by name (the trainer sets their ``all_reduce`` and restarts dead codes)."""
-        raise NotImplementedError
+        return {"codes": self.quantize}
 
     def get_last_layer(self) -> nn.Parameter:
-        """The decoder's last weight, for the adaptive GAN-loss weight."""
-        raise NotImplementedError
+        """The decoder's last weight, for the adaptive GAN-loss weight (taming's calculate_adaptive_weight)."""
+        return self.decoder.conv_out.weight
 
     # -- shape -----------------------------------------------------------------------------------------
 

@@ -1,14 +1,8 @@
 """Chameleon's VQ-GAN image tokenizer (taming-transformers ``VQModel`` architecture), encoder *and* decoder.
 
 The module tree and parameter names are those of taming-transformers, which Chameleon's ``vqgan.ckpt`` uses,
-so its ``state_dict`` loads unchanged: ``encoder.*`` (``conv_in``, ``down.{i}.block.{j}`` /
-``down.{i}.attn.{j}`` / ``down.{i}.downsample``, ``mid.block_1`` / ``mid.attn_1`` / ``mid.block_2``,
-``norm_out``, ``conv_out``), ``quant_conv``, ``quantize.embedding.weight``, ``post_quant_conv`` and
-``decoder.*`` (``conv_in``, ``mid.*``, ``up.{i}.block.{j}`` with ``num_res_blocks + 1`` blocks per level,
-``up.{i}.attn.{j}``, ``up.{i}.upsample``, ``norm_out``, ``conv_out``). As in taming, ``decoder.up.{i}`` runs
-at the same resolution as ``encoder.down.{i}``: ``up.{levels-1}`` is the lowest resolution and runs first.
-GroupNorm(32, eps=1e-6), swish, single-head attention through 1x1 convolutions, downsampling by an asymmetric
-zero pad ``(0, 1, 0, 1)`` then a stride-2 3x3 convolution, upsampling by nearest x2 then a 3x3 convolution.
+so its ``state_dict`` loads unchanged (do not rename modules). As in taming, ``decoder.up.{i}`` runs at the
+same resolution as ``encoder.down.{i}``: ``up.{levels-1}`` is the lowest resolution and runs first.
 transformers' ``ChameleonVQVAE`` implements the same encoder and quantizer (it has no decoder); the tests
 check that both give the same codes for the same weights.
 
@@ -16,13 +10,9 @@ Pixels are ``[B, 3, H, W]`` in [-1, 1] with ``H`` and ``W`` multiples of the dow
 (``2 ** (levels - 1)``: 16 for Chameleon, 512 px → 32 x 32 codes); codes are ``[B, H / f, W / f]`` (long).
 
 Building does no I/O (design convention 5): :meth:`VQGAN.from_config` random-initialises, also on the
-``meta`` device. Weights come in through :meth:`VQGAN.from_checkpoint`, which reads either
-
-* Chameleon's / taming's files: a Lightning checkpoint (``{"state_dict": {...}}``, ``loss.*`` discriminator
-  and perceptual-loss keys ignored) or a plain state dict, with the taming ``vqgan.yaml`` beside it; or
-* our own format, written by :meth:`VQGAN.save_pretrained`: a directory holding ``model.safetensors`` (the
-  state dict) and ``config.json`` (``{"format": "unified_mllm.vqgan", "format_version": 1, "vq": {VQConfig
-  fields}}``).
+``meta`` device. Weights come in through :meth:`VQGAN.from_checkpoint`, which reads either Chameleon's /
+taming's files (a Lightning checkpoint, ``loss.*`` keys ignored, or a plain state dict, with the taming
+``vqgan.yaml`` beside it) or our own :meth:`VQGAN.save_pretrained` directory (see :mod:`.visual_tokenizer`).
 """
 
 from __future__ import annotations
@@ -247,8 +237,6 @@ class Decoder(nn.Module):
 
 def check_vq_config(vq: VQConfig) -> None:
     """Raise ValueError when ``vq`` cannot describe a VQ-GAN (GroupNorm needs widths divisible by 32)."""
-    if vq.kind != "vqgan":
-        raise ValueError(f"VQGAN needs vq.kind='vqgan', got {vq.kind!r}")
     if not vq.channel_mult or vq.num_res_blocks < 1:
         raise ValueError("vq.channel_mult needs at least one level and vq.num_res_blocks must be >= 1")
     bad = [w for w in [vq.base_channels, *_widths(vq)] if w <= 0 or w % 32]
@@ -264,8 +252,8 @@ class VQGAN(VisualTokenizer):
     kind = "vqgan"
 
     def __init__(self, vq: VQConfig) -> None:
+        super().__init__(vq)  # checks vq.kind
         check_vq_config(vq)
-        super().__init__(vq)
         self.encoder = Encoder(vq)
         self.quant_conv = nn.Conv2d(vq.z_channels, vq.embed_dim, kernel_size=1)
         self.quantize = VectorQuantizer(vq.codebook_size, vq.embed_dim, **quantizer_options(vq))
@@ -329,10 +317,6 @@ class VQGAN(VisualTokenizer):
 
     # -- tensors ----------------------------------------------------------------------------------------
 
-    def get_last_layer(self) -> nn.Parameter:
-        """The decoder's last weight, for the adaptive GAN-loss weight (taming's ``calculate_adaptive_weight``)."""
-        return self.decoder.conv_out.weight
-
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] → pre-quantization latents ``[B, embed_dim, H / f, W / f]``."""
         self.check_pixels(pixels)
@@ -361,9 +345,6 @@ class VQGAN(VisualTokenizer):
         """:meth:`forward` as the tokenizer trainer takes it (``text_ids`` unused: no contrastive term)."""
         reconstruction, out = self(pixels)
         return TokenizerOutput(reconstruction, {"codes": out})
-
-    def quantizers(self) -> dict[str, nn.Module]:
-        return {"codes": self.quantize}
 
 
 # ------------------------------------------------------------------------------------------------- files
