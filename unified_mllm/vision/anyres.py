@@ -7,18 +7,13 @@ With ``model.vision.anyres.enabled`` an image is seen by SigLIP as several squar
 2. the **tiles**: the image scaled, aspect ratio kept, to fit a canvas of ``rows*S`` by ``cols*S`` pixels,
    centred on that canvas with ``anyres.pad_color`` around it, and cut into ``rows x cols`` tiles.
 
-The grid ``[rows, cols]`` is chosen from ``anyres.grids`` by :func:`select_grid`: the candidate that keeps the
-most of the image's pixels wins (a canvas that would upscale the image counts only the original pixels, so
-upscaling earns nothing), ties go to the smallest canvas (least padded / wasted area), then to the earlier
-entry of the list. That is the rule of LLaVA-NeXT's resolution selection.
+The grid ``[rows, cols]`` is chosen from ``anyres.grids`` by :func:`select_grid`, LLaVA-NeXT's rule.
 
 **Feature order** (the order of the feature slots in the token layout): the base view first, then the tiles
 row-major (top-left, top-right, …, bottom-right); within each view the patch grid row-major. No row-end or
 newline embeddings are inserted. The number of feature slots of an image is computed in exactly one place,
 :func:`num_image_features`; the token layout (``unified_mllm.layout``) takes that integer.
 
-With AnyRes disabled an image is the base view alone: ``features_per_view`` slots (729 for SigLIP-so400m at
-384 px). With the vision branch disabled (stage 0) it has no feature slots at all.
 """
 
 from __future__ import annotations

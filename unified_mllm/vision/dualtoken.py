@@ -25,21 +25,15 @@ Data flow for pixels ``[B, 3, S, S]`` in [-1, 1] (SigLIP's own normalisation, me
   semantic_pooled_weight x d(pooled output, teacher's pooled output)`` with ``d = MSE + (1 - cos)``, cosine
   along the channels, averaged over tokens.
 
-Published defaults (:func:`published_dualtoken_config`): SigLIP-so400m/14 at 384 px (27 x 27 = 729 positions,
-the last 6 pixel rows and columns unseen), pixel layer 6 with 0.6 x layer 4, semantic layer 26 of 27, depth
-8 for both quantizers over 16384 x 32 EMA codebooks (decay 0.99), 36-head projections, decoder latent 24 x 24
-into a ``ch 128, mult [1, 1, 4, 4, 8]`` decoder with attention at 24 and 1024 input channels. Built on the
-meta device this gives (measured by the tests) a 428.2M-parameter backbone, 4.03M per pre-projection, 9.45M
-per post-projection, 11.80M for the resnet block, 168.45M for the decoder: about 639M trainable parameters
-(the teacher and the EMA codebooks are not trained).
+Published defaults (:func:`published_dualtoken_config` and the :class:`DualTokenConfig` defaults): about 639M
+trainable parameters (the teacher and the EMA codebooks are not trained).
 
 Choices where the paper and its code are silent or where we differ on purpose:
 
 * The distillation terms use ``1 - cos`` where the published code uses ``-cos``: the same gradients, but the
   loss is 0 (not ``-(5 + 1)``) when the student matches the teacher, which reads better in logs.
-* The post-quant resnet block is GroupNorm + SiLU + 1x1 conv, SiLU, 3x3 conv, plus a 1x1 shortcut of the
-  input (one GroupNorm; a SiLU between the two convolutions, without which they would collapse into one
-  linear map).
+* The post-quant resnet block has one GroupNorm and a SiLU between its two convolutions, without which they
+  would collapse into one linear map.
 * Both quantizers update their EMA codebook once per forward from all depths (the published semantic
   quantizer does; its pixel quantizer updates inside the depth loop). Dead codes are restarted by the
   trainer from ``QuantizerOutput.latents`` after ``vq.dead_code_steps`` unused steps.

@@ -1,9 +1,7 @@
 """Vector quantization: nearest-code lookup, losses, EMA codebooks, dead-code restarts, usage statistics.
 
-The pieces are plain functions plus one module, :class:`VectorQuantizer`, so that the other tokenizers can
-reuse them: UniTok's multi-codebook quantizer runs one :class:`VectorQuantizer` per channel chunk, and
-DualToken's residual quantizer runs several on successive residuals (:meth:`VectorQuantizer.lookup` gives the
-plain code vectors without the straight-through trick).
+Plain functions plus :class:`VectorQuantizer`, which UniTok's :class:`MultiCodebookQuantizer` (one per channel
+chunk) and DualToken's :class:`ResidualQuantizer` (one codebook for successive residuals) build on.
 
 Chameleon's (taming-transformers') quantizer is the default: the nearest code by L2 distance, the
 straight-through estimator, and ``codebook loss + beta * commitment loss`` (van den Oord et al. 2017). taming's

@@ -1,13 +1,7 @@
 """The continuous branch: the SigLIP vision tower from transformers, and :class:`VisionEncoder` (tower + projector).
 
-AnyRes tiling (which views of an image the encoder sees) lives in :mod:`unified_mllm.vision.anyres`, the MLP
-projector in :mod:`unified_mllm.vision.projector`.
-
-SigLIP cuts a square ``image_size`` x ``image_size`` view into non-overlapping ``patch_size`` patches with a
-strided convolution, so a view yields ``(image_size // patch_size) ** 2`` feature vectors, one per patch, in
-row-major order. Pixels that do not fill a whole patch are dropped: SigLIP-so400m at 384 px with 14 px
-patches sees 27 x 27 = 729 patches (the last 6 pixel rows and columns are never read). That is the number of
-feature slots one view occupies in the token layout (:func:`features_per_view`).
+A view yields one feature vector per whole ``patch_size`` patch, row-major; pixels that do not fill a patch
+are dropped (so400m at 384 px, 14 px patches: 27 x 27 = 729, the last 6 pixel rows and columns unread).
 
 The tower is built **without** SigLIP's attention-pooling head (``vision_use_head=False``): the unified model
 projects every patch feature into the LM, so the pooled embedding would be ~15M parameters that receive no
@@ -15,11 +9,10 @@ gradient (dead weight in optimizer state and checkpoints, and an "unused paramet
 published so400m vision tower, head included, has ~428M parameters; without the head it has ~413M.
 ``use_head=True`` builds the full published module when a caller needs it.
 
-Building does no I/O (design convention 5): :func:`build_siglip_tower` only ever random-initialises from the
-config. Published weights come in through the explicit :func:`load_siglip_pretrained`. On ``device="meta"``
-nothing is allocated; to materialise, call ``tower.to_empty(device=...)`` then ``tower.init_weights()``, also
-before loading a state dict: ``init_weights`` refills the non-persistent ``position_ids`` buffer, which
-``to_empty`` leaves uninitialised and a state dict does not carry.
+Building does no I/O (design convention 5); weights come in through :func:`load_siglip_pretrained`. To
+materialise a ``meta`` tower call ``tower.to_empty(device=...)`` then ``tower.init_weights()``, also before
+loading a state dict: ``init_weights`` refills the non-persistent ``position_ids`` buffer, which ``to_empty``
+leaves uninitialised and a state dict does not carry.
 """
 
 from __future__ import annotations
@@ -55,12 +48,8 @@ def features_per_view(vision: VisionConfig) -> int:
 
 
 def siglip_hf_config(vision: VisionConfig, *, use_head: bool = False) -> SiglipVisionConfig:
-    """The transformers config of the SigLIP vision tower described by ``vision``.
-
-    ``num_layers`` → ``num_hidden_layers`` and ``num_heads`` → ``num_attention_heads``; the other shape fields
-    and ``layer_norm_eps`` keep their names. RGB input and the ``gelu_pytorch_tanh`` activation are SigLIP's
-    own (transformers' defaults). ``use_head`` adds the attention-pooling head (see the module docstring).
-    """
+    """The transformers config of the SigLIP vision tower described by ``vision`` (activation: transformers'
+    default, SigLIP's own ``gelu_pytorch_tanh``); ``use_head`` adds the attention-pooling head."""
     return SiglipVisionConfig(
         **{hf_name: getattr(vision, ours) for ours, hf_name in _FIELD_MAP.items()},
         layer_norm_eps=vision.layer_norm_eps,
@@ -72,17 +61,10 @@ def siglip_hf_config(vision: VisionConfig, *, use_head: bool = False) -> SiglipV
 def build_siglip_tower(
     vision: VisionConfig, device: str | torch.device = "cpu", *, use_head: bool = False
 ) -> SiglipVisionModel:
-    """A randomly initialised SigLIP vision tower for ``vision``, built directly on ``device`` (no I/O).
-
-    ``vision.pretrained`` is deliberately ignored here; use :func:`load_siglip_pretrained`. The tower maps
-    ``pixel_values`` of shape ``(batch, 3, image_size, image_size)`` to ``last_hidden_state`` of shape
-    ``(batch, features_per_view, hidden_size)`` (after the post-layernorm) and ``hidden_states`` per layer
-    when asked for them.
-    """
-    config = siglip_hf_config(vision, use_head=use_head)
-    # Under the device context every parameter and buffer is created on `device`; "meta" allocates nothing.
+    """A randomly initialised SigLIP vision tower for ``vision``, built directly on ``device`` ("meta" allocates
+    nothing). ``vision.pretrained`` is deliberately ignored here; use :func:`load_siglip_pretrained`."""
     with torch.device(device):
-        return SiglipVisionModel(config)
+        return SiglipVisionModel(siglip_hf_config(vision, use_head=use_head))
 
 
 def load_siglip_pretrained(

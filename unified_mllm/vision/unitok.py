@@ -20,13 +20,8 @@ Data flow and shapes (``f`` = ``model.vq.downsample_factor`` = 2^(len(conv_width
       text ids [B, L] -> CLIP text transformer -> feature at the last non-padding id -> projection -> l2-normalised
 
 The defaults of :class:`~unified_mllm.config.UniTokConfig` with :func:`unitok_large_config` are the released
-UniTok-Large at 256 px: ViTamin-L widths (stem and stages 160 / 320 with 2 / 4 MBConv blocks of expansion 4,
-31 ViT blocks of width 1024 with 16 heads and GeGLU ratio 2 in both encoder and decoder), 8 sub-codebooks of
-4096 codes x 8 channels (a 64-d latent, beta 0.25, cosine lookup), projections with 16 heads and full
-attention (the April-2025 checkpoint; ``causal_projection`` gives the first one), a 768-d CLIP embedding and
-the OpenCLIP text tower of ViT-B size (12 x 768, 49408 BPE ids, 77 positions). Built on the ``meta`` device
-it has 332.4M encoder, 3.25M + 7.62M projection, 0.26M quantizer, 352.5M decoder, 123.65M text and 0.79M
-CLIP-head parameters: 820.4M in all, within 0.02% of the count of the released model (820.3M).
+UniTok-Large at 256 px (ViTamin-L widths, full-attention projections of the April-2025 checkpoint; the first
+one had ``causal_projection``): 820.4M parameters, within 0.02% of the released model's 820.3M.
 
 Choices made here where the paper says nothing (most follow the released code):
 
