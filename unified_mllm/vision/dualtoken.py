@@ -449,11 +449,6 @@ class DualToken(VisualTokenizer):
     def quantizers(self) -> dict[str, nn.Module]:
         return {"pixel": self.pixel_quantizer, "semantic": self.semantic_quantizer}
 
-    def code_vocab_sizes(self) -> list[int]:
-        """``codebook_size`` for each of the pixel depths, then each of the semantic depths."""
-        pixel, semantic = self.pixel_quantizer, self.semantic_quantizer
-        return [pixel.codebook_size] * pixel.depth + [semantic.codebook_size] * semantic.depth
-
     def describe(self) -> dict[str, Any]:
         dt = self.dualtoken
         return {

@@ -36,10 +36,7 @@ class MLPProjector(nn.Sequential):
 
 
 def build_projector(
-    vision: VisionConfig,
-    lm_hidden: int,
-    projector: ProjectorConfig,
-    device: str | torch.device = "cpu",
+    vision: VisionConfig, lm_hidden: int, projector: ProjectorConfig, device: str | torch.device = "cpu"
 ) -> MLPProjector:
     """The projector from SigLIP's width (``vision.hidden_size``) to ``lm_hidden``, built on ``device`` (no I/O).
 

@@ -279,10 +279,7 @@ class UniTok(VisualTokenizer):
             cfg.width, vq.embed_dim, cfg.projection_heads, causal=cfg.causal_projection
         )
         self.quantize = MultiCodebookQuantizer(
-            cfg.num_codebooks,
-            vq.codebook_size,
-            vq.embed_dim,
-            **quantizer_options(vq),
+            cfg.num_codebooks, vq.codebook_size, vq.embed_dim, **quantizer_options(vq)
         )
         self.post_quant_proj = AttnProjection(
             vq.embed_dim, cfg.width, cfg.projection_heads, causal=cfg.causal_projection

@@ -223,10 +223,6 @@ class VisualTokenizer(nn.Module):
 
     # -- images -----------------------------------------------------------------------------------------
 
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        param = next(p for p in self.parameters() if p.is_floating_point())
-        return param.device, param.dtype
-
     @torch.no_grad()
     def images_to_codes(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[np.ndarray]:
         """Tokenize images (paths, bytes or PIL images of any mode and size) → one int64 array each, ``[h, w]``
@@ -236,12 +232,12 @@ class VisualTokenizer(nn.Module):
             raise ValueError("images_to_codes takes images (paths, bytes, PIL); encode() takes pixel tensors")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device, dtype = self._device_dtype()
+        param = next(p for p in self.parameters() if p.is_floating_point())
         codes: list[np.ndarray] = []
         with self.eval_mode():
             for start in range(0, len(images), batch_size):
                 pixels = preprocess(list(images[start : start + batch_size]), self.config.resolution)
-                batch = self.encode(pixels.to(device=device, dtype=dtype)).cpu().numpy()
+                batch = self.encode(pixels.to(device=param.device, dtype=param.dtype)).cpu().numpy()
                 codes.extend(np.ascontiguousarray(c, dtype=np.int64) for c in batch)
         return codes
 
