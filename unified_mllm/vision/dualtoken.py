@@ -167,13 +167,6 @@ def check_dualtoken_config(vq: VQConfig) -> None:
         )
 
 
-def decoder_config(vq: VQConfig) -> VQConfig:
-    """The VQ-GAN decoder's view of ``vq``: its input is ``decoder_latent_side`` per side with
-    ``z_channels`` channels, its output ``vq.resolution`` (checked by :func:`check_dualtoken_config`)."""
-    side = vq.dualtoken.decoder_latent_side << (len(vq.channel_mult) - 1)
-    return dataclasses.replace(vq, kind="vqgan", resolution=side, attn_resolutions=list(vq.attn_resolutions))
-
-
 # ------------------------------------------------------------------------------------------- the losses
 
 
@@ -264,7 +257,8 @@ class DualToken(VisualTokenizer):
         self.post_semantic = AttnProjection(dim, hidden, heads, causal=True)
         self.post_pixel = AttnProjection(dim, hidden, heads, causal=True)
         self.post_quant_block = PostQuantResnetBlock(hidden, vq.z_channels)
-        self.decoder = Decoder(decoder_config(vq))
+        # decoder_latent_side in, vq.resolution out (check_dualtoken_config makes the two agree).
+        self.decoder = Decoder(vq)
         for module in (
             self.pre_pixel,
             self.pre_shortcut,

@@ -102,17 +102,6 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return entropy.exp()
 
 
-def vq_losses(vectors: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codebook_loss, commitment_loss)`` between encoder outputs and their codes (same shapes).
-
-    The codebook loss ``mean((sg[z] - e)^2)`` moves the codes towards the encoder outputs; the commitment
-    loss ``mean((z - sg[e])^2)`` keeps the encoder close to its codes (``sg`` = stop gradient).
-    """
-    codebook_loss = F.mse_loss(codes, vectors.detach())
-    commitment_loss = F.mse_loss(vectors, codes.detach())
-    return codebook_loss, commitment_loss
-
-
 def straight_through(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``codes`` in the forward pass, identity gradient to ``vectors`` in the backward pass."""
     return vectors + (codes - vectors).detach()
@@ -216,7 +205,8 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook
         indices = nearest_code_indices(flat.detach(), codebook.detach(), cosine=self.l2_normalize)
         codes = F.embedding(indices, codebook).to(flat.dtype)
-        codebook_loss, commitment_loss = vq_losses(flat, codes)
+        codebook_loss = F.mse_loss(codes, flat.detach())  # moves the codes towards the encoder outputs
+        commitment_loss = F.mse_loss(flat, codes.detach())  # keeps the encoder close to its codes
         if self.ema_decay is not None:
             codebook_loss = torch.zeros_like(commitment_loss)  # EMA moves the codes, no gradient does
         loss = codebook_loss + self.beta * commitment_loss
