@@ -7,23 +7,18 @@ Data flow for pixels ``[B, 3, S, S]`` in [-1, 1] (SigLIP's own normalisation, me
 
 * **Backbone.** A transformers ``SiglipVisionModel`` (with its attention-pooling head), run one encoder layer
   at a time so that layers can be tapped and one can be replaced; layers are numbered from 1.
-* **Pixel branch.** The output of ``pixel_layer`` goes through ``pre_pixel`` (an attention projection
-  ``hidden -> E``), plus ``shortcut_weight`` x ``pre_shortcut`` of ``shortcut_layer``'s output; the
-  ``[B, h, w, E]`` latent is residual-quantized by ``pixel_quantizer`` (``pixel_depth`` codes per position,
-  one shared codebook). Decoding: ``post_pixel`` (causal projection ``E -> hidden``), the ``h x w`` grid
-  resized bilinearly to ``decoder_latent_side``, ``post_quant_block`` (a resnet block ``hidden ->
-  z_channels``) and the VQ-GAN CNN decoder of :mod:`.vqgan` up to ``S`` pixels.
-* **Semantic branch.** The output of ``semantic_layer`` goes through ``pre_semantic`` (``hidden -> E``), is
-  residual-quantized by ``semantic_quantizer`` (``semantic_depth`` codes), mapped back by ``post_semantic``
-  (causal ``E -> hidden``) and *replaces* the hidden state: the remaining layers, the post-layernorm and the
-  MAP head run on the quantized semantics, so the pooled output (for zero-shot classification against a
+* **Pixel branch.** ``pre_pixel(pixel_layer) + shortcut_weight * pre_shortcut(shortcut_layer)`` (attention
+  projections ``hidden -> E``), residual-quantized (``pixel_depth`` codes per position, one shared codebook);
+  decoded by ``post_pixel`` (causal ``E -> hidden``), a bilinear resize to ``decoder_latent_side``,
+  ``post_quant_block`` and the VQ-GAN CNN decoder of :mod:`.vqgan`.
+* **Semantic branch.** ``pre_semantic(semantic_layer)``, residual-quantized (``semantic_depth`` codes) and
+  mapped back by ``post_semantic``, *replaces* the hidden state: the remaining layers, the post-layernorm and
+  the MAP head run on the quantized semantics, so the pooled output (zero-shot classification against a
   SigLIP text tower) comes from the discrete path.
 * **Codes** are ``[B, h, w, pixel_depth + semantic_depth]``, the pixel depths first; only the pixel part is
   decoded to pixels.
-* **Semantic loss**: distillation to ``teacher``, a frozen copy of the backbone as it started (the pretrained
-  SigLIP): ``semantic_hidden_weight x d(post_semantic output, teacher's semantic_layer output) +
-  semantic_pooled_weight x d(pooled output, teacher's pooled output)`` with ``d = MSE + (1 - cos)``, cosine
-  along the channels, averaged over tokens.
+* **Semantic loss**: distillation (:func:`semantic_distillation_loss`) to ``teacher``, a frozen copy of the
+  backbone as it started (the pretrained SigLIP).
 
 Published defaults (:func:`published_dualtoken_config` and the :class:`DualTokenConfig` defaults): about 639M
 trainable parameters (the teacher and the EMA codebooks are not trained).

@@ -11,11 +11,6 @@ Files: :meth:`VisualTokenizer.save_pretrained` writes ``model.safetensors`` + ``
 (``{"format": "unified_mllm.vqgan", "format_version": 1, "vq": {VQConfig fields}}`` — the name predates the
 other kinds and stays for compatibility); ``load_visual_tokenizer`` (:mod:`.tokenizer_registry`) reads the
 kind from that file and builds the right class. Every load checks each key and shape and lists all mismatches.
-
-Training: the tokenizer trainer calls :meth:`VisualTokenizer.training_forward`, which returns a
-:class:`TokenizerOutput` — the reconstruction, one :class:`~.quantizer.QuantizerOutput` per quantizer (keys
-of :meth:`VisualTokenizer.quantizers`) and the kind's own unweighted loss terms (UniTok's ``contrastive``,
-DualToken's ``semantic``), which the trainer weights with ``vq_train.<name>_weight``.
 """
 
 from __future__ import annotations
@@ -54,9 +49,11 @@ class VQCheckpointError(ValueError):
 
 @dataclass
 class TokenizerOutput:
-    """One training forward: ``reconstruction`` ``[B, 3, H, W]``; ``quant`` maps each quantizer's name (as in
-    :meth:`VisualTokenizer.quantizers`) to its output (loss, indices, usage, latents for restarts);
-    ``losses`` holds the kind's extra *unweighted* terms by name (``contrastive``, ``semantic``)."""
+    """One training forward (:meth:`VisualTokenizer.training_forward`): ``reconstruction`` ``[B, 3, H, W]``;
+    ``quant`` maps each quantizer's name (as in :meth:`VisualTokenizer.quantizers`) to its output (loss,
+    indices, usage, latents for restarts); ``losses`` holds the kind's extra *unweighted* terms by name
+    (UniTok's ``contrastive``, DualToken's ``semantic``), which the trainer weights with
+    ``vq_train.<name>_weight``."""
 
     reconstruction: torch.Tensor
     quant: dict[str, QuantizerOutput]
