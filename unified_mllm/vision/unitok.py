@@ -273,17 +273,13 @@ class UniTok(VisualTokenizer):
     def __init__(self, vq: VQConfig) -> None:
         super().__init__(vq)
         _check_config(vq)
-        cfg = vq.unitok
+        cfg, heads, causal = vq.unitok, vq.unitok.projection_heads, vq.unitok.causal_projection
         self.encoder = UniTokEncoder(cfg)
-        self.quant_proj = AttnProjection(
-            cfg.width, vq.embed_dim, cfg.projection_heads, causal=cfg.causal_projection
-        )
+        self.quant_proj = AttnProjection(cfg.width, vq.embed_dim, heads, causal=causal)
         self.quantize = MultiCodebookQuantizer(
             cfg.num_codebooks, vq.codebook_size, vq.embed_dim, **quantizer_options(vq)
         )
-        self.post_quant_proj = AttnProjection(
-            vq.embed_dim, cfg.width, cfg.projection_heads, causal=cfg.causal_projection
-        )
+        self.post_quant_proj = AttnProjection(vq.embed_dim, cfg.width, heads, causal=causal)
         self.decoder = UniTokDecoder(cfg)
         self.clip_head = ClipHead(cfg.width, cfg.clip_dim)
         self.text = CLIPTextModelWithProjection(text_tower_config(cfg))

@@ -390,15 +390,12 @@ def mismatch_message(
 ) -> str:
     """One error text listing (up to 20 of) each kind of key problem."""
     lines = [f"checkpoint {source} does not fit the tokenizer config {dict(shapes)}:"]
-
-    def listed(title: str, items: list[str]) -> None:
+    shape_lines = [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched]
+    sections = {"shape mismatches": shape_lines, "missing keys": missing, "unexpected keys": unexpected}
+    for title, items in sections.items():
         if items:
             lines.append(f"  {title} ({len(items)}):")
             lines.extend(f"    {item}" for item in items[:_MAX_LISTED_KEYS])
             if len(items) > _MAX_LISTED_KEYS:
                 lines.append(f"    ... and {len(items) - _MAX_LISTED_KEYS} more")
-
-    listed("shape mismatches", [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched])
-    listed("missing keys", missing)
-    listed("unexpected keys", unexpected)
     return "\n".join(lines)
