@@ -130,15 +130,16 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: ``block.{j}`` residual blocks, each followed by ``attn.{j}`` when attention is on
-    at this resolution; the resampling module (``downsample`` / ``upsample``) is attached by the caller."""
+    """Resolution level ``index`` of ``vq``: ``block.{j}`` residual blocks, each followed by ``attn.{j}`` when
+    attention is on at this resolution; the resampling module (``downsample`` / ``upsample``) is attached by
+    the caller."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_blocks: int, *, attention: bool, dropout: float
-    ) -> None:
+    def __init__(self, vq: VQConfig, index: int, in_channels: int, num_blocks: int) -> None:
         super().__init__()
-        widths = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(widths[j], out_channels, dropout) for j in range(num_blocks))
+        out_channels = _widths(vq)[index]
+        block_inputs = [in_channels] + [out_channels] * (num_blocks - 1)
+        self.block = nn.ModuleList(ResnetBlock(width, out_channels, vq.dropout) for width in block_inputs)
+        attention = (vq.resolution >> index) in vq.attn_resolutions
         self.attn = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks if attention else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,13 +176,7 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, vq.base_channels, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
         for i in range(levels):
-            level = Level(
-                vq.base_channels if i == 0 else widths[i - 1],
-                widths[i],
-                vq.num_res_blocks,
-                attention=(vq.resolution >> i) in vq.attn_resolutions,
-                dropout=vq.dropout,
-            )
+            level = Level(vq, i, vq.base_channels if i == 0 else widths[i - 1], vq.num_res_blocks)
             if i != levels - 1:
                 level.downsample = Downsample(widths[i])
             self.down.append(level)
@@ -210,13 +205,7 @@ class Decoder(nn.Module):
         # up.{i} works at encoder level i's resolution; its input comes from level i + 1 (or from mid).
         self.up = nn.ModuleList()
         for i in range(levels):
-            level = Level(
-                widths[min(i + 1, levels - 1)],
-                widths[i],
-                vq.num_res_blocks + 1,
-                attention=(vq.resolution >> i) in vq.attn_resolutions,
-                dropout=vq.dropout,
-            )
+            level = Level(vq, i, widths[min(i + 1, levels - 1)], vq.num_res_blocks + 1)
             if i != 0:
                 level.upsample = Upsample(widths[i])
             self.up.append(level)
