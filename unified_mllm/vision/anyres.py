@@ -162,11 +162,8 @@ def encode_images(encoder: VisionEncoder, images: Sequence[Image.Image]) -> list
     """Projected features of each image: ``[(num_image_features_i, lm_hidden)]``, in one tower forward."""
     if not images:
         return []
-    views, counts = [], []
-    for image in images:
-        pixels, _ = anyres_views(image, encoder.vision)
-        views.append(pixels)
-        counts.append(pixels.shape[0])
+    views = [anyres_views(image, encoder.vision)[0] for image in images]
+    counts = [pixels.shape[0] for pixels in views]
     device = next(encoder.parameters()).device
     features = encoder(torch.cat(views).to(device))
     return split_image_features(features, counts)

@@ -349,6 +349,22 @@ class _QuantizerGroup(nn.Module):
     def dead_code_steps(self) -> int:
         return self._vector_quantizers()[0].dead_code_steps
 
+    def _latent_pools(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """For each of :meth:`_vector_quantizers`, the rows of ``latents`` its dead codes restart from."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def restart_dead_codes(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        broadcast: TensorHook | None = None,
+    ) -> torch.Tensor:
+        """Restart each codebook's dead codes from its pool of ``latents`` (:attr:`QuantizerOutput.latents`);
+        returns the restarted indices of all codebooks concatenated."""
+        pools = zip(self._vector_quantizers(), self._latent_pools(latents))
+        return torch.cat([q.restart_dead_codes(pool, generator, broadcast) for q, pool in pools])
+
 
 class MultiCodebookQuantizer(_QuantizerGroup):
     """UniTok's multi-codebook quantization: the ``dim`` channels of each vector are split into
@@ -403,18 +419,9 @@ class MultiCodebookQuantizer(_QuantizerGroup):
         parts = [cb.lookup(indices[..., k]) for k, cb in enumerate(self.codebooks)]
         return torch.cat(parts, dim=-1).movedim(-1, dim)
 
-    @torch.no_grad()
-    def restart_dead_codes(
-        self,
-        latents: torch.Tensor,
-        generator: torch.Generator | None = None,
-        broadcast: TensorHook | None = None,
-    ) -> torch.Tensor:
-        """Restart each sub-codebook's dead codes from its own chunk of ``latents`` ``[N, dim]``; returns the
-        restarted indices of all sub-codebooks concatenated."""
-        chunks = latents.reshape(-1, self.dim).split(self.chunk_dim, dim=1)
-        restarted = [cb.restart_dead_codes(c, generator, broadcast) for cb, c in zip(self.codebooks, chunks)]
-        return torch.cat(restarted)
+    def _latent_pools(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """Each sub-codebook restarts from its own chunk of the channels of ``latents`` ``[N, dim]``."""
+        return list(latents.reshape(-1, self.dim).split(self.chunk_dim, dim=1))
 
 
 class ResidualQuantizer(_QuantizerGroup):
@@ -495,12 +502,6 @@ class ResidualQuantizer(_QuantizerGroup):
         """The quantized vectors (sum over depth) for ``indices`` ``[..., depth]``; channels at ``dim``."""
         return self.partial_sums(indices)[..., -1, :].movedim(-1, dim)
 
-    @torch.no_grad()
-    def restart_dead_codes(
-        self,
-        latents: torch.Tensor,
-        generator: torch.Generator | None = None,
-        broadcast: TensorHook | None = None,
-    ) -> torch.Tensor:
-        """Restart dead codes of the shared codebook from the residuals of all depths (``latents``)."""
-        return self.codebook.restart_dead_codes(latents, generator, broadcast)
+    def _latent_pools(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The shared codebook restarts from the residuals of all depths (``latents``)."""
+        return [latents]

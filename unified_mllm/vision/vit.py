@@ -17,11 +17,11 @@ class GeGLU(nn.Module):
     """``fc2(norm(a * gelu_tanh(b)))`` with ``[a, b] = fc1(x)`` split in halves: ViTamin's GeGLU MLP, whose
     ``hidden`` is the width after gating (``fc1`` produces twice that)."""
 
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.norm = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.fc1(x).chunk(2, dim=-1)
