@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unified_mllm.config import VQConfig
@@ -155,7 +156,7 @@ class VisualTokenizer(nn.Module):
             raise VQCheckpointError(f"no config.json beside {weights}: pass config=VQConfig(...)")
         vq.checkpoint = str(ckpt_path)
         model = cls(vq)
-        model.load_generator_state(read_safetensors(weights), source=str(weights))
+        model.load_generator_state(load_file(str(weights), device="cpu"), source=str(weights))
         return model.to(device)
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
@@ -202,8 +203,6 @@ class VisualTokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         tensors = self.state_to_save()
         if any(v.is_meta for v in tensors.values()):
@@ -367,12 +366,6 @@ def typed_vq_config(base: VQConfig, fields: Mapping[str, Any], source: Path) -> 
         raise VQCheckpointError(f"{source}: invalid VQ config: {exc}") from exc
     assert isinstance(vq, VQConfig)
     return vq
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
 
 
 def describe_value(value: Any) -> str:

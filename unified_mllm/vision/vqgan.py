@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 
 from unified_mllm.config import VQConfig
@@ -38,7 +39,6 @@ from unified_mllm.vision.visual_tokenizer import (
     VisualTokenizer,
     VQCheckpointError,
     quantizer_options,
-    read_safetensors,
     read_tokenizer_config,
     resolve_checkpoint_paths,
     typed_vq_config,
@@ -389,7 +389,7 @@ def load_checkpoint_state(
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return load_file(str(path), device="cpu")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
