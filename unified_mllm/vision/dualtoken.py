@@ -120,9 +120,6 @@ def tiny_dualtoken_config() -> VQConfig:
     )
 
 
-# ------------------------------------------------------------------------------------------------ checks
-
-
 def check_dualtoken_config(vq: VQConfig) -> None:
     """Raise ValueError naming the field when ``vq`` cannot describe a DualToken."""
     dt, backbone = vq.dualtoken, vq.dualtoken.backbone
@@ -162,9 +159,6 @@ def check_dualtoken_config(vq: VQConfig) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------- the losses
-
-
 def distillation_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``MSE + (1 - mean cosine)`` between features ``[..., C]`` (cosine along ``C``): 0 when they agree."""
     student, teacher = student.float(), teacher.float()
@@ -186,9 +180,6 @@ def semantic_distillation_loss(
     token_term = distillation_distance(tokens, teacher_tokens.detach())
     pooled_term = distillation_distance(pooled, teacher_pooled.detach())
     return hidden_weight * token_term + pooled_weight * pooled_term
-
-
-# ------------------------------------------------------------------------------------------- the blocks
 
 
 class PostQuantResnetBlock(nn.Module):

@@ -266,10 +266,8 @@ class VQGAN(VisualTokenizer):
 
         The shapes come from ``yaml_path`` (a taming yaml, or our ``config.json``), else from a config file
         found beside the weights (``<stem>.yaml`` / ``<stem>.yml`` / ``config.json``), else from ``config``.
-        Our ``config.json`` fixes every field (``config`` is then ignored); a taming yaml only fixes the
-        architecture, and the other fields (``beta``, EMA, ...) come from ``config`` (default: the
-        :class:`VQConfig` defaults). Raises :class:`VQCheckpointError` listing every missing,
-        unexpected or wrongly shaped key.
+        A taming yaml only fixes the architecture: the other fields (``beta``, EMA, ...) come from ``config``
+        (default: the :class:`VQConfig` defaults). Raises :class:`VQCheckpointError` on any key problem.
 
         Security: ``.ckpt`` / ``.pt`` files are read with ``torch.load(weights_only=True)`` first. Lightning
         checkpoints (Chameleon's ``vqgan.ckpt`` among them) can carry pickled objects that this refuses; then,
