@@ -316,16 +316,8 @@ def relations(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
     if np.all(np.abs(shrunk) < 1e-3):
         return set()
     dx, dy = shrunk / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    # RELATIONS in order: left of (dx < -0.5), right of, above (dy < -0.5), below.
+    return {rel for rel, component in zip(RELATIONS, (-dx, dx, -dy, dy)) if component > 0.5}
 
 
 # -------------------------------------------------------------------------------------------- language
@@ -337,10 +329,6 @@ def article(word: str) -> str:
 
 def number_word(n: int) -> str:
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
-
-
-def plural(shape: str) -> str:
-    return SHAPES[shape].plural
 
 
 def cell_name(row: int, col: int, grid_size: int) -> str:
@@ -408,18 +396,21 @@ def _qa(question: str, answer: str, kind: str) -> dict[str, str]:
     return {"question": question, "answer": answer, "type": kind}
 
 
+# The asked attribute and the references that may name its object (never by the answer itself).
+_ATTRIBUTE_REFS = (
+    ("color", [("shape",), ("size", "shape")]),
+    ("shape", [("color",), ("size", "color")]),
+    ("size", [("shape",), ("color", "shape")]),
+)
+
+
 def _attribute_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     """One colour, one shape and one size question, each about a random object named without the answer."""
     qa = []
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("shape",), ("size", "shape")], rng)
-    qa.append(_qa(f"what color is {ref}?", pick.color, "color"))
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("color",), ("size", "color")], rng)
-    qa.append(_qa(f"what shape is {ref}?", pick.shape, "shape"))
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("shape",), ("color", "shape")], rng)
-    qa.append(_qa(f"what size is {ref}?", pick.size, "size"))
+    for attr, attr_sets in _ATTRIBUTE_REFS:
+        pick = _pick(rng, scene.objects)
+        ref = _ref_or_cell(pick, scene, attr_sets, rng)
+        qa.append(_qa(f"what {attr} is {ref}?", getattr(pick, attr), attr))
     return qa
 
 
@@ -439,7 +430,7 @@ def _count_questions(scene: Scene, world: WorldConfig, rng: np.random.Generator)
             qa.append(_qa("how many objects are there?", number_word(len(scene.objects)), "count"))
         else:
             n = sum(o.shape == subject for o in scene.objects)
-            qa.append(_qa(f"how many {plural(subject)} are there?", number_word(n), "count"))
+            qa.append(_qa(f"how many {SHAPES[subject].plural} are there?", number_word(n), "count"))
     return qa
 
 
@@ -453,8 +444,7 @@ def _existence_questions(scene: Scene, world: WorldConfig, rng: np.random.Genera
     present_shapes = sorted({o.shape for o in scene.objects})
     absent_shapes = [s for s in world.shapes if s not in present_shapes]
     if present_shapes and absent_shapes:
-        yes = present_shapes[int(rng.integers(len(present_shapes)))]
-        no = absent_shapes[int(rng.integers(len(absent_shapes)))]
+        yes, no = _pick(rng, present_shapes), _pick(rng, absent_shapes)
         qa += _pair(
             _qa(f"is there {article(yes)} {yes}?", "yes", "existence"),
             _qa(f"is there {article(no)} {no}?", "no", "existence"),
@@ -463,10 +453,9 @@ def _existence_questions(scene: Scene, world: WorldConfig, rng: np.random.Genera
     present = sorted({(o.color, o.shape) for o in scene.objects})
     absent = [(c, s) for s in world.shapes for c in world.colors if (c, s) not in present]
     if present and absent:
-        color, shape = present[int(rng.integers(len(present)))]
+        color, shape = _pick(rng, present)
         close = [(c, s) for c, s in absent if c == color or s == shape]
-        pool = close or absent
-        no_color, no_shape = pool[int(rng.integers(len(pool)))]
+        no_color, no_shape = _pick(rng, close or absent)
         qa += _pair(
             _qa(f"is there {article(color)} {color} {shape}?", "yes", "existence"),
             _qa(f"is there {article(no_color)} {no_color} {no_shape}?", "no", "existence"),
@@ -500,15 +489,12 @@ def _oriented(a: SceneObject, b: SceneObject, rel: str, rng: np.random.Generator
 
 def _spatial_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     """A yes question with the true relation of one aligned pair and a no question with its opposite."""
-    candidates = []
-    for a, b, rel in aligned_pairs(scene):
-        ref_a, ref_b = unique_ref(a, scene, _SPATIAL_REFS), unique_ref(b, scene, _SPATIAL_REFS)
-        if ref_a is not None and ref_b is not None:
-            candidates.append((a, b, rel))
+    refs = {obj: unique_ref(obj, scene, _SPATIAL_REFS) for obj in scene.objects}
+    candidates = [(a, b, rel) for a, b, rel in aligned_pairs(scene) if refs[a] and refs[b]]
     if not candidates:
         return []
-    a, b, rel = _oriented(*candidates[int(rng.integers(len(candidates)))], rng)
-    ref_a, ref_b = unique_ref(a, scene, _SPATIAL_REFS), unique_ref(b, scene, _SPATIAL_REFS)
+    a, b, rel = _oriented(*_pick(rng, candidates), rng)
+    ref_a, ref_b = refs[a], refs[b]
     return _pair(
         _qa(f"is the {ref_a} {rel} the {ref_b}?", "yes", "spatial"),
         _qa(f"is the {ref_a} {OPPOSITE[rel]} the {ref_b}?", "no", "spatial"),
@@ -527,12 +513,6 @@ def vqa_for_scene(scene: Scene, world: WorldLike, rng: np.random.Generator) -> l
         *_existence_questions(scene, world, rng),
         *_spatial_questions(scene, rng),
     ]
-
-
-def existence_balance(vqa: Iterable[dict[str, str]]) -> dict[str, int]:
-    """Counts of "yes" and "no" answers among existence questions (equal by construction)."""
-    answers = Counter(q["answer"] for q in vqa if q["type"] == "existence")
-    return {"yes": answers.get("yes", 0), "no": answers.get("no", 0)}
 
 
 # ------------------------------------------------------------------------------------- text-to-image
@@ -573,15 +553,10 @@ def _check_item(item: Any, where: str, world: WorldConfig | None, targets: Seque
     """One include/exclude entry; ``targets`` are the include indices its position may refer to."""
     if not isinstance(item, dict) or "shape" not in item:
         raise SpecError(f"{where} must be a dict with a 'shape', got {item!r}")
-    shapes = world.shapes if world is not None else list(SHAPES)
-    colors = world.colors if world is not None else list(PALETTE)
-    sizes = world.sizes if world is not None else list(SIZES)
-    if item["shape"] not in shapes:
-        raise SpecError(f"{where}: unknown shape {item['shape']!r}; valid shapes: {shapes}")
-    if "color" in item and item["color"] not in colors:
-        raise SpecError(f"{where}: unknown color {item['color']!r}; valid colors: {colors}")
-    if "size" in item and item["size"] not in sizes:
-        raise SpecError(f"{where}: unknown size {item['size']!r}; valid sizes: {sizes}")
+    for field, known in (("shape", SHAPES), ("color", PALETTE), ("size", SIZES)):
+        names = getattr(world, f"{field}s") if world is not None else list(known)
+        if field in item and item[field] not in names:
+            raise SpecError(f"{where}: unknown {field} {item[field]!r}; valid {field}s: {names}")
     count = item.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise SpecError(f"{where}: count must be an integer >= 1, got {count!r}")
@@ -633,7 +608,7 @@ def prompt_for_spec(spec: dict[str, Any]) -> str:
     category, include = spec["category"], spec["include"]
     if category == "counting":
         item = include[0]
-        return f"a photo of {number_word(item['count'])} {plural(item['shape'])}"
+        return f"a photo of {number_word(item['count'])} {SHAPES[item['shape']].plural}"
     if category == "position":
         (first,) = [item for item in include if "position" in item]
         relation, target = first["position"]
@@ -915,9 +890,7 @@ def _reusable(split_dir: Path, world: WorldConfig, split: str) -> dict[str, Any]
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
     """Write lines atomically (a killed run never leaves a half file under the final name)."""
-    with io.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(line + "\n")
+    io.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def write_split(
