@@ -46,10 +46,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from unified_mllm.config import Config, DataConfig, VisionConfig
 from unified_mllm.data.collate import Batch, Collator, FirstFitRows
 from unified_mllm.data.conversation import TokenizedSample
-from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, raw_samples
+from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
 from unified_mllm.data.samples import RecordError, SampleBuilder, TokenizedRecord
-from unified_mllm.data.shards import CorruptShardError, list_shards
+from unified_mllm.data.shards import CorruptShardError, list_shards, raw_samples
 from unified_mllm.model.grid_positions import CodeCells
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.anyres import anyres_views

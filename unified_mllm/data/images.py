@@ -29,14 +29,12 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards
+from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards, raw_samples
 from unified_mllm.vision.image import ImageLoadError, image_to_tensor, load_image, resize_center_crop
 
 T = TypeVar("T")
@@ -63,22 +61,6 @@ _STREAMS = {"shards": 0, "buffer": 1, "flip": 2}
 def _epoch_rng(seed: int, epoch: int, stream: str, *extra: int) -> np.random.Generator:
     # Separate streams per use: changing the buffer size must not change the shard order.
     return np.random.default_rng([seed, epoch, _STREAMS[stream], *extra])
-
-
-def raw_samples(shards: Sequence[Path]) -> Iterator[RawSample]:
-    """Undecoded samples (``__key__``, ``__url__`` and one bytes entry per member) of ``shards``, in order.
-
-    The node and worker splitters of webdataset are off: the caller decides which rank keeps what (webdataset's
-    default refuses to run under ``torchrun`` without an explicit splitter).
-    """
-    for shard in shards:
-        dataset = wds.WebDataset(
-            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-        try:
-            yield from dataset
-        except (OSError, ValueError) as exc:
-            raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
 
 
 def decode_image(raw: RawSample) -> Any:
@@ -130,10 +112,7 @@ class ImageStream:
         position: int = 0,
         hflip: bool = False,
     ) -> None:
-        if isinstance(shards, str | os.PathLike):
-            self.shards = list_shards(shards)
-        else:
-            self.shards = [Path(s) for s in shards]
+        self.shards = list_shards(shards)
         if not self.shards:
             raise ValueError("ImageStream needs at least one shard")
         if resolution < 1 or batch_size < 1 or shuffle_buffer < 1 or position < 0:
@@ -219,7 +198,7 @@ def load_first_images(
 ) -> tuple[torch.Tensor, list[str]]:
     """The first ``count`` images of ``shards`` in file order, preprocessed: ``([n, 3, R, R] in [-1, 1], keys)``
     with ``n <= count`` (fewer when the shards hold fewer). A fixed set for evaluations and sample grids."""
-    paths = list_shards(shards) if isinstance(shards, str | os.PathLike) else [Path(s) for s in shards]
+    paths = list_shards(shards)
     pixels, keys = [], []
     for raw in raw_samples(paths):
         if len(pixels) >= count:

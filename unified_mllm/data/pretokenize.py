@@ -47,7 +47,7 @@ import torch
 from unified_mllm.config import Config, TextTokenizerConfig, add_config_arguments, config_from_args
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
-from unified_mllm.data.shards import CorruptShardError, Sample, iter_samples, list_shards
+from unified_mllm.data.shards import CorruptShardError, Sample, add_member, iter_samples, list_shards
 from unified_mllm.io import atomic_path, remove_stale_temporaries, write_json
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
@@ -146,12 +146,6 @@ def load_vq(config: Config, device: str | torch.device = "cpu") -> VisualTokeniz
     return vq
 
 
-def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(payload), 0o644
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def _write_batch(
     tar: tarfile.TarFile, batch: list[Sample], vq: VisualTokenizer, tokenizer: TextTokenizer
 ) -> None:
@@ -170,10 +164,10 @@ def _write_batch(
         # RGB (transparency on white) is what both branches see, and PNG cannot hold every mode (CMYK).
         to_rgb(sample.image).save(png, format="PNG")
         np.save(npy, grid.astype(dtype), allow_pickle=False)
-        _member(tar, f"{sample.key}.png", png.getvalue())
-        _member(tar, f"{sample.key}.{CODES_MEMBER}", npy.getvalue())
+        add_member(tar, f"{sample.key}.png", png.getvalue())
+        add_member(tar, f"{sample.key}.{CODES_MEMBER}", npy.getvalue())
         record = {**sample.meta, PRETOKENIZED_KEY: section}
-        _member(tar, f"{sample.key}.json", json.dumps(record, sort_keys=True).encode())
+        add_member(tar, f"{sample.key}.json", json.dumps(record, sort_keys=True).encode())
 
 
 def tokenize_shard(

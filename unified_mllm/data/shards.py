@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,13 @@ class Sample:
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Append one member (mode 644, no timestamp: the same payloads give the same tar bytes)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(payload), 0o644
+    tar.addfile(info, io.BytesIO(payload))
 
 
 class ShardWriter:
@@ -92,18 +100,11 @@ class ShardWriter:
         assert self._tar is not None
         buffer = io.BytesIO()
         image.save(buffer, format="PNG" if self.image_format == "png" else "JPEG", quality=95)
-        self._add(f"{key}.{self.image_format}", buffer.getvalue())
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        add_member(self._tar, f"{key}.{self.image_format}", buffer.getvalue())
+        add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self._count += 1
         if self._count >= self.samples_per_shard:
             self._finish_shard()
-
-    def _add(self, name: str, payload: bytes) -> None:
-        assert self._tar is not None
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(payload))
 
     def _open_shard(self) -> None:
         final = self.directory / shard_name(self.prefix, len(self.written))
@@ -130,8 +131,11 @@ class ShardWriter:
         self._tar, self._tmp = None, None
 
 
-def list_shards(path: str | Path) -> list[Path]:
-    """The shards of a dataset: a directory (every ``*.tar`` in it, sorted), a single file, or a glob."""
+def list_shards(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The shards of a dataset: a directory (every ``*.tar`` in it, sorted), a single file, or a glob; a list of
+    shard files is taken as given."""
+    if not isinstance(path, str | os.PathLike):
+        return [Path(p) for p in path]
     path = Path(path).expanduser()
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
@@ -174,17 +178,19 @@ def _decode(raw: dict[str, Any], shard: str) -> Sample:
     return Sample(key=key, image=image, meta=meta, shard=shard)
 
 
-def _raw_samples(shard: Path) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of one shard via webdataset; a broken tar becomes a CorruptShardError."""
-    try:
-        # No node/worker splitting here: callers decide which shards each rank reads (webdataset's default
-        # splitter raises under torchrun with more than one process).
-        dataset = wds.WebDataset(
-            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-        yield from dataset
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
+def raw_samples(shards: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Undecoded samples (``__key__``, ``__url__`` and one bytes entry per member) of ``shards``, in order; a
+    broken tar becomes a CorruptShardError."""
+    for shard in shards:
+        try:
+            # No node/worker splitting here: callers decide which shards each rank reads (webdataset's default
+            # splitter raises under torchrun with more than one process).
+            dataset = wds.WebDataset(
+                str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+            )
+            yield from dataset
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
 
 
 def iter_samples(
@@ -195,12 +201,10 @@ def iter_samples(
     A corrupt sample raises :class:`CorruptShardError` naming the shard and key; with ``skip_corrupt`` it is
     skipped and recorded in ``stats.skipped`` instead (a corrupt tar header ends that shard).
     """
-    paths: Iterable[Path]
-    paths = list_shards(shards) if isinstance(shards, str | Path) else [Path(p) for p in shards]
     stats = stats if stats is not None else ReadStats()
-    for shard in paths:
+    for shard in list_shards(shards):
         try:
-            for raw in _raw_samples(shard):
+            for raw in raw_samples([shard]):
                 try:
                     sample = _decode(raw, str(shard))
                 except CorruptShardError:
