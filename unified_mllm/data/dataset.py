@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from unified_mllm.config import Config, DataConfig, VisionConfig
 from unified_mllm.data.collate import Batch, Collator, FirstFitRows
 from unified_mllm.data.conversation import TokenizedSample
-from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image
+from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, endless_epochs
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
 from unified_mllm.data.samples import RecordError, SampleBuilder, TokenizedRecord
 from unified_mllm.data.shards import CorruptShardError, list_shards, raw_samples
@@ -107,16 +107,12 @@ def source_records(
     source: Source, index: int, seed: int, buffer: int, position: int
 ) -> Iterator[tuple[int, int, RawSample]]:
     """``(epoch, index within the epoch, raw sample)`` of an endless source from its global ``position`` on."""
-    epoch, offset = divmod(position, epoch_length(source)) if position else (0, 0)
-    while True:
-        seen = 0
-        for within, raw in enumerate(epoch_order(source, index, seed, buffer, epoch)):
-            seen += 1
-            if within >= offset:  # skipped records are read but never decoded
-                yield epoch, within, raw
-        if seen == 0:
-            raise DataError(f"source {source.name!r} has no samples in {[str(s) for s in source.shards]}")
-        epoch, offset = epoch + 1, 0
+    return endless_epochs(
+        lambda epoch: epoch_order(source, index, seed, buffer, epoch),
+        lambda: epoch_length(source),
+        position,
+        DataError(f"source {source.name!r} has no samples in {[str(s) for s in source.shards]}"),
+    )
 
 
 def mixture_draws(ratios: Sequence[float], seed: int, start: int = 0) -> Iterator[int]:

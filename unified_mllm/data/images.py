@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -92,6 +92,27 @@ def buffered_shuffle(items: Iterable[T], buffer: int, rng: np.random.Generator) 
     yield from pool
 
 
+def endless_epochs(
+    order: Callable[[int], Iterable[T]], length: Callable[[], int], position: int, empty: Exception
+) -> Iterator[tuple[int, int, T]]:
+    """``(epoch, index within the epoch, item)`` of endless epochs (``order(epoch)``, each ``length()`` items)
+    from global ``position`` on.
+
+    Whole epochs are skipped by arithmetic; the partial one is read from its start (the caller decodes nothing
+    before ``position``). An epoch without items raises ``empty``.
+    """
+    epoch, offset = divmod(position, length()) if position else (0, 0)
+    while True:
+        seen = 0
+        for within, item in enumerate(order(epoch)):
+            seen += 1
+            if within >= offset:
+                yield epoch, within, item
+        if seen == 0:
+            raise empty
+        epoch, offset = epoch + 1, 0
+
+
 class ImageStream:
     """Endless per-rank batches of preprocessed images (see the module docstring for the order and resume).
 
@@ -145,23 +166,6 @@ class ImageStream:
                 raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
         return self._epoch_length
 
-    def _global(self) -> Iterator[tuple[int, int, int, RawSample]]:
-        """``(global index, epoch, index within epoch, raw sample)`` from ``start_position`` on."""
-        start, epoch, offset = self.start_position, 0, 0
-        if start > 0:
-            # Whole epochs are skipped by arithmetic; only the partial one is read (and not decoded).
-            epoch, offset = divmod(start, self.epoch_length())
-        index = start - offset
-        while True:
-            seen = 0
-            for within, raw in enumerate(self.epoch_order(epoch)):
-                seen += 1
-                if within >= offset:
-                    yield index + within, epoch, within, raw
-            if seen == 0:
-                raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
-            index, epoch, offset = index + seen, epoch + 1, 0
-
     def _tensor(self, raw: RawSample, epoch: int, index: int) -> torch.Tensor:
         pixels = image_to_tensor(resize_center_crop(decode_image(raw), self.resolution))
         # One generator per sample: the decision depends on nothing but (seed, epoch, index).
@@ -173,7 +177,9 @@ class ImageStream:
         pixels: list[torch.Tensor] = []
         keys: list[str] = []
         captions: list[str] = []
-        for global_index, epoch, within, raw in self._global():
+        empty = ValueError(f"no samples in {[str(s) for s in self.shards]}")
+        samples = endless_epochs(self.epoch_order, self.epoch_length, self.start_position, empty)
+        for global_index, (epoch, within, raw) in enumerate(samples, self.start_position):
             if global_index % self.world_size == self.rank:
                 pixels.append(self._tensor(raw, epoch, within))
                 keys.append(str(raw.get("__key__")))
