@@ -145,11 +145,6 @@ class ImageStream:
         self.shuffle_buffer, self.start_position, self.hflip = shuffle_buffer, position, hflip
         self._epoch_length: int | None = None
 
-    @property
-    def global_batch_size(self) -> int:
-        """Global samples consumed per step, over all ranks."""
-        return self.batch_size * self.world_size
-
     def epoch_order(self, epoch: int) -> Iterator[RawSample]:
         """The global sample order of ``epoch`` (raw, undecoded)."""
         order = _epoch_rng(self.seed, epoch, "shards").permutation(len(self.shards))
@@ -184,7 +179,7 @@ class ImageStream:
                 pixels.append(self._tensor(raw, epoch, within))
                 keys.append(str(raw.get("__key__")))
                 captions.append(raw_caption(raw))
-            if (global_index + 1 - self.start_position) % self.global_batch_size == 0:
+            if (global_index + 1 - self.start_position) % (self.batch_size * self.world_size) == 0:
                 yield ImageBatch(torch.stack(pixels), keys, global_index + 1, epoch, captions)
                 pixels, keys, captions = [], [], []
 

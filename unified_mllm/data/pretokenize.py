@@ -48,7 +48,7 @@ from unified_mllm.config import Config, TextTokenizerConfig, add_config_argument
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
 from unified_mllm.data.shards import CorruptShardError, Sample, add_member, iter_samples, list_shards
-from unified_mllm.io import atomic_path, remove_stale_temporaries, write_json
+from unified_mllm.io import atomic_path, read_json, remove_stale_temporaries, write_json
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
@@ -104,10 +104,7 @@ def vq_fingerprint(vq: VisualTokenizer) -> str:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``manifest.json`` of a tokenized split directory, or None when there is none (or it is unreadable)."""
-    try:
-        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    manifest = read_json(Path(directory) / MANIFEST_FILE)
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
 
 
@@ -245,26 +242,16 @@ def pretokenize_split(
         if _is_done(manifest, shard, out_dir):
             continue
         count = tokenize_shard(shard, out_dir / shard.name, vq, tokenizer, config.data.pretokenize_batch_size)
-        output_bytes = (out_dir / shard.name).stat().st_size
-        manifest["shards"][shard.name] = {
-            "samples": count,
-            "output_bytes": output_bytes,
-            **_input_stamp(shard),
-        }
+        output = {"samples": count, "output_bytes": (out_dir / shard.name).stat().st_size}
+        manifest["shards"][shard.name] = {**output, **_input_stamp(shard)}
         write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
         written += 1
         bar.set_postfix(samples=sum(e["samples"] for e in manifest["shards"].values()))
     manifest["complete"] = True
     manifest["num_samples"] = sum(e["samples"] for e in manifest["shards"].values())
     write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
-    return SplitReport(
-        split,
-        str(out_dir),
-        written,
-        len(shards) - written,
-        manifest["num_samples"],
-        time.perf_counter() - start,
-    )
+    seconds = time.perf_counter() - start
+    return SplitReport(split, str(out_dir), written, len(shards) - written, manifest["num_samples"], seconds)
 
 
 def pretokenize(

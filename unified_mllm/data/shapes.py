@@ -350,15 +350,12 @@ def describe(obj: SceneObject, grid_size: int) -> str:
     return f"{article(words)} {words} in the {cell_name(obj.row, obj.col, grid_size)}"
 
 
-def join_and(parts: Sequence[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
 def caption(scene: Scene) -> str:
     """Every object with its size, colour, shape and cell, in reading order."""
     if not scene.objects:
         return "an empty white image"
-    return join_and([describe(o, scene.grid_size) for o in scene.objects])
+    parts = [describe(o, scene.grid_size) for o in scene.objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 _ATTR_ORDER = ("size", "color", "shape")
@@ -752,16 +749,6 @@ def sample_key(split: str, index: int) -> str:
     return f"shapes-{split}-{index:08d}"
 
 
-def object_record(scene: Scene, obj: SceneObject) -> dict[str, Any]:
-    """An object's ground truth with its pixel geometry (centre, box) and RGB colour."""
-    return {
-        **obj.to_json(),
-        "center": [round(v, 3) for v in scene.center(obj)],
-        "bbox": [round(v, 3) for v in scene.box(obj)],
-        "rgb": list(PALETTE[obj.color]),
-    }
-
-
 def record_for_scene(scene: Scene, world: WorldLike, split: str, index: int) -> dict[str, Any]:
     """The JSON record of one sample: ground truth, caption, VQA pairs and text-to-image prompts."""
     world = check_world(world)
@@ -775,7 +762,16 @@ def record_for_scene(scene: Scene, world: WorldLike, split: str, index: int) -> 
         "image_size": scene.image_size,
         "grid_size": scene.grid_size,
         "background": list(BACKGROUND),
-        "objects": [object_record(scene, o) for o in scene.objects],
+        # Each object's ground truth with its pixel geometry (centre, box) and RGB colour.
+        "objects": [
+            {
+                **o.to_json(),
+                "center": [round(v, 3) for v in scene.center(o)],
+                "bbox": [round(v, 3) for v in scene.box(o)],
+                "rgb": list(PALETTE[o.color]),
+            }
+            for o in scene.objects
+        ],
         "caption": caption(scene),
         "vqa": vqa_for_scene(scene, world, rng),
         "t2i": prompts_for_scene(scene, rng),
@@ -820,39 +816,30 @@ def split_size(world: WorldLike, split: str) -> int:
 # ---------------------------------------------------------------------------------------------- stats
 
 
-@dataclass
+_COUNTED = ("shape", "color", "size", "objects_per_scene", "vqa_type", "existence", "spatial", "t2i_category")
+
+
 class WorldStats:
     """What a split contains: object, question and prompt counts (written to ``stats.json``)."""
 
-    scenes: int = 0
-    shape: Counter = dataclasses.field(default_factory=Counter)
-    color: Counter = dataclasses.field(default_factory=Counter)
-    size: Counter = dataclasses.field(default_factory=Counter)
-    objects_per_scene: Counter = dataclasses.field(default_factory=Counter)
-    vqa_type: Counter = dataclasses.field(default_factory=Counter)
-    existence: Counter = dataclasses.field(default_factory=Counter)
-    spatial: Counter = dataclasses.field(default_factory=Counter)
-    t2i_category: Counter = dataclasses.field(default_factory=Counter)
+    def __init__(self) -> None:
+        self.scenes = 0
+        self.counts: dict[str, Counter] = {name: Counter() for name in _COUNTED}
 
     def add(self, record: dict[str, Any]) -> None:
         self.scenes += 1
-        self.objects_per_scene[str(len(record["objects"]))] += 1
+        self.counts["objects_per_scene"][str(len(record["objects"]))] += 1
         for obj in record["objects"]:
-            self.shape[obj["shape"]] += 1
-            self.color[obj["color"]] += 1
-            self.size[obj["size"]] += 1
+            for attr in ("shape", "color", "size"):
+                self.counts[attr][obj[attr]] += 1
         for qa in record["vqa"]:
-            self.vqa_type[qa["type"]] += 1
+            self.counts["vqa_type"][qa["type"]] += 1
             if qa["type"] in ("existence", "spatial"):
-                getattr(self, qa["type"])[qa["answer"]] += 1
-        for entry in record["t2i"]:
-            self.t2i_category[entry["category"]] += 1
+                self.counts[qa["type"]][qa["answer"]] += 1
+        self.counts["t2i_category"].update(entry["category"] for entry in record["t2i"])
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "scenes": self.scenes,
-            **{f.name: dict(sorted(getattr(self, f.name).items())) for f in dataclasses.fields(self)[1:]},
-        }
+        return {"scenes": self.scenes, **{name: dict(sorted(c.items())) for name, c in self.counts.items()}}
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -888,11 +875,6 @@ def _reusable(split_dir: Path, world: WorldConfig, split: str) -> dict[str, Any]
     return io.finished_output(split_dir / "stats.json", expected, lambda stats: stats.get("shards", []))
 
 
-def _write_lines(path: Path, lines: Iterable[str]) -> None:
-    """Write lines atomically (a killed run never leaves a half file under the final name)."""
-    io.write_text(path, "".join(line + "\n" for line in lines))
-
-
 def write_split(
     world: WorldConfig,
     root: str | Path,
@@ -911,7 +893,7 @@ def write_split(
     if stats is not None and (corpus_path is None or corpus_path.is_file()):
         return stats, True
     if stats is not None and corpus_path is not None:  # only the corpus is missing: text needs no pixels
-        _write_lines(corpus_path, corpus(world, split))
+        io.write_text(corpus_path, "".join(line + "\n" for line in corpus(world, split)))
         return stats, True
     split_dir.mkdir(parents=True, exist_ok=True)
     for old in [split_dir / "stats.json", *split_dir.glob(f"shapes-{split}-*.tar*")]:
@@ -926,7 +908,7 @@ def write_split(
             if corpus_path is not None:
                 lines.extend(record_texts(record))
     if corpus_path is not None:
-        _write_lines(corpus_path, lines)
+        io.write_text(corpus_path, "".join(line + "\n" for line in lines))
     stats = {
         "split": split,
         "num_scenes": n,
