@@ -1,26 +1,23 @@
 """A resumable, deterministic stream of image batches from webdataset shards, for tokenizer training.
 
-**One global order.** Epoch ``e`` visits the shards in a permutation drawn from ``(seed, e)`` and passes their
-samples through a shuffle buffer seeded the same way, giving one global sequence of samples per epoch; epochs
-follow each other without end. The sequence depends only on the shards, ``seed`` and ``shuffle_buffer``.
+**One global order.** Epoch ``e`` visits the shards in a permutation drawn from ``(seed, e)`` through a shuffle
+buffer seeded the same way; epochs follow each other without end. The order depends only on the shards, ``seed``
+and ``shuffle_buffer``. Global sample ``i`` (counted from the start of epoch 0) belongs to rank
+``i % world_size``; a step takes ``batch_size`` consecutive samples per rank, so the ranks' batches are disjoint
+and together cover the stream in order.
 
-**Ranks stride through it.** Global sample ``i`` (counted from the very start of epoch 0) belongs to rank
-``i % world_size``; a step takes ``batch_size`` consecutive samples per rank, i.e. ``batch_size * world_size``
-consecutive global samples, so the ranks' batches are disjoint and together cover the stream in order.
-
-**Position = global samples consumed.** Each batch carries the stream position after it; a stream built with
-``position=p`` skips the first ``p`` global samples (without decoding their images) and continues exactly where
-the saved run stopped — also at another world size, since the position does not depend on it.
+**Position = global samples consumed.** Each batch carries the position after it; a stream built with
+``position=p`` skips the first ``p`` global samples (undecoded) and continues exactly where the saved run
+stopped, also at another world size.
 
 Images are decoded only by the rank that keeps them, converted to RGB (transparency on white), resized and
-centre-cropped to ``resolution`` and scaled to [-1, 1] by :mod:`unified_mllm.vision.image`. Light augmentation
-(off by default): ``hflip`` mirrors a sample left-right with probability 1/2, decided by ``(seed, epoch, global
-index)`` so it is reproduced on resume. Vertical flips are not offered: they would turn the world's apex-up
-triangles into shapes it never draws.
+centre-cropped to ``resolution`` and scaled to [-1, 1] by :mod:`unified_mllm.vision.image`. ``hflip`` (off by
+default) mirrors a sample with probability 1/2, decided by ``(seed, epoch, index in the epoch)`` so that a resume
+reproduces it; there are no vertical flips, which would draw triangles the world never draws (apex down).
 
-Every rank reads every shard's bytes (and skips the others' samples undecoded): simple and exact, and cheap for
-the tokenizer's datasets; a corrupt sample raises :class:`~unified_mllm.data.shards.CorruptShardError` naming
-its shard and key, since skipping it on one rank would break the global order.
+Every rank reads every shard's bytes (simple, exact, and cheap for the tokenizer's datasets); a corrupt sample
+raises :class:`~unified_mllm.data.shards.CorruptShardError` naming its shard and key, since skipping it on one
+rank would break the global order.
 """
 
 from __future__ import annotations

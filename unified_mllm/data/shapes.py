@@ -203,20 +203,9 @@ class SceneObject:
     row: int
     col: int
 
-    def center(self, image_size: int, grid_size: int) -> tuple[float, float]:
-        """Pixel (x, y) of the object's centre: the centre of its cell."""
-        cell = image_size / grid_size
-        return ((self.col + 0.5) * cell, (self.row + 0.5) * cell)
-
     def extent(self, image_size: int, grid_size: int) -> float:
         """Side of the object's (square) bounding box in pixels."""
         return SIZES[self.size] * image_size / grid_size
-
-    def box(self, image_size: int, grid_size: int) -> Box:
-        """(x0, y0, x1, y1) of the object's bounding box in pixel-edge coordinates."""
-        x, y = self.center(image_size, grid_size)
-        half = self.extent(image_size, grid_size) / 2
-        return (x - half, y - half, x + half, y + half)
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": self.shape, "color": self.color, "size": self.size, "row": self.row, "col": self.col}
@@ -245,11 +234,16 @@ class Scene:
                 raise ValueError(f"cell ({row}, {col}) is outside the {self.grid_size}x{self.grid_size} grid")
         object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: (o.row, o.col))))
 
-    def box(self, obj: SceneObject) -> Box:
-        return obj.box(self.image_size, self.grid_size)
-
     def center(self, obj: SceneObject) -> tuple[float, float]:
-        return obj.center(self.image_size, self.grid_size)
+        """Pixel (x, y) of the object's centre: the centre of its cell."""
+        cell = self.image_size / self.grid_size
+        return ((obj.col + 0.5) * cell, (obj.row + 0.5) * cell)
+
+    def box(self, obj: SceneObject) -> Box:
+        """(x0, y0, x1, y1) of the object's bounding box in pixel-edge coordinates."""
+        x, y = self.center(obj)
+        half = obj.extent(self.image_size, self.grid_size) / 2
+        return (x - half, y - half, x + half, y + half)
 
     def to_json(self) -> dict[str, Any]:
         return {
