@@ -1,30 +1,25 @@
 """Pre-tokenization: run the VQ tokenizer once over every image and store codes and text ids beside the data.
 
 ``python -m unified_mllm.data.pretokenize --config configs/quickstart.yaml [--split train] [key=value ...]``
-reads ``${data.root}/<split>/*.tar`` and writes ``${data.tokenized_root}/<split>/`` with the same shard names
-(input shard ``i`` → output shard ``i``). Each output sample holds
+reads ``${data.root}/<split>/*.tar`` and writes ``${data.tokenized_root}/<split>/`` with the same shard names.
+Each output sample holds
 
 * ``<key>.png`` — the image as RGB, losslessly (the continuous SigLIP branch reads pixels at training time);
-* ``<key>.codes.npy`` — the code grid ``[h, w]``, or ``[h, w, D]`` for tokenizers with D codes a position
-  (int16, or int32 for codebooks above 32767 codes), of the image resized and centre-cropped to
-  ``model.vq.resolution`` (:meth:`VisualTokenizer.images_to_codes`);
-* ``<key>.json`` — the input record unchanged (everything evaluation needs: objects, questions, specs) plus its
-  ``pretokenized`` section: the text ids of the caption, every question and answer, every text-to-image prompt
-  and every conversation turn (:func:`unified_mllm.data.samples.encode_record_texts` describes it).
+* ``<key>.codes.npy`` — the code grid ``[h, w]`` (``[h, w, D]`` for tokenizers with D codes a position; int16, or
+  int32 above 32767 codes) of the image resized and centre-cropped to ``model.vq.resolution``;
+* ``<key>.json`` — the input record unchanged plus its ``pretokenized`` section: the text ids of the caption,
+  every question and answer, prompt and conversation turn (:func:`~unified_mllm.data.samples.encode_record_texts`).
 
 Input records are the world's (``caption``, ``vqa``, ``t2i``) or conversations
 (``{"conversations": [{"from": "human", "value": "<|image|>\\nQ"}, {"from": "gpt", "value": "A"}]}``) with at
 most one ``<|image|>``: each sample stores one image.
 
-**Resumable.** Each shard is written under a temporary name and renamed when complete (:mod:`unified_mllm.io`),
-then recorded in ``manifest.json`` (written atomically too) with its sample count and its input's size and
-mtime. A re-run skips every recorded shard whose input is unchanged, so a killed run continues by shard. The manifest carries a
-fingerprint of the text tokenizer file and of the VQ weights: when either changes, every shard is rebuilt instead
-of silently reused; the training dataset checks the tokenizer fingerprint too. The manifest says ``complete``
-once every shard is done.
-
-A corrupt input shard raises :class:`~unified_mllm.data.shards.CorruptShardError` naming it (shards finished
-before it stay done); a VQ checkpoint whose resolution or codebook size differs from ``model.vq`` is refused.
+**Resumable.** Each shard is written atomically (:mod:`unified_mllm.io`), then recorded in ``manifest.json``
+with its sample count and its input's size and mtime; a re-run skips every recorded shard whose input is
+unchanged. The manifest carries fingerprints of the text tokenizer file and of the VQ weights: when either
+changes, every shard is rebuilt (the training dataset checks the tokenizer's too). It says ``complete`` once
+every shard is done. A corrupt input shard raises :class:`~unified_mllm.data.shards.CorruptShardError` naming it;
+a VQ checkpoint whose settings differ from ``model.vq`` is refused.
 """
 
 from __future__ import annotations
