@@ -676,11 +676,9 @@ def geneval_prompts(world: WorldLike, n: int, seed: int = 0) -> list[dict[str, A
     if world.grid_size < 2:
         raise ValueError("geneval_prompts needs grid_size >= 2 (counting and position place several objects)")
     # One generator per prompt, so the first k prompts of a longer set are the same k prompts.
+    rngs = (world_rng(seed, "geneval", i, "prompt") for i in range(n))
     return [
-        t2i_entry(
-            _random_spec(CATEGORIES[i % len(CATEGORIES)], world, world_rng(seed, "geneval", i, "prompt"))
-        )
-        for i in range(n)
+        t2i_entry(_random_spec(CATEGORIES[i % len(CATEGORIES)], world, rng)) for i, rng in enumerate(rngs)
     ]
 
 
@@ -724,15 +722,9 @@ def scene_for_prompt(spec: dict[str, Any], rng_or_seed: np.random.Generator | in
     for i, item in enumerate(include):
         for k in range(item.get("count", 1)):
             cell = cells[i] if k == 0 and cells[i] is not None else free.pop()
-            objects.append(
-                SceneObject(
-                    shape=item["shape"],
-                    color=item.get("color") or _pick(rng, world.colors),
-                    size=item.get("size") or _pick(rng, world.sizes),
-                    row=cell[0],
-                    col=cell[1],
-                )
-            )
+            color = item.get("color") or _pick(rng, world.colors)
+            size = item.get("size") or _pick(rng, world.sizes)
+            objects.append(SceneObject(item["shape"], color, size, row=cell[0], col=cell[1]))
     return Scene(tuple(objects), world.image_size, world.grid_size)
 
 
