@@ -884,6 +884,7 @@ def write_split(
     split_dir.mkdir(parents=True, exist_ok=True)
     for old in [split_dir / "stats.json", *split_dir.glob(f"shapes-{split}-*.tar*")]:
         old.unlink(missing_ok=True)
+    io.remove_stale_temporaries(split_dir, f"shapes-{split}-")  # shards of a killed run
     n, counts, lines = split_size(world, split), WorldStats(), []
     start = time.perf_counter()
     with ShardWriter(split_dir, f"shapes-{split}", world.samples_per_shard) as writer:

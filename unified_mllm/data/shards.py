@@ -13,6 +13,7 @@ key (or skips it and counts it, with ``skip_corrupt=True``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from unified_mllm.io import fsync_dir, fsync_file
+from unified_mllm.io import atomic_path
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -59,9 +60,9 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 class ShardWriter:
     """Write samples into numbered shards of at most ``samples_per_shard`` samples each.
 
-    Use as a context manager; ``write(key, image, meta)`` appends one sample. Each shard is written to
-    ``<name>.tmp`` and renamed into place when it is full or on close, so finished shards are always whole.
-    Leaving the ``with`` block because of an exception deletes the partial shard.
+    Use as a context manager; ``write(key, image, meta)`` appends one sample. Each shard is written under a
+    temporary name (:func:`unified_mllm.io.atomic_path`) and renamed into place when it is full or on close, so
+    finished shards are always whole. Leaving the ``with`` block because of an exception deletes the partial shard.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class ShardWriter:
         self.image_format = image_format
         self.written: list[Path] = []
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._shard: contextlib.ExitStack | None = None  # the open shard's tar inside its atomic_path
         self._count = 0
 
     def __enter__(self) -> ShardWriter:
@@ -87,10 +88,7 @@ class ShardWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            self._finish_shard()
-        else:
-            self._abort_shard()
+        self._finish_shard(exc_type, exc, tb)
 
     def write(self, key: str, image: Image.Image, meta: dict[str, Any]) -> None:
         if "." in key or "/" in key:
@@ -107,28 +105,21 @@ class ShardWriter:
             self._finish_shard()
 
     def _open_shard(self) -> None:
-        final = self.directory / shard_name(self.prefix, len(self.written))
-        self._tmp = final.with_name(final.name + ".tmp")
-        # Kept open across write() calls and closed in _finish_shard / _abort_shard.
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._final = self.directory / shard_name(self.prefix, len(self.written))
+        # Kept open across write() calls and closed in _finish_shard.
+        self._shard = contextlib.ExitStack()
+        tmp = self._shard.enter_context(atomic_path(self._final))
+        self._tar = self._shard.enter_context(tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT))  # noqa: SIM115
         self._count = 0
 
-    def _finish_shard(self) -> None:
-        if self._tar is None or self._tmp is None:
+    def _finish_shard(self, *exc_info: Any) -> None:
+        """Close the open shard: renamed into place, or deleted when ``exc_info`` holds an exception."""
+        if self._shard is None:
             return
-        self._tar.close()
-        fsync_file(self._tmp)
-        final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
-        self._tmp.replace(final)
-        fsync_dir(self.directory)
-        self.written.append(final)
-        self._tar, self._tmp = None, None
-
-    def _abort_shard(self) -> None:
-        if self._tar is not None and self._tmp is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-        self._tar, self._tmp = None, None
+        self._shard.__exit__(*(exc_info or (None, None, None)))
+        if not exc_info or exc_info[0] is None:
+            self.written.append(self._final)
+        self._tar, self._shard = None, None
 
 
 def list_shards(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
