@@ -31,6 +31,7 @@ import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -323,12 +324,9 @@ class MicroBatches(_RankStream):
         """Every rank's rows of each global micro-batch and the position after it (no pixels read)."""
         capacity = self.world_size * self.rows
         if not self.collator.pack:
-            group: list[PlannedSample] = []
-            for planned in self.plan.iterate(state):
-                group.append(planned)
-                if len(group) == capacity:
-                    yield [[p] for p in group], planned.state
-                    group = []
+            stream = self.plan.iterate(state)
+            while len(group := list(islice(stream, capacity))) == capacity:
+                yield [[p] for p in group], group[-1].state
             return
         packer, members = FirstFitRows(self.plan.max_seq_len, capacity), []
         for planned in self.plan.iterate(state):

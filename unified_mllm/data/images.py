@@ -93,11 +93,8 @@ def endless_epochs(
     order: Callable[[int], Iterable[T]], length: Callable[[], int], position: int, empty: Exception
 ) -> Iterator[tuple[int, int, T]]:
     """``(epoch, index within the epoch, item)`` of endless epochs (``order(epoch)``, each ``length()`` items)
-    from global ``position`` on.
-
-    Whole epochs are skipped by arithmetic; the partial one is read from its start (the caller decodes nothing
-    before ``position``). An epoch without items raises ``empty``.
-    """
+    from global ``position`` on: whole epochs are skipped by arithmetic, the partial one is read from its start
+    (the caller decodes nothing before ``position``). An epoch without items raises ``empty``."""
     epoch, offset = divmod(position, length()) if position else (0, 0)
     while True:
         seen = 0

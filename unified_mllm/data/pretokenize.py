@@ -33,6 +33,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +167,9 @@ def tokenize_shard(
     source: Path, target: Path, vq: VisualTokenizer, tokenizer: TextTokenizer, batch_size: int
 ) -> int:
     """Write the tokenized twin of shard ``source`` to ``target`` atomically; returns its number of samples."""
-    count = 0
+    samples, count = iter_samples([source]), 0
     with atomic_path(target) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        batch: list[Sample] = []
-        for sample in iter_samples([source]):
-            batch.append(sample)
-            if len(batch) == batch_size:
-                _write_batch(tar, batch, vq, tokenizer)
-                count, batch = count + len(batch), []
-        if batch:
+        while batch := list(islice(samples, batch_size)):
             _write_batch(tar, batch, vq, tokenizer)
             count += len(batch)
     return count
