@@ -647,8 +647,7 @@ def prompts_for_scene(scene: Scene, rng: np.random.Generator) -> list[dict[str, 
 
 def _random_spec(category: str, world: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
     """A random spec of one category over the world's vocabulary (two-object specs use distinct shapes)."""
-    shapes = list(world.shapes)
-    order = [shapes[int(i)] for i in rng.permutation(len(shapes))]
+    order = [world.shapes[int(i)] for i in rng.permutation(len(world.shapes))]
     first, second = order[0], order[1 % len(order)]
     colors = [world.colors[int(i)] for i in rng.permutation(len(world.colors))]
     if category == "single_object":
