@@ -3,20 +3,16 @@
 **Padding** (``pack=False``): one sample per row, right-padded with ``pad_id`` to the longest sample of the batch
 (rounded up to ``pad_to_multiple_of``, never past ``max_seq_len``); ``attention_mask [B, T]`` is 1 on real tokens.
 
-**Packing** (``pack=True``): samples are placed first-fit into rows of at most ``max_seq_len`` ids (each sample,
-in order, goes to the first row with room for it), so little of a row is padding. A packed row carries
-``position_ids [B, T]`` that restart at 0 at every sample start and *no* attention mask: transformers derives a
-block-diagonal causal mask from the position resets (``masking_utils.find_packed_sequence_indices``: a new
-sequence starts wherever the position does not grow by one), so no sample attends to another. The padding at
-the end of a row restarts at 0 as well and is a block of its own. Labels are never shifted here: the loss
-shifts them once, and since each sample ends with its ``<end-of-turn>`` label and the next sample's first label
-is ``IGNORE_INDEX`` (``<bos>``), no target crosses a sample boundary.
-
-Every batch is a :class:`Batch` (its fields say their shapes; optional ones are None when absent).
+**Packing** (``pack=True``): samples go first-fit into rows of at most ``max_seq_len`` ids. A packed row carries
+``position_ids [B, T]`` that restart at 0 at every sample start (and in the padding at its end) and *no*
+attention mask: transformers derives a block-diagonal causal mask from the position resets
+(``masking_utils.find_packed_sequence_indices``), so no sample attends to another. Labels are never shifted
+here: the loss shifts them once, and since each sample ends with its ``<end-of-turn>`` label and the next one
+starts with ``IGNORE_INDEX`` (``<bos>``), no target crosses a sample boundary.
 
 Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
 ``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``code_stacks`` (``[n, D]``
-for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (default 1).
+for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (default 1); a :class:`Batch` comes out.
 """
 
 from __future__ import annotations

@@ -3,31 +3,26 @@
 **One global stream.** Draw ``g = 0, 1, 2, ...`` picks a source with probability proportional to its ``ratio``
 (a generator seeded by ``(seed, g // 4096)``) and takes that source's next record. Each source is an endless
 sequence of epochs; epoch ``e`` visits its shards in a permutation seeded by ``(seed, source, e)`` through
-:func:`~unified_mllm.data.images.buffered_shuffle` (``data.shuffle_buffer``), as
-:class:`~unified_mllm.data.images.ImageStream` does. The record becomes a sample of the source's task
-(:mod:`unified_mllm.data.samples`) with a generator seeded by ``(seed, source, epoch, index in epoch)``; a sample
-longer than ``data.max_seq_len`` is dropped and counted. The samples that remain are the global items
-``j = 0, 1, 2, ...``. The stream depends on the sources, their order and ratios, the seed and the buffer size
-only — never on the world size.
+:func:`~unified_mllm.data.images.buffered_shuffle` (``data.shuffle_buffer``). The record becomes a sample of the
+source's task (:mod:`unified_mllm.data.samples`) with a generator seeded by ``(seed, source, epoch, index in
+epoch)``; a sample longer than ``data.max_seq_len`` is dropped and counted. The samples that remain are the
+global items ``j = 0, 1, 2, ...``, which never depend on the world size.
 
-**Ranks deal the items round-robin.** From the position a dataset starts at, item ``j`` goes to rank
-``(j - start) % world_size``; every rank reads every record (and builds every sample, which is cheap: ids only)
-but decodes images only for its own. :class:`MixtureDataset` yields a rank's samples one by one;
-:class:`MicroBatches` yields the rank's collated micro-batches: ``rows`` samples each when padding, or ``rows``
-packed rows when ``data.pack`` (the packing is global — ``world_size * rows`` rows filled first-fit from the
-stream, row ``q`` to rank ``q % world_size`` — so every rank consumes the same global span per micro-batch).
+**Ranks deal the items round-robin.** From the start position, item ``j`` goes to rank ``(j - start) %
+world_size``; every rank reads every record and builds every sample (cheap: ids only) but decodes only its own
+images. :class:`MixtureDataset` yields a rank's samples one by one; :class:`MicroBatches` its collated
+micro-batches of ``rows`` samples, or of ``rows`` packed rows with ``data.pack`` (packed globally: ``world_size *
+rows`` rows filled first-fit, row ``q`` to rank ``q % world_size``, so every rank consumes the same span).
 
 **Position = a small dict of ints** (``state_dict()``): global draws and items consumed, each source's records
-consumed, samples dropped per source. A rank's position is reported at the end of the last round (all ranks'
-items) its items come from, so all ranks that consumed the same number of samples (or micro-batches) hold the
-same state. A dataset built with a saved state continues exactly where it stopped. At another world size the
-global position carries over and the items from there on are dealt to the new ranks.
+consumed and samples dropped. A rank reports the position at the end of the round its last item comes from, so
+ranks that consumed as many samples (or micro-batches) hold the same state; a dataset built with it continues
+exactly there, also at another world size.
 
-**Workers.** :class:`MixtureDataset` keeps its position in its own process: use it with
-``DataLoader(num_workers=0)`` (a worker raises). :class:`MicroBatches` works with any ``num_workers``
-(``DataLoader(batches, batch_size=None, num_workers=k)``): worker ``w`` builds micro-batches ``w, w+k, ...`` of
-the rank's sequence (the loader returns them in order), and every batch carries its position as
-``batch.data_state`` — the value to checkpoint. :func:`batch_stream` is that loader, ready for a trainer.
+**Workers.** :class:`MixtureDataset` keeps its position in its own process (``num_workers=0``; a worker raises).
+:class:`MicroBatches` works with ``DataLoader(batches, batch_size=None, num_workers=k)``: worker ``w`` builds
+micro-batches ``w, w+k, ...`` (the loader returns them in order), each carrying its position as
+``batch.data_state``, the value to checkpoint. :func:`batch_stream` is that loader, ready for a trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +31,7 @@ import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from unified_mllm.config import Config, DataConfig, VisionConfig
 from unified_mllm.data.collate import Batch, Collator, FirstFitRows
 from unified_mllm.data.conversation import TokenizedSample
-from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, raw_samples
+from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, endless_epochs
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
 from unified_mllm.data.samples import RecordError, SampleBuilder, TokenizedRecord
-from unified_mllm.data.shards import CorruptShardError, list_shards
+from unified_mllm.data.shards import CorruptShardError, list_shards, raw_samples
 from unified_mllm.model.grid_positions import CodeCells
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.anyres import anyres_views
@@ -107,16 +103,12 @@ def source_records(
     source: Source, index: int, seed: int, buffer: int, position: int
 ) -> Iterator[tuple[int, int, RawSample]]:
     """``(epoch, index within the epoch, raw sample)`` of an endless source from its global ``position`` on."""
-    epoch, offset = divmod(position, epoch_length(source)) if position else (0, 0)
-    while True:
-        seen = 0
-        for within, raw in enumerate(epoch_order(source, index, seed, buffer, epoch)):
-            seen += 1
-            if within >= offset:  # skipped records are read but never decoded
-                yield epoch, within, raw
-        if seen == 0:
-            raise DataError(f"source {source.name!r} has no samples in {[str(s) for s in source.shards]}")
-        epoch, offset = epoch + 1, 0
+    return endless_epochs(
+        lambda epoch: epoch_order(source, index, seed, buffer, epoch),
+        lambda: epoch_length(source),
+        position,
+        DataError(f"source {source.name!r} has no samples in {[str(s) for s in source.shards]}"),
+    )
 
 
 def mixture_draws(ratios: Sequence[float], seed: int, start: int = 0) -> Iterator[int]:
@@ -332,12 +324,9 @@ class MicroBatches(_RankStream):
         """Every rank's rows of each global micro-batch and the position after it (no pixels read)."""
         capacity = self.world_size * self.rows
         if not self.collator.pack:
-            group: list[PlannedSample] = []
-            for planned in self.plan.iterate(state):
-                group.append(planned)
-                if len(group) == capacity:
-                    yield [[p] for p in group], planned.state
-                    group = []
+            stream = self.plan.iterate(state)
+            while len(group := list(islice(stream, capacity))) == capacity:
+                yield [[p] for p in group], group[-1].state
             return
         packer, members = FirstFitRows(self.plan.max_seq_len, capacity), []
         for planned in self.plan.iterate(state):

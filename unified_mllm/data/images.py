@@ -1,42 +1,37 @@
 """A resumable, deterministic stream of image batches from webdataset shards, for tokenizer training.
 
-**One global order.** Epoch ``e`` visits the shards in a permutation drawn from ``(seed, e)`` and passes their
-samples through a shuffle buffer seeded the same way, giving one global sequence of samples per epoch; epochs
-follow each other without end. The sequence depends only on the shards, ``seed`` and ``shuffle_buffer``.
+**One global order.** Epoch ``e`` visits the shards in a permutation drawn from ``(seed, e)`` through a shuffle
+buffer seeded the same way; epochs follow each other without end. The order depends only on the shards, ``seed``
+and ``shuffle_buffer``. Global sample ``i`` (counted from the start of epoch 0) belongs to rank
+``i % world_size``; a step takes ``batch_size`` consecutive samples per rank, so the ranks' batches are disjoint
+and together cover the stream in order.
 
-**Ranks stride through it.** Global sample ``i`` (counted from the very start of epoch 0) belongs to rank
-``i % world_size``; a step takes ``batch_size`` consecutive samples per rank, i.e. ``batch_size * world_size``
-consecutive global samples, so the ranks' batches are disjoint and together cover the stream in order.
-
-**Position = global samples consumed.** Each batch carries the stream position after it; a stream built with
-``position=p`` skips the first ``p`` global samples (without decoding their images) and continues exactly where
-the saved run stopped — also at another world size, since the position does not depend on it.
+**Position = global samples consumed.** Each batch carries the position after it; a stream built with
+``position=p`` skips the first ``p`` global samples (undecoded) and continues exactly where the saved run
+stopped, also at another world size.
 
 Images are decoded only by the rank that keeps them, converted to RGB (transparency on white), resized and
-centre-cropped to ``resolution`` and scaled to [-1, 1] by :mod:`unified_mllm.vision.image`. Light augmentation
-(off by default): ``hflip`` mirrors a sample left-right with probability 1/2, decided by ``(seed, epoch, global
-index)`` so it is reproduced on resume. Vertical flips are not offered: they would turn the world's apex-up
-triangles into shapes it never draws.
+centre-cropped to ``resolution`` and scaled to [-1, 1] by :mod:`unified_mllm.vision.image`. ``hflip`` (off by
+default) mirrors a sample with probability 1/2, decided by ``(seed, epoch, index in the epoch)`` so that a resume
+reproduces it; there are no vertical flips, which would draw triangles the world never draws (apex down).
 
-Every rank reads every shard's bytes (and skips the others' samples undecoded): simple and exact, and cheap for
-the tokenizer's datasets; a corrupt sample raises :class:`~unified_mllm.data.shards.CorruptShardError` naming
-its shard and key, since skipping it on one rank would break the global order.
+Every rank reads every shard's bytes (simple, exact, and cheap for the tokenizer's datasets); a corrupt sample
+raises :class:`~unified_mllm.data.shards.CorruptShardError` naming its shard and key, since skipping it on one
+rank would break the global order.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards
+from unified_mllm.data.shards import IMAGE_EXTENSIONS, CorruptShardError, list_shards, raw_samples
 from unified_mllm.vision.image import ImageLoadError, image_to_tensor, load_image, resize_center_crop
 
 T = TypeVar("T")
@@ -63,22 +58,6 @@ _STREAMS = {"shards": 0, "buffer": 1, "flip": 2}
 def _epoch_rng(seed: int, epoch: int, stream: str, *extra: int) -> np.random.Generator:
     # Separate streams per use: changing the buffer size must not change the shard order.
     return np.random.default_rng([seed, epoch, _STREAMS[stream], *extra])
-
-
-def raw_samples(shards: Sequence[Path]) -> Iterator[RawSample]:
-    """Undecoded samples (``__key__``, ``__url__`` and one bytes entry per member) of ``shards``, in order.
-
-    The node and worker splitters of webdataset are off: the caller decides which rank keeps what (webdataset's
-    default refuses to run under ``torchrun`` without an explicit splitter).
-    """
-    for shard in shards:
-        dataset = wds.WebDataset(
-            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-        try:
-            yield from dataset
-        except (OSError, ValueError) as exc:
-            raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
 
 
 def decode_image(raw: RawSample) -> Any:
@@ -110,6 +89,24 @@ def buffered_shuffle(items: Iterable[T], buffer: int, rng: np.random.Generator) 
     yield from pool
 
 
+def endless_epochs(
+    order: Callable[[int], Iterable[T]], length: Callable[[], int], position: int, empty: Exception
+) -> Iterator[tuple[int, int, T]]:
+    """``(epoch, index within the epoch, item)`` of endless epochs (``order(epoch)``, each ``length()`` items)
+    from global ``position`` on: whole epochs are skipped by arithmetic, the partial one is read from its start
+    (the caller decodes nothing before ``position``). An epoch without items raises ``empty``."""
+    epoch, offset = divmod(position, length()) if position else (0, 0)
+    while True:
+        seen = 0
+        for within, item in enumerate(order(epoch)):
+            seen += 1
+            if within >= offset:
+                yield epoch, within, item
+        if seen == 0:
+            raise empty
+        epoch, offset = epoch + 1, 0
+
+
 class ImageStream:
     """Endless per-rank batches of preprocessed images (see the module docstring for the order and resume).
 
@@ -130,10 +127,7 @@ class ImageStream:
         position: int = 0,
         hflip: bool = False,
     ) -> None:
-        if isinstance(shards, str | os.PathLike):
-            self.shards = list_shards(shards)
-        else:
-            self.shards = [Path(s) for s in shards]
+        self.shards = list_shards(shards)
         if not self.shards:
             raise ValueError("ImageStream needs at least one shard")
         if resolution < 1 or batch_size < 1 or shuffle_buffer < 1 or position < 0:
@@ -144,11 +138,6 @@ class ImageStream:
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.start_position, self.hflip = shuffle_buffer, position, hflip
         self._epoch_length: int | None = None
-
-    @property
-    def global_batch_size(self) -> int:
-        """Global samples consumed per step, over all ranks."""
-        return self.batch_size * self.world_size
 
     def epoch_order(self, epoch: int) -> Iterator[RawSample]:
         """The global sample order of ``epoch`` (raw, undecoded)."""
@@ -166,23 +155,6 @@ class ImageStream:
                 raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
         return self._epoch_length
 
-    def _global(self) -> Iterator[tuple[int, int, int, RawSample]]:
-        """``(global index, epoch, index within epoch, raw sample)`` from ``start_position`` on."""
-        start, epoch, offset = self.start_position, 0, 0
-        if start > 0:
-            # Whole epochs are skipped by arithmetic; only the partial one is read (and not decoded).
-            epoch, offset = divmod(start, self.epoch_length())
-        index = start - offset
-        while True:
-            seen = 0
-            for within, raw in enumerate(self.epoch_order(epoch)):
-                seen += 1
-                if within >= offset:
-                    yield index + within, epoch, within, raw
-            if seen == 0:
-                raise ValueError(f"no samples in {[str(s) for s in self.shards]}")
-            index, epoch, offset = index + seen, epoch + 1, 0
-
     def _tensor(self, raw: RawSample, epoch: int, index: int) -> torch.Tensor:
         pixels = image_to_tensor(resize_center_crop(decode_image(raw), self.resolution))
         # One generator per sample: the decision depends on nothing but (seed, epoch, index).
@@ -194,12 +166,14 @@ class ImageStream:
         pixels: list[torch.Tensor] = []
         keys: list[str] = []
         captions: list[str] = []
-        for global_index, epoch, within, raw in self._global():
+        empty = ValueError(f"no samples in {[str(s) for s in self.shards]}")
+        samples = endless_epochs(self.epoch_order, self.epoch_length, self.start_position, empty)
+        for global_index, (epoch, within, raw) in enumerate(samples, self.start_position):
             if global_index % self.world_size == self.rank:
                 pixels.append(self._tensor(raw, epoch, within))
                 keys.append(str(raw.get("__key__")))
                 captions.append(raw_caption(raw))
-            if (global_index + 1 - self.start_position) % self.global_batch_size == 0:
+            if (global_index + 1 - self.start_position) % (self.batch_size * self.world_size) == 0:
                 yield ImageBatch(torch.stack(pixels), keys, global_index + 1, epoch, captions)
                 pixels, keys, captions = [], [], []
 
@@ -219,7 +193,7 @@ def load_first_images(
 ) -> tuple[torch.Tensor, list[str]]:
     """The first ``count`` images of ``shards`` in file order, preprocessed: ``([n, 3, R, R] in [-1, 1], keys)``
     with ``n <= count`` (fewer when the shards hold fewer). A fixed set for evaluations and sample grids."""
-    paths = list_shards(shards) if isinstance(shards, str | os.PathLike) else [Path(s) for s in shards]
+    paths = list_shards(shards)
     pixels, keys = [], []
     for raw in raw_samples(paths):
         if len(pixels) >= count:

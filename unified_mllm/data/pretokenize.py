@@ -1,30 +1,25 @@
 """Pre-tokenization: run the VQ tokenizer once over every image and store codes and text ids beside the data.
 
 ``python -m unified_mllm.data.pretokenize --config configs/quickstart.yaml [--split train] [key=value ...]``
-reads ``${data.root}/<split>/*.tar`` and writes ``${data.tokenized_root}/<split>/`` with the same shard names
-(input shard ``i`` → output shard ``i``). Each output sample holds
+reads ``${data.root}/<split>/*.tar`` and writes ``${data.tokenized_root}/<split>/`` with the same shard names.
+Each output sample holds
 
 * ``<key>.png`` — the image as RGB, losslessly (the continuous SigLIP branch reads pixels at training time);
-* ``<key>.codes.npy`` — the code grid ``[h, w]``, or ``[h, w, D]`` for tokenizers with D codes a position
-  (int16, or int32 for codebooks above 32767 codes), of the image resized and centre-cropped to
-  ``model.vq.resolution`` (:meth:`VisualTokenizer.images_to_codes`);
-* ``<key>.json`` — the input record unchanged (everything evaluation needs: objects, questions, specs) plus its
-  ``pretokenized`` section: the text ids of the caption, every question and answer, every text-to-image prompt
-  and every conversation turn (:func:`unified_mllm.data.samples.encode_record_texts` describes it).
+* ``<key>.codes.npy`` — the code grid ``[h, w]`` (``[h, w, D]`` for tokenizers with D codes a position; int16, or
+  int32 above 32767 codes) of the image resized and centre-cropped to ``model.vq.resolution``;
+* ``<key>.json`` — the input record unchanged plus its ``pretokenized`` section: the text ids of the caption,
+  every question and answer, prompt and conversation turn (:func:`~unified_mllm.data.samples.encode_record_texts`).
 
 Input records are the world's (``caption``, ``vqa``, ``t2i``) or conversations
 (``{"conversations": [{"from": "human", "value": "<|image|>\\nQ"}, {"from": "gpt", "value": "A"}]}``) with at
 most one ``<|image|>``: each sample stores one image.
 
-**Resumable.** Each shard is written under a temporary name and renamed when complete (:mod:`unified_mllm.io`),
-then recorded in ``manifest.json`` (written atomically too) with its sample count and its input's size and
-mtime. A re-run skips every recorded shard whose input is unchanged, so a killed run continues by shard. The manifest carries a
-fingerprint of the text tokenizer file and of the VQ weights: when either changes, every shard is rebuilt instead
-of silently reused; the training dataset checks the tokenizer fingerprint too. The manifest says ``complete``
-once every shard is done.
-
-A corrupt input shard raises :class:`~unified_mllm.data.shards.CorruptShardError` naming it (shards finished
-before it stay done); a VQ checkpoint whose resolution or codebook size differs from ``model.vq`` is refused.
+**Resumable.** Each shard is written atomically (:mod:`unified_mllm.io`), then recorded in ``manifest.json``
+with its sample count and its input's size and mtime; a re-run skips every recorded shard whose input is
+unchanged. The manifest carries fingerprints of the text tokenizer file and of the VQ weights: when either
+changes, every shard is rebuilt (the training dataset checks the tokenizer's too). It says ``complete`` once
+every shard is done. A corrupt input shard raises :class:`~unified_mllm.data.shards.CorruptShardError` naming it;
+a VQ checkpoint whose settings differ from ``model.vq`` is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +33,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +43,8 @@ import torch
 from unified_mllm.config import Config, TextTokenizerConfig, add_config_arguments, config_from_args
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
-from unified_mllm.data.shards import CorruptShardError, Sample, iter_samples, list_shards
-from unified_mllm.io import atomic_path, remove_stale_temporaries, write_json
+from unified_mllm.data.shards import CorruptShardError, Sample, add_member, iter_samples, list_shards
+from unified_mllm.io import atomic_path, read_json, remove_stale_temporaries, write_json
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
@@ -104,10 +100,7 @@ def vq_fingerprint(vq: VisualTokenizer) -> str:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``manifest.json`` of a tokenized split directory, or None when there is none (or it is unreadable)."""
-    try:
-        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    manifest = read_json(Path(directory) / MANIFEST_FILE)
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
 
 
@@ -146,12 +139,6 @@ def load_vq(config: Config, device: str | torch.device = "cpu") -> VisualTokeniz
     return vq
 
 
-def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(payload), 0o644
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def _write_batch(
     tar: tarfile.TarFile, batch: list[Sample], vq: VisualTokenizer, tokenizer: TextTokenizer
 ) -> None:
@@ -170,25 +157,19 @@ def _write_batch(
         # RGB (transparency on white) is what both branches see, and PNG cannot hold every mode (CMYK).
         to_rgb(sample.image).save(png, format="PNG")
         np.save(npy, grid.astype(dtype), allow_pickle=False)
-        _member(tar, f"{sample.key}.png", png.getvalue())
-        _member(tar, f"{sample.key}.{CODES_MEMBER}", npy.getvalue())
+        add_member(tar, f"{sample.key}.png", png.getvalue())
+        add_member(tar, f"{sample.key}.{CODES_MEMBER}", npy.getvalue())
         record = {**sample.meta, PRETOKENIZED_KEY: section}
-        _member(tar, f"{sample.key}.json", json.dumps(record, sort_keys=True).encode())
+        add_member(tar, f"{sample.key}.json", json.dumps(record, sort_keys=True).encode())
 
 
 def tokenize_shard(
     source: Path, target: Path, vq: VisualTokenizer, tokenizer: TextTokenizer, batch_size: int
 ) -> int:
     """Write the tokenized twin of shard ``source`` to ``target`` atomically; returns its number of samples."""
-    count = 0
+    samples, count = iter_samples([source]), 0
     with atomic_path(target) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        batch: list[Sample] = []
-        for sample in iter_samples([source]):
-            batch.append(sample)
-            if len(batch) == batch_size:
-                _write_batch(tar, batch, vq, tokenizer)
-                count, batch = count + len(batch), []
-        if batch:
+        while batch := list(islice(samples, batch_size)):
             _write_batch(tar, batch, vq, tokenizer)
             count += len(batch)
     return count
@@ -251,26 +232,16 @@ def pretokenize_split(
         if _is_done(manifest, shard, out_dir):
             continue
         count = tokenize_shard(shard, out_dir / shard.name, vq, tokenizer, config.data.pretokenize_batch_size)
-        output_bytes = (out_dir / shard.name).stat().st_size
-        manifest["shards"][shard.name] = {
-            "samples": count,
-            "output_bytes": output_bytes,
-            **_input_stamp(shard),
-        }
+        output = {"samples": count, "output_bytes": (out_dir / shard.name).stat().st_size}
+        manifest["shards"][shard.name] = {**output, **_input_stamp(shard)}
         write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
         written += 1
         bar.set_postfix(samples=sum(e["samples"] for e in manifest["shards"].values()))
     manifest["complete"] = True
     manifest["num_samples"] = sum(e["samples"] for e in manifest["shards"].values())
     write_json(out_dir / MANIFEST_FILE, manifest, indent=1, sort_keys=True)
-    return SplitReport(
-        split,
-        str(out_dir),
-        written,
-        len(shards) - written,
-        manifest["num_samples"],
-        time.perf_counter() - start,
-    )
+    seconds = time.perf_counter() - start
+    return SplitReport(split, str(out_dir), written, len(shards) - written, manifest["num_samples"], seconds)
 
 
 def pretokenize(

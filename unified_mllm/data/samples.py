@@ -13,29 +13,22 @@ the text tokenizer on data::
       "conversations": [[piece ids, ...], ...]          # per turn: the ids of each text piece between
     }                                                   #   <|image|> placeholders (value.split("<|image|>"))
 
-The builders render turns with :func:`~unified_mllm.data.conversation.tokenize_conversation`; its ``encode``
-callable is a lookup into those stored ids (:func:`lookup_encoder`), so the template exists once. The texts are
-those the inference side encodes with the tokenizer, hence the same ids:
+The builders render turns with :func:`~unified_mllm.data.conversation.tokenize_conversation`, whose ``encode`` is
+a lookup into those stored ids (:func:`lookup_encoder`): the template exists once, and the texts are those the
+inference side encodes, hence the same ids. Tasks:
 
-* **caption** (understanding): user ``<|image|>`` + an instruction from :data:`CAPTION_INSTRUCTIONS` (seeded
-  choice), assistant = the caption. Loss on the answer and its ``<end-of-turn>``.
-* **vqa** (understanding): user ``<|image|>`` + question 1, assistant answer 1, user question 2, ... — one image
-  span serves every answer. The turns are the record's QA pairs in a seeded order, the first
-  ``vqa_max_turns`` of them (all with 0).
-* **t2i** (generation): user = the caption or one of the record's prompts (seeded choice), assistant = the image
-  span. Loss on the whole span except its feature slots (``<image-start>``, resolution, code, row-end,
-  ``<sep>``, ``<image-end>``, then ``<end-of-turn>``). With probability ``cfg_dropout`` the condition is
-  dropped: the user turn is empty, so the ids begin exactly with :func:`~unified_mllm.layout.unconditional_prompt`
-  — the unconditional branch of classifier-free guidance.
-* **conversation**: the record's ``conversations`` turns as given (``{"from": "human"|"gpt", "value": ...}``), at
-  most one ``<|image|>`` (the sample's image).
+* **caption**: user ``<|image|>`` + a seeded choice of :data:`CAPTION_INSTRUCTIONS`, assistant = the caption.
+* **vqa**: user ``<|image|>`` + question 1, assistant answer 1, user question 2, ... (one image span serves every
+  answer): the record's QA pairs in a seeded order, the first ``vqa_max_turns`` of them (all with 0).
+* **t2i**: user = the caption or one of the record's prompts (seeded choice), assistant = the image span,
+  supervised except its feature slots. With probability ``cfg_dropout`` the user turn is empty, so the ids begin
+  with :func:`~unified_mllm.layout.unconditional_prompt`: the unconditional branch of classifier-free guidance.
+* **conversation**: the record's ``conversations`` turns as given, at most one ``<|image|>``.
 
-Understanding prompts put the question straight after the image placeholder (``"<|image|>" + question``, no
-separator), exactly as an inference prompt should.
-
-Image spans carry ``num_features`` feature slots: 0 without the continuous branch (stage 0, ``with_features``
-off), else :func:`~unified_mllm.vision.anyres.num_image_features` of the stored image's size. Every random choice
-comes from the generator the caller passes, seeded by (seed, source, epoch, index) in the dataset.
+Understanding prompts put the question straight after the image placeholder, as an inference prompt does. Image
+spans carry 0 feature slots without the continuous branch (``with_features`` off), else
+:func:`~unified_mllm.vision.anyres.num_image_features` of the stored image's size. Every random choice comes from
+the generator the caller passes.
 """
 
 from __future__ import annotations

@@ -203,20 +203,9 @@ class SceneObject:
     row: int
     col: int
 
-    def center(self, image_size: int, grid_size: int) -> tuple[float, float]:
-        """Pixel (x, y) of the object's centre: the centre of its cell."""
-        cell = image_size / grid_size
-        return ((self.col + 0.5) * cell, (self.row + 0.5) * cell)
-
     def extent(self, image_size: int, grid_size: int) -> float:
         """Side of the object's (square) bounding box in pixels."""
         return SIZES[self.size] * image_size / grid_size
-
-    def box(self, image_size: int, grid_size: int) -> Box:
-        """(x0, y0, x1, y1) of the object's bounding box in pixel-edge coordinates."""
-        x, y = self.center(image_size, grid_size)
-        half = self.extent(image_size, grid_size) / 2
-        return (x - half, y - half, x + half, y + half)
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": self.shape, "color": self.color, "size": self.size, "row": self.row, "col": self.col}
@@ -245,11 +234,16 @@ class Scene:
                 raise ValueError(f"cell ({row}, {col}) is outside the {self.grid_size}x{self.grid_size} grid")
         object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: (o.row, o.col))))
 
-    def box(self, obj: SceneObject) -> Box:
-        return obj.box(self.image_size, self.grid_size)
-
     def center(self, obj: SceneObject) -> tuple[float, float]:
-        return obj.center(self.image_size, self.grid_size)
+        """Pixel (x, y) of the object's centre: the centre of its cell."""
+        cell = self.image_size / self.grid_size
+        return ((obj.col + 0.5) * cell, (obj.row + 0.5) * cell)
+
+    def box(self, obj: SceneObject) -> Box:
+        """(x0, y0, x1, y1) of the object's bounding box in pixel-edge coordinates."""
+        x, y = self.center(obj)
+        half = obj.extent(self.image_size, self.grid_size) / 2
+        return (x - half, y - half, x + half, y + half)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -316,16 +310,8 @@ def relations(box_a: Sequence[float], box_b: Sequence[float]) -> set[str]:
     if np.all(np.abs(shrunk) < 1e-3):
         return set()
     dx, dy = shrunk / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    # RELATIONS in order: left of (dx < -0.5), right of, above (dy < -0.5), below.
+    return {rel for rel, component in zip(RELATIONS, (-dx, dx, -dy, dy)) if component > 0.5}
 
 
 # -------------------------------------------------------------------------------------------- language
@@ -337,10 +323,6 @@ def article(word: str) -> str:
 
 def number_word(n: int) -> str:
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
-
-
-def plural(shape: str) -> str:
-    return SHAPES[shape].plural
 
 
 def cell_name(row: int, col: int, grid_size: int) -> str:
@@ -362,15 +344,12 @@ def describe(obj: SceneObject, grid_size: int) -> str:
     return f"{article(words)} {words} in the {cell_name(obj.row, obj.col, grid_size)}"
 
 
-def join_and(parts: Sequence[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
 def caption(scene: Scene) -> str:
     """Every object with its size, colour, shape and cell, in reading order."""
     if not scene.objects:
         return "an empty white image"
-    return join_and([describe(o, scene.grid_size) for o in scene.objects])
+    parts = [describe(o, scene.grid_size) for o in scene.objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 _ATTR_ORDER = ("size", "color", "shape")
@@ -408,18 +387,21 @@ def _qa(question: str, answer: str, kind: str) -> dict[str, str]:
     return {"question": question, "answer": answer, "type": kind}
 
 
+# The asked attribute and the references that may name its object (never by the answer itself).
+_ATTRIBUTE_REFS = (
+    ("color", [("shape",), ("size", "shape")]),
+    ("shape", [("color",), ("size", "color")]),
+    ("size", [("shape",), ("color", "shape")]),
+)
+
+
 def _attribute_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     """One colour, one shape and one size question, each about a random object named without the answer."""
     qa = []
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("shape",), ("size", "shape")], rng)
-    qa.append(_qa(f"what color is {ref}?", pick.color, "color"))
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("color",), ("size", "color")], rng)
-    qa.append(_qa(f"what shape is {ref}?", pick.shape, "shape"))
-    pick = scene.objects[int(rng.integers(len(scene.objects)))]
-    ref = _ref_or_cell(pick, scene, [("shape",), ("color", "shape")], rng)
-    qa.append(_qa(f"what size is {ref}?", pick.size, "size"))
+    for attr, attr_sets in _ATTRIBUTE_REFS:
+        pick = _pick(rng, scene.objects)
+        ref = _ref_or_cell(pick, scene, attr_sets, rng)
+        qa.append(_qa(f"what {attr} is {ref}?", getattr(pick, attr), attr))
     return qa
 
 
@@ -439,7 +421,7 @@ def _count_questions(scene: Scene, world: WorldConfig, rng: np.random.Generator)
             qa.append(_qa("how many objects are there?", number_word(len(scene.objects)), "count"))
         else:
             n = sum(o.shape == subject for o in scene.objects)
-            qa.append(_qa(f"how many {plural(subject)} are there?", number_word(n), "count"))
+            qa.append(_qa(f"how many {SHAPES[subject].plural} are there?", number_word(n), "count"))
     return qa
 
 
@@ -453,8 +435,7 @@ def _existence_questions(scene: Scene, world: WorldConfig, rng: np.random.Genera
     present_shapes = sorted({o.shape for o in scene.objects})
     absent_shapes = [s for s in world.shapes if s not in present_shapes]
     if present_shapes and absent_shapes:
-        yes = present_shapes[int(rng.integers(len(present_shapes)))]
-        no = absent_shapes[int(rng.integers(len(absent_shapes)))]
+        yes, no = _pick(rng, present_shapes), _pick(rng, absent_shapes)
         qa += _pair(
             _qa(f"is there {article(yes)} {yes}?", "yes", "existence"),
             _qa(f"is there {article(no)} {no}?", "no", "existence"),
@@ -463,10 +444,9 @@ def _existence_questions(scene: Scene, world: WorldConfig, rng: np.random.Genera
     present = sorted({(o.color, o.shape) for o in scene.objects})
     absent = [(c, s) for s in world.shapes for c in world.colors if (c, s) not in present]
     if present and absent:
-        color, shape = present[int(rng.integers(len(present)))]
+        color, shape = _pick(rng, present)
         close = [(c, s) for c, s in absent if c == color or s == shape]
-        pool = close or absent
-        no_color, no_shape = pool[int(rng.integers(len(pool)))]
+        no_color, no_shape = _pick(rng, close or absent)
         qa += _pair(
             _qa(f"is there {article(color)} {color} {shape}?", "yes", "existence"),
             _qa(f"is there {article(no_color)} {no_color} {no_shape}?", "no", "existence"),
@@ -500,15 +480,12 @@ def _oriented(a: SceneObject, b: SceneObject, rel: str, rng: np.random.Generator
 
 def _spatial_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     """A yes question with the true relation of one aligned pair and a no question with its opposite."""
-    candidates = []
-    for a, b, rel in aligned_pairs(scene):
-        ref_a, ref_b = unique_ref(a, scene, _SPATIAL_REFS), unique_ref(b, scene, _SPATIAL_REFS)
-        if ref_a is not None and ref_b is not None:
-            candidates.append((a, b, rel))
+    refs = {obj: unique_ref(obj, scene, _SPATIAL_REFS) for obj in scene.objects}
+    candidates = [(a, b, rel) for a, b, rel in aligned_pairs(scene) if refs[a] and refs[b]]
     if not candidates:
         return []
-    a, b, rel = _oriented(*candidates[int(rng.integers(len(candidates)))], rng)
-    ref_a, ref_b = unique_ref(a, scene, _SPATIAL_REFS), unique_ref(b, scene, _SPATIAL_REFS)
+    a, b, rel = _oriented(*_pick(rng, candidates), rng)
+    ref_a, ref_b = refs[a], refs[b]
     return _pair(
         _qa(f"is the {ref_a} {rel} the {ref_b}?", "yes", "spatial"),
         _qa(f"is the {ref_a} {OPPOSITE[rel]} the {ref_b}?", "no", "spatial"),
@@ -527,12 +504,6 @@ def vqa_for_scene(scene: Scene, world: WorldLike, rng: np.random.Generator) -> l
         *_existence_questions(scene, world, rng),
         *_spatial_questions(scene, rng),
     ]
-
-
-def existence_balance(vqa: Iterable[dict[str, str]]) -> dict[str, int]:
-    """Counts of "yes" and "no" answers among existence questions (equal by construction)."""
-    answers = Counter(q["answer"] for q in vqa if q["type"] == "existence")
-    return {"yes": answers.get("yes", 0), "no": answers.get("no", 0)}
 
 
 # ------------------------------------------------------------------------------------- text-to-image
@@ -573,15 +544,10 @@ def _check_item(item: Any, where: str, world: WorldConfig | None, targets: Seque
     """One include/exclude entry; ``targets`` are the include indices its position may refer to."""
     if not isinstance(item, dict) or "shape" not in item:
         raise SpecError(f"{where} must be a dict with a 'shape', got {item!r}")
-    shapes = world.shapes if world is not None else list(SHAPES)
-    colors = world.colors if world is not None else list(PALETTE)
-    sizes = world.sizes if world is not None else list(SIZES)
-    if item["shape"] not in shapes:
-        raise SpecError(f"{where}: unknown shape {item['shape']!r}; valid shapes: {shapes}")
-    if "color" in item and item["color"] not in colors:
-        raise SpecError(f"{where}: unknown color {item['color']!r}; valid colors: {colors}")
-    if "size" in item and item["size"] not in sizes:
-        raise SpecError(f"{where}: unknown size {item['size']!r}; valid sizes: {sizes}")
+    for field, known in (("shape", SHAPES), ("color", PALETTE), ("size", SIZES)):
+        names = getattr(world, f"{field}s") if world is not None else list(known)
+        if field in item and item[field] not in names:
+            raise SpecError(f"{where}: unknown {field} {item[field]!r}; valid {field}s: {names}")
     count = item.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise SpecError(f"{where}: count must be an integer >= 1, got {count!r}")
@@ -633,7 +599,7 @@ def prompt_for_spec(spec: dict[str, Any]) -> str:
     category, include = spec["category"], spec["include"]
     if category == "counting":
         item = include[0]
-        return f"a photo of {number_word(item['count'])} {plural(item['shape'])}"
+        return f"a photo of {number_word(item['count'])} {SHAPES[item['shape']].plural}"
     if category == "position":
         (first,) = [item for item in include if "position" in item]
         relation, target = first["position"]
@@ -681,8 +647,7 @@ def prompts_for_scene(scene: Scene, rng: np.random.Generator) -> list[dict[str, 
 
 def _random_spec(category: str, world: WorldConfig, rng: np.random.Generator) -> dict[str, Any]:
     """A random spec of one category over the world's vocabulary (two-object specs use distinct shapes)."""
-    shapes = list(world.shapes)
-    order = [shapes[int(i)] for i in rng.permutation(len(shapes))]
+    order = [world.shapes[int(i)] for i in rng.permutation(len(world.shapes))]
     first, second = order[0], order[1 % len(order)]
     colors = [world.colors[int(i)] for i in rng.permutation(len(world.colors))]
     if category == "single_object":
@@ -710,11 +675,9 @@ def geneval_prompts(world: WorldLike, n: int, seed: int = 0) -> list[dict[str, A
     if world.grid_size < 2:
         raise ValueError("geneval_prompts needs grid_size >= 2 (counting and position place several objects)")
     # One generator per prompt, so the first k prompts of a longer set are the same k prompts.
+    rngs = (world_rng(seed, "geneval", i, "prompt") for i in range(n))
     return [
-        t2i_entry(
-            _random_spec(CATEGORIES[i % len(CATEGORIES)], world, world_rng(seed, "geneval", i, "prompt"))
-        )
-        for i in range(n)
+        t2i_entry(_random_spec(CATEGORIES[i % len(CATEGORIES)], world, rng)) for i, rng in enumerate(rngs)
     ]
 
 
@@ -758,15 +721,9 @@ def scene_for_prompt(spec: dict[str, Any], rng_or_seed: np.random.Generator | in
     for i, item in enumerate(include):
         for k in range(item.get("count", 1)):
             cell = cells[i] if k == 0 and cells[i] is not None else free.pop()
-            objects.append(
-                SceneObject(
-                    shape=item["shape"],
-                    color=item.get("color") or _pick(rng, world.colors),
-                    size=item.get("size") or _pick(rng, world.sizes),
-                    row=cell[0],
-                    col=cell[1],
-                )
-            )
+            color = item.get("color") or _pick(rng, world.colors)
+            size = item.get("size") or _pick(rng, world.sizes)
+            objects.append(SceneObject(item["shape"], color, size, row=cell[0], col=cell[1]))
     return Scene(tuple(objects), world.image_size, world.grid_size)
 
 
@@ -775,16 +732,6 @@ def scene_for_prompt(spec: dict[str, Any], rng_or_seed: np.random.Generator | in
 
 def sample_key(split: str, index: int) -> str:
     return f"shapes-{split}-{index:08d}"
-
-
-def object_record(scene: Scene, obj: SceneObject) -> dict[str, Any]:
-    """An object's ground truth with its pixel geometry (centre, box) and RGB colour."""
-    return {
-        **obj.to_json(),
-        "center": [round(v, 3) for v in scene.center(obj)],
-        "bbox": [round(v, 3) for v in scene.box(obj)],
-        "rgb": list(PALETTE[obj.color]),
-    }
 
 
 def record_for_scene(scene: Scene, world: WorldLike, split: str, index: int) -> dict[str, Any]:
@@ -800,7 +747,16 @@ def record_for_scene(scene: Scene, world: WorldLike, split: str, index: int) -> 
         "image_size": scene.image_size,
         "grid_size": scene.grid_size,
         "background": list(BACKGROUND),
-        "objects": [object_record(scene, o) for o in scene.objects],
+        # Each object's ground truth with its pixel geometry (centre, box) and RGB colour.
+        "objects": [
+            {
+                **o.to_json(),
+                "center": [round(v, 3) for v in scene.center(o)],
+                "bbox": [round(v, 3) for v in scene.box(o)],
+                "rgb": list(PALETTE[o.color]),
+            }
+            for o in scene.objects
+        ],
         "caption": caption(scene),
         "vqa": vqa_for_scene(scene, world, rng),
         "t2i": prompts_for_scene(scene, rng),
@@ -845,39 +801,30 @@ def split_size(world: WorldLike, split: str) -> int:
 # ---------------------------------------------------------------------------------------------- stats
 
 
-@dataclass
+_COUNTED = ("shape", "color", "size", "objects_per_scene", "vqa_type", "existence", "spatial", "t2i_category")
+
+
 class WorldStats:
     """What a split contains: object, question and prompt counts (written to ``stats.json``)."""
 
-    scenes: int = 0
-    shape: Counter = dataclasses.field(default_factory=Counter)
-    color: Counter = dataclasses.field(default_factory=Counter)
-    size: Counter = dataclasses.field(default_factory=Counter)
-    objects_per_scene: Counter = dataclasses.field(default_factory=Counter)
-    vqa_type: Counter = dataclasses.field(default_factory=Counter)
-    existence: Counter = dataclasses.field(default_factory=Counter)
-    spatial: Counter = dataclasses.field(default_factory=Counter)
-    t2i_category: Counter = dataclasses.field(default_factory=Counter)
+    def __init__(self) -> None:
+        self.scenes = 0
+        self.counts: dict[str, Counter] = {name: Counter() for name in _COUNTED}
 
     def add(self, record: dict[str, Any]) -> None:
         self.scenes += 1
-        self.objects_per_scene[str(len(record["objects"]))] += 1
+        self.counts["objects_per_scene"][str(len(record["objects"]))] += 1
         for obj in record["objects"]:
-            self.shape[obj["shape"]] += 1
-            self.color[obj["color"]] += 1
-            self.size[obj["size"]] += 1
+            for attr in ("shape", "color", "size"):
+                self.counts[attr][obj[attr]] += 1
         for qa in record["vqa"]:
-            self.vqa_type[qa["type"]] += 1
+            self.counts["vqa_type"][qa["type"]] += 1
             if qa["type"] in ("existence", "spatial"):
-                getattr(self, qa["type"])[qa["answer"]] += 1
-        for entry in record["t2i"]:
-            self.t2i_category[entry["category"]] += 1
+                self.counts[qa["type"]][qa["answer"]] += 1
+        self.counts["t2i_category"].update(entry["category"] for entry in record["t2i"])
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "scenes": self.scenes,
-            **{f.name: dict(sorted(getattr(self, f.name).items())) for f in dataclasses.fields(self)[1:]},
-        }
+        return {"scenes": self.scenes, **{name: dict(sorted(c.items())) for name, c in self.counts.items()}}
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -913,13 +860,6 @@ def _reusable(split_dir: Path, world: WorldConfig, split: str) -> dict[str, Any]
     return io.finished_output(split_dir / "stats.json", expected, lambda stats: stats.get("shards", []))
 
 
-def _write_lines(path: Path, lines: Iterable[str]) -> None:
-    """Write lines atomically (a killed run never leaves a half file under the final name)."""
-    with io.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(line + "\n")
-
-
 def write_split(
     world: WorldConfig,
     root: str | Path,
@@ -938,11 +878,12 @@ def write_split(
     if stats is not None and (corpus_path is None or corpus_path.is_file()):
         return stats, True
     if stats is not None and corpus_path is not None:  # only the corpus is missing: text needs no pixels
-        _write_lines(corpus_path, corpus(world, split))
+        io.write_text(corpus_path, "".join(line + "\n" for line in corpus(world, split)))
         return stats, True
     split_dir.mkdir(parents=True, exist_ok=True)
     for old in [split_dir / "stats.json", *split_dir.glob(f"shapes-{split}-*.tar*")]:
         old.unlink(missing_ok=True)
+    io.remove_stale_temporaries(split_dir, f"shapes-{split}-")  # shards of a killed run
     n, counts, lines = split_size(world, split), WorldStats(), []
     start = time.perf_counter()
     with ShardWriter(split_dir, f"shapes-{split}", world.samples_per_shard) as writer:
@@ -953,7 +894,7 @@ def write_split(
             if corpus_path is not None:
                 lines.extend(record_texts(record))
     if corpus_path is not None:
-        _write_lines(corpus_path, lines)
+        io.write_text(corpus_path, "".join(line + "\n" for line in lines))
     stats = {
         "split": split,
         "num_scenes": n,

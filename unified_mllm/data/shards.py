@@ -13,8 +13,10 @@ key (or skips it and counts it, with ``skip_corrupt=True``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from unified_mllm.io import fsync_dir, fsync_file
+from unified_mllm.io import atomic_path
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -48,12 +50,19 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Append one member (mode 644, no timestamp: the same payloads give the same tar bytes)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(payload), 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
 class ShardWriter:
     """Write samples into numbered shards of at most ``samples_per_shard`` samples each.
 
-    Use as a context manager; ``write(key, image, meta)`` appends one sample. Each shard is written to
-    ``<name>.tmp`` and renamed into place when it is full or on close, so finished shards are always whole.
-    Leaving the ``with`` block because of an exception deletes the partial shard.
+    Use as a context manager; ``write(key, image, meta)`` appends one sample. Each shard is written under a
+    temporary name (:func:`unified_mllm.io.atomic_path`) and renamed into place when it is full or on close, so
+    finished shards are always whole. Leaving the ``with`` block because of an exception deletes the partial shard.
     """
 
     def __init__(
@@ -69,7 +78,7 @@ class ShardWriter:
         self.image_format = image_format
         self.written: list[Path] = []
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._shard: contextlib.ExitStack | None = None  # the open shard's tar inside its atomic_path
         self._count = 0
 
     def __enter__(self) -> ShardWriter:
@@ -79,10 +88,7 @@ class ShardWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            self._finish_shard()
-        else:
-            self._abort_shard()
+        self._finish_shard(exc_type, exc, tb)
 
     def write(self, key: str, image: Image.Image, meta: dict[str, Any]) -> None:
         if "." in key or "/" in key:
@@ -92,46 +98,35 @@ class ShardWriter:
         assert self._tar is not None
         buffer = io.BytesIO()
         image.save(buffer, format="PNG" if self.image_format == "png" else "JPEG", quality=95)
-        self._add(f"{key}.{self.image_format}", buffer.getvalue())
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        add_member(self._tar, f"{key}.{self.image_format}", buffer.getvalue())
+        add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self._count += 1
         if self._count >= self.samples_per_shard:
             self._finish_shard()
 
-    def _add(self, name: str, payload: bytes) -> None:
-        assert self._tar is not None
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(payload))
-
     def _open_shard(self) -> None:
-        final = self.directory / shard_name(self.prefix, len(self.written))
-        self._tmp = final.with_name(final.name + ".tmp")
-        # Kept open across write() calls and closed in _finish_shard / _abort_shard.
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._final = self.directory / shard_name(self.prefix, len(self.written))
+        # Kept open across write() calls and closed in _finish_shard.
+        self._shard = contextlib.ExitStack()
+        tmp = self._shard.enter_context(atomic_path(self._final))
+        self._tar = self._shard.enter_context(tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT))  # noqa: SIM115
         self._count = 0
 
-    def _finish_shard(self) -> None:
-        if self._tar is None or self._tmp is None:
+    def _finish_shard(self, *exc_info: Any) -> None:
+        """Close the open shard: renamed into place, or deleted when ``exc_info`` holds an exception."""
+        if self._shard is None:
             return
-        self._tar.close()
-        fsync_file(self._tmp)
-        final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
-        self._tmp.replace(final)
-        fsync_dir(self.directory)
-        self.written.append(final)
-        self._tar, self._tmp = None, None
-
-    def _abort_shard(self) -> None:
-        if self._tar is not None and self._tmp is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-        self._tar, self._tmp = None, None
+        self._shard.__exit__(*(exc_info or (None, None, None)))
+        if not exc_info or exc_info[0] is None:
+            self.written.append(self._final)
+        self._tar, self._shard = None, None
 
 
-def list_shards(path: str | Path) -> list[Path]:
-    """The shards of a dataset: a directory (every ``*.tar`` in it, sorted), a single file, or a glob."""
+def list_shards(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The shards of a dataset: a directory (every ``*.tar`` in it, sorted), a single file, or a glob; a list of
+    shard files is taken as given."""
+    if not isinstance(path, str | os.PathLike):
+        return [Path(p) for p in path]
     path = Path(path).expanduser()
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
@@ -174,17 +169,19 @@ def _decode(raw: dict[str, Any], shard: str) -> Sample:
     return Sample(key=key, image=image, meta=meta, shard=shard)
 
 
-def _raw_samples(shard: Path) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of one shard via webdataset; a broken tar becomes a CorruptShardError."""
-    try:
-        # No node/worker splitting here: callers decide which shards each rank reads (webdataset's default
-        # splitter raises under torchrun with more than one process).
-        dataset = wds.WebDataset(
-            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-        yield from dataset
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
+def raw_samples(shards: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Undecoded samples (``__key__``, ``__url__`` and one bytes entry per member) of ``shards``, in order; a
+    broken tar becomes a CorruptShardError."""
+    for shard in shards:
+        try:
+            # No node/worker splitting here: callers decide which shards each rank reads (webdataset's default
+            # splitter raises under torchrun with more than one process).
+            dataset = wds.WebDataset(
+                str(shard), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+            )
+            yield from dataset
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise CorruptShardError(f"{shard}: not a readable tar shard ({exc})") from exc
 
 
 def iter_samples(
@@ -195,12 +192,10 @@ def iter_samples(
     A corrupt sample raises :class:`CorruptShardError` naming the shard and key; with ``skip_corrupt`` it is
     skipped and recorded in ``stats.skipped`` instead (a corrupt tar header ends that shard).
     """
-    paths: Iterable[Path]
-    paths = list_shards(shards) if isinstance(shards, str | Path) else [Path(p) for p in shards]
     stats = stats if stats is not None else ReadStats()
-    for shard in paths:
+    for shard in list_shards(shards):
         try:
-            for raw in _raw_samples(shard):
+            for raw in raw_samples([shard]):
                 try:
                     sample = _decode(raw, str(shard))
                 except CorruptShardError:
