@@ -681,17 +681,11 @@ def chameleon_7b() -> ModelConfig:
 
 def chameleon_34b() -> ModelConfig:
     """Chameleon-34B LM (facebook/chameleon-30b config.json) with chameleon-7b's SigLIP and VQ-GAN."""
-    return ModelConfig(
-        lm=LMConfig(
-            swin_norm=True,  # Chameleon-34B normalises each branch's output before the residual add
-            hidden_size=8192,
-            intermediate_size=22016,
-            num_layers=48,
-            num_heads=64,
-            num_kv_heads=8,
-            vocab_size=65536,
-        )
+    # swin_norm: Chameleon-34B normalises each branch's output before the residual add.
+    lm = LMConfig(
+        swin_norm=True, hidden_size=8192, intermediate_size=22016, num_layers=48, num_heads=64, num_kv_heads=8
     )
+    return ModelConfig(lm=lm)
 
 
 def tiny() -> ModelConfig:
@@ -867,18 +861,23 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"`{key}`: {message}")
 
 
+def _require_min(section: Any, prefix: str, minimum: int, *keys: str, note: str = "") -> None:
+    """``section.<key> >= minimum`` for each key, named ``prefix.<key>`` when it fails."""
+    for key in keys:
+        _require(getattr(section, key) >= minimum, f"{prefix}.{key}", f"must be >= {minimum}{note}")
+
+
 def validate(config: Config) -> Config:
     """Cross-field checks that types alone cannot express; raises :class:`ConfigError` naming the key."""
     _validate_lm(config.model.lm)
     _validate_vision(config.model.vision)
-    _require(config.model.projector.depth >= 1, "model.projector.depth", "must be >= 1")
+    _require_min(config.model.projector, "model.projector", 1, "depth")
     _validate_vq(config.model.vq)
 
     tok = config.tokenizer
-    _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
-    _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
+    _require_min(tok, "tokenizer", 1, "size_unit", "num_size_tokens")
     largest_grid = (tok.num_size_tokens - 1) * tok.size_unit
-    _require(config.model.grid_positions >= 0, "model.grid_positions", "must be >= 0 (0: off)")
+    _require_min(config.model, "model", 0, "grid_positions", note=" (0: off)")
     _require(
         config.model.grid_positions == 0 or config.model.grid_positions >= largest_grid,
         "model.grid_positions",
@@ -892,20 +891,18 @@ def validate(config: Config) -> Config:
     _require(optim.lr > 0, "optim.lr", "must be positive")
     _require(len(optim.betas) == 2, "optim.betas", "needs exactly two values")
     _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require_min(optim, "optim", 0, "warmup_steps")
 
     train = config.train
     _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
-        _require(getattr(train, key) >= 1, f"train.{key}", "must be >= 1")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require_min(train, "train", 1, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every")
+    _require_min(config.checkpoint, "checkpoint", 1, "keep_last")
 
     gen = config.generation
     _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
-    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
-    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
+    _require_min(gen, "generation", 1, "image_top_k", "text_top_k")
     _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
-    _require(gen.jacobi_window >= 0, "generation.jacobi_window", "must be >= 0 (0: sequential decoding)")
+    _require_min(gen, "generation", 0, "jacobi_window", note=" (0: sequential decoding)")
     _validate_vq_train(config.vq_train)
     return config
 
@@ -955,11 +952,18 @@ def _validate_vq(vq: VQConfig) -> None:
     _require(vq.codebook_size >= 2, "model.vq.codebook_size", "must be >= 2")
     _require(len(vq.channel_mult) >= 1, "model.vq.channel_mult", "needs at least one level")
     if vq.kind == "dualtoken":
+        dt = vq.dualtoken
         # SigLIP keeps only whole patches (384 px / 14 = 27 per side): the backbone's size is the one to match.
         _require(
-            vq.resolution == vq.dualtoken.backbone.image_size,
+            vq.resolution == dt.backbone.image_size,
             "model.vq.resolution",
-            f"must equal model.vq.dualtoken.backbone.image_size ({vq.dualtoken.backbone.image_size})",
+            f"must equal model.vq.dualtoken.backbone.image_size ({dt.backbone.image_size})",
+        )
+        _require(
+            1 <= dt.shortcut_layer <= dt.pixel_layer < dt.semantic_layer <= dt.backbone.num_layers,
+            "model.vq.dualtoken.semantic_layer",
+            f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
+            f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
         )
     else:
         _require(
@@ -978,55 +982,47 @@ def _validate_vq(vq: VQConfig) -> None:
             "model.vq.unitok.conv_depths",
             "needs one entry per conv_widths entry",
         )
-    if vq.kind == "dualtoken":
-        dt = vq.dualtoken
-        _require(
-            1 <= dt.shortcut_layer <= dt.pixel_layer < dt.semantic_layer <= dt.backbone.num_layers,
-            "model.vq.dualtoken.semantic_layer",
-            f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
-            f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
-        )
 
 
 def _validate_data(data: DataConfig) -> None:
     """Checks of the `data` section: the world's shape and the LM data pipeline."""
     world = data.world
-    _require(world.grid_size >= 1, "data.world.grid_size", "must be >= 1")
+    _require_min(world, "data.world", 1, "grid_size")
     _require(
         1 <= world.min_objects <= world.max_objects <= world.grid_size**2,
         "data.world.max_objects",
         f"need 1 <= min_objects <= max_objects <= grid_size^2 = {world.grid_size**2}",
     )
-    _require(world.samples_per_shard >= 1, "data.world.samples_per_shard", "must be >= 1")
+    _require_min(world, "data.world", 1, "samples_per_shard")
     for i, source in enumerate(data.sources):
         _require(bool(source.path), f"data.sources[{i}].path", "is empty")
         _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
         _require(source.loss_weight > 0, f"data.sources[{i}].loss_weight", "must be positive")
-    _require(data.max_seq_len >= 1, "data.max_seq_len", "must be >= 1")
-    _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-    _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require_min(data, "data", 1, "max_seq_len", "shuffle_buffer")
+    _require_min(data, "data", 0, "num_workers")
     _require(0.0 <= data.cfg_dropout <= 1.0, "data.cfg_dropout", "must be in [0, 1]")
-    _require(data.vqa_max_turns >= 0, "data.vqa_max_turns", "must be >= 0 (0: every turn)")
-    _require(data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
-    _require(data.pretokenize_batch_size >= 1, "data.pretokenize_batch_size", "must be >= 1")
+    _require_min(data, "data", 0, "vqa_max_turns", note=" (0: every turn)")
+    _require_min(data, "data", 1, "pad_to_multiple_of", "pretokenize_batch_size")
     names = [s.name for s in data.sources if s.name]
     _require(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
 
 
 def _validate_vq_train(vqt: VQTrainConfig) -> None:
     """Checks of the `vq_train` section (the VQ tokenizer trainer)."""
-    for key in ("steps", "batch_size", "log_every", "eval_images", "checkpoint_every", "keep_last"):
-        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
-    for key in ("restart_every", "shuffle_buffer", "disc_layers", "disc_channels"):
-        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
+    _require_min(vqt, "vq_train", 1, "steps", "batch_size", "log_every", "eval_images", "checkpoint_every")
+    _require_min(
+        vqt, "vq_train", 1, "keep_last", "restart_every", "shuffle_buffer", "disc_layers", "disc_channels"
+    )
     _require(vqt.lr > 0, "vq_train.lr", "must be positive")
     _require(vqt.disc_lr is None or vqt.disc_lr > 0, "vq_train.disc_lr", "must be positive or null")
     _require(len(vqt.betas) == 2, "vq_train.betas", "needs exactly two values")
     _require(0.0 <= vqt.min_lr_ratio <= 1.0, "vq_train.min_lr_ratio", "must be in [0, 1]")
-    for key in ("warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"):
-        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
-    for key in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"):
-        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
+    _require_min(
+        vqt, "vq_train", 0, "warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"
+    )
+    _require_min(
+        vqt, "vq_train", 0, "l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"
+    )
     _require(bool(vqt.train_data), "vq_train.train_data", "is empty")
 
 
