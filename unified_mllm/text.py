@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -139,9 +140,7 @@ class TextTokenizer:
             raise TokenizerError(f"{path} is not a sentencepiece model ({exc})") from exc
         pieces = processor.GetPieceSize()
         vocab = {processor.IdToPiece(i): i for i in range(pieces)}
-        size_names = []
-        while sp_size_token_name(len(size_names)) in vocab:
-            size_names.append(sp_size_token_name(len(size_names)))
+        size_names = list(itertools.takewhile(vocab.__contains__, map(sp_size_token_name, itertools.count())))
         return cls(
             kind="sentencepiece",
             backend=processor,
@@ -171,11 +170,8 @@ class TextTokenizer:
         }
         if sorted(by_code) != list(range(len(by_code))) or not by_code:
             raise TokenizerError(f"{path}: image-token names do not cover codes 0..{len(by_code) - 1}")
-        size_names = []
-        while (
-            len(size_names) < CHAMELEON_MAX_SIZE_STEPS and chameleon_size_token_name(len(size_names)) in vocab
-        ):
-            size_names.append(chameleon_size_token_name(len(size_names)))
+        names = map(chameleon_size_token_name, range(CHAMELEON_MAX_SIZE_STEPS))
+        size_names = list(itertools.takewhile(vocab.__contains__, names))
         return cls(
             kind="chameleon",
             backend=backend,

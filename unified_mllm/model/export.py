@@ -307,25 +307,12 @@ def check_lm_checkpoint_config(directory: str | os.PathLike[str], lm: LMConfig) 
 # ------------------------------------------------------------------------------------------- our export
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bfloat16"`` (the spelling of transformers' ``torch_dtype``)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` (or ``"torch.bfloat16"``) → ``torch.bfloat16``; ConfigError for anything else."""
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"`torch_dtype`: {name!r} is not a torch dtype")
-    return dtype
-
-
 def export_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The ``config.json`` of an export (see the module docstring)."""
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
-        "torch_dtype": dtype_name(dtype),
+        "torch_dtype": str(dtype).removeprefix("torch."),  # transformers' spelling: "bfloat16"
         MODEL_TYPE: dataclasses.asdict(config),
         # For readers that only know transformers (and for humans): the LM exactly as transformers builds it.
         "lm": lm_hf_config(config.lm).to_dict(),
@@ -337,31 +324,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)  # no copy of large files when both sides are on one file system
     except OSError:
         shutil.copy2(src, dst)
-
-
-def replace_directory_keeping(
-    directory: Path, write: Callable[[Path], None], own_files: tuple[str, ...]
-) -> Path:
-    """Fill ``directory`` through ``write(tmp_dir)`` so that it appears complete or not at all
-    (:func:`unified_mllm.io.atomic_directory`).
-
-    Entries of an existing ``directory`` other than ``own_files`` are carried over (hard-linked when
-    possible). See the module docstring for the one window a kill can hit.
-    """
-    directory = Path(directory).expanduser().absolute()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"cannot export into {directory}: it is a file")
-    with atomic_directory(directory) as tmp:
-        if directory.is_dir():
-            for entry in directory.iterdir():
-                if entry.name in own_files:
-                    continue
-                if entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(entry), str(tmp / entry.name))
-        write(tmp)
-    return directory
 
 
 def write_export(
@@ -391,12 +353,22 @@ def write_export(
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     stored = dtype or (floats[0] if floats else torch.float32)
     config_text = json.dumps(export_config_dict(config, stored), indent=2, sort_keys=False) + "\n"
-
-    def write(tmp: Path) -> None:
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot export into {directory}: it is a file")
+    # The directory appears complete or not at all (atomic_directory; the module docstring names the one window
+    # a kill can hit). Entries of an existing export that are not ours are carried over, hard-linked if possible.
+    with atomic_directory(directory) as tmp:
+        for entry in directory.iterdir() if directory.is_dir() else ():
+            if entry.name in _OWN_FILES:
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(tmp / entry.name))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text)
-
-    return replace_directory_keeping(Path(directory), write, _OWN_FILES)
+    return directory
 
 
 def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, torch.dtype]:
@@ -423,4 +395,8 @@ def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, 
             f"{path}: bad `{MODEL_TYPE}` section at `{key}`: {str(exc).splitlines()[0]}"
         ) from exc
     assert isinstance(config, ModelConfig)
-    return config, parse_dtype(data.get("torch_dtype", "float32"))
+    name = data.get("torch_dtype", "float32")
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)  # "bfloat16" or "torch.bfloat16"
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"`torch_dtype`: {name!r} is not a torch dtype")
+    return config, dtype

@@ -326,12 +326,11 @@ class UnifiedModel(nn.Module):
             "lm.rotary_emb.original_inv_freq",
             "vision.tower.embeddings.position_ids",
         }
-        unknown = [
-            f"{prefix}.{name}" if prefix else name
+        unknown = {
+            f"{prefix}.{name}".lstrip(".")
             for prefix, module in self.named_modules()
             for name in module._non_persistent_buffers_set
-            if (f"{prefix}.{name}" if prefix else name) not in known
-        ]
+        } - known
         if unknown:
             raise RuntimeError(f"non-persistent buffers with no known initialisation: {sorted(unknown)}")
 
