@@ -88,13 +88,6 @@ def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Te
     return taps / taps.sum()
 
 
-def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
-    """Separable Gaussian filter of every channel, 'valid' region only: ``[N, 1, H, W] -> [N, 1, H-k+1, W-k+1]``."""
-    k = taps.numel()
-    x = F.conv2d(x, taps.view(1, 1, k, 1))
-    return F.conv2d(x, taps.view(1, 1, 1, k))
-
-
 def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
     """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (see the module docstring for the convention).
 
@@ -111,8 +104,9 @@ def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
     # Channels are folded into the batch: each is filtered on its own, as skimage does per channel.
     x = a.to(dtype).reshape(batch * channels, 1, height, width)
     y = b.to(device=a.device, dtype=dtype).reshape(batch * channels, 1, height, width)
-    # One conv call for the five local moments.
-    moments = _filter_valid(torch.cat([x, y, x * x, y * y, x * y]), taps)
+    # One separable Gaussian filter ('valid' region only) for the five local moments.
+    moments = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), taps.view(1, 1, SSIM_WINDOW, 1))
+    moments = F.conv2d(moments, taps.view(1, 1, 1, SSIM_WINDOW))
     mu_x, mu_y, xx, yy, xy = moments.chunk(5)
     var_x = xx - mu_x * mu_x
     var_y = yy - mu_y * mu_y

@@ -50,14 +50,9 @@ each with one classifier per depth.
   image and text positions can be averaged together. No z-loss here: the trainer owns extra terms.
 * The hidden state is the LM's last hidden state after its final norm (what ``lm_head`` reads). It is cast
   to the head's parameter dtype, so an fp32 head can sit behind a bf16 LM.
-* :meth:`DepthHead.next_logits` re-runs the whole ``depth``-long sequence (codes not yet chosen padded with
-  code 0, hidden by the causal mask) rather than only the known prefix, so sampling reproduces the
-  teacher-forced logits bit for bit: the shapes are the training ones and masked positions add exact zeros
-  (tested on CPU; a prefix-only re-run differed there by rounding). It costs at most twice the prefix-only
-  re-run.
-* Initialisation: embeddings and depth positions ``N(0, 0.02)``; the depth blocks and classifiers use the
-  ViT initialisation (truncated normal 0.02); the MLP projectors keep PyTorch's default (scale-preserving,
-  as the SigLIP projector does).
+* :meth:`DepthHead.next_logits` re-runs the whole ``depth``-long sequence, so sampling reproduces the
+  teacher-forced logits bit for bit (its docstring says why).
+* The MLP projectors keep PyTorch's default initialisation (scale-preserving, as the SigLIP projector does).
 
 **Sizes.** Per-slot tables and classifiers cost ``D x vocab x width`` each. With the defaults, UniTok behind
 a 4096-wide LM (8 x 4096 codes) has a 167.8M-parameter embedder and a 788.8M-parameter head (its released
@@ -140,12 +135,8 @@ def _normal_embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class CodeStackEmbedder(nn.Module):
-    """Codes ``[..., D]`` -> LM input vectors ``[..., hidden_size]``, one per spatial position.
-
-    Each slot has its own ``nn.Embedding(vocab, embed_dim)``; a group's vector is the sum over its slots, the
-    groups' vectors are concatenated (``len(groups) * embed_dim`` channels) and ``Linear -> GELU -> Linear``
-    maps them to ``hidden_size``.
-    """
+    """Codes ``[..., D]`` -> LM input vectors ``[..., hidden_size]``, one per spatial position: per group the
+    sum of per-slot embeddings, the groups concatenated, then ``Linear -> GELU -> Linear``."""
 
     def __init__(self, groups: Sequence[CodeGroup], hidden_size: int, embed_dim: int) -> None:
         super().__init__()
@@ -333,13 +324,9 @@ def build_code_stack(
     num_heads: int | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[CodeStackEmbedder, CodeStackHeads] | None:
-    """The input embedder and the depth heads for ``vq``'s code stack, built on ``device`` (no I/O;
-    ``"meta"`` allocates nothing), or ``None`` for a tokenizer with one code per position (the LM's own
-    embedding and ``lm_head`` serve).
-
-    Defaults: ``width = hidden_size`` (UniTok's head runs at the LM width), 3 layers (both papers), heads of
-    about 64 channels, embedder ``embed_dim = hidden_size``.
-    """
+    """The input embedder and the depth heads for ``vq``'s code stack, built on ``device``, or ``None`` for a
+    tokenizer with one code per position. Defaults: ``width = hidden_size`` (UniTok's head runs at the LM
+    width), 3 layers (both papers), heads of about 64 channels, embedder ``embed_dim = hidden_size``."""
     groups = code_groups(vq)
     if sum(group.depth for group in groups) == 1:
         return None

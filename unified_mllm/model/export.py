@@ -16,16 +16,14 @@ carried over into the new directory. The only non-atomic window is between movin
 (``.old-<name>-*``) and renaming the new one into place; a kill exactly there leaves the previous export in
 that ``.old-*`` directory.
 
-**Published LM checkpoints** (:func:`lm_checkpoint_key`): a transformers ``ChameleonForConditionalGeneration``
-or ``LlamaForCausalLM`` directory (Lumina-mGPT-7B, Chameleon-7B) keeps the decoder under ``model.*`` and the
-head under ``lm_head.weight``; ``model.vqmodel.*`` (transformers' VQ encoder, not part of our LM) and stale
-``rotary_emb.inv_freq`` buffers are skipped. Lumina-mGPT's own Chameleon fork stores the q/k layer norms per
-model-parallel shard (``[shards, head_dim]``) where transformers stores them per head (``[heads, head_dim]``);
-:func:`expand_qk_norm` repeats each shard's row over its heads, which is what the fork does at run time.
+**Published LM checkpoints**: a transformers ``ChameleonForConditionalGeneration`` or ``LlamaForCausalLM``
+directory (Lumina-mGPT-7B, Chameleon-7B), renamed by :func:`lm_checkpoint_key`. Lumina-mGPT's own Chameleon fork
+stores the q/k layer norms per model-parallel shard where transformers stores them per head
+(:func:`expand_qk_norm`).
 
 Weights are copied tensor by tensor from memory-mapped safetensors files into already allocated parameters, so
-loading a 7B checkpoint needs no second copy of the model in memory. Every shape is checked first (from the file
-headers, before any tensor is read) and a mismatch raises :class:`CheckpointMismatchError` listing the keys.
+loading a 7B checkpoint needs no second copy of the model in memory; every shape is checked first, from the file
+headers (:class:`CheckpointMismatchError`).
 """
 
 from __future__ import annotations
@@ -66,11 +64,8 @@ class CheckpointMismatchError(ValueError):
 
 
 def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every shared tensor kept once, under the first name it appears at.
-
-    For the unified model that drops ``lm_head.weight`` when the head is tied to ``lm.embed_tokens.weight``
-    (the backbone is registered before the head). The tensors are the live parameters and buffers (not
-    detached copies), so writing into them loads weights.
+    """``module.state_dict()`` with every shared tensor kept once, under the first name it appears at (a tied
+    ``lm_head.weight`` goes). The tensors are the live parameters and buffers, so writing into them loads weights.
     """
     seen: set[int] = set()
     unique = {}
@@ -215,7 +210,6 @@ def load_safetensors_into(
     found = {ours: reshape(ours, raw_shapes[key]) for ours, key in renamed.items()}
     expected = {name: tuple(tensor.shape) for name, tensor in targets.items()}
     check_keys_and_shapes(expected, found, origin, unexpected=unexpected)
-    raw_shapes = {key: tuple(shape) for key, shape in raw_shapes.items()}
     by_file: dict[Path, list[str]] = {}
     for ours, key in renamed.items():
         by_file.setdefault(files[key], []).append(ours)

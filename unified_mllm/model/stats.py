@@ -40,7 +40,7 @@ def projector_parameter_count(vision_hidden: int, lm_hidden: int, depth: int) ->
     return first + (depth - 1) * (lm_hidden * lm_hidden + lm_hidden)
 
 
-def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameter counts of each part of ``config``, built on the ``meta`` device (no memory, no I/O).
 
     Keys: ``lm`` (backbone + head; a tied head is counted once), ``siglip`` (the tower as the model uses it,
@@ -81,12 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(exc))
         counts = parameter_counts(config)
         print(f"{name}: {describe_preset(name)}")
-        total = sum(n for n in counts.values() if n is not None)
-        for part, n in counts.items():
-            shown = f"{'n/a':>9}" if n is None else f"{format_count(n):>9} ({n:,})"
-            print(f"  {_PART_LABELS[part]:<36}{shown}")
-        unknown = " + vq" if counts["vq"] is None else ""
-        print(f"  {'total':<36}{format_count(total):>9} ({total:,}){unknown}")
+        for part, n in [*counts.items(), ("total", sum(counts.values()))]:
+            print(f"  {_PART_LABELS.get(part, part):<36}{format_count(n):>9} ({n:,})")
 
 
 if __name__ == "__main__":

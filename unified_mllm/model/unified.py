@@ -9,10 +9,9 @@ parameters by these prefixes):
   make image generation impossible, so we never go through it;
 * ``vision.tower`` / ``vision.projector`` — SigLIP and the MLP that maps its patch features to the LM width;
 * ``code_embedder`` / ``code_heads`` — only for tokenizers with a stack of D codes per position (UniTok,
-  DualToken; :mod:`unified_mllm.model.code_stack`): the stack's combined embedding is the LM input at a code
-  position (its id, the stack's first code, is only a marker there), and small depth transformers on the LM's
-  hidden state predict the next position's stack, one code after another. The LM head still predicts every
-  other token (text, row ends, the image's structure);
+  DualToken; :mod:`unified_mllm.model.code_stack`): the stack's embedding is the LM input at a code position
+  (its id is only a marker there), and depth heads predict the next position's stack; the LM head still
+  predicts every other token;
 * ``code_grid_embedding`` (and ``vision.slot_embedding``) — only with ``model.grid_positions``: learned 2-D
   positions of code cells and feature slots (:mod:`unified_mllm.model.grid_positions`).
 
