@@ -65,9 +65,7 @@ class LMConfig:
     arch: Literal["chameleon", "llama"] = opt(
         "chameleon", "Backbone from transformers: ChameleonModel (q/k-norm) or LlamaModel."
     )
-    vocab_size: int = opt(
-        65536, "Rows of the embedding and LM head: text ids + image code ids + special tokens."
-    )
+    vocab_size: int = opt(65536, "Rows of the embedding and LM head: text + image code + special token ids.")
     hidden_size: int = opt(4096, "Width of the residual stream.")
     intermediate_size: int = opt(11008, "Width of the SwiGLU MLP.")
     num_layers: int = opt(32, "Number of decoder blocks.")
@@ -75,17 +73,13 @@ class LMConfig:
     num_kv_heads: int = opt(32, "Key/value heads (grouped-query attention when fewer than num_heads).")
     max_position_embeddings: int = opt(4096, "Longest sequence the RoPE tables are built for.")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
-    swin_norm: bool = opt(
-        False, "Chameleon-34B's block layout: normalise each branch's output before the residual add."
-    )
+    swin_norm: bool = opt(False, "Chameleon-34B blocks: normalise each branch's output before the residual.")
     rms_norm_eps: float = opt(1e-5, "Epsilon of the RMS/layer norms.")
     residual_dropout: float = opt(0.05, "Dropout on each block's attention and MLP output (UniToken: 0.05).")
     attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
     tie_word_embeddings: bool = opt(False, "Share the input embedding with the LM head.")
     initializer_range: float = opt(0.02, "Std of the normal init for freshly built weights.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
-        "sdpa", "transformers attention kernel."
-    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel.")
     pretrained: str | None = opt(
         None,
         "Hugging Face checkpoint directory of the LM (e.g. Lumina-mGPT-7B) loaded at the start of training "
@@ -229,9 +223,7 @@ class DualTokenConfig:
     pixel_layer: int = opt(6, "Layer whose output feeds the pixel branch (1-based).")
     shortcut_layer: int = opt(4, "Earlier layer added to the pixel branch through its own projection.")
     shortcut_weight: float = opt(0.6, "Scale of the shortcut branch (0 disables it).")
-    semantic_layer: int = opt(
-        26, "Layer whose output is quantized for semantics and fed back into the remaining layers."
-    )
+    semantic_layer: int = opt(26, "Layer whose output is quantized for semantics and fed to later layers.")
     pixel_depth: int = opt(8, "Residual quantization depth of the pixel codes.")
     semantic_depth: int = opt(8, "Residual quantization depth of the semantic codes.")
     projection_heads: int = opt(36, "Heads of the attention projections (backbone width <-> embed_dim).")
@@ -256,9 +248,7 @@ class VQConfig:
     channel_mult: list[int] = opt([1, 1, 2, 2, 4], "Width multipliers per level; levels-1 downsamplings.")
     num_res_blocks: int = opt(2, "Residual blocks per level.")
     attn_resolutions: list[int] = opt([], "Feature-map sides at which self-attention blocks are added.")
-    resolution: int = opt(
-        512, "Training image side of the tokenizer (codes per side = resolution / 2^(levels-1))."
-    )
+    resolution: int = opt(512, "Training image side (codes per side = resolution / 2^(levels-1)).")
     dropout: float = opt(0.0, "Dropout inside the residual blocks.")
     beta: float = opt(0.25, "Commitment loss weight.")
     l2_normalize_codes: bool = opt(False, "Look codes up by cosine similarity (l2-normalised vectors).")
@@ -338,12 +328,8 @@ class TextTokenizerConfig:
     vocab_size: int = opt(
         512, "Pieces of a freshly trained sentencepiece model (incl. 256 byte-fallback pieces and specials)."
     )
-    num_size_tokens: int = opt(
-        33, "Resolution tokens <size-0> .. <size-N-1> added to a trained sentencepiece model."
-    )
-    size_unit: int = opt(
-        1, "Code rows/cols per step of a resolution token (Chameleon/Lumina: 2, i.e. one step = 32 px)."
-    )
+    num_size_tokens: int = opt(33, "Resolution tokens <size-0> .. <size-N-1> of a trained sentencepiece.")
+    size_unit: int = opt(1, "Code rows/cols per resolution-token step (Chameleon/Lumina: 2 = 32 px).")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -370,9 +356,7 @@ class WorldConfig:
 @dataclass
 class DataSourceConfig:
     path: str = opt("", "Directory (or glob) of webdataset tar shards.")
-    task: Literal["caption", "vqa", "t2i", "conversation"] = opt(
-        "caption", "Which samples to derive from each record."
-    )
+    task: Literal["caption", "vqa", "t2i", "conversation"] = opt("caption", "Samples made from each record.")
     ratio: float = opt(1.0, "Relative sampling weight within the mix.")
     loss_weight: float = opt(
         1.0,
@@ -400,9 +384,7 @@ class DataConfig:
         "Probability that a text-to-image sample loses its condition (classifier-free guidance's "
         "unconditional branch: exactly layout.unconditional_prompt).",
     )
-    vqa_max_turns: int = opt(
-        0, "Question-answer turns per VQA sample, a seeded subset of the record's; 0 keeps them all."
-    )
+    vqa_max_turns: int = opt(0, "Question-answer turns per VQA sample (a seeded subset); 0: all of them.")
     pad_to_multiple_of: int = opt(8, "Round the padded batch length up to a multiple of this (1: off).")
     pretokenize_batch_size: int = opt(64, "Images per VQ-tokenizer forward during pre-tokenization.")
 
@@ -416,9 +398,7 @@ class ParamGroupConfig:
     lr_scale: float = opt(1.0, "LR multiplier of this group.")
     trainable: bool = opt(True, "False freezes the matched parameters.")
     weight_decay: float | None = opt(None, "Weight decay of this group; None: optim.weight_decay.")
-    required: bool = opt(
-        True, "False: a rule for a module only some models have (e.g. code_embedder) may match nothing."
-    )
+    required: bool = opt(True, "False: a rule for a module some models lack (code_embedder) may match none.")
 
 
 @dataclass
@@ -542,9 +522,7 @@ class VQTrainConfig:
     codebook_weight: float = opt(
         1.0, "Weight of the quantizer loss (codebook + model.vq.beta x commitment; commitment only with EMA)."
     )
-    gan_weight: float = opt(
-        0.8, "Weight of the generator's GAN loss (taming's disc_weight: 0.8); 0 disables."
-    )
+    gan_weight: float = opt(0.8, "Weight of the generator's GAN loss (taming's disc_weight: 0.8); 0: off.")
     gan_loss: Literal["hinge", "non_saturating"] = opt("hinge", "GAN objective (taming: hinge).")
     disc_start_step: int = opt(20000, "Step at which the discriminator and the GAN term start.")
     disc_lr: float | None = opt(None, "Discriminator learning rate; None: the generator's lr.")
@@ -578,9 +556,7 @@ class VQTrainConfig:
         "DualToken: weight of the semantic distillation to the frozen teacher (its hidden/pooled split is "
         "model.vq.dualtoken's).",
     )
-    restart_every: int = opt(
-        10, "Steps between dead-code checks when model.vq.dead_code_steps > 0 (each is a host sync)."
-    )
+    restart_every: int = opt(10, "Steps between dead-code checks if model.vq.dead_code_steps > 0 (a sync).")
     shuffle_buffer: int = opt(1000, "Samples held by the streaming shuffle.")
     hflip: bool = opt(False, "Augmentation: mirror half the training images left-right.")
     seed: int = opt(0, "Seed of the initialisation, data order and dead-code restarts.")
@@ -801,14 +777,9 @@ def _apply_indexed(merged: DictConfig, override: str) -> None:
 
 def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
     """The model preset named by the last layer that names one, as a config node."""
-    name = None
-    for _, layer in layers:
-        value = OmegaConf.select(layer, "model.preset", default=None)
-        if value is not None:
-            name = value
-    if name is None:
-        return None
-    return OmegaConf.create({"model": dataclasses.asdict(get_preset(name))})
+    names = [OmegaConf.select(layer, "model.preset", default=None) for _, layer in layers]
+    names = [name for name in names if name is not None]
+    return OmegaConf.create({"model": dataclasses.asdict(get_preset(names[-1]))}) if names else None
 
 
 def load_config(
