@@ -601,12 +601,9 @@ _PRESETS: dict[str, PresetSource] = {}
 
 
 def register_preset(name: str, preset: PresetSource, *, overwrite: bool = False) -> None:
-    """Register ``preset`` (a :class:`ModelConfig`, or a zero-argument factory returning one) under ``name``.
-
-    A config object is deep-copied on every :func:`get_preset`, so callers can never mutate the registry.
-    Registering an existing name is an error unless ``overwrite`` is set, so that two modules cannot
-    silently shadow each other's presets.
-    """
+    """Register ``preset`` (a :class:`ModelConfig`, deep-copied on every :func:`get_preset`, or a zero-argument
+    factory returning one) under ``name``; ``overwrite`` must be set to replace one, so that two modules cannot
+    silently shadow each other's presets."""
     if not name or name != name.strip():
         raise ValueError(f"preset name must be non-empty without surrounding spaces, got {name!r}")
     if name in _PRESETS and not overwrite:
@@ -622,10 +619,7 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh :class:`ModelConfig` for preset ``name``, with its ``preset`` field set to ``name``.
-
-    Raises :class:`ConfigError` listing the known names when ``name`` is not registered.
-    """
+    """A fresh :class:`ModelConfig` for preset ``name``, with its ``preset`` field set to ``name``."""
     source = _PRESETS.get(name)
     if source is None:
         raise ConfigError(

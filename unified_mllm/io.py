@@ -159,7 +159,8 @@ def stale_temporaries(directory: str | os.PathLike[str], name_prefix: str = "") 
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name.startswith(tuple(k + name_prefix for k in TEMPORARY_PREFIXES)))
+    prefixes = tuple(kind + name_prefix for kind in TEMPORARY_PREFIXES)
+    return sorted(p for p in directory.iterdir() if p.name.startswith(prefixes))
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], name_prefix: str = "") -> list[Path]:

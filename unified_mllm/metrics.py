@@ -66,10 +66,7 @@ def _as_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image: ``[B, C, H, W]`` x2 -> ``[B]`` (float64; ``inf`` if equal).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs.
-    """
+    """Peak signal-to-noise ratio in dB per image: ``[B, C, H, W]`` x2 -> ``[B]`` (float64; ``inf`` if equal)."""
     a, b = _as_batch(a, b)
     peak = _default_range(a, data_range)
     dtype = _compute_dtype(a.device)
@@ -89,11 +86,7 @@ def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Te
 
 
 def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (see the module docstring for the convention).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs. Images must be at least
-    11x11 (the window).
-    """
+    """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (the module docstring's convention)."""
     a, b = _as_batch(a, b)
     peak = _default_range(a, data_range)
     batch, channels, height, width = a.shape

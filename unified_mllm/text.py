@@ -99,7 +99,7 @@ class TextTokenizer:
         self._vocab = vocab
         self._special_names = dict(special_names)
         self._size_names = list(size_names)
-        self._size_unit = size_unit
+        self.size_unit = size_unit  # code rows/columns per resolution-token step
         self._image_codes = list(image_codes)
         self.vocab_size = vocab_size
         self.source = source
@@ -192,10 +192,6 @@ class TextTokenizer:
 
     def size_token_names(self) -> list[str]:
         return list(self._size_names)
-
-    @property
-    def size_unit(self) -> int:
-        return self._size_unit
 
     def token_to_id(self, name: str) -> int:
         """Id of a token by its name; a missing name raises :class:`TokenizerError` naming it."""

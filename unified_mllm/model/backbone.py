@@ -124,16 +124,13 @@ class _SublayerOutputDropout:
 
 
 def add_residual_dropout(backbone: nn.Module, p: float) -> list[RemovableHandle]:
-    """Apply dropout with probability ``p`` to every block's attention and MLP branch before the residual add.
+    """Apply dropout with probability ``p`` to every block's attention and MLP branch before the residual add;
+    returns the hook handles (empty when ``p == 0``).
 
-    ``backbone`` is a bare ``ChameleonModel`` / ``LlamaModel`` (anything with ``.layers`` of transformers
-    decoder layers). For the usual pre-norm blocks the hooks sit on ``self_attn`` and ``mlp``; for Chameleon's
-    Swin-norm blocks, whose branch output is normalised before the add, they sit on the two norms, so the
-    dropout is always the last thing before the residual sum (as in Lumina-mGPT). Hooks rather than new
-    modules keep the state-dict keys identical to the published checkpoints; they are traced by
+    For Chameleon's Swin-norm blocks, whose branch output is normalised before the add, the hooks sit on the
+    two norms, so the dropout is always the last thing before the residual sum (as in Lumina-mGPT). Hooks rather
+    than new modules keep the state-dict keys identical to the published checkpoints; they are traced by
     ``torch.compile`` and replayed with the same RNG state under activation checkpointing.
-
-    Returns the hook handles (empty when ``p == 0``) so a caller can remove them.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"residual dropout must be in [0, 1), got {p}")

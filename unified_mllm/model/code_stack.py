@@ -171,13 +171,7 @@ class DepthHead(nn.Module):
     """
 
     def __init__(
-        self,
-        group: CodeGroup,
-        hidden_size: int,
-        width: int,
-        num_layers: int,
-        num_heads: int,
-        mlp_ratio: float = 2.0,
+        self, group: CodeGroup, hidden_size: int, width: int, num_layers: int, num_heads: int
     ) -> None:
         super().__init__()
         if width % num_heads:
@@ -190,9 +184,7 @@ class DepthHead(nn.Module):
         self.code_embeddings = nn.ModuleList(
             nn.Embedding(group.vocab_size, width) for _ in range(group.depth - 1)
         )
-        self.blocks = nn.ModuleList(
-            ViTBlock(width, num_heads, mlp_ratio, causal=True) for _ in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(width, num_heads, causal=True) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.classifiers = nn.ModuleList(nn.Linear(width, group.vocab_size) for _ in range(group.depth))
         init_transformer_weights(self.blocks)

@@ -101,18 +101,10 @@ def check_keys_and_shapes(
         for key in sorted(set(expected) & set(found))
         if tuple(found[key]) != tuple(expected[key])
     ]
-    if not (missing or extra or wrong):
-        return
-    parts = [
-        _format_keys(title, items)
-        for title, items in (
-            ("shape mismatches", wrong),
-            ("missing keys", missing),
-            ("unexpected keys", extra),
-        )
-        if items
-    ]
-    raise CheckpointMismatchError(f"{origin} does not match the model: " + " | ".join(parts))
+    kinds = (("shape mismatches", wrong), ("missing keys", missing), ("unexpected keys", extra))
+    parts = [_format_keys(title, items) for title, items in kinds if items]
+    if parts:
+        raise CheckpointMismatchError(f"{origin} does not match the model: " + " | ".join(parts))
 
 
 # ------------------------------------------------------------------------------------- safetensors files
@@ -196,16 +188,9 @@ def load_safetensors_into(
     target's dtype and device on copy. A target that ``shard`` says is sharded (FSDP2 after ``to_empty``) receives
     only its own region, read as a slice of the file, so no rank reads or holds a whole sharded parameter.
     """
-    renamed: dict[str, str] = {}
-    unexpected = []
-    for key in files:
-        ours = rename(key)
-        if ours is None:
-            continue
-        if ours in targets:
-            renamed[ours] = key
-        else:
-            unexpected.append(key)
+    ours_of = {key: rename(key) for key in files}
+    renamed = {ours: key for key, ours in ours_of.items() if ours in targets}
+    unexpected = [key for key, ours in ours_of.items() if ours is not None and ours not in targets]
     raw_shapes = _checkpoint_shapes({key: files[key] for key in renamed.values()})
     found = {ours: reshape(ours, raw_shapes[key]) for ours, key in renamed.items()}
     expected = {name: tuple(tensor.shape) for name, tensor in targets.items()}

@@ -81,12 +81,8 @@ class UnifiedOutput:
 
 
 class UnifiedModel(nn.Module):
-    """LM backbone + LM head + SigLIP encoder with projector (see the module docstring).
-
-    Args:
-        config: the model shapes (``config.lm``, ``config.vision``, ``config.projector``).
-        device: where parameters are created; ``"meta"`` allocates nothing (published sizes, sharded init).
-    """
+    """LM backbone + LM head + SigLIP encoder with projector (see the module docstring), with parameters
+    created on ``device`` (``"meta"`` allocates nothing: published sizes, sharded init)."""
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -181,9 +177,7 @@ class UnifiedModel(nn.Module):
         """``embeds`` plus the row / column embeddings of ``code_cells`` (``model.grid_positions``)."""
         if self.code_grid_embedding is None:
             if code_cells is not None:
-                raise ValueError(
-                    "code_cells given, but the model has no grid positions (model.grid_positions=0)"
-                )
+                raise ValueError("code_cells given, but the model has no grid positions (grid_positions=0)")
             return embeds
         if code_cells is None:
             raise ValueError(
@@ -207,13 +201,11 @@ class UnifiedModel(nn.Module):
         code_cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
-        ``[N_views, 3, S, S]`` written at the True positions of ``feature_mask`` ``[B, T]`` (row-major order).
-        With ``model.grid_positions``, ``code_cells`` (``[B, T, 2]`` row, column; ``-1`` off the codes; from
-        :class:`~unified_mllm.model.grid_positions.CodeCells`) add the code cells' row / column embeddings.
+        written at the True positions of ``feature_mask`` (module docstring), plus the code stacks' and
+        ``code_cells``' embeddings (:meth:`embed_code_stacks`, :meth:`embed_code_cells`).
 
         The write is out of place (``masked_scatter``), so gradients reach both the token embeddings and the
-        vision encoder. Raises ValueError when the slots and the features do not match one to one (counting the
-        slots is one host sync per batch that has pixels).
+        vision encoder. Counting the slots against the features is one host sync per batch that has pixels.
         """
         embeds = self.embed_code_stacks(self.lm.get_input_embeddings()(input_ids), code_stacks, code_mask)
         embeds = self.embed_code_cells(embeds, code_cells)
@@ -340,15 +332,10 @@ class UnifiedModel(nn.Module):
         siglip: str | os.PathLike[str] | None = None,
         shard: ShardRegion = held_whole,
     ) -> None:
-        """Read published weights (the only reads besides :meth:`from_pretrained`).
-
-        ``lm``: a transformers Chameleon / Llama causal-LM directory of safetensors (one file or shards with an
-        index), e.g. Lumina-mGPT-7B; its ``model.*`` keys go to ``self.lm``, ``lm_head.weight`` to the head,
-        the VQ encoder is skipped, Lumina's per-shard q/k norms are expanded per head. Its config.json must
-        agree with ``config.lm`` and every shape must match, else ConfigError / CheckpointMismatchError listing
-        what differs. ``siglip``: a SigLIP ``from_pretrained`` directory for ``vision.tower``. ``shard``: where a
-        sharded model's parameters keep this rank's part (the LM is then read slice by slice).
-        """
+        """Read published weights: ``lm``, a transformers Chameleon / Llama causal-LM directory of safetensors
+        (e.g. Lumina-mGPT-7B; mapped and checked as :mod:`unified_mllm.model.export` describes); ``siglip``, a
+        SigLIP ``from_pretrained`` directory for ``vision.tower``. ``shard``: where a sharded model's parameters
+        keep this rank's part (the LM is then read slice by slice)."""
         if lm is None and siglip is None:
             raise ValueError("load_pretrained: nothing to load (pass lm=... and/or siglip=...)")
         if lm is not None:
