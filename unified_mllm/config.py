@@ -96,8 +96,7 @@ class AnyResConfig:
         "image's resolution wins, ties going to the least padded area, then to the earlier entry.",
     )
     pad_color: list[int] = opt(
-        [255, 255, 255],
-        "RGB fill around an image fitted into its tile grid (white, like the RGBA compositing background).",
+        [255, 255, 255], "RGB fill around an image in its tile grid (white, as in RGBA compositing)."
     )
 
 
@@ -193,8 +192,7 @@ class UniTokConfig:
     text_layers: int = opt(12, "Layers of the text tower.")
     text_heads: int = opt(12, "Attention heads of the text tower.")
     text_vocab_size: int = opt(
-        49408,
-        "Text tower vocabulary (OpenCLIP BPE: 49408); the tiny preset uses the project's text tokenizer.",
+        49408, "Text tower vocabulary (OpenCLIP BPE: 49408); the tiny preset uses the project's tokenizer."
     )
     text_context: int = opt(77, "Text ids per caption (longer ones are cut).")
     text_pad_id: int = opt(
@@ -490,8 +488,7 @@ class VQTrainConfig:
     )
     train_data: str = opt("${data.root}/train", "Training shards: a directory, glob or .tar file.")
     eval_data: str = opt(
-        "${data.root}/val",
-        "Shards of the periodic evaluation and the final reconstruction grid ('' disables).",
+        "${data.root}/val", "Shards of the periodic checks and the final reconstruction grid ('' disables)."
     )
     init_from: str | None = opt(
         None,

@@ -104,11 +104,8 @@ class TextTokenizer:
         self.vocab_size = vocab_size
         self.source = source
         self._special_tokens = SpecialTokens.from_tokenizer(self)
-        self._non_text_ids = (
-            set(self._special_tokens.named_ids().values())
-            | set(self._special_tokens.size_ids)
-            | set(self._image_codes)
-        )
+        special = self._special_tokens
+        self._non_text_ids = {*special.named_ids().values(), *special.size_ids, *self._image_codes}
 
     # -- construction ---------------------------------------------------------------------------
 

@@ -18,11 +18,7 @@ from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of scalar parameters in ``module``.
-
-    Works on modules built on the ``meta`` device (it reads shapes, never data). Shared tensors (tied
-    embeddings) are counted once, because ``Module.parameters()`` yields each parameter object once.
-    """
+    """Number of scalar parameters in ``module`` (meta modules too; tied embeddings counted once)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
