@@ -63,7 +63,7 @@ def section(cls: type, doc: str) -> Any:
 @dataclass
 class LMConfig:
     arch: Literal["chameleon", "llama"] = opt(
-        "chameleon", "Backbone from transformers: ChameleonModel (q/k-norm) or LlamaModel."
+        "chameleon", "ChameleonModel (q/k-norm) or LlamaModel backbone."
     )
     vocab_size: int = opt(65536, "Rows of the embedding and LM head: text + image code + special token ids.")
     hidden_size: int = opt(4096, "Width of the residual stream.")
@@ -296,9 +296,7 @@ class DepthHeadConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str | None = opt(
-        None, "Named preset (get_preset; tiny, chameleon-7b, chameleon-34b) applied before YAML values."
-    )
+    preset: str | None = opt(None, "Named preset (tiny, chameleon-7b, chameleon-34b) under the YAML values.")
     lm: LMConfig = section(LMConfig, "The autoregressive language model.")
     vision: VisionConfig = section(VisionConfig, "The continuous SigLIP branch.")
     projector: ProjectorConfig = section(ProjectorConfig, "SigLIP → LM projector.")
@@ -501,7 +499,7 @@ class VQTrainConfig:
     betas: list[float] = opt([0.5, 0.9], "Adam betas of both optimizers (taming: 0.5, 0.9).")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay of the generator.")
     schedule: Literal["cosine", "constant"] = opt(
-        "constant", "LR shape after warm-up (taming and LlamaGen keep it constant)."
+        "constant", "LR after warm-up (taming, LlamaGen: constant)."
     )
     warmup_steps: int = opt(0, "Linear LR warm-up steps.")
     min_lr_ratio: float = opt(0.0, "Final LR of the cosine as a fraction of the peak.")
@@ -545,9 +543,7 @@ class VQTrainConfig:
     disc_norm: Literal["batch", "group"] = opt(
         "batch", "Discriminator normalisation: BatchNorm (taming) or batch-independent GroupNorm."
     )
-    contrastive_weight: float = opt(
-        1.0, "UniTok: weight of the image-caption contrastive (CLIP InfoNCE) loss (UniTok: 1.0)."
-    )
+    contrastive_weight: float = opt(1.0, "UniTok: weight of the image-caption InfoNCE loss (UniTok: 1.0).")
     semantic_weight: float = opt(
         1.0,
         "DualToken: weight of the semantic distillation to the frozen teacher (its hidden/pooled split is "
@@ -779,13 +775,12 @@ def load_config(
     """Build a validated :class:`Config` from YAML files and ``key.sub=value`` overrides (list entries by
     index: ``data.sources.0.loss_weight=4``)."""
     layers: list[tuple[str, DictConfig]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        plain = [o for o in overrides if not _indexes_a_list(o)]
-        if plain:
-            layers.append(("command line", OmegaConf.from_dotlist(plain)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    plain = [o for o in overrides if not _indexes_a_list(o)]
+    if plain:
+        layers.append(("command line", OmegaConf.from_dotlist(plain)))
     merged = OmegaConf.structured(Config)
     preset = _preset_node(layers)
     if preset is not None:

@@ -246,14 +246,10 @@ class CodeStackHeads(nn.Module):
         super().__init__()
         _check_groups(groups)
         self.groups = list(groups)
+        self.depth = sum(group.depth for group in self.groups)  # codes per position
         self.heads = nn.ModuleDict(
             (group.name, DepthHead(group, hidden_size, width, num_layers, num_heads)) for group in self.groups
         )
-
-    @property
-    def depth(self) -> int:
-        """Codes per position: the sum of the groups' depths."""
-        return sum(group.depth for group in self.groups)
 
     def _split(self, codes: torch.Tensor) -> list[torch.Tensor]:
         _check_codes(codes, self.depth, "CodeStackHeads")
