@@ -1001,11 +1001,8 @@ def iter_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--config FILE ... key=value ...` arguments every entry point shares.
-
-    Entry points that have positional arguments of their own parse with ``parser.parse_intermixed_args``,
-    which lets the overrides appear anywhere on the command line.
-    """
+    """The `--config FILE ... key=value ...` arguments every entry point shares (entry points with positional
+    arguments of their own parse with ``parser.parse_intermixed_args``: overrides may then appear anywhere)."""
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
     parser.add_argument(
         "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"

@@ -109,7 +109,8 @@ def code_groups(vq: VQConfig) -> list[CodeGroup]:
     raise ValueError(f"unknown visual tokenizer kind {vq.kind!r}")
 
 
-def _check_groups(groups: Sequence[CodeGroup]) -> None:
+def _checked_groups(groups: Sequence[CodeGroup]) -> tuple[list[CodeGroup], int]:
+    """``groups`` as a list and their total depth (codes per position), after checking them."""
     if not groups:
         raise ValueError("a code stack needs at least one group")
     names = [group.name for group in groups]
@@ -118,6 +119,7 @@ def _check_groups(groups: Sequence[CodeGroup]) -> None:
     for group in groups:
         if group.depth < 1 or group.vocab_size < 1:
             raise ValueError(f"group {group.name!r}: depth and vocab_size must be >= 1, got {group}")
+    return list(groups), sum(group.depth for group in groups)
 
 
 def _check_codes(codes: torch.Tensor, depth: int, what: str) -> None:
@@ -140,9 +142,7 @@ class CodeStackEmbedder(nn.Module):
 
     def __init__(self, groups: Sequence[CodeGroup], hidden_size: int, embed_dim: int) -> None:
         super().__init__()
-        _check_groups(groups)
-        self.groups = list(groups)
-        self.depth = sum(group.depth for group in self.groups)
+        self.groups, self.depth = _checked_groups(groups)
         self.embeddings = nn.ModuleList(
             _normal_embedding(group.vocab_size, embed_dim)
             for group in self.groups
@@ -244,9 +244,7 @@ class CodeStackHeads(nn.Module):
         self, groups: Sequence[CodeGroup], hidden_size: int, width: int, num_layers: int, num_heads: int
     ) -> None:
         super().__init__()
-        _check_groups(groups)
-        self.groups = list(groups)
-        self.depth = sum(group.depth for group in self.groups)  # codes per position
+        self.groups, self.depth = _checked_groups(groups)
         self.heads = nn.ModuleDict(
             (group.name, DepthHead(group, hidden_size, width, num_layers, num_heads)) for group in self.groups
         )

@@ -27,10 +27,6 @@ simply sends no feature slots), so every stage's export has the same keys.
 ``attention_mask=None``. transformers (5.x, ``masking_utils.find_packed_sequence_indices``) then detects the
 restarts and builds a block-diagonal causal mask for the sdpa and eager kernels, so no token attends across a
 sample boundary. That detection only runs without a KV cache, which is why ``use_cache`` defaults to False.
-
-Building does no I/O; :meth:`UnifiedModel.load_pretrained` reads published LM / SigLIP weights and
-:meth:`UnifiedModel.save_pretrained` / :meth:`UnifiedModel.from_pretrained` write and read our export
-(:mod:`unified_mllm.model.export`).
 """
 
 from __future__ import annotations
