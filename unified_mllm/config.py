@@ -63,11 +63,9 @@ def section(cls: type, doc: str) -> Any:
 @dataclass
 class LMConfig:
     arch: Literal["chameleon", "llama"] = opt(
-        "chameleon", "Backbone from transformers: ChameleonModel (q/k-norm) or LlamaModel."
+        "chameleon", "ChameleonModel (q/k-norm) or LlamaModel backbone."
     )
-    vocab_size: int = opt(
-        65536, "Rows of the embedding and LM head: text ids + image code ids + special tokens."
-    )
+    vocab_size: int = opt(65536, "Rows of the embedding and LM head: text + image code + special token ids.")
     hidden_size: int = opt(4096, "Width of the residual stream.")
     intermediate_size: int = opt(11008, "Width of the SwiGLU MLP.")
     num_layers: int = opt(32, "Number of decoder blocks.")
@@ -75,17 +73,13 @@ class LMConfig:
     num_kv_heads: int = opt(32, "Key/value heads (grouped-query attention when fewer than num_heads).")
     max_position_embeddings: int = opt(4096, "Longest sequence the RoPE tables are built for.")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
-    swin_norm: bool = opt(
-        False, "Chameleon-34B's block layout: normalise each branch's output before the residual add."
-    )
+    swin_norm: bool = opt(False, "Chameleon-34B blocks: normalise each branch's output before the residual.")
     rms_norm_eps: float = opt(1e-5, "Epsilon of the RMS/layer norms.")
     residual_dropout: float = opt(0.05, "Dropout on each block's attention and MLP output (UniToken: 0.05).")
     attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
     tie_word_embeddings: bool = opt(False, "Share the input embedding with the LM head.")
     initializer_range: float = opt(0.02, "Std of the normal init for freshly built weights.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
-        "sdpa", "transformers attention kernel."
-    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel.")
     pretrained: str | None = opt(
         None,
         "Hugging Face checkpoint directory of the LM (e.g. Lumina-mGPT-7B) loaded at the start of training "
@@ -102,8 +96,7 @@ class AnyResConfig:
         "image's resolution wins, ties going to the least padded area, then to the earlier entry.",
     )
     pad_color: list[int] = opt(
-        [255, 255, 255],
-        "RGB fill around an image fitted into its tile grid (white, like the RGBA compositing background).",
+        [255, 255, 255], "RGB fill around an image in its tile grid (white, as in RGBA compositing)."
     )
 
 
@@ -199,8 +192,7 @@ class UniTokConfig:
     text_layers: int = opt(12, "Layers of the text tower.")
     text_heads: int = opt(12, "Attention heads of the text tower.")
     text_vocab_size: int = opt(
-        49408,
-        "Text tower vocabulary (OpenCLIP BPE: 49408); the tiny preset uses the project's text tokenizer.",
+        49408, "Text tower vocabulary (OpenCLIP BPE: 49408); the tiny preset uses the project's tokenizer."
     )
     text_context: int = opt(77, "Text ids per caption (longer ones are cut).")
     text_pad_id: int = opt(
@@ -229,9 +221,7 @@ class DualTokenConfig:
     pixel_layer: int = opt(6, "Layer whose output feeds the pixel branch (1-based).")
     shortcut_layer: int = opt(4, "Earlier layer added to the pixel branch through its own projection.")
     shortcut_weight: float = opt(0.6, "Scale of the shortcut branch (0 disables it).")
-    semantic_layer: int = opt(
-        26, "Layer whose output is quantized for semantics and fed back into the remaining layers."
-    )
+    semantic_layer: int = opt(26, "Layer whose output is quantized for semantics and fed to later layers.")
     pixel_depth: int = opt(8, "Residual quantization depth of the pixel codes.")
     semantic_depth: int = opt(8, "Residual quantization depth of the semantic codes.")
     projection_heads: int = opt(36, "Heads of the attention projections (backbone width <-> embed_dim).")
@@ -256,9 +246,7 @@ class VQConfig:
     channel_mult: list[int] = opt([1, 1, 2, 2, 4], "Width multipliers per level; levels-1 downsamplings.")
     num_res_blocks: int = opt(2, "Residual blocks per level.")
     attn_resolutions: list[int] = opt([], "Feature-map sides at which self-attention blocks are added.")
-    resolution: int = opt(
-        512, "Training image side of the tokenizer (codes per side = resolution / 2^(levels-1))."
-    )
+    resolution: int = opt(512, "Training image side (codes per side = resolution / 2^(levels-1)).")
     dropout: float = opt(0.0, "Dropout inside the residual blocks.")
     beta: float = opt(0.25, "Commitment loss weight.")
     l2_normalize_codes: bool = opt(False, "Look codes up by cosine similarity (l2-normalised vectors).")
@@ -308,9 +296,7 @@ class DepthHeadConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str | None = opt(
-        None, "Named preset (get_preset; tiny, chameleon-7b, chameleon-34b) applied before YAML values."
-    )
+    preset: str | None = opt(None, "Named preset (tiny, chameleon-7b, chameleon-34b) under the YAML values.")
     lm: LMConfig = section(LMConfig, "The autoregressive language model.")
     vision: VisionConfig = section(VisionConfig, "The continuous SigLIP branch.")
     projector: ProjectorConfig = section(ProjectorConfig, "SigLIP → LM projector.")
@@ -338,12 +324,8 @@ class TextTokenizerConfig:
     vocab_size: int = opt(
         512, "Pieces of a freshly trained sentencepiece model (incl. 256 byte-fallback pieces and specials)."
     )
-    num_size_tokens: int = opt(
-        33, "Resolution tokens <size-0> .. <size-N-1> added to a trained sentencepiece model."
-    )
-    size_unit: int = opt(
-        1, "Code rows/cols per step of a resolution token (Chameleon/Lumina: 2, i.e. one step = 32 px)."
-    )
+    num_size_tokens: int = opt(33, "Resolution tokens <size-0> .. <size-N-1> of a trained sentencepiece.")
+    size_unit: int = opt(1, "Code rows/cols per resolution-token step (Chameleon/Lumina: 2 = 32 px).")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -370,9 +352,7 @@ class WorldConfig:
 @dataclass
 class DataSourceConfig:
     path: str = opt("", "Directory (or glob) of webdataset tar shards.")
-    task: Literal["caption", "vqa", "t2i", "conversation"] = opt(
-        "caption", "Which samples to derive from each record."
-    )
+    task: Literal["caption", "vqa", "t2i", "conversation"] = opt("caption", "Samples made from each record.")
     ratio: float = opt(1.0, "Relative sampling weight within the mix.")
     loss_weight: float = opt(
         1.0,
@@ -400,9 +380,7 @@ class DataConfig:
         "Probability that a text-to-image sample loses its condition (classifier-free guidance's "
         "unconditional branch: exactly layout.unconditional_prompt).",
     )
-    vqa_max_turns: int = opt(
-        0, "Question-answer turns per VQA sample, a seeded subset of the record's; 0 keeps them all."
-    )
+    vqa_max_turns: int = opt(0, "Question-answer turns per VQA sample (a seeded subset); 0: all of them.")
     pad_to_multiple_of: int = opt(8, "Round the padded batch length up to a multiple of this (1: off).")
     pretokenize_batch_size: int = opt(64, "Images per VQ-tokenizer forward during pre-tokenization.")
 
@@ -416,9 +394,7 @@ class ParamGroupConfig:
     lr_scale: float = opt(1.0, "LR multiplier of this group.")
     trainable: bool = opt(True, "False freezes the matched parameters.")
     weight_decay: float | None = opt(None, "Weight decay of this group; None: optim.weight_decay.")
-    required: bool = opt(
-        True, "False: a rule for a module only some models have (e.g. code_embedder) may match nothing."
-    )
+    required: bool = opt(True, "False: a rule for a module some models lack (code_embedder) may match none.")
 
 
 @dataclass
@@ -510,8 +486,7 @@ class VQTrainConfig:
     )
     train_data: str = opt("${data.root}/train", "Training shards: a directory, glob or .tar file.")
     eval_data: str = opt(
-        "${data.root}/val",
-        "Shards of the periodic evaluation and the final reconstruction grid ('' disables).",
+        "${data.root}/val", "Shards of the periodic checks and the final reconstruction grid ('' disables)."
     )
     init_from: str | None = opt(
         None,
@@ -524,7 +499,7 @@ class VQTrainConfig:
     betas: list[float] = opt([0.5, 0.9], "Adam betas of both optimizers (taming: 0.5, 0.9).")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay of the generator.")
     schedule: Literal["cosine", "constant"] = opt(
-        "constant", "LR shape after warm-up (taming and LlamaGen keep it constant)."
+        "constant", "LR after warm-up (taming, LlamaGen: constant)."
     )
     warmup_steps: int = opt(0, "Linear LR warm-up steps.")
     min_lr_ratio: float = opt(0.0, "Final LR of the cosine as a fraction of the peak.")
@@ -542,9 +517,7 @@ class VQTrainConfig:
     codebook_weight: float = opt(
         1.0, "Weight of the quantizer loss (codebook + model.vq.beta x commitment; commitment only with EMA)."
     )
-    gan_weight: float = opt(
-        0.8, "Weight of the generator's GAN loss (taming's disc_weight: 0.8); 0 disables."
-    )
+    gan_weight: float = opt(0.8, "Weight of the generator's GAN loss (taming's disc_weight: 0.8); 0: off.")
     gan_loss: Literal["hinge", "non_saturating"] = opt("hinge", "GAN objective (taming: hinge).")
     disc_start_step: int = opt(20000, "Step at which the discriminator and the GAN term start.")
     disc_lr: float | None = opt(None, "Discriminator learning rate; None: the generator's lr.")
@@ -570,17 +543,13 @@ class VQTrainConfig:
     disc_norm: Literal["batch", "group"] = opt(
         "batch", "Discriminator normalisation: BatchNorm (taming) or batch-independent GroupNorm."
     )
-    contrastive_weight: float = opt(
-        1.0, "UniTok: weight of the image-caption contrastive (CLIP InfoNCE) loss (UniTok: 1.0)."
-    )
+    contrastive_weight: float = opt(1.0, "UniTok: weight of the image-caption InfoNCE loss (UniTok: 1.0).")
     semantic_weight: float = opt(
         1.0,
         "DualToken: weight of the semantic distillation to the frozen teacher (its hidden/pooled split is "
         "model.vq.dualtoken's).",
     )
-    restart_every: int = opt(
-        10, "Steps between dead-code checks when model.vq.dead_code_steps > 0 (each is a host sync)."
-    )
+    restart_every: int = opt(10, "Steps between dead-code checks if model.vq.dead_code_steps > 0 (a sync).")
     shuffle_buffer: int = opt(1000, "Samples held by the streaming shuffle.")
     hflip: bool = opt(False, "Augmentation: mirror half the training images left-right.")
     seed: int = opt(0, "Seed of the initialisation, data order and dead-code restarts.")
@@ -625,12 +594,9 @@ _PRESETS: dict[str, PresetSource] = {}
 
 
 def register_preset(name: str, preset: PresetSource, *, overwrite: bool = False) -> None:
-    """Register ``preset`` (a :class:`ModelConfig`, or a zero-argument factory returning one) under ``name``.
-
-    A config object is deep-copied on every :func:`get_preset`, so callers can never mutate the registry.
-    Registering an existing name is an error unless ``overwrite`` is set, so that two modules cannot
-    silently shadow each other's presets.
-    """
+    """Register ``preset`` (a :class:`ModelConfig`, deep-copied on every :func:`get_preset`, or a zero-argument
+    factory returning one) under ``name``; ``overwrite`` must be set to replace one, so that two modules cannot
+    silently shadow each other's presets."""
     if not name or name != name.strip():
         raise ValueError(f"preset name must be non-empty without surrounding spaces, got {name!r}")
     if name in _PRESETS and not overwrite:
@@ -646,10 +612,7 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh :class:`ModelConfig` for preset ``name``, with its ``preset`` field set to ``name``.
-
-    Raises :class:`ConfigError` listing the known names when ``name`` is not registered.
-    """
+    """A fresh :class:`ModelConfig` for preset ``name``, with its ``preset`` field set to ``name``."""
     source = _PRESETS.get(name)
     if source is None:
         raise ConfigError(
@@ -681,17 +644,11 @@ def chameleon_7b() -> ModelConfig:
 
 def chameleon_34b() -> ModelConfig:
     """Chameleon-34B LM (facebook/chameleon-30b config.json) with chameleon-7b's SigLIP and VQ-GAN."""
-    return ModelConfig(
-        lm=LMConfig(
-            swin_norm=True,  # Chameleon-34B normalises each branch's output before the residual add
-            hidden_size=8192,
-            intermediate_size=22016,
-            num_layers=48,
-            num_heads=64,
-            num_kv_heads=8,
-            vocab_size=65536,
-        )
+    # swin_norm: Chameleon-34B normalises each branch's output before the residual add.
+    lm = LMConfig(
+        swin_norm=True, hidden_size=8192, intermediate_size=22016, num_layers=48, num_heads=64, num_kv_heads=8
     )
+    return ModelConfig(lm=lm)
 
 
 def tiny() -> ModelConfig:
@@ -807,14 +764,9 @@ def _apply_indexed(merged: DictConfig, override: str) -> None:
 
 def _preset_node(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig | None:
     """The model preset named by the last layer that names one, as a config node."""
-    name = None
-    for _, layer in layers:
-        value = OmegaConf.select(layer, "model.preset", default=None)
-        if value is not None:
-            name = value
-    if name is None:
-        return None
-    return OmegaConf.create({"model": dataclasses.asdict(get_preset(name))})
+    names = [OmegaConf.select(layer, "model.preset", default=None) for _, layer in layers]
+    names = [name for name in names if name is not None]
+    return OmegaConf.create({"model": dataclasses.asdict(get_preset(names[-1]))}) if names else None
 
 
 def load_config(
@@ -823,13 +775,12 @@ def load_config(
     """Build a validated :class:`Config` from YAML files and ``key.sub=value`` overrides (list entries by
     index: ``data.sources.0.loss_weight=4``)."""
     layers: list[tuple[str, DictConfig]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        plain = [o for o in overrides if not _indexes_a_list(o)]
-        if plain:
-            layers.append(("command line", OmegaConf.from_dotlist(plain)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    plain = [o for o in overrides if not _indexes_a_list(o)]
+    if plain:
+        layers.append(("command line", OmegaConf.from_dotlist(plain)))
     merged = OmegaConf.structured(Config)
     preset = _preset_node(layers)
     if preset is not None:
@@ -867,18 +818,23 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"`{key}`: {message}")
 
 
+def _require_min(section: Any, prefix: str, minimum: int, *keys: str, note: str = "") -> None:
+    """``section.<key> >= minimum`` for each key, named ``prefix.<key>`` when it fails."""
+    for key in keys:
+        _require(getattr(section, key) >= minimum, f"{prefix}.{key}", f"must be >= {minimum}{note}")
+
+
 def validate(config: Config) -> Config:
     """Cross-field checks that types alone cannot express; raises :class:`ConfigError` naming the key."""
     _validate_lm(config.model.lm)
     _validate_vision(config.model.vision)
-    _require(config.model.projector.depth >= 1, "model.projector.depth", "must be >= 1")
+    _require_min(config.model.projector, "model.projector", 1, "depth")
     _validate_vq(config.model.vq)
 
     tok = config.tokenizer
-    _require(tok.size_unit >= 1, "tokenizer.size_unit", "must be >= 1")
-    _require(tok.num_size_tokens >= 1, "tokenizer.num_size_tokens", "must be >= 1")
+    _require_min(tok, "tokenizer", 1, "size_unit", "num_size_tokens")
     largest_grid = (tok.num_size_tokens - 1) * tok.size_unit
-    _require(config.model.grid_positions >= 0, "model.grid_positions", "must be >= 0 (0: off)")
+    _require_min(config.model, "model", 0, "grid_positions", note=" (0: off)")
     _require(
         config.model.grid_positions == 0 or config.model.grid_positions >= largest_grid,
         "model.grid_positions",
@@ -892,20 +848,18 @@ def validate(config: Config) -> Config:
     _require(optim.lr > 0, "optim.lr", "must be positive")
     _require(len(optim.betas) == 2, "optim.betas", "needs exactly two values")
     _require(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require_min(optim, "optim", 0, "warmup_steps")
 
     train = config.train
     _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
-        _require(getattr(train, key) >= 1, f"train.{key}", "must be >= 1")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require_min(train, "train", 1, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every")
+    _require_min(config.checkpoint, "checkpoint", 1, "keep_last")
 
     gen = config.generation
     _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
-    _require(gen.image_top_k >= 1, "generation.image_top_k", "must be >= 1")
-    _require(gen.text_top_k >= 1, "generation.text_top_k", "must be >= 1")
+    _require_min(gen, "generation", 1, "image_top_k", "text_top_k")
     _require(0.0 < gen.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
-    _require(gen.jacobi_window >= 0, "generation.jacobi_window", "must be >= 0 (0: sequential decoding)")
+    _require_min(gen, "generation", 0, "jacobi_window", note=" (0: sequential decoding)")
     _validate_vq_train(config.vq_train)
     return config
 
@@ -955,11 +909,18 @@ def _validate_vq(vq: VQConfig) -> None:
     _require(vq.codebook_size >= 2, "model.vq.codebook_size", "must be >= 2")
     _require(len(vq.channel_mult) >= 1, "model.vq.channel_mult", "needs at least one level")
     if vq.kind == "dualtoken":
+        dt = vq.dualtoken
         # SigLIP keeps only whole patches (384 px / 14 = 27 per side): the backbone's size is the one to match.
         _require(
-            vq.resolution == vq.dualtoken.backbone.image_size,
+            vq.resolution == dt.backbone.image_size,
             "model.vq.resolution",
-            f"must equal model.vq.dualtoken.backbone.image_size ({vq.dualtoken.backbone.image_size})",
+            f"must equal model.vq.dualtoken.backbone.image_size ({dt.backbone.image_size})",
+        )
+        _require(
+            1 <= dt.shortcut_layer <= dt.pixel_layer < dt.semantic_layer <= dt.backbone.num_layers,
+            "model.vq.dualtoken.semantic_layer",
+            f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
+            f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
         )
     else:
         _require(
@@ -978,55 +939,47 @@ def _validate_vq(vq: VQConfig) -> None:
             "model.vq.unitok.conv_depths",
             "needs one entry per conv_widths entry",
         )
-    if vq.kind == "dualtoken":
-        dt = vq.dualtoken
-        _require(
-            1 <= dt.shortcut_layer <= dt.pixel_layer < dt.semantic_layer <= dt.backbone.num_layers,
-            "model.vq.dualtoken.semantic_layer",
-            f"need 1 <= shortcut_layer <= pixel_layer < semantic_layer <= backbone.num_layers "
-            f"({dt.shortcut_layer}, {dt.pixel_layer}, {dt.semantic_layer}, {dt.backbone.num_layers})",
-        )
 
 
 def _validate_data(data: DataConfig) -> None:
     """Checks of the `data` section: the world's shape and the LM data pipeline."""
     world = data.world
-    _require(world.grid_size >= 1, "data.world.grid_size", "must be >= 1")
+    _require_min(world, "data.world", 1, "grid_size")
     _require(
         1 <= world.min_objects <= world.max_objects <= world.grid_size**2,
         "data.world.max_objects",
         f"need 1 <= min_objects <= max_objects <= grid_size^2 = {world.grid_size**2}",
     )
-    _require(world.samples_per_shard >= 1, "data.world.samples_per_shard", "must be >= 1")
+    _require_min(world, "data.world", 1, "samples_per_shard")
     for i, source in enumerate(data.sources):
         _require(bool(source.path), f"data.sources[{i}].path", "is empty")
         _require(source.ratio > 0, f"data.sources[{i}].ratio", "must be positive")
         _require(source.loss_weight > 0, f"data.sources[{i}].loss_weight", "must be positive")
-    _require(data.max_seq_len >= 1, "data.max_seq_len", "must be >= 1")
-    _require(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-    _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require_min(data, "data", 1, "max_seq_len", "shuffle_buffer")
+    _require_min(data, "data", 0, "num_workers")
     _require(0.0 <= data.cfg_dropout <= 1.0, "data.cfg_dropout", "must be in [0, 1]")
-    _require(data.vqa_max_turns >= 0, "data.vqa_max_turns", "must be >= 0 (0: every turn)")
-    _require(data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
-    _require(data.pretokenize_batch_size >= 1, "data.pretokenize_batch_size", "must be >= 1")
+    _require_min(data, "data", 0, "vqa_max_turns", note=" (0: every turn)")
+    _require_min(data, "data", 1, "pad_to_multiple_of", "pretokenize_batch_size")
     names = [s.name for s in data.sources if s.name]
     _require(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
 
 
 def _validate_vq_train(vqt: VQTrainConfig) -> None:
     """Checks of the `vq_train` section (the VQ tokenizer trainer)."""
-    for key in ("steps", "batch_size", "log_every", "eval_images", "checkpoint_every", "keep_last"):
-        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
-    for key in ("restart_every", "shuffle_buffer", "disc_layers", "disc_channels"):
-        _require(getattr(vqt, key) >= 1, f"vq_train.{key}", "must be >= 1")
+    _require_min(vqt, "vq_train", 1, "steps", "batch_size", "log_every", "eval_images", "checkpoint_every")
+    _require_min(
+        vqt, "vq_train", 1, "keep_last", "restart_every", "shuffle_buffer", "disc_layers", "disc_channels"
+    )
     _require(vqt.lr > 0, "vq_train.lr", "must be positive")
     _require(vqt.disc_lr is None or vqt.disc_lr > 0, "vq_train.disc_lr", "must be positive or null")
     _require(len(vqt.betas) == 2, "vq_train.betas", "needs exactly two values")
     _require(0.0 <= vqt.min_lr_ratio <= 1.0, "vq_train.min_lr_ratio", "must be in [0, 1]")
-    for key in ("warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"):
-        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
-    for key in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"):
-        _require(getattr(vqt, key) >= 0, f"vq_train.{key}", "must be >= 0")
+    _require_min(
+        vqt, "vq_train", 0, "warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"
+    )
+    _require_min(
+        vqt, "vq_train", 0, "l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"
+    )
     _require(bool(vqt.train_data), "vq_train.train_data", "is empty")
 
 
@@ -1048,11 +1001,8 @@ def iter_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--config FILE ... key=value ...` arguments every entry point shares.
-
-    Entry points that have positional arguments of their own parse with ``parser.parse_intermixed_args``,
-    which lets the overrides appear anywhere on the command line.
-    """
+    """The `--config FILE ... key=value ...` arguments every entry point shares (entry points with positional
+    arguments of their own parse with ``parser.parse_intermixed_args``: overrides may then appear anywhere)."""
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
     parser.add_argument(
         "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"

@@ -31,6 +31,8 @@ TEMPORARY_PREFIXES = (".tmp-", ".old-")
 
 
 def _temporary_name(path: Path, kind: str = ".tmp-") -> Path:
+    """A hidden name beside ``path``, whose parent directory is created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f"{kind}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -75,7 +77,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     a format by extension (PIL, matplotlib) must be told the format.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
         yield tmp
@@ -118,9 +119,7 @@ def begin_directory(path: str | os.PathLike[str]) -> Path:
     """A fresh hidden directory beside ``path`` to fill with ``path``'s files, then hand to
     :func:`commit_directory`. For a directory several processes write parts of: one process begins and
     commits, all write in between."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
+    tmp = _temporary_name(Path(path))
     tmp.mkdir()
     return tmp
 
@@ -159,7 +158,8 @@ def stale_temporaries(directory: str | os.PathLike[str], name_prefix: str = "") 
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name.startswith(tuple(k + name_prefix for k in TEMPORARY_PREFIXES)))
+    prefixes = tuple(kind + name_prefix for kind in TEMPORARY_PREFIXES)
+    return sorted(p for p in directory.iterdir() if p.name.startswith(prefixes))
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], name_prefix: str = "") -> list[Path]:

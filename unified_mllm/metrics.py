@@ -66,10 +66,7 @@ def _as_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image: ``[B, C, H, W]`` x2 -> ``[B]`` (float64; ``inf`` if equal).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs.
-    """
+    """Peak signal-to-noise ratio in dB per image: ``[B, C, H, W]`` x2 -> ``[B]`` (float64; ``inf`` if equal)."""
     a, b = _as_batch(a, b)
     peak = _default_range(a, data_range)
     dtype = _compute_dtype(a.device)
@@ -88,19 +85,8 @@ def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Te
     return taps / taps.sum()
 
 
-def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
-    """Separable Gaussian filter of every channel, 'valid' region only: ``[N, 1, H, W] -> [N, 1, H-k+1, W-k+1]``."""
-    k = taps.numel()
-    x = F.conv2d(x, taps.view(1, 1, k, 1))
-    return F.conv2d(x, taps.view(1, 1, 1, k))
-
-
 def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
-    """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (see the module docstring for the convention).
-
-    ``data_range`` defaults to 2.0 for float (``[-1, 1]``) and 255 for uint8 inputs. Images must be at least
-    11x11 (the window).
-    """
+    """Structural similarity per image: ``[B, C, H, W]`` x2 -> ``[B]`` (the module docstring's convention)."""
     a, b = _as_batch(a, b)
     peak = _default_range(a, data_range)
     batch, channels, height, width = a.shape
@@ -111,8 +97,9 @@ def ssim(a: Tensor, b: Tensor, data_range: float | None = None) -> Tensor:
     # Channels are folded into the batch: each is filtered on its own, as skimage does per channel.
     x = a.to(dtype).reshape(batch * channels, 1, height, width)
     y = b.to(device=a.device, dtype=dtype).reshape(batch * channels, 1, height, width)
-    # One conv call for the five local moments.
-    moments = _filter_valid(torch.cat([x, y, x * x, y * y, x * y]), taps)
+    # One separable Gaussian filter ('valid' region only) for the five local moments.
+    moments = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), taps.view(1, 1, SSIM_WINDOW, 1))
+    moments = F.conv2d(moments, taps.view(1, 1, 1, SSIM_WINDOW))
     mu_x, mu_y, xx, yy, xy = moments.chunk(5)
     var_x = xx - mu_x * mu_x
     var_y = yy - mu_y * mu_y

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -98,16 +99,13 @@ class TextTokenizer:
         self._vocab = vocab
         self._special_names = dict(special_names)
         self._size_names = list(size_names)
-        self._size_unit = size_unit
+        self.size_unit = size_unit  # code rows/columns per resolution-token step
         self._image_codes = list(image_codes)
         self.vocab_size = vocab_size
         self.source = source
         self._special_tokens = SpecialTokens.from_tokenizer(self)
-        self._non_text_ids = (
-            set(self._special_tokens.named_ids().values())
-            | set(self._special_tokens.size_ids)
-            | set(self._image_codes)
-        )
+        special = self._special_tokens
+        self._non_text_ids = {*special.named_ids().values(), *special.size_ids, *self._image_codes}
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -139,9 +137,7 @@ class TextTokenizer:
             raise TokenizerError(f"{path} is not a sentencepiece model ({exc})") from exc
         pieces = processor.GetPieceSize()
         vocab = {processor.IdToPiece(i): i for i in range(pieces)}
-        size_names = []
-        while sp_size_token_name(len(size_names)) in vocab:
-            size_names.append(sp_size_token_name(len(size_names)))
+        size_names = list(itertools.takewhile(vocab.__contains__, map(sp_size_token_name, itertools.count())))
         return cls(
             kind="sentencepiece",
             backend=processor,
@@ -171,11 +167,8 @@ class TextTokenizer:
         }
         if sorted(by_code) != list(range(len(by_code))) or not by_code:
             raise TokenizerError(f"{path}: image-token names do not cover codes 0..{len(by_code) - 1}")
-        size_names = []
-        while (
-            len(size_names) < CHAMELEON_MAX_SIZE_STEPS and chameleon_size_token_name(len(size_names)) in vocab
-        ):
-            size_names.append(chameleon_size_token_name(len(size_names)))
+        names = map(chameleon_size_token_name, range(CHAMELEON_MAX_SIZE_STEPS))
+        size_names = list(itertools.takewhile(vocab.__contains__, names))
         return cls(
             kind="chameleon",
             backend=backend,
@@ -196,10 +189,6 @@ class TextTokenizer:
 
     def size_token_names(self) -> list[str]:
         return list(self._size_names)
-
-    @property
-    def size_unit(self) -> int:
-        return self._size_unit
 
     def token_to_id(self, name: str) -> int:
         """Id of a token by its name; a missing name raises :class:`TokenizerError` naming it."""

@@ -63,16 +63,9 @@ _STUB_VQ_CONFIG: dict[str, Any] = {
 def lm_hf_config(lm: LMConfig) -> PretrainedConfig:
     """The transformers config of the LM backbone described by ``lm``.
 
-    Field mapping (ours → transformers): ``num_layers`` → ``num_hidden_layers``, ``num_heads`` →
-    ``num_attention_heads``, ``num_kv_heads`` → ``num_key_value_heads``, ``rope_theta`` →
-    ``rope_parameters={"rope_type": "default", "rope_theta": ...}``, ``attention_dropout`` (dropout on the
-    attention probabilities) and ``rms_norm_eps`` / ``initializer_range`` / ``tie_word_embeddings`` /
-    ``attn_implementation`` under their own names. ``residual_dropout`` has no transformers counterpart; it
-    is stored as an extra ``residual_dropout`` attribute (so it travels in ``config.json``) and applied by
-    :func:`add_residual_dropout`.
-
-    Token ids (pad / bos / eos) are left unset: ids are looked up by name through the token layout, and the
-    backbone never needs them (padding is handled by attention masks, not an embedding ``padding_idx``).
+    ``residual_dropout`` has no transformers counterpart: it is stored as an extra attribute (so it travels
+    in ``config.json``) and applied by :func:`add_residual_dropout`. Token ids (pad / bos / eos) are left
+    unset: ids are looked up by name through the token layout, and padding is handled by attention masks.
     """
     common: dict[str, Any] = {
         "vocab_size": lm.vocab_size,
@@ -131,16 +124,13 @@ class _SublayerOutputDropout:
 
 
 def add_residual_dropout(backbone: nn.Module, p: float) -> list[RemovableHandle]:
-    """Apply dropout with probability ``p`` to every block's attention and MLP branch before the residual add.
+    """Apply dropout with probability ``p`` to every block's attention and MLP branch before the residual add;
+    returns the hook handles (empty when ``p == 0``).
 
-    ``backbone`` is a bare ``ChameleonModel`` / ``LlamaModel`` (anything with ``.layers`` of transformers
-    decoder layers). For the usual pre-norm blocks the hooks sit on ``self_attn`` and ``mlp``; for Chameleon's
-    Swin-norm blocks, whose branch output is normalised before the add, they sit on the two norms, so the
-    dropout is always the last thing before the residual sum (as in Lumina-mGPT). Hooks rather than new
-    modules keep the state-dict keys identical to the published checkpoints; they are traced by
+    For Chameleon's Swin-norm blocks, whose branch output is normalised before the add, the hooks sit on the
+    two norms, so the dropout is always the last thing before the residual sum (as in Lumina-mGPT). Hooks rather
+    than new modules keep the state-dict keys identical to the published checkpoints; they are traced by
     ``torch.compile`` and replayed with the same RNG state under activation checkpointing.
-
-    Returns the hook handles (empty when ``p == 0``) so a caller can remove them.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"residual dropout must be in [0, 1), got {p}")
@@ -168,13 +158,9 @@ def cache_argument(model: nn.Module) -> str:
 
 
 def build_lm_backbone(lm: LMConfig, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """The bare decoder for ``lm``: ``ChameleonModel`` (without its ``vqmodel``) or ``LlamaModel``.
-
-    Weights are randomly initialised (normal, std ``lm.initializer_range``) directly on ``device``; on
-    ``"meta"`` no memory is allocated. Residual dropout is attached when ``lm.residual_dropout > 0``.
-    Forward it with ``inputs_embeds`` of shape ``(batch, seq, hidden)`` (or ``input_ids``); it returns
-    ``last_hidden_state`` of shape ``(batch, seq, hidden)``, already passed through the final norm.
-    """
+    """The bare decoder for ``lm``: ``ChameleonModel`` (without its ``vqmodel``) or ``LlamaModel``, randomly
+    initialised directly on ``device``, with residual dropout attached. Its ``last_hidden_state`` is already
+    passed through the final norm."""
     config = lm_hf_config(lm)
     model_cls = ChameleonModel if lm.arch == "chameleon" else LlamaModel
     # Building under the device context puts every parameter and buffer straight onto `device`: no CPU
@@ -191,12 +177,8 @@ def build_lm_backbone(lm: LMConfig, device: str | torch.device = "cpu") -> PreTr
 def build_lm_head(
     lm: LMConfig, device: str | torch.device = "cpu", *, embedding: nn.Embedding | None = None
 ) -> nn.Linear:
-    """The output projection ``hidden -> vocab`` (no bias): maps ``(batch, seq, hidden)`` to logits.
-
-    Initialised like transformers' heads (normal, std ``lm.initializer_range``). With
-    ``lm.tie_word_embeddings`` and an ``embedding`` given (the backbone's ``embed_tokens``), the head shares
-    its weight, so the pair counts (and trains) as one matrix.
-    """
+    """The output projection ``hidden -> vocab`` (no bias), initialised like transformers' heads; with
+    ``lm.tie_word_embeddings`` and an ``embedding`` given (the backbone's ``embed_tokens``) it shares its weight."""
     with torch.device(device):
         head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
     if lm.tie_word_embeddings and embedding is not None:

@@ -50,14 +50,9 @@ each with one classifier per depth.
   image and text positions can be averaged together. No z-loss here: the trainer owns extra terms.
 * The hidden state is the LM's last hidden state after its final norm (what ``lm_head`` reads). It is cast
   to the head's parameter dtype, so an fp32 head can sit behind a bf16 LM.
-* :meth:`DepthHead.next_logits` re-runs the whole ``depth``-long sequence (codes not yet chosen padded with
-  code 0, hidden by the causal mask) rather than only the known prefix, so sampling reproduces the
-  teacher-forced logits bit for bit: the shapes are the training ones and masked positions add exact zeros
-  (tested on CPU; a prefix-only re-run differed there by rounding). It costs at most twice the prefix-only
-  re-run.
-* Initialisation: embeddings and depth positions ``N(0, 0.02)``; the depth blocks and classifiers use the
-  ViT initialisation (truncated normal 0.02); the MLP projectors keep PyTorch's default (scale-preserving,
-  as the SigLIP projector does).
+* :meth:`DepthHead.next_logits` re-runs the whole ``depth``-long sequence, so sampling reproduces the
+  teacher-forced logits bit for bit (its docstring says why).
+* The MLP projectors keep PyTorch's default initialisation (scale-preserving, as the SigLIP projector does).
 
 **Sizes.** Per-slot tables and classifiers cost ``D x vocab x width`` each. With the defaults, UniTok behind
 a 4096-wide LM (8 x 4096 codes) has a 167.8M-parameter embedder and a 788.8M-parameter head (its released
@@ -114,7 +109,8 @@ def code_groups(vq: VQConfig) -> list[CodeGroup]:
     raise ValueError(f"unknown visual tokenizer kind {vq.kind!r}")
 
 
-def _check_groups(groups: Sequence[CodeGroup]) -> None:
+def _checked_groups(groups: Sequence[CodeGroup]) -> tuple[list[CodeGroup], int]:
+    """``groups`` as a list and their total depth (codes per position), after checking them."""
     if not groups:
         raise ValueError("a code stack needs at least one group")
     names = [group.name for group in groups]
@@ -123,6 +119,7 @@ def _check_groups(groups: Sequence[CodeGroup]) -> None:
     for group in groups:
         if group.depth < 1 or group.vocab_size < 1:
             raise ValueError(f"group {group.name!r}: depth and vocab_size must be >= 1, got {group}")
+    return list(groups), sum(group.depth for group in groups)
 
 
 def _check_codes(codes: torch.Tensor, depth: int, what: str) -> None:
@@ -140,18 +137,12 @@ def _normal_embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class CodeStackEmbedder(nn.Module):
-    """Codes ``[..., D]`` -> LM input vectors ``[..., hidden_size]``, one per spatial position.
-
-    Each slot has its own ``nn.Embedding(vocab, embed_dim)``; a group's vector is the sum over its slots, the
-    groups' vectors are concatenated (``len(groups) * embed_dim`` channels) and ``Linear -> GELU -> Linear``
-    maps them to ``hidden_size``.
-    """
+    """Codes ``[..., D]`` -> LM input vectors ``[..., hidden_size]``, one per spatial position: per group the
+    sum of per-slot embeddings, the groups concatenated, then ``Linear -> GELU -> Linear``."""
 
     def __init__(self, groups: Sequence[CodeGroup], hidden_size: int, embed_dim: int) -> None:
         super().__init__()
-        _check_groups(groups)
-        self.groups = list(groups)
-        self.depth = sum(group.depth for group in self.groups)
+        self.groups, self.depth = _checked_groups(groups)
         self.embeddings = nn.ModuleList(
             _normal_embedding(group.vocab_size, embed_dim)
             for group in self.groups
@@ -180,13 +171,7 @@ class DepthHead(nn.Module):
     """
 
     def __init__(
-        self,
-        group: CodeGroup,
-        hidden_size: int,
-        width: int,
-        num_layers: int,
-        num_heads: int,
-        mlp_ratio: float = 2.0,
+        self, group: CodeGroup, hidden_size: int, width: int, num_layers: int, num_heads: int
     ) -> None:
         super().__init__()
         if width % num_heads:
@@ -199,9 +184,7 @@ class DepthHead(nn.Module):
         self.code_embeddings = nn.ModuleList(
             nn.Embedding(group.vocab_size, width) for _ in range(group.depth - 1)
         )
-        self.blocks = nn.ModuleList(
-            ViTBlock(width, num_heads, mlp_ratio, causal=True) for _ in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(width, num_heads, causal=True) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.classifiers = nn.ModuleList(nn.Linear(width, group.vocab_size) for _ in range(group.depth))
         init_transformer_weights(self.blocks)
@@ -261,16 +244,10 @@ class CodeStackHeads(nn.Module):
         self, groups: Sequence[CodeGroup], hidden_size: int, width: int, num_layers: int, num_heads: int
     ) -> None:
         super().__init__()
-        _check_groups(groups)
-        self.groups = list(groups)
+        self.groups, self.depth = _checked_groups(groups)
         self.heads = nn.ModuleDict(
             (group.name, DepthHead(group, hidden_size, width, num_layers, num_heads)) for group in self.groups
         )
-
-    @property
-    def depth(self) -> int:
-        """Codes per position: the sum of the groups' depths."""
-        return sum(group.depth for group in self.groups)
 
     def _split(self, codes: torch.Tensor) -> list[torch.Tensor]:
         _check_codes(codes, self.depth, "CodeStackHeads")
@@ -333,13 +310,9 @@ def build_code_stack(
     num_heads: int | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[CodeStackEmbedder, CodeStackHeads] | None:
-    """The input embedder and the depth heads for ``vq``'s code stack, built on ``device`` (no I/O;
-    ``"meta"`` allocates nothing), or ``None`` for a tokenizer with one code per position (the LM's own
-    embedding and ``lm_head`` serve).
-
-    Defaults: ``width = hidden_size`` (UniTok's head runs at the LM width), 3 layers (both papers), heads of
-    about 64 channels, embedder ``embed_dim = hidden_size``.
-    """
+    """The input embedder and the depth heads for ``vq``'s code stack, built on ``device``, or ``None`` for a
+    tokenizer with one code per position. Defaults: ``width = hidden_size`` (UniTok's head runs at the LM
+    width), 3 layers (both papers), heads of about 64 channels, embedder ``embed_dim = hidden_size``."""
     groups = code_groups(vq)
     if sum(group.depth for group in groups) == 1:
         return None

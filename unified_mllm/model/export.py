@@ -16,16 +16,14 @@ carried over into the new directory. The only non-atomic window is between movin
 (``.old-<name>-*``) and renaming the new one into place; a kill exactly there leaves the previous export in
 that ``.old-*`` directory.
 
-**Published LM checkpoints** (:func:`lm_checkpoint_key`): a transformers ``ChameleonForConditionalGeneration``
-or ``LlamaForCausalLM`` directory (Lumina-mGPT-7B, Chameleon-7B) keeps the decoder under ``model.*`` and the
-head under ``lm_head.weight``; ``model.vqmodel.*`` (transformers' VQ encoder, not part of our LM) and stale
-``rotary_emb.inv_freq`` buffers are skipped. Lumina-mGPT's own Chameleon fork stores the q/k layer norms per
-model-parallel shard (``[shards, head_dim]``) where transformers stores them per head (``[heads, head_dim]``);
-:func:`expand_qk_norm` repeats each shard's row over its heads, which is what the fork does at run time.
+**Published LM checkpoints**: a transformers ``ChameleonForConditionalGeneration`` or ``LlamaForCausalLM``
+directory (Lumina-mGPT-7B, Chameleon-7B), renamed by :func:`lm_checkpoint_key`. Lumina-mGPT's own Chameleon fork
+stores the q/k layer norms per model-parallel shard where transformers stores them per head
+(:func:`expand_qk_norm`).
 
 Weights are copied tensor by tensor from memory-mapped safetensors files into already allocated parameters, so
-loading a 7B checkpoint needs no second copy of the model in memory. Every shape is checked first (from the file
-headers, before any tensor is read) and a mismatch raises :class:`CheckpointMismatchError` listing the keys.
+loading a 7B checkpoint needs no second copy of the model in memory; every shape is checked first, from the file
+headers (:class:`CheckpointMismatchError`).
 """
 
 from __future__ import annotations
@@ -66,11 +64,8 @@ class CheckpointMismatchError(ValueError):
 
 
 def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every shared tensor kept once, under the first name it appears at.
-
-    For the unified model that drops ``lm_head.weight`` when the head is tied to ``lm.embed_tokens.weight``
-    (the backbone is registered before the head). The tensors are the live parameters and buffers (not
-    detached copies), so writing into them loads weights.
+    """``module.state_dict()`` with every shared tensor kept once, under the first name it appears at (a tied
+    ``lm_head.weight`` goes). The tensors are the live parameters and buffers, so writing into them loads weights.
     """
     seen: set[int] = set()
     unique = {}
@@ -106,18 +101,10 @@ def check_keys_and_shapes(
         for key in sorted(set(expected) & set(found))
         if tuple(found[key]) != tuple(expected[key])
     ]
-    if not (missing or extra or wrong):
-        return
-    parts = [
-        _format_keys(title, items)
-        for title, items in (
-            ("shape mismatches", wrong),
-            ("missing keys", missing),
-            ("unexpected keys", extra),
-        )
-        if items
-    ]
-    raise CheckpointMismatchError(f"{origin} does not match the model: " + " | ".join(parts))
+    kinds = (("shape mismatches", wrong), ("missing keys", missing), ("unexpected keys", extra))
+    parts = [_format_keys(title, items) for title, items in kinds if items]
+    if parts:
+        raise CheckpointMismatchError(f"{origin} does not match the model: " + " | ".join(parts))
 
 
 # ------------------------------------------------------------------------------------- safetensors files
@@ -201,21 +188,13 @@ def load_safetensors_into(
     target's dtype and device on copy. A target that ``shard`` says is sharded (FSDP2 after ``to_empty``) receives
     only its own region, read as a slice of the file, so no rank reads or holds a whole sharded parameter.
     """
-    renamed: dict[str, str] = {}
-    unexpected = []
-    for key in files:
-        ours = rename(key)
-        if ours is None:
-            continue
-        if ours in targets:
-            renamed[ours] = key
-        else:
-            unexpected.append(key)
+    ours_of = {key: rename(key) for key in files}
+    renamed = {ours: key for key, ours in ours_of.items() if ours in targets}
+    unexpected = [key for key, ours in ours_of.items() if ours is not None and ours not in targets]
     raw_shapes = _checkpoint_shapes({key: files[key] for key in renamed.values()})
     found = {ours: reshape(ours, raw_shapes[key]) for ours, key in renamed.items()}
     expected = {name: tuple(tensor.shape) for name, tensor in targets.items()}
     check_keys_and_shapes(expected, found, origin, unexpected=unexpected)
-    raw_shapes = {key: tuple(shape) for key, shape in raw_shapes.items()}
     by_file: dict[Path, list[str]] = {}
     for ours, key in renamed.items():
         by_file.setdefault(files[key], []).append(ours)
@@ -307,25 +286,12 @@ def check_lm_checkpoint_config(directory: str | os.PathLike[str], lm: LMConfig) 
 # ------------------------------------------------------------------------------------------- our export
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bfloat16"`` (the spelling of transformers' ``torch_dtype``)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` (or ``"torch.bfloat16"``) → ``torch.bfloat16``; ConfigError for anything else."""
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"`torch_dtype`: {name!r} is not a torch dtype")
-    return dtype
-
-
 def export_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The ``config.json`` of an export (see the module docstring)."""
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
-        "torch_dtype": dtype_name(dtype),
+        "torch_dtype": str(dtype).removeprefix("torch."),  # transformers' spelling: "bfloat16"
         MODEL_TYPE: dataclasses.asdict(config),
         # For readers that only know transformers (and for humans): the LM exactly as transformers builds it.
         "lm": lm_hf_config(config.lm).to_dict(),
@@ -337,31 +303,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)  # no copy of large files when both sides are on one file system
     except OSError:
         shutil.copy2(src, dst)
-
-
-def replace_directory_keeping(
-    directory: Path, write: Callable[[Path], None], own_files: tuple[str, ...]
-) -> Path:
-    """Fill ``directory`` through ``write(tmp_dir)`` so that it appears complete or not at all
-    (:func:`unified_mllm.io.atomic_directory`).
-
-    Entries of an existing ``directory`` other than ``own_files`` are carried over (hard-linked when
-    possible). See the module docstring for the one window a kill can hit.
-    """
-    directory = Path(directory).expanduser().absolute()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"cannot export into {directory}: it is a file")
-    with atomic_directory(directory) as tmp:
-        if directory.is_dir():
-            for entry in directory.iterdir():
-                if entry.name in own_files:
-                    continue
-                if entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(str(entry), str(tmp / entry.name))
-        write(tmp)
-    return directory
 
 
 def write_export(
@@ -391,12 +332,22 @@ def write_export(
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     stored = dtype or (floats[0] if floats else torch.float32)
     config_text = json.dumps(export_config_dict(config, stored), indent=2, sort_keys=False) + "\n"
-
-    def write(tmp: Path) -> None:
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot export into {directory}: it is a file")
+    # The directory appears complete or not at all (atomic_directory; the module docstring names the one window
+    # a kill can hit). Entries of an existing export that are not ours are carried over, hard-linked if possible.
+    with atomic_directory(directory) as tmp:
+        for entry in directory.iterdir() if directory.is_dir() else ():
+            if entry.name in _OWN_FILES:
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(tmp / entry.name))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text)
-
-    return replace_directory_keeping(Path(directory), write, _OWN_FILES)
+    return directory
 
 
 def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, torch.dtype]:
@@ -423,4 +374,8 @@ def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, 
             f"{path}: bad `{MODEL_TYPE}` section at `{key}`: {str(exc).splitlines()[0]}"
         ) from exc
     assert isinstance(config, ModelConfig)
-    return config, parse_dtype(data.get("torch_dtype", "float32"))
+    name = data.get("torch_dtype", "float32")
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)  # "bfloat16" or "torch.bfloat16"
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"`torch_dtype`: {name!r} is not a torch dtype")
+    return config, dtype

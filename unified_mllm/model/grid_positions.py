@@ -15,11 +15,10 @@ module is that option for our layout (what it does on the embedded world: README
 Both start at zero, so a model built with them computes exactly what it computes without them until training
 moves them, and published LM checkpoints load unchanged (they have no such tables; they keep their zeros).
 
-Cells are read from the ids by :class:`CodeCells` (the layout's span reader: vectorised, any device,
-batch > 1, padding and packed rows): row = row-end tokens since the image start, column = codes since the last
-row end or image start; a cell past ``model.grid_positions`` is an error of the config (validate() checks it against the size tokens).
-Callers that feed only the newest ids (the engine over a KV cache) compute the cells over the whole sequence
-and pass the newest ones.
+Cells are read from the ids by :class:`CodeCells` (the layout's span reader); a cell past
+``model.grid_positions`` is an error of the config (validate() checks it against the size tokens). Callers that
+feed only the newest ids (the engine over a KV cache) compute the cells over the whole sequence and pass the
+newest ones.
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ from unified_mllm.layout import SpanReader, SpecialTokens
 
 
 class CodeCells:
-    """``ids [B, T] → cells [B, T, 2]`` long: the grid cell (row, column) of every image-code position and
-    ``-1`` everywhere else (text, structure tokens, feature slots, padding), as
-    :meth:`~unified_mllm.layout.SpanReader.cells` reads them. Stateless apart from the reader's id tables,
-    which follow the ids' device."""
+    """``ids [B, T] → cells [B, T, 2]``: the grid cell (row, column) of every image-code position, ``-1``
+    elsewhere, as :meth:`~unified_mllm.layout.SpanReader.cells` reads them."""
 
     def __init__(self, tokens: SpecialTokens) -> None:
         self._read = SpanReader(tokens)

@@ -80,17 +80,17 @@ def cpu_draws_on_meta() -> Iterator[None]:
     """Within the block, initialising meta tensors draws from the CPU generator as on CPU (module docstring)."""
     scratch_inits = {name: _on_scratch(fn) for name, fn in hf_init.TORCH_INIT_FUNCTIONS.items()}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(hf_modeling, "get_torch_context_manager_or_global_device", _none))
+        # "No device context": transformers then runs its initialisation (on the meta tensors).
+        no_context = mock.patch.object(
+            hf_modeling, "get_torch_context_manager_or_global_device", lambda: None
+        )
+        stack.enter_context(no_context)
         stack.enter_context(mock.patch.dict(hf_init.TORCH_INIT_FUNCTIONS, scratch_inits))
         for name in _VALUE_DEPENDENT_INITS:
             init = getattr(torch.nn.init, name)
             stack.enter_context(mock.patch.object(torch.nn.init, name, _on_scratch(init)))
         stack.enter_context(_CPUDraws())
         yield
-
-
-def _none() -> None:
-    return None  # "no device context": transformers then runs its initialisation (on the meta tensors)
 
 
 def build_meta_model(config: ModelConfig) -> UnifiedModel:

@@ -18,11 +18,7 @@ from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of scalar parameters in ``module``.
-
-    Works on modules built on the ``meta`` device (it reads shapes, never data). Shared tensors (tied
-    embeddings) are counted once, because ``Module.parameters()`` yields each parameter object once.
-    """
+    """Number of scalar parameters in ``module`` (meta modules too; tied embeddings counted once)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -40,7 +36,7 @@ def projector_parameter_count(vision_hidden: int, lm_hidden: int, depth: int) ->
     return first + (depth - 1) * (lm_hidden * lm_hidden + lm_hidden)
 
 
-def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameter counts of each part of ``config``, built on the ``meta`` device (no memory, no I/O).
 
     Keys: ``lm`` (backbone + head; a tied head is counted once), ``siglip`` (the tower as the model uses it,
@@ -81,12 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(exc))
         counts = parameter_counts(config)
         print(f"{name}: {describe_preset(name)}")
-        total = sum(n for n in counts.values() if n is not None)
-        for part, n in counts.items():
-            shown = f"{'n/a':>9}" if n is None else f"{format_count(n):>9} ({n:,})"
-            print(f"  {_PART_LABELS[part]:<36}{shown}")
-        unknown = " + vq" if counts["vq"] is None else ""
-        print(f"  {'total':<36}{format_count(total):>9} ({total:,}){unknown}")
+        for part, n in [*counts.items(), ("total", sum(counts.values()))]:
+            print(f"  {_PART_LABELS.get(part, part):<36}{format_count(n):>9} ({n:,})")
 
 
 if __name__ == "__main__":

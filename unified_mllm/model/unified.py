@@ -9,10 +9,9 @@ parameters by these prefixes):
   make image generation impossible, so we never go through it;
 * ``vision.tower`` / ``vision.projector`` — SigLIP and the MLP that maps its patch features to the LM width;
 * ``code_embedder`` / ``code_heads`` — only for tokenizers with a stack of D codes per position (UniTok,
-  DualToken; :mod:`unified_mllm.model.code_stack`): the stack's combined embedding is the LM input at a code
-  position (its id, the stack's first code, is only a marker there), and small depth transformers on the LM's
-  hidden state predict the next position's stack, one code after another. The LM head still predicts every
-  other token (text, row ends, the image's structure);
+  DualToken; :mod:`unified_mllm.model.code_stack`): the stack's embedding is the LM input at a code position
+  (its id is only a marker there), and depth heads predict the next position's stack; the LM head still
+  predicts every other token;
 * ``code_grid_embedding`` (and ``vision.slot_embedding``) — only with ``model.grid_positions``: learned 2-D
   positions of code cells and feature slots (:mod:`unified_mllm.model.grid_positions`).
 
@@ -28,10 +27,6 @@ simply sends no feature slots), so every stage's export has the same keys.
 ``attention_mask=None``. transformers (5.x, ``masking_utils.find_packed_sequence_indices``) then detects the
 restarts and builds a block-diagonal causal mask for the sdpa and eager kernels, so no token attends across a
 sample boundary. That detection only runs without a KV cache, which is why ``use_cache`` defaults to False.
-
-Building does no I/O; :meth:`UnifiedModel.load_pretrained` reads published LM / SigLIP weights and
-:meth:`UnifiedModel.save_pretrained` / :meth:`UnifiedModel.from_pretrained` write and read our export
-(:mod:`unified_mllm.model.export`).
 """
 
 from __future__ import annotations
@@ -82,12 +77,8 @@ class UnifiedOutput:
 
 
 class UnifiedModel(nn.Module):
-    """LM backbone + LM head + SigLIP encoder with projector (see the module docstring).
-
-    Args:
-        config: the model shapes (``config.lm``, ``config.vision``, ``config.projector``).
-        device: where parameters are created; ``"meta"`` allocates nothing (published sizes, sharded init).
-    """
+    """LM backbone + LM head + SigLIP encoder with projector (see the module docstring), with parameters
+    created on ``device`` (``"meta"`` allocates nothing: published sizes, sharded init)."""
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -182,9 +173,7 @@ class UnifiedModel(nn.Module):
         """``embeds`` plus the row / column embeddings of ``code_cells`` (``model.grid_positions``)."""
         if self.code_grid_embedding is None:
             if code_cells is not None:
-                raise ValueError(
-                    "code_cells given, but the model has no grid positions (model.grid_positions=0)"
-                )
+                raise ValueError("code_cells given, but the model has no grid positions (grid_positions=0)")
             return embeds
         if code_cells is None:
             raise ValueError(
@@ -208,13 +197,11 @@ class UnifiedModel(nn.Module):
         code_cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
-        ``[N_views, 3, S, S]`` written at the True positions of ``feature_mask`` ``[B, T]`` (row-major order).
-        With ``model.grid_positions``, ``code_cells`` (``[B, T, 2]`` row, column; ``-1`` off the codes; from
-        :class:`~unified_mllm.model.grid_positions.CodeCells`) add the code cells' row / column embeddings.
+        written at the True positions of ``feature_mask`` (module docstring), plus the code stacks' and
+        ``code_cells``' embeddings (:meth:`embed_code_stacks`, :meth:`embed_code_cells`).
 
         The write is out of place (``masked_scatter``), so gradients reach both the token embeddings and the
-        vision encoder. Raises ValueError when the slots and the features do not match one to one (counting the
-        slots is one host sync per batch that has pixels).
+        vision encoder. Counting the slots against the features is one host sync per batch that has pixels.
         """
         embeds = self.embed_code_stacks(self.lm.get_input_embeddings()(input_ids), code_stacks, code_mask)
         embeds = self.embed_code_cells(embeds, code_cells)
@@ -326,12 +313,11 @@ class UnifiedModel(nn.Module):
             "lm.rotary_emb.original_inv_freq",
             "vision.tower.embeddings.position_ids",
         }
-        unknown = [
-            f"{prefix}.{name}" if prefix else name
+        unknown = {
+            f"{prefix}.{name}".lstrip(".")
             for prefix, module in self.named_modules()
             for name in module._non_persistent_buffers_set
-            if (f"{prefix}.{name}" if prefix else name) not in known
-        ]
+        } - known
         if unknown:
             raise RuntimeError(f"non-persistent buffers with no known initialisation: {sorted(unknown)}")
 
@@ -342,15 +328,10 @@ class UnifiedModel(nn.Module):
         siglip: str | os.PathLike[str] | None = None,
         shard: ShardRegion = held_whole,
     ) -> None:
-        """Read published weights (the only reads besides :meth:`from_pretrained`).
-
-        ``lm``: a transformers Chameleon / Llama causal-LM directory of safetensors (one file or shards with an
-        index), e.g. Lumina-mGPT-7B; its ``model.*`` keys go to ``self.lm``, ``lm_head.weight`` to the head,
-        the VQ encoder is skipped, Lumina's per-shard q/k norms are expanded per head. Its config.json must
-        agree with ``config.lm`` and every shape must match, else ConfigError / CheckpointMismatchError listing
-        what differs. ``siglip``: a SigLIP ``from_pretrained`` directory for ``vision.tower``. ``shard``: where a
-        sharded model's parameters keep this rank's part (the LM is then read slice by slice).
-        """
+        """Read published weights: ``lm``, a transformers Chameleon / Llama causal-LM directory of safetensors
+        (e.g. Lumina-mGPT-7B; mapped and checked as :mod:`unified_mllm.model.export` describes); ``siglip``, a
+        SigLIP ``from_pretrained`` directory for ``vision.tower``. ``shard``: where a sharded model's parameters
+        keep this rank's part (the LM is then read slice by slice)."""
         if lm is None and siglip is None:
             raise ValueError("load_pretrained: nothing to load (pass lm=... and/or siglip=...)")
         if lm is not None:
