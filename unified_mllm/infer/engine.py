@@ -104,6 +104,7 @@ class Engine(Decoder):
 
     # ------------------------------------------------------------------------------------------ public
 
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -117,6 +118,8 @@ class Engine(Decoder):
         code_stacks: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
         stack_choice: StackChoice | None = None,
+        sampled_rows: int | None = None,
+        fixed_length: bool = False,
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
@@ -126,25 +129,51 @@ class Engine(Decoder):
         stacks of the prompts' code positions in the same order (code-stack tokenizers). ``stop_at_image_grid``
         ends a row as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
         With code-stack tokenizers every code id a row writes gets its stack from the depth heads through
-        ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or drawn like the ids);
+        ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or drawn like the ids):
+        they sample that position's stack from the same hidden state (all rows together, so guidance sees both
+        halves), the stack's first code becomes the id, and the next forward embeds the stack;
         :attr:`Generation.stacks` returns them.
+
+        Ids are picked for the first ``sampled_rows`` (``B``, default: every row) and fed to every row
+        ``i + k * B`` as well (``2B`` rows for ``[cond; uncond]`` guidance). ``fixed_length``: every row runs its
+        whole budget (images), which is where the ``"auto"`` cache picks the static one.
         """
-        stops = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
+        sampled_rows = len(prompts) if sampled_rows is None else sampled_rows
+        stop_ids = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
         if self.model.code_heads is not None and stack_choice is None:
-            stack_choice = guided_stack_choice(len(prompts), greedy=greedy, generator=generator)
-        return self._run(
-            prompts,
-            sampled_rows=len(prompts),
-            budgets=max_new_tokens,
-            processors=processors,
-            stop_ids=stops,
-            greedy=greedy,
-            generator=generator,
-            pixel_values=pixel_values,
-            prompt_stacks=code_stacks,
-            stop_at_image_grid=stop_at_image_grid,
-            stack_choice=stack_choice,
-        )
+            stack_choice = guided_stack_choice(sampled_rows, greedy=greedy, generator=generator)
+        limits = torch.as_tensor(max_new_tokens, dtype=torch.long).reshape(-1)
+        if np.ndim(max_new_tokens) == 0:  # one budget for every row
+            limits = limits.expand(sampled_rows)
+        self.check(prompts, limits, sampled_rows)
+        batch = self.new_batch(prompts, int(limits.max()))
+        cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
+        out = self.prefill(batch, cache, pixel_values, code_stacks)
+        logits, hidden = out.logits[:, -1], out.hidden[:, -1]
+        state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
+        repeats = len(prompts) // sampled_rows
+        for _ in range(int(limits.max())):
+            scores = logits
+            for processor in processors:
+                scores = processor(batch.view(), scores)
+            scores = scores[:sampled_rows]
+            if greedy:
+                picked = scores.argmax(dim=-1)
+            else:
+                picked = torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
+            picked = torch.where(state.done, self.tokens.pad, picked)
+            stacks = None
+            if stack_choice is not None:
+                picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
+            fed = picked.repeat(repeats)
+            batch.extend(fed[:, None])
+            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
+            if state.update(picked, grid_done, stacks):
+                break
+            fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
+            out = self.step(batch, cache, code_stacks=fed_stacks)
+            logits, hidden = out.logits[:, -1], out.hidden[:, -1]
+        return state.result()
 
     def generate_images(
         self,
@@ -195,9 +224,9 @@ class Engine(Decoder):
                 stack_choice = guided_stack_choice(
                     len(conditions), cfg_scale, greedy=greedy, generator=generator
                 )
-            result = self._run(
+            result = self.generate(
                 prompts,
-                budgets=height * (width + 1),
+                max_new_tokens=height * (width + 1),
                 processors=[*guided, *processors],
                 stop_ids=(),
                 fixed_length=True,
@@ -209,69 +238,6 @@ class Engine(Decoder):
             rows = result.ids
         grids = [np.asarray(ids).reshape(height, width + 1)[:, :width] for ids in rows]
         return [self.tokens.ids_to_codes(grid) for grid in grids]
-
-    # ----------------------------------------------------------------------------------------- decoding
-
-    def _pick(self, scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-        """Next id per row ``[B]`` from processed scores ``[B, V]``."""
-        if greedy:
-            return scores.argmax(dim=-1)
-        return torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
-
-    @torch.inference_mode()
-    def _run(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        sampled_rows: int,
-        budgets: int | Sequence[int],
-        processors: Sequence[Processor],
-        stop_ids: Sequence[int],
-        greedy: bool,
-        generator: torch.Generator | None,
-        pixel_values: torch.Tensor | None = None,
-        prompt_stacks: torch.Tensor | None = None,
-        stop_at_image_grid: bool = False,
-        fixed_length: bool = False,
-        stack_choice: StackChoice | None = None,
-    ) -> Generation:
-        """Decode ``prompts`` (``R`` rows); ids are picked for the first ``sampled_rows`` (``B``) and fed to every
-        row ``i + k * B`` as well (``R = B``, or ``2B`` for ``[cond; uncond]`` guidance). ``fixed_length``: every
-        row runs its whole budget (images), which is where the ``"auto"`` cache picks the static one.
-
-        Code stacks: ``prompt_stacks`` fill the prompts' code positions; with ``stack_choice``, whenever a row
-        picks a code id the depth heads sample that position's stack from the same hidden state (all ``R`` rows
-        together, so guidance sees both halves), the stack's first code becomes the id, and the next forward
-        embeds the stack."""
-        limits = torch.as_tensor(budgets, dtype=torch.long).reshape(-1)
-        if np.ndim(budgets) == 0:  # one budget for every row
-            limits = limits.expand(sampled_rows)
-        self.check(prompts, limits, sampled_rows)
-        batch = self.new_batch(prompts, int(limits.max()))
-        cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
-        out = self.prefill(batch, cache, pixel_values, prompt_stacks)
-        logits, hidden = out.logits[:, -1], out.hidden[:, -1]
-        state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
-        repeats = len(prompts) // sampled_rows
-        for _ in range(int(limits.max())):
-            scores = logits
-            for processor in processors:
-                scores = processor(batch.view(), scores)
-            picked = torch.where(
-                state.done, self.tokens.pad, self._pick(scores[:sampled_rows], greedy, generator)
-            )
-            stacks = None
-            if stack_choice is not None:
-                picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
-            fed = picked.repeat(repeats)
-            batch.extend(fed[:, None])
-            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
-            if state.update(picked, grid_done, stacks):
-                break
-            fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
-            out = self.step(batch, cache, code_stacks=fed_stacks)
-            logits, hidden = out.logits[:, -1], out.hidden[:, -1]
-        return state.result()
 
     def _sample_stacks(
         self, picked: torch.Tensor, hidden: torch.Tensor, choose: StackChoice
