@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unified_mllm.config import Config, ConfigError, load_config
+from unified_mllm.config import ConfigError, load_config
 from unified_mllm.eval.tasks import Solver, check_limit, get_task, task_names
 
 # The resolved training config in an export (unified_mllm.train.export.CONFIG_YAML, named here so that a bad
@@ -42,20 +42,6 @@ def check_export_dir(export_dir: str | Path) -> Path:
             "is it a finished export of `python -m unified_mllm.train`?"
         )
     return path
-
-
-def load_eval_config(
-    export_dir: Path, config_files: Sequence[str] = (), overrides: Sequence[str] = ()
-) -> Config:
-    """The export's ``config.yaml``, then ``config_files``, then ``key=value`` overrides, validated."""
-    return load_config([check_export_dir(export_dir) / CONFIG_YAML, *config_files], overrides)
-
-
-def load_solver(export_dir: Path, device: str, dtype: torch.dtype | None) -> Solver:
-    """The InferenceSolver of an export (imported here: the driver's checks need no model code)."""
-    from unified_mllm.infer.solver import InferenceSolver
-
-    return InferenceSolver.from_pretrained(export_dir, device=device, dtype=dtype)
 
 
 def evaluate(
@@ -80,10 +66,14 @@ def evaluate(
     path = check_export_dir(export_dir)
     check_limit(limit, batch_size)
     task = get_task(task_name)
-    config = load_eval_config(path, config_files, overrides)
+    # The export's config.yaml, then config_files, then key=value overrides, validated.
+    config = load_config([path / CONFIG_YAML, *config_files], overrides)
     task.check(config)
     if solver is None:
-        solver = load_solver(path, device, dtype)
+        # Imported here: the driver's checks need no model code.
+        from unified_mllm.infer.solver import InferenceSolver
+
+        solver = InferenceSolver.from_pretrained(path, device=device, dtype=dtype)
     output_dir = Path(output).expanduser() if output is not None else path / "eval" / task.name
     result = task.run(
         solver,

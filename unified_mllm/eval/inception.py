@@ -124,15 +124,8 @@ class InceptionC(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for layer in (
-            self.branch7x7dbl_1,
-            self.branch7x7dbl_2,
-            self.branch7x7dbl_3,
-            self.branch7x7dbl_4,
-            self.branch7x7dbl_5,
-        ):
-            bd = layer(bd)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         bp = self.branch_pool(_avg_pool_3x3(x))
         return torch.cat([b1, b7, bd, bp], dim=1)
 
@@ -180,10 +173,7 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _avg_pool_3x3(x)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
         bp = self.branch_pool(pooled)
         return torch.cat([b1, b3, bd, bp], dim=1)
 
@@ -321,9 +311,6 @@ def load_fid_inception(
             f"{path!r} is not the FID Inception-v3 ({FID_WEIGHTS_NAME}):\n  " + "\n  ".join(problems)
         )
     # The ported file has no batch-norm counters; keep ours so the strict load checks everything else.
-    full = dict(state)
-    for key, value in expected.items():
-        if _is_bn_counter(key):
-            full.setdefault(key, value)
-    model.load_state_dict(full, strict=True)
+    counters = {key: value for key, value in expected.items() if _is_bn_counter(key)}
+    model.load_state_dict({**counters, **state}, strict=True)
     return model.to(device)
