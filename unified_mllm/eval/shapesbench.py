@@ -170,11 +170,6 @@ def judge_image(image: Image.Image, spec: dict[str, Any], world: WorldConfig) ->
     return JudgeResult(correct=False, reason=reason, objects=verdict.objects)
 
 
-def _judge_read(objects: Sequence[Any]) -> list[str]:
-    """The judge's reading, one short phrase per object: 'large red circle at row 0, col 2'."""
-    return [f"{o.size} {o.color} {o.shape} at row {o.row}, col {o.col}" for o in objects]
-
-
 def evaluate_generation(
     solver: Solver,
     prompts: Sequence[dict[str, Any]],
@@ -223,7 +218,8 @@ def evaluate_generation(
             "spec": p["spec"],
             "correct": v.correct,
             "reason": v.reason,
-            "judge_read": _judge_read(v.objects),
+            # the judge's reading, one phrase per object: 'large red circle at row 0, col 2'
+            "judge_read": [f"{o.size} {o.color} {o.shape} at row {o.row}, col {o.col}" for o in v.objects],
             "image": f"{IMAGES_DIR}/{i:05d}.png",
         }
         for i, (p, v) in enumerate(zip(prompts, verdicts, strict=True))
@@ -299,6 +295,13 @@ def sample_grid(
 # ------------------------------------------------------------------------------------------- the task
 
 
+def _accuracy_table(label: str, groups: dict[str, Any], overall: str, totals: dict[str, Any]) -> str:
+    """Accuracy and correct/total per group, then the ``overall`` row."""
+    rows = [(name, percent(g["accuracy"]), f"{g['correct']}/{g['total']}") for name, g in groups.items()]
+    rows.append((overall, f"**{percent(totals['overall'])}**", f"{totals['correct']}/{totals['total']}"))
+    return markdown_table((label, "accuracy", "correct"), rows)
+
+
 @register_task
 class ShapesBench(Task):
     """The embedded benchmark (see the module docstring)."""
@@ -364,11 +367,12 @@ class ShapesBench(Task):
             "limit": limit,
             "batch_size": batch_size,
         }
-        result["world"] = {"seed": config.data.world.seed, "split": str(test_split_dir(config))}
+        split = test_split_dir(config)
+        result["world"] = {"seed": config.data.world.seed, "split": str(split)}
         if "understanding" in self.parts:
-            questions, scenes = load_questions(test_split_dir(config), limit)
+            questions, scenes = load_questions(split, limit)
             if not questions:
-                raise ValueError(f"the test split at {test_split_dir(config)} holds no VQA questions")
+                raise ValueError(f"the test split at {split} holds no VQA questions")
             result["understanding"] = evaluate_understanding(
                 solver,
                 questions,
@@ -426,12 +430,7 @@ class ShapesBench(Task):
                 f"\nUnderstanding: {vqa['total']} questions on {vqa['scenes']} test scenes, exact match "
                 f"({vqa['seconds']:.1f} s)\n\n"
             )
-            rows = [
-                (t, percent(g["accuracy"]), f"{g['correct']}/{g['total']}")
-                for t, g in vqa["per_type"].items()
-            ]
-            rows.append(("**overall**", f"**{percent(vqa['overall'])}**", f"{vqa['correct']}/{vqa['total']}"))
-            out.append(markdown_table(("question type", "accuracy", "correct"), rows))
+            out.append(_accuracy_table("question type", vqa["per_type"], "**overall**", vqa))
             pope = vqa["pope"]
             out.append(f"\nPOPE-style yes/no on the {pope['total']} existence questions\n\n")
             header = ("accuracy", "precision", "recall", "F1", "yes-ratio", "unclear answers")
@@ -444,18 +443,9 @@ class ShapesBench(Task):
                 f"\nGeneration: {gen['total']} GenEval-style prompts, judged (cfg {settings['cfg_scale']}, "
                 f"top-k {settings['image_top_k']}, {settings['image_size']} px; {gen['seconds']:.1f} s)\n\n"
             )
-            rows = [
-                (c, percent(g["accuracy"]), f"{g['correct']}/{g['total']}")
-                for c, g in gen["per_category"].items()
-            ]
-            rows.append(
-                (
-                    "**overall** (mean of categories)",
-                    f"**{percent(gen['overall'])}**",
-                    f"{gen['correct']}/{gen['total']}",
-                )
+            out.append(
+                _accuracy_table("category", gen["per_category"], "**overall** (mean of categories)", gen)
             )
-            out.append(markdown_table(("category", "accuracy", "correct"), rows))
             out.append(
                 f"\n{gen['mean_objects_read']:.2f} objects read per image; {gen['cluttered']} image(s) read as more "
                 "objects than the grid has cells (judged wrong: not a scene of the world)\n"
