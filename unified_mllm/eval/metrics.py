@@ -148,16 +148,3 @@ def geneval_scores(categories: Sequence[str], correct: Sequence[bool]) -> dict[s
         "total": scores["total"],
         "per_category": scores["groups"],
     }
-
-
-__all__ = [
-    "ARTICLES",
-    "NUMBER_DIGITS",
-    "answers_match",
-    "geneval_scores",
-    "normalize_answer",
-    "pope_metrics",
-    "ratio",
-    "vqa_accuracy",
-    "yes_no",
-]

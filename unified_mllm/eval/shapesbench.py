@@ -451,18 +451,3 @@ class ShapesBench(Task):
                 "objects than the grid has cells (judged wrong: not a scene of the world)\n"
             )
         return "".join(out)
-
-
-__all__ = [
-    "DEFAULT_PROMPTS",
-    "PARTS",
-    "Question",
-    "ShapesBench",
-    "evaluate_generation",
-    "evaluate_understanding",
-    "grid_shape",
-    "judge_image",
-    "load_questions",
-    "sample_grid",
-    "test_split_dir",
-]

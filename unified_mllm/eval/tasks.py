@@ -170,18 +170,3 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-__all__ = [
-    "TASKS",
-    "Solver",
-    "Task",
-    "UnknownTaskError",
-    "batched",
-    "check_limit",
-    "get_task",
-    "markdown_table",
-    "percent",
-    "register_task",
-    "task_names",
-]
