@@ -56,8 +56,11 @@ def _ordered(keys: set[str], canonical: Sequence[str]) -> list[str]:
     return [k for k in canonical if k in keys] + sorted(keys - set(canonical))
 
 
-def _grouped_accuracy(groups: Sequence[str], correct: Sequence[bool], canonical: Sequence[str]) -> dict:
-    """Per-group {accuracy, correct, total} plus the totals and the mean of the group accuracies."""
+def _grouped_accuracy(
+    groups: Sequence[str], correct: Sequence[bool], canonical: Sequence[str], *, macro_overall: bool, per: str
+) -> dict[str, Any]:
+    """``overall`` (the mean of the group accuracies when ``macro_overall``, else over all items), the other of
+    the two (``micro`` / ``macro``), the totals, and per group {accuracy, correct, total} under ``per``."""
     if len(groups) != len(correct):
         raise ValueError(f"got {len(groups)} group labels but {len(correct)} verdicts")
     per_group = {}
@@ -67,13 +70,10 @@ def _grouped_accuracy(groups: Sequence[str], correct: Sequence[bool], canonical:
         per_group[group] = {"accuracy": ratio(hits, total), "correct": hits, "total": total}
     accuracies = [g["accuracy"] for g in per_group.values()]
     hits = sum(bool(c) for c in correct)
-    return {
-        "micro": ratio(hits, len(correct)),
-        "macro": sum(accuracies) / len(accuracies) if accuracies else None,
-        "correct": hits,
-        "total": len(correct),
-        "groups": per_group,
-    }
+    micro = ratio(hits, len(correct))
+    macro = sum(accuracies) / len(accuracies) if accuracies else None
+    head = {"overall": macro, "micro": micro} if macro_overall else {"overall": micro, "macro": macro}
+    return {**head, "correct": hits, "total": len(correct), per: per_group}
 
 
 def vqa_accuracy(types: Sequence[str], answers: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
@@ -86,14 +86,7 @@ def vqa_accuracy(types: Sequence[str], answers: Sequence[str], predictions: Sequ
             f"types, answers and predictions must align, got {len(types)}, {len(answers)}, {len(predictions)}"
         )
     correct = [answers_match(p, a) for p, a in zip(predictions, answers, strict=True)]
-    scores = _grouped_accuracy(types, correct, VQA_TYPES)
-    return {
-        "overall": scores["micro"],
-        "macro": scores["macro"],
-        "correct": scores["correct"],
-        "total": scores["total"],
-        "per_type": scores["groups"],
-    }
+    return _grouped_accuracy(types, correct, VQA_TYPES, macro_overall=False, per="per_type")
 
 
 def yes_no(prediction: str) -> str:
@@ -140,11 +133,4 @@ def geneval_scores(categories: Sequence[str], correct: Sequence[bool]) -> dict[s
 
     ``categories`` and ``correct`` are aligned, one entry per generated image.
     """
-    scores = _grouped_accuracy(categories, correct, CATEGORIES)
-    return {
-        "overall": scores["macro"],
-        "micro": scores["micro"],
-        "correct": scores["correct"],
-        "total": scores["total"],
-        "per_category": scores["groups"],
-    }
+    return _grouped_accuracy(categories, correct, CATEGORIES, macro_overall=True, per="per_category")

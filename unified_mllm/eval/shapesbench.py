@@ -70,12 +70,10 @@ LINE_HEIGHT = 12
 CAPTION_LINES = 4  # the prompt wrapped to three lines, then the judge's verdict
 CELL_WIDTH = TILE + 2 * PAD
 CELL_HEIGHT = TILE + 2 * PAD + CAPTION_LINES * LINE_HEIGHT + PAD
-JSON_FILE, MARKDOWN_FILE, GRID_FILE, IMAGES_DIR = (
-    "shapesbench.json",
-    "shapesbench.md",
-    "shapesbench_samples.png",
-    "images",
-)
+JSON_FILE = "shapesbench.json"
+MARKDOWN_FILE = "shapesbench.md"
+GRID_FILE = "shapesbench_samples.png"
+IMAGES_DIR = "images"
 
 
 @dataclass(frozen=True)
@@ -203,13 +201,8 @@ def evaluate_generation(
     result["cluttered"] = sum(len(v.objects) > world.grid_size**2 for v in verdicts)
     result["mean_objects_read"] = sum(len(v.objects) for v in verdicts) / len(verdicts)
     result["seconds"] = round(seconds, 3)
-    result["settings"] = {
-        "cfg_scale": generation.cfg_scale,
-        "image_top_k": generation.image_top_k,
-        "image_size": generation.image_size,
-        "seed": generation.seed,
-        "jacobi_window": generation.jacobi_window,
-    }
+    settings = ("cfg_scale", "image_top_k", "image_size", "seed", "jacobi_window")
+    result["settings"] = {name: getattr(generation, name) for name in settings}
     result["records"] = [
         {
             "index": i,
@@ -361,13 +354,13 @@ class ShapesBench(Task):
         check_limit(limit, batch_size)
         self.check(config)
         output_dir = Path(output_dir)
+        split = test_split_dir(config)
         result: dict[str, Any] = {
             "task": self.name,
             "model": model_name,
             "limit": limit,
             "batch_size": batch_size,
         }
-        split = test_split_dir(config)
         result["world"] = {"seed": config.data.world.seed, "split": str(split)}
         if "understanding" in self.parts:
             questions, scenes = load_questions(split, limit)
