@@ -178,17 +178,6 @@ def _summarize(tallies: Tallies, vocab_sizes: Sequence[int]) -> dict[str, Any]:
     return result
 
 
-def _fid(tallies: Tallies, reference_stats: str | None, save_reference: str | None) -> dict[str, Any]:
-    assert tallies.fid_real is not None and tallies.fid_fake is not None
-    if save_reference:
-        save_stats(save_reference, tallies.fid_real.stats())
-    reference = load_stats(reference_stats) if reference_stats else tallies.fid_real.stats()
-    return {
-        "rfid": compute_fid(reference, tallies.fid_fake),
-        "rfid_reference": reference_stats or "originals of the evaluated images",
-    }
-
-
 def evaluate_tokenizer(
     tokenizer: VisualTokenizer,
     samples: Iterator[Sample],
@@ -218,8 +207,12 @@ def evaluate_tokenizer(
     if not tallies.psnr:
         raise ValueError("no images to evaluate")
     result = _summarize(tallies, tokenizer.code_vocab_sizes())
-    if inception is not None:
-        result.update(_fid(tallies, reference_stats, save_reference))
+    if tallies.fid_real is not None and tallies.fid_fake is not None:  # with inception
+        if save_reference:
+            save_stats(save_reference, tallies.fid_real.stats())
+        reference = load_stats(reference_stats) if reference_stats else tallies.fid_real.stats()
+        result["rfid"] = compute_fid(reference, tallies.fid_fake)
+        result["rfid_reference"] = reference_stats or "originals of the evaluated images"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -243,28 +236,21 @@ def semantic_embedders(tokenizer: VisualTokenizer, config: Config) -> tuple[Embe
     def pixels(images: Sequence[Any]) -> torch.Tensor:
         return preprocess(list(images), vq.resolution).to(device)
 
+    model: Any = tokenizer
     if vq.kind == "unitok":
-        unitok: Any = tokenizer
-
-        def unitok_images(images: Sequence[Any]) -> torch.Tensor:
-            return unitok.image_embedding(pixels(images)).float()
-
-        def unitok_prompts(prompts: Sequence[Any]) -> torch.Tensor:
-            ids = tokenize(text, prompts, vq.unitok.text_context, pad=vq.unitok.text_pad_id)
-            return unitok.text_embedding(ids.to(device)).float()
-
-        return unitok_images, unitok_prompts
-    dualtoken: Any = tokenizer
+        return (
+            lambda images: model.image_embedding(pixels(images)).float(),
+            lambda prompts: model.text_embedding(
+                tokenize(text, prompts, vq.unitok.text_context, pad=vq.unitok.text_pad_id).to(device)
+            ).float(),
+        )
     siglip = load_contrastive(vq.dualtoken.pretrained).to(device).eval()
-
-    def dualtoken_images(images: Sequence[Any]) -> torch.Tensor:
-        return dualtoken.semantic_embedding(pixels(images)).float()
-
-    def siglip_prompts(prompts: Sequence[Any]) -> torch.Tensor:
-        ids = tokenize(text, prompts, config.contrastive.text_max_length)
-        return embed_texts(siglip, ids.to(device)).float()
-
-    return dualtoken_images, siglip_prompts
+    return (
+        lambda images: model.semantic_embedding(pixels(images)).float(),
+        lambda prompts: embed_texts(
+            siglip, tokenize(text, prompts, config.contrastive.text_max_length).to(device)
+        ).float(),
+    )
 
 
 @torch.no_grad()
@@ -346,12 +332,6 @@ def output_paths(checkpoint: Path, split: str, output: str | None) -> tuple[Path
     return base.with_suffix(".json"), base.with_suffix(".md")
 
 
-def resolve_checkpoint(config: Config, checkpoint: str | None) -> Path:
-    """``--checkpoint``, else ``model.vq.checkpoint``, else the trainer's output directory."""
-    path = checkpoint or config.model.vq.checkpoint or config.vq_train.output_dir
-    return Path(path).expanduser()
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure an image tokenizer's reconstructions of a split.")
     add_config_arguments(parser)
@@ -372,7 +352,10 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI's work: load, evaluate, write JSON + markdown, print the table."""
     config = config_from_args(args)
-    checkpoint = resolve_checkpoint(config, args.checkpoint)
+    # --checkpoint, else model.vq.checkpoint, else the trainer's output directory
+    checkpoint = Path(
+        args.checkpoint or config.model.vq.checkpoint or config.vq_train.output_dir
+    ).expanduser()
     tokenizer = load_visual_tokenizer(checkpoint, config=config.model.vq, device=args.device)
     shards = Path(args.shards or Path(config.data.root) / args.split).expanduser()
     inception = load_fid_inception(args.inception, args.device) if args.inception else None
