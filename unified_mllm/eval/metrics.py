@@ -77,10 +77,7 @@ def _grouped_accuracy(
 
 
 def vqa_accuracy(types: Sequence[str], answers: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
-    """Exact-match accuracy per question type (``per_type``) and ``overall`` (every question weighs the same).
-
-    ``types``, ``answers`` and ``predictions`` are aligned, one entry per question.
-    """
+    """Exact-match accuracy per question type (``per_type``) and ``overall`` (every question weighs the same)."""
     if not len(types) == len(answers) == len(predictions):
         raise ValueError(
             f"types, answers and predictions must align, got {len(types)}, {len(answers)}, {len(predictions)}"
@@ -129,8 +126,5 @@ def pope_metrics(answers: Sequence[str], predictions: Sequence[str]) -> dict[str
 
 
 def geneval_scores(categories: Sequence[str], correct: Sequence[bool]) -> dict[str, Any]:
-    """GenEval's aggregation of judge verdicts: accuracy ``per_category``, ``overall`` = their mean, ``micro``.
-
-    ``categories`` and ``correct`` are aligned, one entry per generated image.
-    """
+    """GenEval's aggregation of judge verdicts: accuracy ``per_category``, ``overall`` = their mean, ``micro``."""
     return _grouped_accuracy(categories, correct, CATEGORIES, macro_overall=True, per="per_category")

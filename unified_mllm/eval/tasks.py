@@ -1,26 +1,12 @@
 """The benchmark task interface and its registry: every benchmark plugs into ``python -m unified_mllm.eval``.
 
-A task is a :class:`Task` subclass registered under its name with :func:`register_task`::
-
-    @register_task
-    class MyBench(Task):
-        name = "mybench"
-        description = "one line for --help"
-
-        def check(self, config):  # optional: fail on missing inputs before the model loads
-            ...
-
-        def run(self, solver, config, *, limit, batch_size, output_dir, progress=True, model_name="") -> dict:
-            ...  # ask the solver, score, write files under output_dir, return every number
-
-        def format_table(self, result) -> str:
-            ...  # the markdown table the driver prints
-
-``run`` returns a JSON-able dict whose ``"files"`` entry maps a label to each file written. Tasks talk to
-the model only through the :class:`Solver` protocol (the methods of
-:class:`unified_mllm.infer.solver.InferenceSolver` they use), so tests drive them with small fakes.
-Tasks that need user data (GenEval's COCO-based prompts, POPE on COCO, MMBench) take its paths from their
-constructor or the config and say in :meth:`Task.check` which path is missing.
+A task is a :class:`Task` subclass (``name``, ``description``, ``run``, ``format_table`` and optionally
+``check``, which fails on missing inputs before the model loads) registered with the :func:`register_task`
+class decorator. ``run`` returns a JSON-able dict whose ``"files"`` entry maps a label to each file written.
+Tasks talk to the model only through the :class:`Solver` protocol (the methods of
+:class:`unified_mllm.infer.solver.InferenceSolver` they use), so tests drive them with small fakes. Tasks that
+need user data (GenEval's COCO-based prompts, POPE on COCO, MMBench) take its paths from their constructor or
+the config and say in :meth:`Task.check` which path is missing.
 """
 
 from __future__ import annotations
