@@ -31,19 +31,6 @@ CONFIG_YAML = "config.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_export_dir(export_dir: str | Path) -> Path:
-    """The export directory, or a FileNotFoundError naming what is missing."""
-    path = Path(export_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model export directory not found: {path}")
-    if not (path / CONFIG_YAML).is_file():
-        raise FileNotFoundError(
-            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
-            "is it a finished export of `python -m unified_mllm.train`?"
-        )
-    return path
-
-
 def evaluate(
     task_name: str,
     export_dir: str | Path,
@@ -63,7 +50,14 @@ def evaluate(
     ``solver`` replaces the export's InferenceSolver (tests pass a fake); results go to ``output``, default
     ``export_dir/eval/<task>``.
     """
-    path = check_export_dir(export_dir)
+    path = Path(export_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model export directory not found: {path}")
+    if not (path / CONFIG_YAML).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
+            "is it a finished export of `python -m unified_mllm.train`?"
+        )
     check_limit(limit, batch_size)
     task = get_task(task_name)
     # The export's config.yaml, then config_files, then key=value overrides, validated.

@@ -125,12 +125,6 @@ def to_rgb_array(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def estimate_background(rgb: np.ndarray) -> np.ndarray:
-    """Median colour of the one-pixel border: objects sit inside their cells, so the border is background."""
-    border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
-    return np.median(border, axis=0)
-
-
 # RGB → (luma, blue-difference, red-difference) with the chroma rows scaled down. JPEG keeps luma at full
 # resolution and subsamples chroma, so coverage measured mostly on luma keeps a small light object's shape
 # (yellow on white differs from the background mostly in chroma); the colour itself is named in plain RGB.
@@ -259,7 +253,8 @@ def read_scene(image: Image.Image | np.ndarray, world: WorldLike) -> list[Detect
     """The objects in ``image`` (any size, RGB/RGBA/uint8 array/float array), in reading order."""
     world = check_world(world)
     rgb = to_rgb_array(image, world.image_size)
-    background = estimate_background(rgb)
+    # Median colour of the one-pixel border: objects sit inside their cells, so the border is background.
+    background = np.median(np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]]), axis=0)
     colors = np.asarray([PALETTE[c] for c in world.colors], dtype=np.float32)
     alpha, label = unmix(rgb, background, colors)
     components = split_touching(ndimage.label(alpha >= ALPHA_THRESHOLD, structure=_EIGHT)[0], label, world)
