@@ -207,16 +207,12 @@ class Engine(Decoder):
         if cfg_scale != 1.0:
             prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
-        guided.append(GridConstraint(self.tokens, size=(height, width)))
+        guided += [GridConstraint(self.tokens, size=(height, width)), *processors]
+        length = height * (width + 1)
         decoding = {"sampled_rows": len(conditions), "greedy": greedy, "generator": generator}
         if jacobi_window > 0:
             ids, _ = decode_grid(
-                self,
-                prompts,
-                length=height * (width + 1),
-                processors=[*guided, *processors],
-                window=jacobi_window,
-                **decoding,
+                self, prompts, length=length, processors=guided, window=jacobi_window, **decoding
             )
             rows = ids.tolist()
         else:
@@ -226,8 +222,8 @@ class Engine(Decoder):
                 )
             result = self.generate(
                 prompts,
-                max_new_tokens=height * (width + 1),
-                processors=[*guided, *processors],
+                max_new_tokens=length,
+                processors=guided,
                 stop_ids=(),
                 fixed_length=True,
                 stack_choice=stack_choice,
