@@ -1,13 +1,14 @@
 """Autoregressive decoding over token ids with a transformers KV cache (design convention 7).
 
-:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel` through the prefill / step primitives
-of :mod:`unified_mllm.infer.decoding`: one prefill of the left-padded prompts (``attention_mask`` + ``position_ids`` that start at 0 on each row's first real id, continuous features
-scattered into the prompt's feature slots), then one forward per new token over the cache. Each step runs the
-logits processors (:mod:`unified_mllm.infer.processors`) on ``[R, V]`` float32 scores and picks the next id by
-arg-max (greedy) or by sampling from a ``torch.Generator`` (seeded runs repeat exactly). Rows stop on their own:
-at a stop id (end-of-turn / eos), at their token budget, or when the code grid of an image they opened is
-complete (``stop_at_image_grid``; the caller closes the span, see ``infer/solver.py``). Finished rows are fed
-padding until the whole batch is done.
+:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel` through the prefill / step
+primitives of :mod:`unified_mllm.infer.decoding`: one prefill of the left-padded prompts (``attention_mask`` +
+``position_ids`` that start at 0 on each row's first real id, continuous features scattered into the prompt's
+feature slots), then one forward per new token over the cache. Each step runs the logits processors
+(:mod:`unified_mllm.infer.processors`) on ``[R, V]`` float32 scores and picks the next id by arg-max (greedy)
+or by sampling from a ``torch.Generator`` (seeded runs repeat exactly). Rows stop on their own: at a stop id
+(end-of-turn / eos), at their token budget, or when the code grid of an image they opened is complete
+(``stop_at_image_grid``; the caller closes the span, see ``infer/solver.py``). Finished rows are fed padding
+until the whole batch is done.
 
 **Image mode** (:meth:`Engine.generate_images`) runs classifier-free guidance with the conditional and
 unconditional rows in *one* batch ``[cond (B); uncond (B)]``: the unconditional prompt is
@@ -94,12 +95,7 @@ def guided_stack_choice(
 
 class Engine(Decoder):
     """Batched autoregressive decoding for a :class:`UnifiedModel` in eval mode (see the module docstring), on
-    the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder`.
-
-    Args:
-        model: the unified model; its ``lm`` / ``lm_head`` / ``embed`` run the forwards.
-        tokens: the tokenizer's :class:`SpecialTokens` (padding, stop ids, the image layout).
-        cache: ``"auto"``, ``"dynamic"`` or ``"static"`` KV cache (module docstring).
+    the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder` (and its arguments).
     """
 
     # ------------------------------------------------------------------------------------------ public
@@ -123,16 +119,16 @@ class Engine(Decoder):
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
-        ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is drawn
-        from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the feature
-        slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]`` are the
-        stacks of the prompts' code positions in the same order (code-stack tokenizers). ``stop_at_image_grid``
-        ends a row as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
-        With code-stack tokenizers every code id a row writes gets its stack from the depth heads through
-        ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or drawn like the ids):
-        they sample that position's stack from the same hidden state (all rows together, so guidance sees both
-        halves), the stack's first code becomes the id, and the next forward embeds the stack;
-        :attr:`Generation.stacks` returns them.
+        ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is
+        drawn from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the
+        feature slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]``
+        are the stacks of the prompts' code positions in the same order (code-stack tokenizers).
+        ``stop_at_image_grid`` ends a row as soon as the grid of an image span it opened is complete (finish
+        reason ``"image"``). With code-stack tokenizers every code id a row writes gets its stack from the
+        depth heads through ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or
+        drawn like the ids), from the same hidden state and all rows together (guidance sees both halves); the
+        stack's first code becomes the id and the next forward embeds the stack. :attr:`Generation.stacks`
+        returns them.
 
         Ids are picked for the first ``sampled_rows`` (``B``, default: every row) and fed to every row
         ``i + k * B`` as well (``2B`` rows for ``[cond; uncond]`` guidance). ``fixed_length``: every row runs its
