@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,10 +106,8 @@ def pope_metrics(answers: Sequence[str], predictions: Sequence[str]) -> dict[str
     if bad:
         raise ValueError(f"POPE needs yes/no ground truth, got answers {bad[:5]}")
     read = [yes_no(p) for p in predictions]
-    tp = sum(t == "yes" and r == "yes" for t, r in zip(truth, read, strict=True))
-    fp = sum(t == "no" and r == "yes" for t, r in zip(truth, read, strict=True))
-    tn = sum(t == "no" and r == "no" for t, r in zip(truth, read, strict=True))
-    fn = sum(t == "yes" and r == "no" for t, r in zip(truth, read, strict=True))
+    pairs = Counter(zip(truth, read, strict=True))  # (truth, read) -> count
+    tp, fp, tn, fn = (pairs[t, r] for t, r in (("yes", "yes"), ("no", "yes"), ("no", "no"), ("yes", "no")))
     precision, recall = ratio(tp, tp + fp) or 0.0, ratio(tp, tp + fn) or 0.0
     return {
         "accuracy": ratio(tp + tn, len(truth)),

@@ -38,7 +38,6 @@ class Solver(Protocol):
         seed: int = ...,
     ) -> list[str]:
         """One answer per conversation row: the reply to its last question (whose answer is None)."""
-        ...
 
     def generate_img(
         self,
@@ -51,7 +50,6 @@ class Solver(Protocol):
         jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         """One image per prompt."""
-        ...
 
 
 class Task(ABC):

@@ -419,8 +419,7 @@ class InferenceSolver:
                 answer.budget = min(answer.budget, self._room(answer.ids))
                 answer.done = answer.budget < 1
                 continue
-            text = new[:-1] if reason == "stop" else new
-            self._add_text(answer, text)
+            self._add_text(answer, new[:-1] if reason == "stop" else new)  # without the stop id
             answer.done = True
 
     def _add_text(self, answer: _Answer, ids: Sequence[int]) -> None:
