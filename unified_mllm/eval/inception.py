@@ -207,16 +207,13 @@ class InceptionFeatureExtractor(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         # Kept only so that the weights file loads strictly; FID never reads the logits.
         self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)
-        self._init_random_weights()
-        self.requires_grad_(False)
-        self.eval()
-
-    def _init_random_weights(self) -> None:
         # He-normal keeps activations O(1) through ~50 ReLU layers, so a random instance (tests, smoke runs)
         # gives features that are neither vanishing nor exploding. Real use always loads the file.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        self.requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> InceptionFeatureExtractor:
         """Stays in eval mode whatever ``mode`` is: batch statistics would make FID depend on batching."""
