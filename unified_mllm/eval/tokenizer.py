@@ -63,7 +63,7 @@ from unified_mllm.eval.image_metrics import (
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
-from unified_mllm.eval.tasks import batched
+from unified_mllm.eval.tasks import batched, markdown_table
 from unified_mllm.metrics import psnr, ssim, zero_shot_classify
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
@@ -299,12 +299,10 @@ def format_markdown(result: dict[str, Any]) -> str:
     ]
     judge = result.get("judge")
     if judge:
-        originals = judge["originals"]
-        rows += [
-            ("judge: objects recovered", f"{_percent(judge['object_accuracy'])} (originals: {_percent(originals['object_accuracy'])})"),
-            ("judge: scenes exact", f"{_percent(judge['scene_accuracy'])} (originals: {_percent(originals['scene_accuracy'])})"),
-            ("judge: extra objects", str(judge["extra_objects"])),
-        ]  # fmt: skip
+        for label, key in (("objects recovered", "object_accuracy"), ("scenes exact", "scene_accuracy")):
+            both = f"{_percent(judge[key])} (originals: {_percent(judge['originals'][key])})"
+            rows.append((f"judge: {label}", both))
+        rows.append(("judge: extra objects", str(judge["extra_objects"])))
     if "rfid" in result:
         rows.append(("rFID (relative, see docs)", f"{result['rfid']:.2f}"))
     zero_shot = result.get("zero_shot")
@@ -316,8 +314,8 @@ def format_markdown(result: dict[str, Any]) -> str:
                 f"shape {_percent(zero_shot['shape_accuracy'])}",
             )
         )
-    header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n| metric | value |\n|---|---|\n"
-    return header + "".join(f"| {name} | {value} |\n" for name, value in rows)
+    header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n"
+    return header + markdown_table(("metric", "value"), rows)
 
 
 def output_paths(checkpoint: Path, split: str, output: str | None) -> tuple[Path, Path]:
