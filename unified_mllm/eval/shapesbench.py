@@ -30,6 +30,7 @@ under them) and ``images/`` (every generated image).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -94,9 +95,7 @@ def test_split_dir(config: Config) -> Path:
 def load_questions(split_dir: Path, limit: int | None) -> tuple[list[Question], int]:
     """The questions of the first ``limit`` scenes of a split (every scene when None) and the scene count."""
     questions, scenes = [], 0
-    for sample in iter_samples(split_dir):
-        if limit is not None and scenes >= limit:
-            break
+    for sample in itertools.islice(iter_samples(split_dir), limit):
         scenes += 1
         for qa in sample.meta.get("vqa", []):
             questions.append(

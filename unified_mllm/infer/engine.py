@@ -98,8 +98,6 @@ class Engine(Decoder):
     the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder` (and its arguments).
     """
 
-    # ------------------------------------------------------------------------------------------ public
-
     @torch.inference_mode()
     def generate(
         self,
