@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -145,8 +146,8 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def percent(value: float | None) -> str:
-    """'93.10%' or 'n/a' for an empty group."""
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+    """'93.10%', or 'n/a' for an empty group (None) or a figure that is not finite."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

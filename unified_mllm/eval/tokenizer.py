@@ -63,7 +63,7 @@ from unified_mllm.eval.image_metrics import (
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
-from unified_mllm.eval.tasks import batched, markdown_table
+from unified_mllm.eval.tasks import batched, markdown_table, percent
 from unified_mllm.metrics import psnr, ssim, zero_shot_classify
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
@@ -281,10 +281,6 @@ def semantic_zero_shot(
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
-
-
 def format_markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table."""
     rows = [
@@ -293,14 +289,14 @@ def format_markdown(result: dict[str, Any]) -> str:
         ("SSIM", f"{result['ssim']:.4f}"),
         (
             "codebook usage",
-            f"{_percent(result['codebook_usage'])} ({result['codes_used']}/{result['codebook_size']})",
+            f"{percent(result['codebook_usage'])} ({result['codes_used']}/{result['codebook_size']})",
         ),
         ("code perplexity", f"{result['perplexity']:.1f}"),
     ]
     judge = result.get("judge")
     if judge:
         for label, key in (("objects recovered", "object_accuracy"), ("scenes exact", "scene_accuracy")):
-            both = f"{_percent(judge[key])} (originals: {_percent(judge['originals'][key])})"
+            both = f"{percent(judge[key])} (originals: {percent(judge['originals'][key])})"
             rows.append((f"judge: {label}", both))
         rows.append(("judge: extra objects", str(judge["extra_objects"])))
     if "rfid" in result:
@@ -310,8 +306,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         rows.append(
             (
                 f"semantic zero-shot ({zero_shot['num_images']} single-object images)",
-                f"colour+shape {_percent(zero_shot['accuracy'])}, colour {_percent(zero_shot['color_accuracy'])}, "
-                f"shape {_percent(zero_shot['shape_accuracy'])}",
+                f"colour+shape {percent(zero_shot['accuracy'])}, colour {percent(zero_shot['color_accuracy'])}, "
+                f"shape {percent(zero_shot['shape_accuracy'])}",
             )
         )
     header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n"
