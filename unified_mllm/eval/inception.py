@@ -262,17 +262,15 @@ def _state_dict_mismatches(expected: Mapping[str, Tensor], found: Mapping[str, T
     """Lines describing missing keys, unexpected keys and shape mismatches (empty when the file fits)."""
     want = {k: tuple(v.shape) for k, v in expected.items() if not _is_bn_counter(k)}
     have = {k: tuple(v.shape) for k, v in found.items() if not _is_bn_counter(k)}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(
-        f"{k}: file {have[k]} != network {want[k]}" for k in set(want) & set(have) if want[k] != have[k]
-    )
+    problems = {
+        "missing keys": sorted(set(want) - set(have)),
+        "unexpected keys": sorted(set(have) - set(want)),
+        "shape mismatches": sorted(
+            f"{k}: file {have[k]} != network {want[k]}" for k in set(want) & set(have) if want[k] != have[k]
+        ),
+    }
     lines: list[str] = []
-    for title, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", shapes),
-    ):
+    for title, items in problems.items():
         if items:
             shown = ", ".join(items[:_MAX_LISTED_KEYS])
             more = f", ... ({len(items) - _MAX_LISTED_KEYS} more)" if len(items) > _MAX_LISTED_KEYS else ""
