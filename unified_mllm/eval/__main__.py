@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unified_mllm.config import Config, ConfigError, load_config
+from unified_mllm.config import ConfigError, load_config
 from unified_mllm.eval.tasks import Solver, check_limit, get_task, task_names
 
 # The resolved training config in an export (unified_mllm.train.export.CONFIG_YAML, named here so that a bad
@@ -29,33 +29,6 @@ from unified_mllm.eval.tasks import Solver, check_limit, get_task, task_names
 CONFIG_YAML = "config.yaml"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_export_dir(export_dir: str | Path) -> Path:
-    """The export directory, or a FileNotFoundError naming what is missing."""
-    path = Path(export_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model export directory not found: {path}")
-    if not (path / CONFIG_YAML).is_file():
-        raise FileNotFoundError(
-            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
-            "is it a finished export of `python -m unified_mllm.train`?"
-        )
-    return path
-
-
-def load_eval_config(
-    export_dir: Path, config_files: Sequence[str] = (), overrides: Sequence[str] = ()
-) -> Config:
-    """The export's ``config.yaml``, then ``config_files``, then ``key=value`` overrides, validated."""
-    return load_config([check_export_dir(export_dir) / CONFIG_YAML, *config_files], overrides)
-
-
-def load_solver(export_dir: Path, device: str, dtype: torch.dtype | None) -> Solver:
-    """The InferenceSolver of an export (imported here: the driver's checks need no model code)."""
-    from unified_mllm.infer.solver import InferenceSolver
-
-    return InferenceSolver.from_pretrained(export_dir, device=device, dtype=dtype)
 
 
 def evaluate(
@@ -77,13 +50,24 @@ def evaluate(
     ``solver`` replaces the export's InferenceSolver (tests pass a fake); results go to ``output``, default
     ``export_dir/eval/<task>``.
     """
-    path = check_export_dir(export_dir)
+    path = Path(export_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model export directory not found: {path}")
+    if not (path / CONFIG_YAML).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
+            "is it a finished export of `python -m unified_mllm.train`?"
+        )
     check_limit(limit, batch_size)
     task = get_task(task_name)
-    config = load_eval_config(path, config_files, overrides)
+    # The export's config.yaml, then config_files, then key=value overrides, validated.
+    config = load_config([path / CONFIG_YAML, *config_files], overrides)
     task.check(config)
     if solver is None:
-        solver = load_solver(path, device, dtype)
+        # Imported here: the driver's checks need no model code.
+        from unified_mllm.infer.solver import InferenceSolver
+
+        solver = InferenceSolver.from_pretrained(path, device=device, dtype=dtype)
     output_dir = Path(output).expanduser() if output is not None else path / "eval" / task.name
     result = task.run(
         solver,

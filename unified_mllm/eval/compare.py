@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unified_mllm import io
+from unified_mllm.eval.tasks import markdown_table
 
 TOKENIZER_RESULT = "eval_test.json"
 BENCH_RESULT = Path("eval") / "shapesbench" / "shapesbench.json"
@@ -65,21 +66,20 @@ def table_row(name: str, tokenizer_dir: Path, export_dir: Path) -> dict[str, Any
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [
+    cells = [
+        [
             row["tokenizer"],
             str(row["code_slots"]),
             f"{row['psnr']:.2f}",
             f"{row['ssim']:.3f}",
-            _percent(row["judge_objects"]),
-            _percent(row["zero_shot"]),
-            _percent(row["vqa_overall"]),
-            _percent(row["pope_f1"]),
-            _percent(row["generation_overall"]),
+            *(
+                _percent(row[k])
+                for k in ("judge_objects", "zero_shot", "vqa_overall", "pope_f1", "generation_overall")
+            ),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for row in rows
+    ]
+    return markdown_table(COLUMNS, cells)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -173,10 +173,8 @@ class FIDAccumulator:
         """Add another accumulator's samples into this one (in place); returns ``self``."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge accumulators of dims {self.dim} and {other.dim}")
-        device = self.feature_sum.device
-        self.count += other.count.to(device)
-        self.feature_sum += other.feature_sum.to(device)
-        self.outer_sum += other.outer_sum.to(device)
+        for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
+            mine += theirs.to(mine.device)  # in place
         return self
 
     def stats(self) -> FeatureStats:

@@ -124,15 +124,8 @@ class InceptionC(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for layer in (
-            self.branch7x7dbl_1,
-            self.branch7x7dbl_2,
-            self.branch7x7dbl_3,
-            self.branch7x7dbl_4,
-            self.branch7x7dbl_5,
-        ):
-            bd = layer(bd)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         bp = self.branch_pool(_avg_pool_3x3(x))
         return torch.cat([b1, b7, bd, bp], dim=1)
 
@@ -180,10 +173,7 @@ class InceptionE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _avg_pool_3x3(x)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _avg_pool_3x3(x)
         bp = self.branch_pool(pooled)
         return torch.cat([b1, b3, bd, bp], dim=1)
 
@@ -217,16 +207,13 @@ class InceptionFeatureExtractor(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         # Kept only so that the weights file loads strictly; FID never reads the logits.
         self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)
-        self._init_random_weights()
-        self.requires_grad_(False)
-        self.eval()
-
-    def _init_random_weights(self) -> None:
         # He-normal keeps activations O(1) through ~50 ReLU layers, so a random instance (tests, smoke runs)
         # gives features that are neither vanishing nor exploding. Real use always loads the file.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        self.requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> InceptionFeatureExtractor:
         """Stays in eval mode whatever ``mode`` is: batch statistics would make FID depend on batching."""
@@ -275,17 +262,15 @@ def _state_dict_mismatches(expected: Mapping[str, Tensor], found: Mapping[str, T
     """Lines describing missing keys, unexpected keys and shape mismatches (empty when the file fits)."""
     want = {k: tuple(v.shape) for k, v in expected.items() if not _is_bn_counter(k)}
     have = {k: tuple(v.shape) for k, v in found.items() if not _is_bn_counter(k)}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(
-        f"{k}: file {have[k]} != network {want[k]}" for k in set(want) & set(have) if want[k] != have[k]
-    )
+    problems = {
+        "missing keys": sorted(set(want) - set(have)),
+        "unexpected keys": sorted(set(have) - set(want)),
+        "shape mismatches": sorted(
+            f"{k}: file {have[k]} != network {want[k]}" for k in set(want) & set(have) if want[k] != have[k]
+        ),
+    }
     lines: list[str] = []
-    for title, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", shapes),
-    ):
+    for title, items in problems.items():
         if items:
             shown = ", ".join(items[:_MAX_LISTED_KEYS])
             more = f", ... ({len(items) - _MAX_LISTED_KEYS} more)" if len(items) > _MAX_LISTED_KEYS else ""
@@ -321,9 +306,6 @@ def load_fid_inception(
             f"{path!r} is not the FID Inception-v3 ({FID_WEIGHTS_NAME}):\n  " + "\n  ".join(problems)
         )
     # The ported file has no batch-norm counters; keep ours so the strict load checks everything else.
-    full = dict(state)
-    for key, value in expected.items():
-        if _is_bn_counter(key):
-            full.setdefault(key, value)
-    model.load_state_dict(full, strict=True)
+    counters = {key: value for key, value in expected.items() if _is_bn_counter(key)}
+    model.load_state_dict({**counters, **state}, strict=True)
     return model.to(device)

@@ -20,34 +20,16 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from unified_mllm.data.shapes import CATEGORIES, VQA_TYPES
 
-_NUMBER_WORDS = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-    "twenty",
-]
+_NUMBER_WORDS = (  # noqa: SIM905 - a list literal would take one line per word
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
 NUMBER_DIGITS: dict[str, str] = {word: str(i) for i, word in enumerate(_NUMBER_WORDS)}
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -75,8 +57,11 @@ def _ordered(keys: set[str], canonical: Sequence[str]) -> list[str]:
     return [k for k in canonical if k in keys] + sorted(keys - set(canonical))
 
 
-def _grouped_accuracy(groups: Sequence[str], correct: Sequence[bool], canonical: Sequence[str]) -> dict:
-    """Per-group {accuracy, correct, total} plus the totals and the mean of the group accuracies."""
+def _grouped_accuracy(
+    groups: Sequence[str], correct: Sequence[bool], canonical: Sequence[str], *, macro_overall: bool, per: str
+) -> dict[str, Any]:
+    """``overall`` (the mean of the group accuracies when ``macro_overall``, else over all items), the other of
+    the two (``micro`` / ``macro``), the totals, and per group {accuracy, correct, total} under ``per``."""
     if len(groups) != len(correct):
         raise ValueError(f"got {len(groups)} group labels but {len(correct)} verdicts")
     per_group = {}
@@ -86,33 +71,20 @@ def _grouped_accuracy(groups: Sequence[str], correct: Sequence[bool], canonical:
         per_group[group] = {"accuracy": ratio(hits, total), "correct": hits, "total": total}
     accuracies = [g["accuracy"] for g in per_group.values()]
     hits = sum(bool(c) for c in correct)
-    return {
-        "micro": ratio(hits, len(correct)),
-        "macro": sum(accuracies) / len(accuracies) if accuracies else None,
-        "correct": hits,
-        "total": len(correct),
-        "groups": per_group,
-    }
+    micro = ratio(hits, len(correct))
+    macro = sum(accuracies) / len(accuracies) if accuracies else None
+    head = {"overall": macro, "micro": micro} if macro_overall else {"overall": micro, "macro": macro}
+    return {**head, "correct": hits, "total": len(correct), per: per_group}
 
 
 def vqa_accuracy(types: Sequence[str], answers: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
-    """Exact-match accuracy per question type (``per_type``) and ``overall`` (every question weighs the same).
-
-    ``types``, ``answers`` and ``predictions`` are aligned, one entry per question.
-    """
+    """Exact-match accuracy per question type (``per_type``) and ``overall`` (every question weighs the same)."""
     if not len(types) == len(answers) == len(predictions):
         raise ValueError(
             f"types, answers and predictions must align, got {len(types)}, {len(answers)}, {len(predictions)}"
         )
     correct = [answers_match(p, a) for p, a in zip(predictions, answers, strict=True)]
-    scores = _grouped_accuracy(types, correct, VQA_TYPES)
-    return {
-        "overall": scores["micro"],
-        "macro": scores["macro"],
-        "correct": scores["correct"],
-        "total": scores["total"],
-        "per_type": scores["groups"],
-    }
+    return _grouped_accuracy(types, correct, VQA_TYPES, macro_overall=False, per="per_type")
 
 
 def yes_no(prediction: str) -> str:
@@ -134,10 +106,8 @@ def pope_metrics(answers: Sequence[str], predictions: Sequence[str]) -> dict[str
     if bad:
         raise ValueError(f"POPE needs yes/no ground truth, got answers {bad[:5]}")
     read = [yes_no(p) for p in predictions]
-    tp = sum(t == "yes" and r == "yes" for t, r in zip(truth, read, strict=True))
-    fp = sum(t == "no" and r == "yes" for t, r in zip(truth, read, strict=True))
-    tn = sum(t == "no" and r == "no" for t, r in zip(truth, read, strict=True))
-    fn = sum(t == "yes" and r == "no" for t, r in zip(truth, read, strict=True))
+    pairs = Counter(zip(truth, read, strict=True))  # (truth, read) -> count
+    tp, fp, tn, fn = (pairs[t, r] for t, r in (("yes", "yes"), ("no", "yes"), ("no", "no"), ("yes", "no")))
     precision, recall = ratio(tp, tp + fp) or 0.0, ratio(tp, tp + fn) or 0.0
     return {
         "accuracy": ratio(tp + tn, len(truth)),
@@ -155,28 +125,5 @@ def pope_metrics(answers: Sequence[str], predictions: Sequence[str]) -> dict[str
 
 
 def geneval_scores(categories: Sequence[str], correct: Sequence[bool]) -> dict[str, Any]:
-    """GenEval's aggregation of judge verdicts: accuracy ``per_category``, ``overall`` = their mean, ``micro``.
-
-    ``categories`` and ``correct`` are aligned, one entry per generated image.
-    """
-    scores = _grouped_accuracy(categories, correct, CATEGORIES)
-    return {
-        "overall": scores["macro"],
-        "micro": scores["micro"],
-        "correct": scores["correct"],
-        "total": scores["total"],
-        "per_category": scores["groups"],
-    }
-
-
-__all__ = [
-    "ARTICLES",
-    "NUMBER_DIGITS",
-    "answers_match",
-    "geneval_scores",
-    "normalize_answer",
-    "pope_metrics",
-    "ratio",
-    "vqa_accuracy",
-    "yes_no",
-]
+    """GenEval's aggregation of judge verdicts: accuracy ``per_category``, ``overall`` = their mean, ``micro``."""
+    return _grouped_accuracy(categories, correct, CATEGORIES, macro_overall=True, per="per_category")

@@ -30,6 +30,7 @@ under them) and ``images/`` (every generated image).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -70,12 +71,10 @@ LINE_HEIGHT = 12
 CAPTION_LINES = 4  # the prompt wrapped to three lines, then the judge's verdict
 CELL_WIDTH = TILE + 2 * PAD
 CELL_HEIGHT = TILE + 2 * PAD + CAPTION_LINES * LINE_HEIGHT + PAD
-JSON_FILE, MARKDOWN_FILE, GRID_FILE, IMAGES_DIR = (
-    "shapesbench.json",
-    "shapesbench.md",
-    "shapesbench_samples.png",
-    "images",
-)
+JSON_FILE = "shapesbench.json"
+MARKDOWN_FILE = "shapesbench.md"
+GRID_FILE = "shapesbench_samples.png"
+IMAGES_DIR = "images"
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,7 @@ def test_split_dir(config: Config) -> Path:
 def load_questions(split_dir: Path, limit: int | None) -> tuple[list[Question], int]:
     """The questions of the first ``limit`` scenes of a split (every scene when None) and the scene count."""
     questions, scenes = [], 0
-    for sample in iter_samples(split_dir):
-        if limit is not None and scenes >= limit:
-            break
+    for sample in itertools.islice(iter_samples(split_dir), limit):
         scenes += 1
         for qa in sample.meta.get("vqa", []):
             questions.append(
@@ -170,11 +167,6 @@ def judge_image(image: Image.Image, spec: dict[str, Any], world: WorldConfig) ->
     return JudgeResult(correct=False, reason=reason, objects=verdict.objects)
 
 
-def _judge_read(objects: Sequence[Any]) -> list[str]:
-    """The judge's reading, one short phrase per object: 'large red circle at row 0, col 2'."""
-    return [f"{o.size} {o.color} {o.shape} at row {o.row}, col {o.col}" for o in objects]
-
-
 def evaluate_generation(
     solver: Solver,
     prompts: Sequence[dict[str, Any]],
@@ -208,13 +200,8 @@ def evaluate_generation(
     result["cluttered"] = sum(len(v.objects) > world.grid_size**2 for v in verdicts)
     result["mean_objects_read"] = sum(len(v.objects) for v in verdicts) / len(verdicts)
     result["seconds"] = round(seconds, 3)
-    result["settings"] = {
-        "cfg_scale": generation.cfg_scale,
-        "image_top_k": generation.image_top_k,
-        "image_size": generation.image_size,
-        "seed": generation.seed,
-        "jacobi_window": generation.jacobi_window,
-    }
+    settings = ("cfg_scale", "image_top_k", "image_size", "seed", "jacobi_window")
+    result["settings"] = {name: getattr(generation, name) for name in settings}
     result["records"] = [
         {
             "index": i,
@@ -223,7 +210,8 @@ def evaluate_generation(
             "spec": p["spec"],
             "correct": v.correct,
             "reason": v.reason,
-            "judge_read": _judge_read(v.objects),
+            # the judge's reading, one phrase per object: 'large red circle at row 0, col 2'
+            "judge_read": [f"{o.size} {o.color} {o.shape} at row {o.row}, col {o.col}" for o in v.objects],
             "image": f"{IMAGES_DIR}/{i:05d}.png",
         }
         for i, (p, v) in enumerate(zip(prompts, verdicts, strict=True))
@@ -299,6 +287,13 @@ def sample_grid(
 # ------------------------------------------------------------------------------------------- the task
 
 
+def _accuracy_table(label: str, groups: dict[str, Any], overall: str, totals: dict[str, Any]) -> str:
+    """Accuracy and correct/total per group, then the ``overall`` row."""
+    rows = [(name, percent(g["accuracy"]), f"{g['correct']}/{g['total']}") for name, g in groups.items()]
+    rows.append((overall, f"**{percent(totals['overall'])}**", f"{totals['correct']}/{totals['total']}"))
+    return markdown_table((label, "accuracy", "correct"), rows)
+
+
 @register_task
 class ShapesBench(Task):
     """The embedded benchmark (see the module docstring)."""
@@ -358,17 +353,18 @@ class ShapesBench(Task):
         check_limit(limit, batch_size)
         self.check(config)
         output_dir = Path(output_dir)
+        split = test_split_dir(config)
         result: dict[str, Any] = {
             "task": self.name,
             "model": model_name,
             "limit": limit,
             "batch_size": batch_size,
         }
-        result["world"] = {"seed": config.data.world.seed, "split": str(test_split_dir(config))}
+        result["world"] = {"seed": config.data.world.seed, "split": str(split)}
         if "understanding" in self.parts:
-            questions, scenes = load_questions(test_split_dir(config), limit)
+            questions, scenes = load_questions(split, limit)
             if not questions:
-                raise ValueError(f"the test split at {test_split_dir(config)} holds no VQA questions")
+                raise ValueError(f"the test split at {split} holds no VQA questions")
             result["understanding"] = evaluate_understanding(
                 solver,
                 questions,
@@ -426,12 +422,7 @@ class ShapesBench(Task):
                 f"\nUnderstanding: {vqa['total']} questions on {vqa['scenes']} test scenes, exact match "
                 f"({vqa['seconds']:.1f} s)\n\n"
             )
-            rows = [
-                (t, percent(g["accuracy"]), f"{g['correct']}/{g['total']}")
-                for t, g in vqa["per_type"].items()
-            ]
-            rows.append(("**overall**", f"**{percent(vqa['overall'])}**", f"{vqa['correct']}/{vqa['total']}"))
-            out.append(markdown_table(("question type", "accuracy", "correct"), rows))
+            out.append(_accuracy_table("question type", vqa["per_type"], "**overall**", vqa))
             pope = vqa["pope"]
             out.append(f"\nPOPE-style yes/no on the {pope['total']} existence questions\n\n")
             header = ("accuracy", "precision", "recall", "F1", "yes-ratio", "unclear answers")
@@ -444,35 +435,11 @@ class ShapesBench(Task):
                 f"\nGeneration: {gen['total']} GenEval-style prompts, judged (cfg {settings['cfg_scale']}, "
                 f"top-k {settings['image_top_k']}, {settings['image_size']} px; {gen['seconds']:.1f} s)\n\n"
             )
-            rows = [
-                (c, percent(g["accuracy"]), f"{g['correct']}/{g['total']}")
-                for c, g in gen["per_category"].items()
-            ]
-            rows.append(
-                (
-                    "**overall** (mean of categories)",
-                    f"**{percent(gen['overall'])}**",
-                    f"{gen['correct']}/{gen['total']}",
-                )
+            out.append(
+                _accuracy_table("category", gen["per_category"], "**overall** (mean of categories)", gen)
             )
-            out.append(markdown_table(("category", "accuracy", "correct"), rows))
             out.append(
                 f"\n{gen['mean_objects_read']:.2f} objects read per image; {gen['cluttered']} image(s) read as more "
                 "objects than the grid has cells (judged wrong: not a scene of the world)\n"
             )
         return "".join(out)
-
-
-__all__ = [
-    "DEFAULT_PROMPTS",
-    "PARTS",
-    "Question",
-    "ShapesBench",
-    "evaluate_generation",
-    "evaluate_understanding",
-    "grid_shape",
-    "judge_image",
-    "load_questions",
-    "sample_grid",
-    "test_split_dir",
-]

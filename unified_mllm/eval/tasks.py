@@ -1,31 +1,19 @@
 """The benchmark task interface and its registry: every benchmark plugs into ``python -m unified_mllm.eval``.
 
-A task is a :class:`Task` subclass registered under its name with :func:`register_task`::
-
-    @register_task
-    class MyBench(Task):
-        name = "mybench"
-        description = "one line for --help"
-
-        def check(self, config):  # optional: fail on missing inputs before the model loads
-            ...
-
-        def run(self, solver, config, *, limit, batch_size, output_dir, progress=True, model_name="") -> dict:
-            ...  # ask the solver, score, write files under output_dir, return every number
-
-        def format_table(self, result) -> str:
-            ...  # the markdown table the driver prints
-
-``run`` returns a JSON-able dict whose ``"files"`` entry maps a label to each file written. Tasks talk to
-the model only through the :class:`Solver` protocol (the methods of
-:class:`unified_mllm.infer.solver.InferenceSolver` they use), so tests drive them with small fakes.
-Tasks that need user data (GenEval's COCO-based prompts, POPE on COCO, MMBench) take its paths from their
-constructor or the config and say in :meth:`Task.check` which path is missing.
+A task is a :class:`Task` subclass (``name``, ``description``, ``run``, ``format_table`` and optionally
+``check``, which fails on missing inputs before the model loads) registered with the :func:`register_task`
+class decorator. ``run`` returns a JSON-able dict whose ``"files"`` entry maps a label to each file written.
+Tasks talk to the model only through the :class:`Solver` protocol (the methods of
+:class:`unified_mllm.infer.solver.InferenceSolver` they use), so tests drive them with small fakes. Tasks that
+need user data (GenEval's COCO-based prompts, POPE on COCO, MMBench) take its paths from their constructor or
+the config and say in :meth:`Task.check` which path is missing.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -51,7 +39,6 @@ class Solver(Protocol):
         seed: int = ...,
     ) -> list[str]:
         """One answer per conversation row: the reply to its last question (whose answer is None)."""
-        ...
 
     def generate_img(
         self,
@@ -64,7 +51,6 @@ class Solver(Protocol):
         jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         """One image per prompt."""
-        ...
 
 
 class Task(ABC):
@@ -154,19 +140,14 @@ T = TypeVar("T")
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of ``size`` items (the last may be shorter)."""
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
         yield batch
 
 
 def percent(value: float | None) -> str:
-    """'93.10%' or 'n/a' for an empty group."""
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+    """'93.10%', or 'n/a' for an empty group (None) or a figure that is not finite."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -174,18 +155,3 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-__all__ = [
-    "TASKS",
-    "Solver",
-    "Task",
-    "UnknownTaskError",
-    "batched",
-    "check_limit",
-    "get_task",
-    "markdown_table",
-    "percent",
-    "register_task",
-    "task_names",
-]

@@ -63,7 +63,7 @@ from unified_mllm.eval.image_metrics import (
 )
 from unified_mllm.eval.inception import InceptionFeatureExtractor, load_fid_inception
 from unified_mllm.eval.judge import read_scene
-from unified_mllm.eval.tasks import batched
+from unified_mllm.eval.tasks import batched, markdown_table, percent
 from unified_mllm.metrics import psnr, ssim, zero_shot_classify
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
@@ -178,17 +178,6 @@ def _summarize(tallies: Tallies, vocab_sizes: Sequence[int]) -> dict[str, Any]:
     return result
 
 
-def _fid(tallies: Tallies, reference_stats: str | None, save_reference: str | None) -> dict[str, Any]:
-    assert tallies.fid_real is not None and tallies.fid_fake is not None
-    if save_reference:
-        save_stats(save_reference, tallies.fid_real.stats())
-    reference = load_stats(reference_stats) if reference_stats else tallies.fid_real.stats()
-    return {
-        "rfid": compute_fid(reference, tallies.fid_fake),
-        "rfid_reference": reference_stats or "originals of the evaluated images",
-    }
-
-
 def evaluate_tokenizer(
     tokenizer: VisualTokenizer,
     samples: Iterator[Sample],
@@ -218,8 +207,12 @@ def evaluate_tokenizer(
     if not tallies.psnr:
         raise ValueError("no images to evaluate")
     result = _summarize(tallies, tokenizer.code_vocab_sizes())
-    if inception is not None:
-        result.update(_fid(tallies, reference_stats, save_reference))
+    if tallies.fid_real is not None and tallies.fid_fake is not None:  # with inception
+        if save_reference:
+            save_stats(save_reference, tallies.fid_real.stats())
+        reference = load_stats(reference_stats) if reference_stats else tallies.fid_real.stats()
+        result["rfid"] = compute_fid(reference, tallies.fid_fake)
+        result["rfid_reference"] = reference_stats or "originals of the evaluated images"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -243,28 +236,21 @@ def semantic_embedders(tokenizer: VisualTokenizer, config: Config) -> tuple[Embe
     def pixels(images: Sequence[Any]) -> torch.Tensor:
         return preprocess(list(images), vq.resolution).to(device)
 
+    model: Any = tokenizer
     if vq.kind == "unitok":
-        unitok: Any = tokenizer
-
-        def unitok_images(images: Sequence[Any]) -> torch.Tensor:
-            return unitok.image_embedding(pixels(images)).float()
-
-        def unitok_prompts(prompts: Sequence[Any]) -> torch.Tensor:
-            ids = tokenize(text, prompts, vq.unitok.text_context, pad=vq.unitok.text_pad_id)
-            return unitok.text_embedding(ids.to(device)).float()
-
-        return unitok_images, unitok_prompts
-    dualtoken: Any = tokenizer
+        return (
+            lambda images: model.image_embedding(pixels(images)).float(),
+            lambda prompts: model.text_embedding(
+                tokenize(text, prompts, vq.unitok.text_context, pad=vq.unitok.text_pad_id).to(device)
+            ).float(),
+        )
     siglip = load_contrastive(vq.dualtoken.pretrained).to(device).eval()
-
-    def dualtoken_images(images: Sequence[Any]) -> torch.Tensor:
-        return dualtoken.semantic_embedding(pixels(images)).float()
-
-    def siglip_prompts(prompts: Sequence[Any]) -> torch.Tensor:
-        ids = tokenize(text, prompts, config.contrastive.text_max_length)
-        return embed_texts(siglip, ids.to(device)).float()
-
-    return dualtoken_images, siglip_prompts
+    return (
+        lambda images: model.semantic_embedding(pixels(images)).float(),
+        lambda prompts: embed_texts(
+            siglip, tokenize(text, prompts, config.contrastive.text_max_length).to(device)
+        ).float(),
+    )
 
 
 @torch.no_grad()
@@ -295,10 +281,6 @@ def semantic_zero_shot(
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
-
-
 def format_markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table."""
     rows = [
@@ -307,18 +289,16 @@ def format_markdown(result: dict[str, Any]) -> str:
         ("SSIM", f"{result['ssim']:.4f}"),
         (
             "codebook usage",
-            f"{_percent(result['codebook_usage'])} ({result['codes_used']}/{result['codebook_size']})",
+            f"{percent(result['codebook_usage'])} ({result['codes_used']}/{result['codebook_size']})",
         ),
         ("code perplexity", f"{result['perplexity']:.1f}"),
     ]
     judge = result.get("judge")
     if judge:
-        originals = judge["originals"]
-        rows += [
-            ("judge: objects recovered", f"{_percent(judge['object_accuracy'])} (originals: {_percent(originals['object_accuracy'])})"),
-            ("judge: scenes exact", f"{_percent(judge['scene_accuracy'])} (originals: {_percent(originals['scene_accuracy'])})"),
-            ("judge: extra objects", str(judge["extra_objects"])),
-        ]  # fmt: skip
+        for label, key in (("objects recovered", "object_accuracy"), ("scenes exact", "scene_accuracy")):
+            both = f"{percent(judge[key])} (originals: {percent(judge['originals'][key])})"
+            rows.append((f"judge: {label}", both))
+        rows.append(("judge: extra objects", str(judge["extra_objects"])))
     if "rfid" in result:
         rows.append(("rFID (relative, see docs)", f"{result['rfid']:.2f}"))
     zero_shot = result.get("zero_shot")
@@ -326,12 +306,12 @@ def format_markdown(result: dict[str, Any]) -> str:
         rows.append(
             (
                 f"semantic zero-shot ({zero_shot['num_images']} single-object images)",
-                f"colour+shape {_percent(zero_shot['accuracy'])}, colour {_percent(zero_shot['color_accuracy'])}, "
-                f"shape {_percent(zero_shot['shape_accuracy'])}",
+                f"colour+shape {percent(zero_shot['accuracy'])}, colour {percent(zero_shot['color_accuracy'])}, "
+                f"shape {percent(zero_shot['shape_accuracy'])}",
             )
         )
-    header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n| metric | value |\n|---|---|\n"
-    return header + "".join(f"| {name} | {value} |\n" for name, value in rows)
+    header = f"Tokenizer `{result['checkpoint']}` on `{result['split']}`\n\n"
+    return header + markdown_table(("metric", "value"), rows)
 
 
 def output_paths(checkpoint: Path, split: str, output: str | None) -> tuple[Path, Path]:
@@ -344,12 +324,6 @@ def output_paths(checkpoint: Path, split: str, output: str | None) -> tuple[Path
     else:
         base = checkpoint.parent / f"{checkpoint.stem}-{name}"
     return base.with_suffix(".json"), base.with_suffix(".md")
-
-
-def resolve_checkpoint(config: Config, checkpoint: str | None) -> Path:
-    """``--checkpoint``, else ``model.vq.checkpoint``, else the trainer's output directory."""
-    path = checkpoint or config.model.vq.checkpoint or config.vq_train.output_dir
-    return Path(path).expanduser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -372,7 +346,10 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI's work: load, evaluate, write JSON + markdown, print the table."""
     config = config_from_args(args)
-    checkpoint = resolve_checkpoint(config, args.checkpoint)
+    # --checkpoint, else model.vq.checkpoint, else the trainer's output directory
+    checkpoint = Path(
+        args.checkpoint or config.model.vq.checkpoint or config.vq_train.output_dir
+    ).expanduser()
     tokenizer = load_visual_tokenizer(checkpoint, config=config.model.vq, device=args.device)
     shards = Path(args.shards or Path(config.data.root) / args.split).expanduser()
     inception = load_fid_inception(args.inception, args.device) if args.inception else None

@@ -1,13 +1,14 @@
 """Autoregressive decoding over token ids with a transformers KV cache (design convention 7).
 
-:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel` through the prefill / step primitives
-of :mod:`unified_mllm.infer.decoding`: one prefill of the left-padded prompts (``attention_mask`` + ``position_ids`` that start at 0 on each row's first real id, continuous features
-scattered into the prompt's feature slots), then one forward per new token over the cache. Each step runs the
-logits processors (:mod:`unified_mllm.infer.processors`) on ``[R, V]`` float32 scores and picks the next id by
-arg-max (greedy) or by sampling from a ``torch.Generator`` (seeded runs repeat exactly). Rows stop on their own:
-at a stop id (end-of-turn / eos), at their token budget, or when the code grid of an image they opened is
-complete (``stop_at_image_grid``; the caller closes the span, see ``infer/solver.py``). Finished rows are fed
-padding until the whole batch is done.
+:class:`Engine` drives a :class:`~unified_mllm.model.unified.UnifiedModel` through the prefill / step
+primitives of :mod:`unified_mllm.infer.decoding`: one prefill of the left-padded prompts (``attention_mask`` +
+``position_ids`` that start at 0 on each row's first real id, continuous features scattered into the prompt's
+feature slots), then one forward per new token over the cache. Each step runs the logits processors
+(:mod:`unified_mllm.infer.processors`) on ``[R, V]`` float32 scores and picks the next id by arg-max (greedy)
+or by sampling from a ``torch.Generator`` (seeded runs repeat exactly). Rows stop on their own: at a stop id
+(end-of-turn / eos), at their token budget, or when the code grid of an image they opened is complete
+(``stop_at_image_grid``; the caller closes the span, see ``infer/solver.py``). Finished rows are fed padding
+until the whole batch is done.
 
 **Image mode** (:meth:`Engine.generate_images`) runs classifier-free guidance with the conditional and
 unconditional rows in *one* batch ``[cond (B); uncond (B)]``: the unconditional prompt is
@@ -94,16 +95,10 @@ def guided_stack_choice(
 
 class Engine(Decoder):
     """Batched autoregressive decoding for a :class:`UnifiedModel` in eval mode (see the module docstring), on
-    the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder`.
-
-    Args:
-        model: the unified model; its ``lm`` / ``lm_head`` / ``embed`` run the forwards.
-        tokens: the tokenizer's :class:`SpecialTokens` (padding, stop ids, the image layout).
-        cache: ``"auto"``, ``"dynamic"`` or ``"static"`` KV cache (module docstring).
+    the public prefill / step primitives of :class:`~unified_mllm.infer.decoding.Decoder` (and its arguments).
     """
 
-    # ------------------------------------------------------------------------------------------ public
-
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -117,34 +112,62 @@ class Engine(Decoder):
         code_stacks: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
         stack_choice: StackChoice | None = None,
+        sampled_rows: int | None = None,
+        fixed_length: bool = False,
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
-        ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is drawn
-        from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the feature
-        slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]`` are the
-        stacks of the prompts' code positions in the same order (code-stack tokenizers). ``stop_at_image_grid``
-        ends a row as soon as the grid of an image span it opened is complete (finish reason ``"image"``).
-        With code-stack tokenizers every code id a row writes gets its stack from the depth heads through
-        ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or drawn like the ids);
-        :attr:`Generation.stacks` returns them.
+        ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is
+        drawn from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the
+        feature slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]``
+        are the stacks of the prompts' code positions in the same order (code-stack tokenizers).
+        ``stop_at_image_grid`` ends a row as soon as the grid of an image span it opened is complete (finish
+        reason ``"image"``). With code-stack tokenizers every code id a row writes gets its stack from the
+        depth heads through ``stack_choice`` (default: :func:`guided_stack_choice` without guidance, greedy or
+        drawn like the ids), from the same hidden state and all rows together (guidance sees both halves); the
+        stack's first code becomes the id and the next forward embeds the stack. :attr:`Generation.stacks`
+        returns them.
+
+        Ids are picked for the first ``sampled_rows`` (``B``, default: every row) and fed to every row
+        ``i + k * B`` as well (``2B`` rows for ``[cond; uncond]`` guidance). ``fixed_length``: every row runs its
+        whole budget (images), which is where the ``"auto"`` cache picks the static one.
         """
-        stops = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
+        sampled_rows = len(prompts) if sampled_rows is None else sampled_rows
+        stop_ids = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
         if self.model.code_heads is not None and stack_choice is None:
-            stack_choice = guided_stack_choice(len(prompts), greedy=greedy, generator=generator)
-        return self._run(
-            prompts,
-            sampled_rows=len(prompts),
-            budgets=max_new_tokens,
-            processors=processors,
-            stop_ids=stops,
-            greedy=greedy,
-            generator=generator,
-            pixel_values=pixel_values,
-            prompt_stacks=code_stacks,
-            stop_at_image_grid=stop_at_image_grid,
-            stack_choice=stack_choice,
-        )
+            stack_choice = guided_stack_choice(sampled_rows, greedy=greedy, generator=generator)
+        limits = torch.as_tensor(max_new_tokens, dtype=torch.long).reshape(-1)
+        if np.ndim(max_new_tokens) == 0:  # one budget for every row
+            limits = limits.expand(sampled_rows)
+        self.check(prompts, limits, sampled_rows)
+        batch = self.new_batch(prompts, int(limits.max()))
+        cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
+        out = self.prefill(batch, cache, pixel_values, code_stacks)
+        logits, hidden = out.logits[:, -1], out.hidden[:, -1]
+        state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
+        repeats = len(prompts) // sampled_rows
+        for _ in range(int(limits.max())):
+            scores = logits
+            for processor in processors:
+                scores = processor(batch.view(), scores)
+            scores = scores[:sampled_rows]
+            if greedy:
+                picked = scores.argmax(dim=-1)
+            else:
+                picked = torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
+            picked = torch.where(state.done, self.tokens.pad, picked)
+            stacks = None
+            if stack_choice is not None:
+                picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
+            fed = picked.repeat(repeats)
+            batch.extend(fed[:, None])
+            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
+            if state.update(picked, grid_done, stacks):
+                break
+            fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
+            out = self.step(batch, cache, code_stacks=fed_stacks)
+            logits, hidden = out.logits[:, -1], out.hidden[:, -1]
+        return state.result()
 
     def generate_images(
         self,
@@ -178,16 +201,12 @@ class Engine(Decoder):
         if cfg_scale != 1.0:
             prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
-        guided.append(GridConstraint(self.tokens, size=(height, width)))
+        guided += [GridConstraint(self.tokens, size=(height, width)), *processors]
+        length = height * (width + 1)
         decoding = {"sampled_rows": len(conditions), "greedy": greedy, "generator": generator}
         if jacobi_window > 0:
             ids, _ = decode_grid(
-                self,
-                prompts,
-                length=height * (width + 1),
-                processors=[*guided, *processors],
-                window=jacobi_window,
-                **decoding,
+                self, prompts, length=length, processors=guided, window=jacobi_window, **decoding
             )
             rows = ids.tolist()
         else:
@@ -195,10 +214,10 @@ class Engine(Decoder):
                 stack_choice = guided_stack_choice(
                     len(conditions), cfg_scale, greedy=greedy, generator=generator
                 )
-            result = self._run(
+            result = self.generate(
                 prompts,
-                budgets=height * (width + 1),
-                processors=[*guided, *processors],
+                max_new_tokens=length,
+                processors=guided,
                 stop_ids=(),
                 fixed_length=True,
                 stack_choice=stack_choice,
@@ -209,69 +228,6 @@ class Engine(Decoder):
             rows = result.ids
         grids = [np.asarray(ids).reshape(height, width + 1)[:, :width] for ids in rows]
         return [self.tokens.ids_to_codes(grid) for grid in grids]
-
-    # ----------------------------------------------------------------------------------------- decoding
-
-    def _pick(self, scores: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-        """Next id per row ``[B]`` from processed scores ``[B, V]``."""
-        if greedy:
-            return scores.argmax(dim=-1)
-        return torch.multinomial(next_id_probabilities(scores), 1, generator=generator).squeeze(1)
-
-    @torch.inference_mode()
-    def _run(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        sampled_rows: int,
-        budgets: int | Sequence[int],
-        processors: Sequence[Processor],
-        stop_ids: Sequence[int],
-        greedy: bool,
-        generator: torch.Generator | None,
-        pixel_values: torch.Tensor | None = None,
-        prompt_stacks: torch.Tensor | None = None,
-        stop_at_image_grid: bool = False,
-        fixed_length: bool = False,
-        stack_choice: StackChoice | None = None,
-    ) -> Generation:
-        """Decode ``prompts`` (``R`` rows); ids are picked for the first ``sampled_rows`` (``B``) and fed to every
-        row ``i + k * B`` as well (``R = B``, or ``2B`` for ``[cond; uncond]`` guidance). ``fixed_length``: every
-        row runs its whole budget (images), which is where the ``"auto"`` cache picks the static one.
-
-        Code stacks: ``prompt_stacks`` fill the prompts' code positions; with ``stack_choice``, whenever a row
-        picks a code id the depth heads sample that position's stack from the same hidden state (all ``R`` rows
-        together, so guidance sees both halves), the stack's first code becomes the id, and the next forward
-        embeds the stack."""
-        limits = torch.as_tensor(budgets, dtype=torch.long).reshape(-1)
-        if np.ndim(budgets) == 0:  # one budget for every row
-            limits = limits.expand(sampled_rows)
-        self.check(prompts, limits, sampled_rows)
-        batch = self.new_batch(prompts, int(limits.max()))
-        cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
-        out = self.prefill(batch, cache, pixel_values, prompt_stacks)
-        logits, hidden = out.logits[:, -1], out.hidden[:, -1]
-        state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
-        repeats = len(prompts) // sampled_rows
-        for _ in range(int(limits.max())):
-            scores = logits
-            for processor in processors:
-                scores = processor(batch.view(), scores)
-            picked = torch.where(
-                state.done, self.tokens.pad, self._pick(scores[:sampled_rows], greedy, generator)
-            )
-            stacks = None
-            if stack_choice is not None:
-                picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
-            fed = picked.repeat(repeats)
-            batch.extend(fed[:, None])
-            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
-            if state.update(picked, grid_done, stacks):
-                break
-            fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
-            out = self.step(batch, cache, code_stacks=fed_stacks)
-            logits, hidden = out.logits[:, -1], out.hidden[:, -1]
-        return state.result()
 
     def _sample_stacks(
         self, picked: torch.Tensor, hidden: torch.Tensor, choose: StackChoice

@@ -252,15 +252,10 @@ class InferenceSolver:
             text_top_k=None,
             top_p=gen.top_p,
         )
-        generator = self._generator(seed)
+        generator, greedy = self._generator(seed), temperature == 0
         # Code-stack tokenizers: guidance, temperature and top-k apply to each code of a stack as well.
         stack_choice = guided_stack_choice(
-            len(prompts),
-            cfg,
-            top_k=top_k or 0,
-            temperature=temperature,
-            greedy=temperature == 0,
-            generator=generator,
+            len(prompts), cfg, top_k=top_k or 0, temperature=temperature, greedy=greedy, generator=generator
         )
         codes = self.engine.generate_images(
             [self.tokenizer.encode(p) for p in prompts],
@@ -268,7 +263,7 @@ class InferenceSolver:
             width=width,
             cfg_scale=cfg,
             processors=warpers,
-            greedy=temperature == 0,
+            greedy=greedy,
             generator=generator,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
             jacobi_window=gen.jacobi_window if jacobi_window is None else jacobi_window,
@@ -424,8 +419,7 @@ class InferenceSolver:
                 answer.budget = min(answer.budget, self._room(answer.ids))
                 answer.done = answer.budget < 1
                 continue
-            text = new[:-1] if reason == "stop" else new
-            self._add_text(answer, text)
+            self._add_text(answer, new[:-1] if reason == "stop" else new)  # without the stop id
             answer.done = True
 
     def _add_text(self, answer: _Answer, ids: Sequence[int]) -> None:
