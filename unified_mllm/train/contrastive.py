@@ -62,7 +62,7 @@ from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.train.optim import build_scheduler
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
     embed_images,
@@ -162,14 +162,7 @@ def make_optimizer(model: SiglipModel, contrastive: ContrastiveConfig) -> torch.
 
 def make_schedule(optimizer: torch.optim.Optimizer, contrastive: ContrastiveConfig) -> LambdaLR:
     """Linear warm-up, then a cosine down to ``min_lr_ratio`` at ``max_steps``."""
-    return LambdaLR(
-        optimizer,
-        warmup_cosine(
-            warmup_steps=contrastive.warmup_steps,
-            total_steps=contrastive.max_steps,
-            min_ratio=contrastive.min_lr_ratio,
-        ),
-    )
+    return build_scheduler(optimizer, contrastive, contrastive.max_steps)
 
 
 def train_step(

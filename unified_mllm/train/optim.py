@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,14 +122,15 @@ def build_optimizer(groups: list[dict[str, object]], optim: OptimConfig) -> torc
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine (or constant) decay of every group's LR, stepped once per optimizer step."""
+    """Linear warm-up then cosine (or constant) decay of every group's LR, stepped once per optimizer step;
+    ``optim``: any trainer's config section with ``warmup_steps``, ``min_lr_ratio`` (and ``schedule``)."""
     factor = warmup_cosine(
         warmup_steps=optim.warmup_steps,
         total_steps=total_steps,
         min_ratio=optim.min_lr_ratio,
-        shape=optim.schedule,
+        shape=getattr(optim, "schedule", "cosine"),
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

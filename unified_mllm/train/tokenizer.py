@@ -69,7 +69,7 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.train.optim import build_scheduler
 from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
@@ -196,15 +196,6 @@ class TrainingForward(nn.Module):
         return self.tokenizer.training_forward(pixels, text_ids)
 
 
-def _schedule(cfg: VQTrainConfig, total: int) -> Any:
-    return warmup_cosine(
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max(total, 1),
-        min_ratio=cfg.min_lr_ratio,
-        shape=cfg.schedule,
-    )
-
-
 def build_tokenizer(config: Config) -> VisualTokenizer:
     """The tokenizer to train: random, or ``vq_train.init_from``'s weights; a DualToken backbone starts from
     ``model.vq.dualtoken.pretrained`` (which also becomes its frozen teacher)."""
@@ -257,8 +248,8 @@ def build_networks(config: Config, info: DistInfo) -> Networks:
     opt_d = torch.optim.Adam(
         [p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr or cfg.lr, betas=betas
     )
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _schedule(cfg, cfg.steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _schedule(cfg, cfg.steps - cfg.disc_start_step))
+    sched_g = build_scheduler(opt_g, cfg, max(cfg.steps, 1))
+    sched_d = build_scheduler(opt_d, cfg, max(cfg.steps - cfg.disc_start_step, 1))
     perceptual = build_perceptual_loss(cfg.perceptual, cfg.perceptual_weights, info.device)
     restart_generator = torch.Generator(device=info.device).manual_seed(cfg.seed + 1)
     text = None
@@ -402,18 +393,22 @@ def train_step(
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
+def _stateful_parts(nets: Networks) -> dict[str, Any]:
+    """What a checkpoint holds the ``state_dict()`` of, by its key there."""
+    return {
+        "generator": nets.tokenizer,
+        "discriminator": nets.disc,
+        "opt_g": nets.opt_g,
+        "opt_d": nets.opt_d,
+        "sched_g": nets.sched_g,
+        "sched_d": nets.sched_d,
+    }
+
+
 def training_state(nets: Networks, config: Config) -> dict[str, Any]:
     """The networks' part of a checkpoint (the harness adds step, data position and RNG)."""
-    return {
-        "vq": fingerprint(config)["vq"],
-        "generator": nets.tokenizer.state_dict(),
-        "discriminator": nets.disc.state_dict(),
-        "opt_g": nets.opt_g.state_dict(),
-        "opt_d": nets.opt_d.state_dict(),
-        "sched_g": nets.sched_g.state_dict(),
-        "sched_d": nets.sched_d.state_dict(),
-        "restart_generator": nets.restart_generator.get_state(),
-    }
+    parts = {key: part.state_dict() for key, part in _stateful_parts(nets).items()}
+    return {"vq": fingerprint(config)["vq"], **parts, "restart_generator": nets.restart_generator.get_state()}
 
 
 def restore_training_state(nets: Networks, state: dict[str, Any], config: Config) -> None:
@@ -423,12 +418,8 @@ def restore_training_state(nets: Networks, state: dict[str, Any], config: Config
             "`model.vq`: the checkpoint in vq_train.output_dir was trained with another architecture "
             f"({state.get('vq')}); pick another output_dir / run_name or set vq_train.resume=false"
         )
-    nets.tokenizer.load_state_dict(state["generator"])
-    nets.disc.load_state_dict(state["discriminator"])
-    nets.opt_g.load_state_dict(state["opt_g"])
-    nets.opt_d.load_state_dict(state["opt_d"])
-    nets.sched_g.load_state_dict(state["sched_g"])
-    nets.sched_d.load_state_dict(state["sched_d"])
+    for key, part in _stateful_parts(nets).items():
+        part.load_state_dict(state[key])
     nets.restart_generator.set_state(state["restart_generator"].to("cpu"))
 
 

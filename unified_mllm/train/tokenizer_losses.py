@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from unified_mllm.vision.visual_tokenizer import read_safetensors
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -120,25 +123,25 @@ def logistic_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tor
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
+def _check_gan_loss(kind: str) -> None:
+    if kind not in ("hinge", "non_saturating"):
+        raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+
+
 def discriminator_loss(
     logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: GanLossKind = "hinge"
 ) -> torch.Tensor:
     """The discriminator's loss: hinge, or the logistic loss that goes with the non-saturating generator."""
-    if kind == "hinge":
-        return hinge_d_loss(logits_real, logits_fake)
-    if kind == "non_saturating":
-        return logistic_d_loss(logits_real, logits_fake)
-    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+    _check_gan_loss(kind)
+    loss = hinge_d_loss if kind == "hinge" else logistic_d_loss
+    return loss(logits_real, logits_fake)
 
 
 def generator_loss(logits_fake: torch.Tensor, kind: GanLossKind = "hinge") -> torch.Tensor:
     """The generator's GAN loss: ``-mean(D(G(z)))`` for hinge (taming), ``mean(softplus(-D(G(z))))`` =
     ``-mean(log sigmoid(D(G(z))))`` for non-saturating."""
-    if kind == "hinge":
-        return -logits_fake.mean()
-    if kind == "non_saturating":
-        return F.softplus(-logits_fake).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+    _check_gan_loss(kind)
+    return -logits_fake.mean() if kind == "hinge" else F.softplus(-logits_fake).mean()
 
 
 def adaptive_gan_weight(
@@ -184,25 +187,20 @@ _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 
-def _vgg16_feature_layers() -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    channels = 3
-    for item in _VGG16_LAYOUT:
-        if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-            channels = int(item)
-    return layers
-
-
 class VGG16Slices(nn.Module):
     """VGG16's convolution stack cut into the five LPIPS slices; ``slice{k}.{i}`` keeps torchvision's global
     index ``i`` of ``features.{i}``, as the lpips package does."""
 
     def __init__(self) -> None:
         super().__init__()
-        layers = _vgg16_feature_layers()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in _VGG16_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                channels = int(item)
         for k, (start, stop) in enumerate(_SLICE_BOUNDS, start=1):
             block = nn.Sequential()
             for index in range(start, stop):
@@ -211,22 +209,10 @@ class VGG16Slices(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
-        for k in range(1, len(_SLICE_BOUNDS) + 1):
-            x = getattr(self, f"slice{k}")(x)
+        for block in self.children():  # slice1 .. slice5, in registration order
+            x = block(x)
             features.append(x)
         return features
-
-
-class LinLayer(nn.Module):
-    """LPIPS's ``NetLinLayer``: a 1x1 convolution to one channel, no bias. Index 0 of ``model`` is LPIPS's
-    training-time dropout (an identity here), so the weight is ``model.1.weight`` as in the published files."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
 
 def _channel_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -246,7 +232,10 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.net = VGG16Slices()
         for k, channels in enumerate(LPIPS_CHANNELS):
-            self.add_module(f"lin{k}", LinLayer(channels))
+            # LPIPS's NetLinLayer: a 1x1 convolution to one channel, no bias, behind LPIPS's training-time
+            # dropout (an identity here), so the weight is ``lin{k}.model.1.weight`` as in the published files.
+            lin = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+            self.add_module(f"lin{k}", nn.Sequential(OrderedDict(model=lin)))
         self.requires_grad_(False)
         self.eval()
 
@@ -284,9 +273,7 @@ _IGNORED_KEYS = ("scaling_layer.shift", "scaling_layer.scale")
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     # weights_only: a weights file never needs pickled objects, and unpickling them could run code.
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
@@ -311,16 +298,6 @@ def _lpips_key(key: str) -> str | None:
     return key
 
 
-def normalize_lpips_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict in any of the accepted layouts (see :func:`load_lpips`) with our key names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        ours = _lpips_key(key)
-        if ours is not None:
-            out[ours] = value
-    return out
-
-
 def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LPIPS:
     """Build :class:`LPIPS` and load its weights from ``path`` (``.pth`` / ``.pt`` / ``.ckpt`` read with
     ``torch.load(weights_only=True)``, or ``.safetensors``; a ``{"state_dict": ...}`` wrapper is unwrapped).
@@ -339,7 +316,7 @@ def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"perceptual-loss weights not found: {path} (nothing is downloaded)")
-    state = normalize_lpips_state(_read_state(path))
+    state = {ours: v for k, v in _read_state(path).items() if (ours := _lpips_key(k)) is not None}
     model = LPIPS()
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
