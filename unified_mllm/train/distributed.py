@@ -96,10 +96,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

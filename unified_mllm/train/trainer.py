@@ -74,20 +74,6 @@ def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materiali
 # ------------------------------------------------------------------------------------------ the data
 
 
-def build_batches(
-    config: Config, info: DistInfo, tokenizer: TextTokenizer, state: dict[str, Any] | None
-) -> Iterator[Batch]:
-    """The endless iterator of this rank's collated micro-batches, resumable from ``state``."""
-    return batch_stream(
-        config,
-        rank=info.rank,
-        world_size=info.world_size,
-        with_features=config.model.vision.enabled,
-        state=state,
-        tokenizer=tokenizer,
-    )
-
-
 def supervised_tokens(batch: Batch) -> float:
     """Positions that carry a loss after the shift (labels ``[B, T]`` are unshifted), code-stack positions
     predicted by the depth heads included (each counts as one token, whatever its depth); with
@@ -267,7 +253,14 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     backend = build_backend(model, resolved, config, info, materialize=materialize)
     harness, run = open_run(config, info, backend)
     harness.snapshot_config(config)
-    batches = build_batches(config, info, tokenizer, run.data_state)
+    batches = batch_stream(
+        config,
+        rank=info.rank,
+        world_size=info.world_size,
+        with_features=config.model.vision.enabled,
+        state=run.data_state,
+        tokenizer=tokenizer,
+    )
     with harness.logging(
         run,
         name=f"stage{config.train.stage}",
