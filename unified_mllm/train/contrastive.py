@@ -4,25 +4,14 @@ Published SigLIP towers come from image–text pre-training (Zhai et al. 2023, "
 Pre-Training"). The tiny preset has no such checkpoint, so this module trains one the same way on the embedded
 world: the contrastive ``SiglipModel`` of :mod:`unified_mllm.vision.contrastive` (the vision tower of
 ``model.vision`` with SigLIP's attention-pooling head, and a small text tower reading our text tokenizer's
-ids).
+ids), with :func:`sigmoid_loss` (a learnable temperature, initialised to 10, and bias, to -10).
 
-The loss, for a batch of ``B`` pairs with L2-normalised embeddings ``x_i`` (images) and ``y_j`` (texts), a
-learnable log-temperature ``t'`` (``t = exp(t')``, initialised to 10) and bias ``b`` (initialised to -10), is
-
-    loss = -1/B * sum_i sum_j log sigmoid(z_ij * (t * <x_i, y_j> + b)),   z_ij = +1 if i == j else -1
-
-(:func:`sigmoid_loss`). The result is written with ``save_pretrained`` as a full ``SiglipModel`` (vision +
-text towers, ``config.json`` + ``model.safetensors``) under ``contrastive.output_dir``; the unified model reads
-its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set ``model.vision.pretrained``
-to that directory). ``contrastive.json`` beside it records what it was trained from, so a re-run with the same
-settings reuses it instead of training again.
-
-The report at the end, on ``contrastive.eval_split`` (``eval.json`` beside the model), is what any
-captioned data allows: **image-text retrieval** recall@1 and recall@5 in both directions over the split's
-(image, caption) pairs (:func:`unified_mllm.metrics.retrieval_recall`; images with the same caption share
-their right captions). Where the records carry the world's ``objects``, **zero-shot classification** is
-added: every image with exactly one object is classified among ``prompt_template`` filled with each (colour,
-shape) of ``data.world``; the colour-only and shape-only accuracies are those of the same joint prediction.
+The result is a full ``SiglipModel`` (``save_pretrained``) in the run directory ``contrastive.output_dir``;
+the unified model reads its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set
+``model.vision.pretrained`` to that directory). ``contrastive.json`` beside it records what it was trained
+from, so a re-run with the same settings reuses it. The report at the end, on ``contrastive.eval_split``
+(``eval.json``), is what any captioned data allows (:func:`evaluate_contrastive`): image-text retrieval, and
+zero-shot classification where the records carry the world's ``objects``.
 
     python -m unified_mllm.train.contrastive --config configs/quickstart.yaml [key=value ...]
 
@@ -37,7 +26,7 @@ import dataclasses
 import hashlib
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +249,21 @@ def train_contrastive(
 # ------------------------------------------------------------------------------------------- evaluation
 
 
+def _embedders(
+    model: SiglipModel, tokenizer: TextTokenizer, vision: VisionConfig, contrastive: ContrastiveConfig
+) -> tuple[Callable[[Sequence[Image.Image]], torch.Tensor], Callable[[Sequence[str]], torch.Tensor]]:
+    """Functions giving the model's L2-normalised fp32 embeddings of images and of texts."""
+    device = model.logit_scale.device
+
+    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
+        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
+
+    def texts_fn(texts: Sequence[str]) -> torch.Tensor:
+        return embed_texts(model, tokenize(tokenizer, texts, contrastive.text_max_length).to(device)).float()
+
+    return images_fn, texts_fn
+
+
 def zero_shot_eval(
     model: SiglipModel,
     tokenizer: TextTokenizer,
@@ -272,19 +276,8 @@ def zero_shot_eval(
     """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
     argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
     model.eval()
-    device = model.logit_scale.device
-
-    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
-        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
-
-    def prompts_fn(prompts: Sequence[str]) -> torch.Tensor:
-        return embed_texts(
-            model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device)
-        ).float()
-
     return zero_shot_classify(
-        images_fn,
-        prompts_fn,
+        *_embedders(model, tokenizer, vision, contrastive),
         samples,
         prompt_template=contrastive.prompt_template,
         colors=colors,
@@ -313,11 +306,9 @@ def embed_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised ``(image embeddings (N, D), caption embeddings (N, D))`` of (image, caption) pairs, fp32
     on the CPU."""
-    device = model.logit_scale.device
+    images_fn, texts_fn = _embedders(model, tokenizer, vision, contrastive)
     images, captions = zip(*pairs)
-    pixels = image_pixels(images, vision.image_size).to(device)
-    ids = tokenize(tokenizer, captions, contrastive.text_max_length).to(device)
-    return embed_images(model, pixels).float().cpu(), embed_texts(model, ids).float().cpu()
+    return images_fn(images).cpu(), texts_fn(captions).cpu()
 
 
 def caption_retrieval(

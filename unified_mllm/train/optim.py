@@ -71,10 +71,6 @@ def resolve_rules(names: Iterable[str], rules: Sequence[ParamGroupConfig]) -> di
     return resolved
 
 
-def _decays(name: str, param: nn.Parameter) -> bool:
-    return param.ndim >= 2 and "embed" not in name
-
-
 def apply_param_rules(model: nn.Module, rules: Sequence[ParamGroupConfig]) -> dict[str, ParamRule]:
     """Set ``requires_grad`` from the rules; returns the per-parameter rules. Raises when nothing trains."""
     named = dict(model.named_parameters())
@@ -99,11 +95,9 @@ def param_groups(
         rule = resolved[name]
         if not rule.trainable:
             continue
-        decay = (
-            (optim.weight_decay if rule.weight_decay is None else rule.weight_decay)
-            if _decays(name, param)
-            else 0.0
-        )
+        decay = 0.0  # biases, norm scales and embeddings
+        if param.ndim >= 2 and "embed" not in name:
+            decay = optim.weight_decay if rule.weight_decay is None else rule.weight_decay
         key = (optim.lr * rule.lr_scale, decay)
         group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": decay})
         group["params"].append(param)  # type: ignore[union-attr]

@@ -23,24 +23,13 @@ quantizers' ``all_reduce`` sums code counts and EMA statistics over ranks, so th
 everywhere. Training runs in fp32. UniTok's contrastive loss contrasts each rank's pairs with the
 embeddings of every rank (the global batch; equal per-rank batches).
 
-Output directory (``vq_train.output_dir``, the run directory of :mod:`unified_mllm.train.harness`; rank 0
-writes):
-
-* ``model.safetensors`` + ``config.json`` — the final tokenizer (``load_visual_tokenizer(output_dir)``);
-* ``config.yaml`` — the resolved config; ``train_summary.json`` — what was trained, how long, final metrics
-  (written last: its presence marks a finished run, which a re-run with the same settings reuses);
-* ``metrics.jsonl`` — one record per log step (loss terms, codebook usage and perplexity over the window, LR,
-  seconds per step) and per evaluation (PSNR, SSIM and usage on ``eval_images`` images of ``eval_data``);
-* ``loss_curves.png``, ``reconstructions.png`` (originals above reconstructions);
-* ``checkpoints/step-XXXXXXXX/state.pt`` (+ ``config.yaml``) — training state every ``checkpoint_every`` steps
-  and at the end: generator, discriminator, both optimizers and schedulers, step, data position, every rank's
-  RNG state. A run resumes from the newest one automatically (``vq_train.resume``), also with a larger
-  ``vq_train.steps``. Resuming at another world size restores the data position exactly but not the per-rank
-  RNG streams.
-
-Logging: a progress bar (:mod:`unified_mllm.progress`) and the JSONL file on rank 0, wandb when
-``train.wandb.mode`` is not ``disabled`` (offline by default: files under ``output_dir/wandb``). Host syncs
-happen on log, check and checkpoint steps.
+Output directory (``vq_train.output_dir``): the harness's run directory (:mod:`unified_mllm.train.harness`;
+TRAIN.md, "Checkpoints, resume, export"; checkpoints hold both networks, optimizers and schedulers) plus the
+final tokenizer, ``model.safetensors`` + ``config.json`` (``load_visual_tokenizer(output_dir)``),
+``reconstructions.png`` (originals above reconstructions) and ``train_summary.json``, written last (a re-run
+with the same settings reuses the run). ``metrics.jsonl`` logs the loss terms, codebook usage and perplexity
+over the window, and PSNR / SSIM / usage on ``eval_images`` images of ``eval_data``. Resuming at another world
+size restores the data position exactly but not the per-rank RNG streams.
 """
 
 from __future__ import annotations
@@ -83,7 +72,7 @@ from unified_mllm.train.tokenizer_losses import (
 )
 from unified_mllm.vision.contrastive import tokenize
 from unified_mllm.vision.image import tensor_to_image
-from unified_mllm.vision.quantizer import perplexity_from_counts
+from unified_mllm.vision.quantizer import code_counts, perplexity_from_counts
 from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer, load_visual_tokenizer
 from unified_mllm.vision.visual_tokenizer import TokenizerOutput, VisualTokenizer
 
@@ -298,11 +287,6 @@ def _caption_ids(nets: Networks, captions: Sequence[str], device: torch.device) 
     return tokenize(nets.text, captions, unitok.text_context, pad=unitok.text_pad_id).to(device)
 
 
-def extra_loss_weights(cfg: VQTrainConfig) -> dict[str, float]:
-    """The weight of each tokenizer-specific loss term, by the name :class:`TokenizerOutput` gives it."""
-    return {"contrastive": cfg.contrastive_weight, "semantic": cfg.semantic_weight}
-
-
 def generator_step(
     nets: Networks, pixels: torch.Tensor, captions: Sequence[str], step: int, cfg: VQTrainConfig
 ) -> tuple[torch.Tensor, TokenizerOutput, dict[str, torch.Tensor]]:
@@ -323,7 +307,8 @@ def generator_step(
         terms["perceptual"] = nets.perceptual(recon, pixels)
         nll = nll + cfg.perceptual_weight * terms["perceptual"]
     loss = nll + cfg.codebook_weight * out.quantizer_loss
-    weights = extra_loss_weights(cfg)
+    # The weight of each tokenizer-specific loss term, by the name TokenizerOutput gives it.
+    weights = {"contrastive": cfg.contrastive_weight, "semantic": cfg.semantic_weight}
     for name, value in out.losses.items():
         terms[name] = value
         loss = loss + weights[name] * value
@@ -374,17 +359,16 @@ def train_step(
     quantizer)."""
     pixels = batch.pixels.to(info.device)
     recon, out, terms = generator_step(nets, pixels, batch.captions, step, cfg)
-    if (step + 1) % cfg.restart_every == 0:
+    restarting = {name: q for name, q in nets.tokenizer.quantizers().items() if q.dead_code_steps > 0}
+    if (step + 1) % cfg.restart_every == 0 and restarting:
+        # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
+        broadcast = distributed.broadcast if info.distributed else None
         restarted = 0
-        for name, quantizer in nets.tokenizer.quantizers().items():
-            if quantizer.dead_code_steps > 0:
-                # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
-                broadcast = distributed.broadcast if info.distributed else None
-                restarted += quantizer.restart_dead_codes(
-                    out.quant[name].latents, generator=nets.restart_generator, broadcast=broadcast
-                ).numel()
-        if any(q.dead_code_steps > 0 for q in nets.tokenizer.quantizers().values()):
-            terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
+        for name, quantizer in restarting.items():
+            restarted += quantizer.restart_dead_codes(
+                out.quant[name].latents, generator=nets.restart_generator, broadcast=broadcast
+            ).numel()
+        terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
     if gan_active(step, cfg):
         terms.update(discriminator_step(nets, pixels, recon, cfg))
     return terms, {name: q.counts for name, q in out.quant.items()}
@@ -434,10 +418,7 @@ def evaluate(tokenizer: VisualTokenizer, pixels: torch.Tensor) -> tuple[dict[str
         codes = tokenizer.encode(pixels)
         recon = tokenizer.decode(codes).clamp(-1, 1)
     slots = codes.reshape(-1, tokenizer.code_depth)
-    counts = [
-        torch.bincount(slots[:, i], minlength=size).float()
-        for i, size in enumerate(tokenizer.code_vocab_sizes())
-    ]
+    counts = [code_counts(slots[:, i], size) for i, size in enumerate(tokenizer.code_vocab_sizes())]
     metrics = {
         "psnr": float(psnr(recon, pixels).clamp(max=100.0).mean()),
         "ssim": float(ssim(recon, pixels).mean()),

@@ -3,26 +3,17 @@
 What the tokenizer trainer (:mod:`unified_mllm.train.tokenizer`) combines, following taming-transformers'
 ``VQLPIPSWithDiscriminator`` (Esser et al. 2021), which Chameleon's tokenizer descends from:
 
-* :class:`NLayerDiscriminator` — the pix2pix PatchGAN: ``num_layers`` stride-2 4x4 convolutions (widths
-  ``base_channels * min(2^n, 8)``), one stride-1 convolution, and a 4x4 convolution to one logit per patch.
-  Module names are taming's (``main.{i}``), so a taming discriminator state dict loads. ``norm="batch"`` is
-  taming's choice; ``norm="group"`` (GroupNorm with ``gcd(32, channels)`` groups) makes each sample's logits
-  independent of the rest of its batch — preferable with small per-rank batches and under DDP, where
-  BatchNorm statistics are per rank.
-* :func:`discriminator_loss` / :func:`generator_loss` — hinge (taming's default) or non-saturating (the
-  original GAN's ``-log D(G(z))`` form; the discriminator then uses the logistic loss).
-* :func:`adaptive_gan_weight` — taming's ``calculate_adaptive_weight``: the ratio of the gradient norms of the
-  reconstruction (NLL) loss and of the generator's GAN loss at the decoder's last layer, clamped to
-  ``[0, max_weight]`` and detached, so the GAN term starts at the scale of the reconstruction term.
-* :class:`PerceptualLoss` — the interface ``(reconstruction, target) -> scalar`` for images in [-1, 1];
-  :class:`LPIPS` implements it with VGG16 (our code: the VGG16 convolution stack, features at
-  ``relu1_2 .. relu5_3``, channel-normalised squared differences weighted by 1x1 "lin" layers, spatially
-  averaged and summed over layers — Zhang et al. 2018). Its weights come only from a file the user names
-  (see :func:`load_lpips`); with no file, :func:`build_perceptual_loss` returns ``None`` and the trainer
-  uses no perceptual term. Nothing is downloaded.
-* :class:`FeatureDiscriminator` — UniTok's discriminator: small trainable 1-D convolution heads on the tokens
-  of several layers of a *frozen* feature network (any :class:`FeatureNetwork`; :class:`Dinov2Features` wraps
-  transformers' DINOv2, UniTok's choice, with weights from a local directory or random).
+* :class:`NLayerDiscriminator` — the pix2pix PatchGAN, with taming's module names (a taming discriminator
+  state dict loads). ``norm="group"`` instead of taming's BatchNorm makes each sample's logits independent of
+  the rest of its batch — preferable with small per-rank batches and under DDP, where BatchNorm statistics
+  are per rank;
+* :func:`discriminator_loss` / :func:`generator_loss` — hinge (taming's default) or non-saturating;
+  :func:`adaptive_gan_weight` — taming's ``calculate_adaptive_weight``;
+* :class:`PerceptualLoss` — ``(reconstruction, target) -> scalar``; :class:`LPIPS` implements it with VGG16
+  (Zhang et al. 2018; our code), its weights only from a file the user names (:func:`load_lpips`; nothing is
+  downloaded): with no file, :func:`build_perceptual_loss` returns ``None`` and there is no perceptual term;
+* :class:`FeatureDiscriminator` — UniTok's discriminator: small trainable heads on the tokens of several
+  layers of a *frozen* feature network (:class:`Dinov2Features`: transformers' DINOv2, UniTok's choice).
 """
 
 from __future__ import annotations

@@ -14,12 +14,9 @@ tokens of the whole step on all ranks (one all-reduce per step), so every token 
 padding, packing, accumulation or world size. A data source's ``loss_weight`` makes its tokens count that many
 times, in the loss and in the count alike (a weighted mean; the logged ``ce`` is then weighted too).
 
-Run directory (``checkpoint.dir``; :mod:`unified_mllm.train.harness`): ``checkpoints/step-XXXXXXXX/`` training
-states (model and optimizer through the backend, plus ``state.pt``: step, LR schedule, data position, every
-rank's RNG) written atomically every ``checkpoint.every_steps`` steps, the newest ``checkpoint.keep_last`` kept;
-``metrics.jsonl``, ``loss_curves.png``, wandb files (offline by default), ``config.yaml``; and the final export
-(``checkpoint.export_dir``, :mod:`unified_mllm.train.export`). A run resumes from its newest checkpoint
-automatically (``checkpoint.resume``); a finished run with the same settings is reused, not retrained.
+Run directory (``checkpoint.dir``): the harness's (:mod:`unified_mllm.train.harness`; TRAIN.md, "Checkpoints,
+resume, export"), with the model and optimizer saved through the backend; the final export goes to
+``checkpoint.export_dir`` (:mod:`unified_mllm.train.export`).
 """
 
 from __future__ import annotations
