@@ -1,15 +1,10 @@
 """Training-state checkpoints for exact resume: atomic ``step-XXXXXXXX/`` directories, keep-last-N, RNG state.
 
-Layout under a run's checkpoint directory::
-
-    step-00000500/state.pt      torch.save of the training-state dict (model, optimizers, schedulers, step,
-    step-00001000/state.pt      data position, RNG, ...): whatever the trainer puts in it
-
-A checkpoint is written into a hidden temporary directory (:func:`unified_mllm.io.begin_directory`) and renamed
-into place only when every file in it is complete and fsynced, so a run killed while saving never leaves a ``step-*`` directory that
-looks finished; :func:`latest_checkpoint` only ever sees whole ones. Between :func:`begin_checkpoint_dir` and
-:func:`commit_checkpoint_dir` a trainer can put anything in the directory (the LM trainer adds sharded
-``torch.distributed.checkpoint`` files) and still get the atomic rename and the pruning.
+A checkpoint (``step-00000500/state.pt``: whatever the trainer puts in it) is written into a hidden temporary
+directory (:func:`begin_checkpoint_dir`; any files, e.g. the LM's sharded ``torch.distributed.checkpoint`` ones)
+and renamed into place (:func:`commit_checkpoint_dir`) only when every file in it is complete and fsynced, so a
+run killed while saving never leaves a ``step-*`` directory that looks finished: :func:`latest_checkpoint` only
+ever sees whole ones.
 
 State files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
 never arbitrary pickled objects. That is why :func:`capture_rng_state` stores numpy's generator state with its

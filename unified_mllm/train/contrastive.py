@@ -51,7 +51,7 @@ from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.optim import build_scheduler
+from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
     embed_images,
@@ -167,37 +167,8 @@ def train_step(
     image_embeds = embed_images(model, pixels.to(device))
     text_embeds = embed_texts(model, ids.to(device))
     loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if contrastive.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
-    optimizer.step()
-    schedule.step()
+    backward_and_step(loss, model.parameters(), optimizer, schedule, contrastive.grad_clip)
     return loss.item()  # CPU-sized model: the sync costs nothing next to the step
-
-
-def _open_run(
-    model: SiglipModel, optimizer: torch.optim.Optimizer, schedule: LambdaLR, config: Config, force: bool
-) -> tuple[Run, RunState, list[float]]:
-    """The run on the harness in ``contrastive.output_dir``, resumed from its newest checkpoint made with the
-    same settings (``force``: started over); returns it, where to continue and the losses so far."""
-    cfg = config.contrastive
-    harness = Run(
-        Path(cfg.output_dir),
-        dataclasses.replace(_ONE, device=model.logit_scale.device),
-        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
-        "contrastive.max_steps",
-        fingerprint=fingerprint(config),
-    )
-    if force:
-        harness.start_over()
-    run, state = harness.resume(cfg.max_steps)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-    harness.snapshot_config(config)
-    return harness, run, list(state.get("losses", []))
 
 
 def train_contrastive(
@@ -209,11 +180,27 @@ def train_contrastive(
     progress: bool = True,
 ) -> list[float]:
     """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
-    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step."""
+    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``), resumed from its newest checkpoint
+    made with the same settings (``force``: started over); returns the loss of every step."""
     cfg = config.contrastive
     optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
     schedule = make_schedule(optimizer, cfg)
-    harness, run, losses = _open_run(model, optimizer, schedule, config, force)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    harness = Run(
+        Path(cfg.output_dir),
+        dataclasses.replace(_ONE, device=model.logit_scale.device),
+        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
+        "contrastive.max_steps",
+        fingerprint=fingerprint(config),
+    )
+    if force:
+        harness.start_over()
+    run, state = harness.resume(cfg.max_steps)
+    for key, part in parts.items():
+        if state:
+            part.load_state_dict(state[key])
+    harness.snapshot_config(config)
+    losses: list[float] = list(state.get("losses", []))
     batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
     logged, started = run.step, time.perf_counter()
 
@@ -231,7 +218,6 @@ def train_contrastive(
         return record, {"loss": loss, "t": temperature}
 
     def checkpoint(run: RunState) -> None:
-        parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
         harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
 
     wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)}
@@ -383,10 +369,6 @@ def format_retrieval(result: dict[str, Any] | None, split: str) -> str:
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def fingerprint(config: Config) -> dict[str, Any]:
     """Everything the trained weights depend on; a saved checkpoint with the same fingerprint is reused."""
     vision = dataclasses.asdict(config.model.vision)
@@ -398,7 +380,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {
         "vision": vision,
         "contrastive": contrastive,
-        "tokenizer_sha256": _sha256(config.tokenizer.path),
+        "tokenizer_sha256": hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest(),
         "train_data": str(Path(config.data.root).expanduser() / config.contrastive.train_split),
     }
 

@@ -116,8 +116,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over ranks in place and return it."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
+        all_reduce_sum(tensor).div_(dist.get_world_size())
     return tensor
 
 

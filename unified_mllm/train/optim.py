@@ -1,20 +1,12 @@
 """Parameter groups by module path, the AdamW optimizer and its warm-up + cosine schedule.
 
-``optim.param_groups`` is an ordered list of rules ``{match, lr_scale, trainable, weight_decay}``. A rule
-matches a parameter when its ``match`` is ``''`` or a whole-component prefix of the parameter's name
+``optim.param_groups`` is an ordered list of rules ``{match, lr_scale, trainable, weight_decay}`` (TRAIN.md). A
+rule matches a parameter when its ``match`` is ``''`` or a whole-component prefix of the parameter's name
 (``vision.tower`` matches ``vision.tower.encoder.layers.0.mlp.fc1.weight`` but not ``vision.towers.x``);
-later rules override earlier ones. Stage 1 of UniToken, for example, is::
-
-    param_groups:
-      - {match: lm, trainable: false}
-      - {match: lm_head, trainable: false}
-      - {match: vision.tower, lr_scale: 0.01}
-
-A rule that matches nothing is an error (a typo), unless it has ``required: false``: the stage-1 recipe freezes
-``code_embedder`` / ``code_heads`` that way, modules only code-stack tokenizers (UniTok, DualToken) build.
-
-One rule always comes first: ``{match: vision.tower, lr_scale: model.vision.lr_scale}`` (UniToken trains
-SigLIP at 0.01 of the LR), so ``model.vision.lr_scale`` is where that scale lives; a later rule may override it.
+later rules override earlier ones. A rule that matches nothing is an error (a typo), unless it has
+``required: false`` (the stage-1 recipe freezes ``code_embedder`` / ``code_heads``, which only code-stack
+tokenizers build, that way). One rule always comes first: ``{match: vision.tower, lr_scale:
+model.vision.lr_scale}`` (UniToken trains SigLIP at 0.01 of the LR); a later rule may override it.
 
 Parameters that end up frozen get ``requires_grad=False`` and stay out of the optimizer. Matrices (``ndim >=
 2``, except embeddings) get weight decay; biases, norm scales and embeddings do not, the usual LLM practice.
@@ -127,6 +119,23 @@ def build_scheduler(
         shape=getattr(optim, "schedule", "cosine"),
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    parameters: Iterable[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> None:
+    """One update of the small trainers: zero the gradients, backpropagate ``loss``, clip the gradients of
+    ``parameters`` to norm ``grad_clip`` (0: no clipping), step the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def trainable_summary(resolved: dict[str, ParamRule], model: nn.Module) -> dict[str, int]:

@@ -58,7 +58,7 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.optim import build_scheduler
+from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
@@ -66,7 +66,6 @@ from unified_mllm.train.tokenizer_losses import (
     PerceptualLoss,
     adaptive_gan_weight,
     build_perceptual_loss,
-    dinov2_small_config,
     discriminator_loss,
     generator_loss,
 )
@@ -207,10 +206,8 @@ def build_discriminator(cfg: VQTrainConfig) -> nn.Module:
         return NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
     layers = tuple(cfg.disc_feature_layers)
     if cfg.disc_feature_model:
-        features = Dinov2Features.from_pretrained(cfg.disc_feature_model, layers)
-    else:
-        features = Dinov2Features(dinov2_small_config(), layers)
-    return FeatureDiscriminator(features)
+        return FeatureDiscriminator(Dinov2Features.from_pretrained(cfg.disc_feature_model, layers))
+    return FeatureDiscriminator(Dinov2Features(layers=layers))  # a random ViT-S/14
 
 
 def build_networks(config: Config, info: DistInfo) -> Networks:
@@ -271,11 +268,6 @@ def frozen(module: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _clip(module: nn.Module, max_norm: float) -> None:
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -324,11 +316,7 @@ def generator_step(
         terms["gan_weight"] = weight
         loss = loss + weight * terms["g_loss"]
     terms["loss"] = loss
-    nets.opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    _clip(nets.tokenizer, cfg.grad_clip)
-    nets.opt_g.step()
-    nets.sched_g.step()
+    backward_and_step(loss, nets.tokenizer.parameters(), nets.opt_g, nets.sched_g, cfg.grad_clip)
     return recon.detach(), out, terms
 
 
@@ -339,11 +327,7 @@ def discriminator_step(
     logits = nets.discriminator(torch.cat([pixels, recon]))
     real, fake = logits.chunk(2)
     loss = discriminator_loss(real, fake, cfg.gan_loss)
-    nets.opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    _clip(nets.disc, cfg.grad_clip)
-    nets.opt_d.step()
-    nets.sched_d.step()
+    backward_and_step(loss, nets.disc.parameters(), nets.opt_d, nets.sched_d, cfg.grad_clip)
     return {"d_loss": loss, "logits_real": real.mean(), "logits_fake": fake.mean()}
 
 
@@ -453,28 +437,11 @@ _CURVE_PANELS = (
 # ------------------------------------------------------------------------------------------------- loop
 
 
-def open_run(nets: Networks, config: Config, info: DistInfo) -> tuple[Run, RunState]:
-    """The run on the harness in ``vq_train.output_dir``, resumed from its newest checkpoint if any."""
-    cfg = config.vq_train
-    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
-    harness = Run(Path(cfg.output_dir), info, policy, "vq_train.steps")
-    run, state = harness.resume(cfg.steps, map_location=info.device)
-    if state:
-        restore_training_state(nets, state, config)
-    run.data_state = run.data_state or 0
-    return harness, run
-
-
-def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
-    cfg = config.vq_train
-    if not cfg.eval_data or not info.is_main:
-        return None
-    pixels, _ = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)
-    return pixels.to(info.device)
-
-
-def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> dict[str, Any]:
-    """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation records."""
+def train_loop(
+    nets: Networks, config: Config, harness: Run, run: RunState, eval_pixels: torch.Tensor | None
+) -> dict[str, Any]:
+    """Train from ``run.step`` to ``vq_train.steps`` (evaluating on ``eval_pixels`` if any); returns the last
+    training and evaluation records."""
     cfg, info = config.vq_train, harness.info
     stream = ImageStream(
         cfg.train_data,
@@ -487,7 +454,6 @@ def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> d
         position=run.data_state,
         hflip=cfg.hflip,
     )
-    eval_pixels = _eval_pixels(config, info)
     window = TokenizerWindow(info.device)
     batches = iter(stream)
     epoch = 0
@@ -521,11 +487,15 @@ def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> d
 
 
 def finish_run(
-    nets: Networks, config: Config, info: DistInfo, run: RunState, last: dict[str, Any], out_dir: Path
+    nets: Networks,
+    config: Config,
+    eval_pixels: torch.Tensor | None,
+    run: RunState,
+    last: dict[str, Any],
+    out_dir: Path,
 ) -> dict[str, Any]:
     """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
     nets.tokenizer.save_pretrained(out_dir)
-    eval_pixels = _eval_pixels(config, info)
     if eval_pixels is not None:
         metrics, recon = evaluate(nets.tokenizer, eval_pixels)
         last["eval"] = {"kind": "eval", "step": run.step, **metrics}
@@ -568,8 +538,17 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     if info.is_main and cfg.perceptual != "none" and cfg.perceptual_weights is None:
         print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
     nets = build_networks(config, info)
-    harness, run = open_run(nets, config, info)
+    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
+    harness = Run(out_dir, info, policy, "vq_train.steps")
+    run, state = harness.resume(cfg.steps, map_location=info.device)
+    if state:
+        restore_training_state(nets, state, config)
+    run.data_state = run.data_state or 0
     harness.snapshot_config(config)
+    eval_pixels = None  # rank 0 evaluates, on the first eval_images images of eval_data
+    if cfg.eval_data and info.is_main:
+        eval_pixels = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)[0]
+        eval_pixels = eval_pixels.to(info.device)
     with harness.logging(
         run,
         name=config.model.vq.kind,
@@ -578,11 +557,11 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
         wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
         progress=progress,
     ):
-        last = train_loop(nets, config, harness, run)
+        last = train_loop(nets, config, harness, run, eval_pixels)
     # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
     harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
     if info.is_main:
-        summary = finish_run(nets, config, info, run, last, out_dir)
+        summary = finish_run(nets, config, eval_pixels, run, last, out_dir)
         print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
     distributed.barrier()
     return distributed.broadcast_object(summary)

@@ -356,12 +356,9 @@ DINOV2_LAYERS = (0, 2, 5, 8, 11)
 FEATURE_HEAD_GAIN = 0.5
 
 
-@runtime_checkable
-class FeatureNetwork(Protocol):
-    """A frozen feature extractor for :class:`FeatureDiscriminator`: images ``[B, 3, H, W]`` in [-1, 1] → one
-    token map ``[B, N_l, C_l]`` per tapped layer (differentiable with respect to the images)."""
-
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+# A frozen feature extractor for FeatureDiscriminator: images [B, 3, H, W] in [-1, 1] → one token map
+# [B, N_l, C_l] per tapped layer (differentiable with respect to the images).
+FeatureNetwork = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def dinov2_small_config() -> Dinov2Config:
@@ -380,7 +377,7 @@ def dinov2_small_config() -> Dinov2Config:
 
 
 class Dinov2Features(nn.Module):
-    """A frozen transformers ``Dinov2Model`` as a :class:`FeatureNetwork`: the outputs of blocks ``layers``
+    """A frozen transformers ``Dinov2Model`` as a ``FeatureNetwork``: the outputs of blocks ``layers``
     (0-based; CLS token first, then the patches row by row), ``[B, 1 + (H' / p) * (W' / p), hidden]`` each.
 
     Images in [-1, 1] are mapped to ImageNet mean/std and resized (bicubic, antialiased) to the nearest
@@ -468,7 +465,7 @@ class FeatureDiscriminator(nn.Module):
     logits ``[B, sum_l N_l]``, one :class:`FeatureHead` per tapped layer, concatenated per sample. The logits
     go to :func:`discriminator_loss` / :func:`generator_loss` like the PatchGAN's.
 
-    ``feature_net`` is any :class:`FeatureNetwork` (e.g. :class:`Dinov2Features`); ``channels`` defaults to
+    ``feature_net`` is any ``FeatureNetwork`` (e.g. :class:`Dinov2Features`); ``channels`` defaults to
     its ``channels`` attribute. It is deliberately *not* registered as a submodule: ``parameters()`` and
     ``state_dict()`` hold the heads only (what the optimizer trains and the checkpoint keeps; reload the
     feature network from its own file when resuming), ``.to()`` / dtype casts still move it, its parameters
@@ -509,10 +506,6 @@ class FeatureDiscriminator(nn.Module):
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the discriminator's optimizer trains: the heads (the same as ``parameters()``)."""
-        return list(self.heads.parameters())
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True

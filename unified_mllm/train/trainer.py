@@ -206,23 +206,6 @@ def train_loop(
 # ----------------------------------------------------------------------------------------- the run
 
 
-def open_run(config: Config, info: DistInfo, backend: TrainingBackend) -> tuple[Run, RunState]:
-    """The run on the harness (the backend holds the sharded model and optimizer), resumed from its newest
-    checkpoint when there is one."""
-    ckpt = config.checkpoint
-    harness = Run(
-        Path(ckpt.dir),
-        info,
-        CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume),
-        "train.max_steps",
-        sharded=backend,
-    )
-    run, state = harness.resume(config.train.max_steps)
-    if state:
-        backend.scheduler.load_state_dict(state["scheduler"])
-    return harness, run
-
-
 def _report_start(model: UnifiedModel, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
     if not info.is_main:
         return
@@ -248,7 +231,12 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     resolved = apply_param_rules(model, config_rules(config))
     _report_start(model, resolved, config, info)
     backend = build_backend(model, resolved, config, info, materialize=materialize)
-    harness, run = open_run(config, info, backend)
+    ckpt = config.checkpoint
+    policy = CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume)
+    harness = Run(Path(ckpt.dir), info, policy, "train.max_steps", sharded=backend)
+    run, state = harness.resume(config.train.max_steps)
+    if state:
+        backend.scheduler.load_state_dict(state["scheduler"])
     harness.snapshot_config(config)
     batches = batch_stream(
         config,
