@@ -86,10 +86,6 @@ class TrainingBackend:
         """The whole model's weights on rank 0 (CPU); other ranks get ``{}``. A collective."""
         raise NotImplementedError
 
-    @property
-    def lrs(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
 
 class FSDPBackend(TrainingBackend):
     """FSDP2 over every rank of the job, or the bare model when there is only one process."""

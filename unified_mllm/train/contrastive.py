@@ -39,12 +39,7 @@ from transformers import SiglipModel
 from transformers.utils import logging as hf_logging
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    ContrastiveConfig,
-    VisionConfig,
-)
+from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
@@ -78,8 +73,6 @@ _ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # The panels of loss_curves.png.
 CURVE_PANELS = (("sigmoid loss", ("loss",)), ("temperature", ("temperature",)), ("learning rate", ("lr",)))
 
-# --------------------------------------------------------------------------------------------- the loss
-
 
 def sigmoid_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
@@ -93,9 +86,6 @@ def sigmoid_loss(
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
     labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
-
-
-# ------------------------------------------------------------------------------------------------- data
 
 
 def caption_batches(
@@ -333,13 +323,12 @@ def evaluate_contrastive(
             annotated.append(sample)
         if sample.meta.get("caption"):
             pairs.append((sample.image, sample.meta["caption"]))
+            captions.append(sample.meta["caption"])
         if len(pairs) == cfg.batch_size:
             embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
-            captions += [caption for _, caption in pairs]
             pairs = []
     if pairs:
         embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
-        captions += [caption for _, caption in pairs]
     result: dict[str, Any] = {"split": cfg.eval_split, "retrieval": None}
     if captions:
         image_embeds, text_embeds = (torch.cat(parts) for parts in zip(*embeds))

@@ -33,14 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    WandbConfig,
-    add_config_arguments,
-    config_from_args,
-    save_config,
-)
+from unified_mllm.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
     STATE_FILE,
@@ -264,28 +257,11 @@ class Run:
     # ------------------------------------------------------------------------------------- logging
 
     @contextlib.contextmanager
-    def logging(
-        self,
-        run: RunState,
-        *,
-        name: str,
-        total: int,
-        wandb: WandbConfig,
-        wandb_config: Mapping[str, Any],
-        progress: bool,
-    ) -> Iterator[RunLogger]:
+    def logging(self, run: RunState, **settings: Any) -> Iterator[RunLogger]:
         """The run's bar, ``metrics.jsonl`` (records past ``run.step`` dropped) and wandb run (rank 0), open
-        for the block (the loop logs through it) and closed after it."""
-        self.logger = RunLogger(
-            self.directory,
-            name=name,
-            total=total,
-            initial=run.step,
-            is_main=self.info.is_main,
-            wandb=wandb,
-            wandb_config=wandb_config,
-            progress=progress,
-        )
+        for the block (the loop logs through it) and closed after it. ``settings``: the :class:`RunLogger`'s
+        ``name``, ``total``, ``wandb``, ``wandb_config`` and ``progress``."""
+        self.logger = RunLogger(self.directory, initial=run.step, is_main=self.info.is_main, **settings)
         try:
             yield self.logger
         finally:

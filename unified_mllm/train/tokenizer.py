@@ -46,11 +46,7 @@ from PIL import Image
 from torch import nn
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    VQTrainConfig,
-)
+from unified_mllm.config import Config, ConfigError, VQTrainConfig
 from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
 from unified_mllm.metrics import psnr, ssim
@@ -101,10 +97,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {"vq": vq, "vq_train": train}
 
 
-# Terms logged as totals over the log window (the others are per-step means).
-_WINDOW_TOTALS = ("restarted",)
-
-
 class TokenizerWindow(MetricWindow):
     """Loss terms of the steps since the last log (per-step means), with each quantizer's code counts
     (``[codebook_size]`` or ``[codebooks, codebook_size]``) summed over the window for usage and perplexity."""
@@ -130,9 +122,8 @@ class TokenizerWindow(MetricWindow):
         once); with several quantizers each also gets ``usage_<name>`` / ``perplexity_<name>``."""
         out = self.reduce(mean=True)
         # Counts from a training forward are already summed over ranks by the quantizer's all_reduce.
-        for name in _WINDOW_TOTALS:
-            if name in out:
-                out[name] = round(out[name] * self.steps)  # a count per window, not a per-step mean
+        if "restarted" in out:  # dead codes restarted: a count per window, not a per-step mean
+            out["restarted"] = round(out["restarted"] * self.steps)
         rows = {name: counts.reshape(-1, counts.shape[-1]) for name, counts in self.counts.items()}
         usage = {name: (r > 0).float().mean(dim=1) for name, r in rows.items()}
         perplexity = {
@@ -487,14 +478,10 @@ def train_loop(
 
 
 def finish_run(
-    nets: Networks,
-    config: Config,
-    eval_pixels: torch.Tensor | None,
-    run: RunState,
-    last: dict[str, Any],
-    out_dir: Path,
+    nets: Networks, config: Config, run: RunState, last: dict[str, Any], eval_pixels: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
+    """Rank 0: export the tokenizer, the reconstruction grid and the summary (written last)."""
+    out_dir = Path(config.vq_train.output_dir).expanduser()
     nets.tokenizer.save_pretrained(out_dir)
     if eval_pixels is not None:
         metrics, recon = evaluate(nets.tokenizer, eval_pixels)
@@ -516,13 +503,12 @@ def finish_run(
 
 def check_data(cfg: VQTrainConfig) -> None:
     """Fail before building anything when the training or evaluation shards are missing."""
-    for path in (cfg.train_data, cfg.eval_data):
-        if path:
-            try:
-                list_shards(path)
-            except FileNotFoundError as exc:
-                hint = "write the world first: python -m unified_mllm.data.shapes --config ..."
-                raise FileNotFoundError(f"{exc} ({hint})") from None
+    for path in filter(None, (cfg.train_data, cfg.eval_data)):
+        try:
+            list_shards(path)
+        except FileNotFoundError as exc:
+            hint = "write the world first: python -m unified_mllm.data.shapes --config ..."
+            raise FileNotFoundError(f"{exc} ({hint})") from None
 
 
 def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -561,7 +547,7 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
     harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
     if info.is_main:
-        summary = finish_run(nets, config, eval_pixels, run, last, out_dir)
+        summary = finish_run(nets, config, run, last, eval_pixels)
         print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
     distributed.barrier()
     return distributed.broadcast_object(summary)

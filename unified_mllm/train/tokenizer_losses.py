@@ -54,11 +54,7 @@ class NLayerDiscriminator(nn.Module):
     (``n = num_layers``; 256 px with 3 layers gives 30 x 30 patches, 64 px with 2 layers 14 x 14)."""
 
     def __init__(
-        self,
-        in_channels: int = 3,
-        base_channels: int = 64,
-        num_layers: int = 3,
-        norm: NormKind = "batch",
+        self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, norm: NormKind = "batch"
     ) -> None:
         super().__init__()
         if num_layers < 1 or base_channels < 1:
@@ -277,8 +273,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 def _lpips_key(key: str) -> str | None:
     """Our key for a key of the file (None: not an LPIPS key)."""
     for prefix in _STRIPPED_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
+        key = key.removeprefix(prefix)
     if key in _IGNORED_KEYS:
         return None
     match = _TORCHVISION_KEY.match(key)

@@ -9,10 +9,9 @@ A stage is configuration only (design convention 4): which parameters train and 
 ``model.lm.pretrained`` / ``model.vision.pretrained``: published LM and SigLIP weights).
 
 One optimizer step = ``train.grad_accum_steps`` micro-batches of ``train.micro_batch_size`` sequences per rank.
-The loss is cross-entropy + z-loss summed over the supervised tokens and divided by the number of supervised
-tokens of the whole step on all ranks (one all-reduce per step), so every token weighs the same whatever the
-padding, packing, accumulation or world size. A data source's ``loss_weight`` makes its tokens count that many
-times, in the loss and in the count alike (a weighted mean; the logged ``ce`` is then weighted too).
+The loss (:mod:`unified_mllm.train.losses`) is divided by the supervised tokens of the whole step on all ranks
+(one all-reduce per step), so every token weighs the same whatever the padding, packing, accumulation or world
+size; a data source's ``loss_weight`` counts in the loss and in the count alike (the logged ``ce`` too).
 
 Run directory (``checkpoint.dir``): the harness's (:mod:`unified_mllm.train.harness`; TRAIN.md, "Checkpoints,
 resume, export"), with the model and optimizer saved through the backend; the final export goes to
@@ -55,9 +54,6 @@ def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
     )
 
 
-# ----------------------------------------------------------------------------------------- the model
-
-
 def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materialize | None]:
     """The model of ``config`` (same on every rank) and, when it is still on ``meta``, the function the backend
     calls once it has sharded it, to allocate and load the starting weights shard by shard
@@ -66,9 +62,6 @@ def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materiali
     if on_meta:
         return model, functools.partial(model_init.materialize, device=info.device, config=config)
     return model.to(info.device), None
-
-
-# ------------------------------------------------------------------------------------------ the data
 
 
 def supervised_tokens(batch: Batch) -> float:
@@ -139,11 +132,7 @@ def source_losses(
 
 
 def train_step(
-    backend: TrainingBackend,
-    micro_batches: list[Batch],
-    config: Config,
-    info: DistInfo,
-    window: Window,
+    backend: TrainingBackend, micro_batches: list[Batch], config: Config, info: DistInfo, window: Window
 ) -> None:
     """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
     local = torch.tensor([supervised_tokens(b) for b in micro_batches], dtype=torch.float64).sum()
@@ -192,7 +181,7 @@ def train_loop(
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
         metrics = window.flush()
-        record = {"kind": "train", "step": run.step, "lr": backend.lrs[0], **metrics}
+        record = {"kind": "train", "step": run.step, "lr": backend.optimizer.param_groups[0]["lr"], **metrics}
         return record, {"loss": metrics["loss"], "tok/s": metrics["tokens_per_second"]}
 
     def checkpoint(run: RunState) -> None:
