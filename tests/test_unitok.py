@@ -321,7 +321,7 @@ def test_feature_discriminator_shape_frozen_features_and_hinge_loss() -> None:
     disc = FeatureDiscriminator(features)
     disc.train()
     assert not features.training
-    assert {id(p) for p in disc.parameters()} == {id(p) for p in disc.trainable_parameters()}
+    assert {id(p) for p in disc.parameters()} == {id(p) for p in disc.heads.parameters()}
     assert not any(key.startswith("model.") for key in disc.state_dict())
     real, fake = pixels(2, 30, 30), pixels(2, 30, 30, seed=7).requires_grad_(True)
     logits_real, logits_fake = disc(real), disc(fake)

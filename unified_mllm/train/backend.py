@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,6 @@ class TrainingBackend:
         """The whole model's weights on rank 0 (CPU); other ranks get ``{}``. A collective."""
         raise NotImplementedError
 
-    @property
-    def lrs(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
 
 class FSDPBackend(TrainingBackend):
     """FSDP2 over every rank of the job, or the bare model when there is only one process."""
@@ -146,39 +142,28 @@ class FSDPBackend(TrainingBackend):
         return norm.detach()
 
     def save(self, directory: Path) -> None:
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        with _quiet_single_process(not self.sharded):
-            dcp.save(
-                {"model": model_state, "optim": optim_state},
-                checkpoint_id=str(directory / DCP_DIR),
-                no_dist=not self.sharded,
-            )
+        self._dcp(dcp.save, directory)
 
     def load(self, directory: Path) -> None:
+        state = self._dcp(dcp.load, directory)
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+
+    def _dcp(self, operation: Callable[..., object], directory: Path) -> dict[str, Any]:
+        """``dcp.save`` / ``dcp.load`` (in place) of the model and optimizer state under ``directory``."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        with _quiet_single_process(not self.sharded):
-            dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not self.sharded)
-        set_state_dict(
-            self.module,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
+        with warnings.catch_warnings():
+            if not self.sharded:  # one process reads and writes DCP files on purpose; torch warns even so
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            operation(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not self.sharded)
+        return state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.module, options=options)
         return state if self.info.is_main else {}
-
-
-@contextlib.contextmanager
-def _quiet_single_process(active: bool) -> Iterator[None]:
-    """One process reads and writes DCP files on purpose; torch warns about it even with ``no_dist=True``."""
-    with warnings.catch_warnings():
-        if active:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def deepspeed_settings(config: Config, info: DistInfo) -> dict[str, Any]:
@@ -263,21 +248,16 @@ class DeepSpeedBackend(TrainingBackend):
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.zero_stage < 3:  # parameters are whole on every rank
-            state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
-            return state if self.info.is_main else {}
-        with _gathered(self.engine.module):
-            state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        import deepspeed
+
+        module = self.engine.module
+        # ZeRO-3 partitions the parameters: gather them for the copy (below stage 3 they are whole everywhere).
+        gathered = contextlib.nullcontext()
+        if self.zero_stage >= 3:
+            gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with gathered:
+            state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
         return state if self.info.is_main else {}
-
-
-@contextlib.contextmanager
-def _gathered(module: nn.Module) -> Iterator[None]:
-    """ZeRO-3: gather every partitioned parameter for the duration of the block."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        yield
 
 
 def build_backend(

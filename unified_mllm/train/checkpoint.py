@@ -1,15 +1,10 @@
 """Training-state checkpoints for exact resume: atomic ``step-XXXXXXXX/`` directories, keep-last-N, RNG state.
 
-Layout under a run's checkpoint directory::
-
-    step-00000500/state.pt      torch.save of the training-state dict (model, optimizers, schedulers, step,
-    step-00001000/state.pt      data position, RNG, ...): whatever the trainer puts in it
-
-A checkpoint is written into a hidden temporary directory (:func:`unified_mllm.io.begin_directory`) and renamed
-into place only when every file in it is complete and fsynced, so a run killed while saving never leaves a ``step-*`` directory that
-looks finished; :func:`latest_checkpoint` only ever sees whole ones. :func:`write_checkpoint_dir` takes a
-writer callback, so a trainer can put anything in the directory (the LM trainer adds sharded
-``torch.distributed.checkpoint`` files) and still get the atomic rename and the pruning.
+A checkpoint (``step-00000500/state.pt``: whatever the trainer puts in it) is written into a hidden temporary
+directory (:func:`begin_checkpoint_dir`; any files, e.g. the LM's sharded ``torch.distributed.checkpoint`` ones)
+and renamed into place (:func:`commit_checkpoint_dir`) only when every file in it is complete and fsynced, so a
+run killed while saving never leaves a ``step-*`` directory that looks finished: :func:`latest_checkpoint` only
+ever sees whole ones.
 
 State files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
 never arbitrary pickled objects. That is why :func:`capture_rng_state` stores numpy's generator state with its
@@ -22,7 +17,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,37 +85,6 @@ def commit_checkpoint_dir(tmp: Path, step: int, *, keep_last: int | None = None)
     if keep_last is not None:
         prune_checkpoints(tmp.parent, keep_last)
     return final
-
-
-def write_checkpoint_dir(
-    directory: str | os.PathLike[str],
-    step: int,
-    writer: Callable[[Path], object],
-    *,
-    keep_last: int | None = None,
-) -> Path:
-    """Create ``directory/step-XXXXXXXX`` atomically: ``writer(tmp_dir)`` fills a temporary directory, which is
-    fsynced and renamed into place (replacing an older checkpoint of the same step). Then, with ``keep_last``,
-    older checkpoints beyond the newest ``keep_last`` are deleted. Returns the checkpoint's path.
-
-    Call it on one rank only (or give each rank its own directory): the rename is not coordinated; see
-    :func:`begin_checkpoint_dir` for checkpoints that every rank writes a part of.
-    """
-    tmp = begin_checkpoint_dir(directory, step)
-    try:
-        writer(tmp)
-        return commit_checkpoint_dir(tmp, step, keep_last=keep_last)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(
-    directory: str | os.PathLike[str], step: int, state: Mapping[str, Any], *, keep_last: int | None = None
-) -> Path:
-    """Write ``state`` (tensors, numbers, strings, containers) as ``step-XXXXXXXX/state.pt`` atomically."""
-    return write_checkpoint_dir(
-        directory, step, lambda tmp: torch.save(dict(state), tmp / STATE_FILE), keep_last=keep_last
-    )
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

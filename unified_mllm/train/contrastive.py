@@ -4,25 +4,14 @@ Published SigLIP towers come from image–text pre-training (Zhai et al. 2023, "
 Pre-Training"). The tiny preset has no such checkpoint, so this module trains one the same way on the embedded
 world: the contrastive ``SiglipModel`` of :mod:`unified_mllm.vision.contrastive` (the vision tower of
 ``model.vision`` with SigLIP's attention-pooling head, and a small text tower reading our text tokenizer's
-ids).
+ids), with :func:`sigmoid_loss` (a learnable temperature, initialised to 10, and bias, to -10).
 
-The loss, for a batch of ``B`` pairs with L2-normalised embeddings ``x_i`` (images) and ``y_j`` (texts), a
-learnable log-temperature ``t'`` (``t = exp(t')``, initialised to 10) and bias ``b`` (initialised to -10), is
-
-    loss = -1/B * sum_i sum_j log sigmoid(z_ij * (t * <x_i, y_j> + b)),   z_ij = +1 if i == j else -1
-
-(:func:`sigmoid_loss`). The result is written with ``save_pretrained`` as a full ``SiglipModel`` (vision +
-text towers, ``config.json`` + ``model.safetensors``) under ``contrastive.output_dir``; the unified model reads
-its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set ``model.vision.pretrained``
-to that directory). ``contrastive.json`` beside it records what it was trained from, so a re-run with the same
-settings reuses it instead of training again.
-
-The report at the end, on ``contrastive.eval_split`` (``eval.json`` beside the model), is what any
-captioned data allows: **image-text retrieval** recall@1 and recall@5 in both directions over the split's
-(image, caption) pairs (:func:`unified_mllm.metrics.retrieval_recall`; images with the same caption share
-their right captions). Where the records carry the world's ``objects``, **zero-shot classification** is
-added: every image with exactly one object is classified among ``prompt_template`` filled with each (colour,
-shape) of ``data.world``; the colour-only and shape-only accuracies are those of the same joint prediction.
+The result is a full ``SiglipModel`` (``save_pretrained``) in the run directory ``contrastive.output_dir``;
+the unified model reads its vision tower with :func:`unified_mllm.vision.siglip.load_siglip_pretrained` (set
+``model.vision.pretrained`` to that directory). ``contrastive.json`` beside it records what it was trained
+from, so a re-run with the same settings reuses it. The report at the end, on ``contrastive.eval_split``
+(``eval.json``), is what any captioned data allows (:func:`evaluate_contrastive`): image-text retrieval, and
+zero-shot classification where the records carry the world's ``objects``.
 
     python -m unified_mllm.train.contrastive --config configs/quickstart.yaml [key=value ...]
 
@@ -37,7 +26,7 @@ import dataclasses
 import hashlib
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +39,14 @@ from transformers import SiglipModel
 from transformers.utils import logging as hf_logging
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    ContrastiveConfig,
-    VisionConfig,
-)
+from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.vision.contrastive import (
     build_contrastive_model,
     embed_images,
@@ -89,8 +73,6 @@ _ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # The panels of loss_curves.png.
 CURVE_PANELS = (("sigmoid loss", ("loss",)), ("temperature", ("temperature",)), ("learning rate", ("lr",)))
 
-# --------------------------------------------------------------------------------------------- the loss
-
 
 def sigmoid_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
@@ -104,9 +86,6 @@ def sigmoid_loss(
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
     labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
-
-
-# ------------------------------------------------------------------------------------------------- data
 
 
 def caption_batches(
@@ -162,14 +141,7 @@ def make_optimizer(model: SiglipModel, contrastive: ContrastiveConfig) -> torch.
 
 def make_schedule(optimizer: torch.optim.Optimizer, contrastive: ContrastiveConfig) -> LambdaLR:
     """Linear warm-up, then a cosine down to ``min_lr_ratio`` at ``max_steps``."""
-    return LambdaLR(
-        optimizer,
-        warmup_cosine(
-            warmup_steps=contrastive.warmup_steps,
-            total_steps=contrastive.max_steps,
-            min_ratio=contrastive.min_lr_ratio,
-        ),
-    )
+    return build_scheduler(optimizer, contrastive, contrastive.max_steps)
 
 
 def train_step(
@@ -185,37 +157,8 @@ def train_step(
     image_embeds = embed_images(model, pixels.to(device))
     text_embeds = embed_texts(model, ids.to(device))
     loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if contrastive.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), contrastive.grad_clip)
-    optimizer.step()
-    schedule.step()
+    backward_and_step(loss, model.parameters(), optimizer, schedule, contrastive.grad_clip)
     return loss.item()  # CPU-sized model: the sync costs nothing next to the step
-
-
-def _open_run(
-    model: SiglipModel, optimizer: torch.optim.Optimizer, schedule: LambdaLR, config: Config, force: bool
-) -> tuple[Run, RunState, list[float]]:
-    """The run on the harness in ``contrastive.output_dir``, resumed from its newest checkpoint made with the
-    same settings (``force``: started over); returns it, where to continue and the losses so far."""
-    cfg = config.contrastive
-    harness = Run(
-        Path(cfg.output_dir),
-        dataclasses.replace(_ONE, device=model.logit_scale.device),
-        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
-        "contrastive.max_steps",
-        fingerprint=fingerprint(config),
-    )
-    if force:
-        harness.start_over()
-    run, state = harness.resume(cfg.max_steps)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-    harness.snapshot_config(config)
-    return harness, run, list(state.get("losses", []))
 
 
 def train_contrastive(
@@ -227,11 +170,27 @@ def train_contrastive(
     progress: bool = True,
 ) -> list[float]:
     """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
-    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``); returns the loss of every step."""
+    (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``), resumed from its newest checkpoint
+    made with the same settings (``force``: started over); returns the loss of every step."""
     cfg = config.contrastive
     optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
     schedule = make_schedule(optimizer, cfg)
-    harness, run, losses = _open_run(model, optimizer, schedule, config, force)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    harness = Run(
+        Path(cfg.output_dir),
+        dataclasses.replace(_ONE, device=model.logit_scale.device),
+        CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
+        "contrastive.max_steps",
+        fingerprint=fingerprint(config),
+    )
+    if force:
+        harness.start_over()
+    run, state = harness.resume(cfg.max_steps)
+    for key, part in parts.items():
+        if state:
+            part.load_state_dict(state[key])
+    harness.snapshot_config(config)
+    losses: list[float] = list(state.get("losses", []))
     batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
     logged, started = run.step, time.perf_counter()
 
@@ -249,7 +208,6 @@ def train_contrastive(
         return record, {"loss": loss, "t": temperature}
 
     def checkpoint(run: RunState) -> None:
-        parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
         harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
 
     wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)}
@@ -267,6 +225,21 @@ def train_contrastive(
 # ------------------------------------------------------------------------------------------- evaluation
 
 
+def _embedders(
+    model: SiglipModel, tokenizer: TextTokenizer, vision: VisionConfig, contrastive: ContrastiveConfig
+) -> tuple[Callable[[Sequence[Image.Image]], torch.Tensor], Callable[[Sequence[str]], torch.Tensor]]:
+    """Functions giving the model's L2-normalised fp32 embeddings of images and of texts."""
+    device = model.logit_scale.device
+
+    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
+        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
+
+    def texts_fn(texts: Sequence[str]) -> torch.Tensor:
+        return embed_texts(model, tokenize(tokenizer, texts, contrastive.text_max_length).to(device)).float()
+
+    return images_fn, texts_fn
+
+
 def zero_shot_eval(
     model: SiglipModel,
     tokenizer: TextTokenizer,
@@ -279,19 +252,8 @@ def zero_shot_eval(
     """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
     argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
     model.eval()
-    device = model.logit_scale.device
-
-    def images_fn(images: Sequence[Image.Image]) -> torch.Tensor:
-        return embed_images(model, image_pixels(images, vision.image_size).to(device)).float()
-
-    def prompts_fn(prompts: Sequence[str]) -> torch.Tensor:
-        return embed_texts(
-            model, tokenize(tokenizer, prompts, contrastive.text_max_length).to(device)
-        ).float()
-
     return zero_shot_classify(
-        images_fn,
-        prompts_fn,
+        *_embedders(model, tokenizer, vision, contrastive),
         samples,
         prompt_template=contrastive.prompt_template,
         colors=colors,
@@ -320,11 +282,9 @@ def embed_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised ``(image embeddings (N, D), caption embeddings (N, D))`` of (image, caption) pairs, fp32
     on the CPU."""
-    device = model.logit_scale.device
+    images_fn, texts_fn = _embedders(model, tokenizer, vision, contrastive)
     images, captions = zip(*pairs)
-    pixels = image_pixels(images, vision.image_size).to(device)
-    ids = tokenize(tokenizer, captions, contrastive.text_max_length).to(device)
-    return embed_images(model, pixels).float().cpu(), embed_texts(model, ids).float().cpu()
+    return images_fn(images).cpu(), texts_fn(captions).cpu()
 
 
 def caption_retrieval(
@@ -363,13 +323,12 @@ def evaluate_contrastive(
             annotated.append(sample)
         if sample.meta.get("caption"):
             pairs.append((sample.image, sample.meta["caption"]))
+            captions.append(sample.meta["caption"])
         if len(pairs) == cfg.batch_size:
             embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
-            captions += [caption for _, caption in pairs]
             pairs = []
     if pairs:
         embeds.append(embed_pairs(model, tokenizer, pairs, vision, cfg))
-        captions += [caption for _, caption in pairs]
     result: dict[str, Any] = {"split": cfg.eval_split, "retrieval": None}
     if captions:
         image_embeds, text_embeds = (torch.cat(parts) for parts in zip(*embeds))
@@ -399,10 +358,6 @@ def format_retrieval(result: dict[str, Any] | None, split: str) -> str:
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def fingerprint(config: Config) -> dict[str, Any]:
     """Everything the trained weights depend on; a saved checkpoint with the same fingerprint is reused."""
     vision = dataclasses.asdict(config.model.vision)
@@ -414,7 +369,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {
         "vision": vision,
         "contrastive": contrastive,
-        "tokenizer_sha256": _sha256(config.tokenizer.path),
+        "tokenizer_sha256": hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest(),
         "train_data": str(Path(config.data.root).expanduser() / config.contrastive.train_split),
     }
 

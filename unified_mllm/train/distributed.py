@@ -96,10 +96,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
@@ -120,8 +116,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over ranks in place and return it."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
+        all_reduce_sum(tensor).div_(dist.get_world_size())
     return tensor
 
 
@@ -184,19 +179,13 @@ def shutdown() -> None:
 
 
 def exit_finished_worker() -> None:
-    """End a multi-process worker whose run has finished, skipping interpreter finalization.
-
-    Call it last, after :func:`shutdown`, from an entry point's ``__main__`` block (never from library code:
-    it ends the process). Why: the gloo group's threads outlive :func:`shutdown` (``destroy_process_group``
-    drops c10d's references, not those the device mesh and sharded parameters keep: a finished trainer rank
-    still has its ``pt_gloo_runloop`` threads), and they, like the autograd engine's, may still be dropping
-    references to Python objects while CPython finalizes; taking the GIL then unwinds the thread through a
-    ``noexcept`` destructor and the rank aborts with "terminate called without an active exception"
-    (pytorch/pytorch#38228, #117762). It is rare, but a test suite with a dozen gloo launches met it: a rank
-    died after every file was written and torchrun reported the run as failed. By now the work is saved (files
-    are written and closed as they go) and the process group is closed, so the streams are flushed and the
-    process exits 0 at once.
-    A no-op in a single process, where finalization is left to Python.
+    """End a multi-process worker whose run has finished, skipping interpreter finalization (a no-op in a single
+    process). Call it last, after :func:`shutdown`, from an entry point's ``__main__`` block, never from library
+    code. Why: the gloo group's threads outlive :func:`shutdown` (the device mesh and sharded parameters keep
+    references), and while CPython finalizes they may drop references to Python objects; taking the GIL then
+    unwinds the thread through a ``noexcept`` destructor and the rank aborts with "terminate called without an
+    active exception" (pytorch/pytorch#38228, #117762) — rare, but torchrun then reports a finished run as
+    failed. By now every file is written and closed and the group is closed, so the process exits 0 at once.
     """
     if _env_int("WORLD_SIZE", 1) <= 1:
         return

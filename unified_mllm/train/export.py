@@ -1,17 +1,10 @@
 """The final export of a training run: one self-contained directory that inference loads with one call.
 
-Layout of ``checkpoint.export_dir``::
-
-    config.json, model.safetensors   the unified model in Hugging Face format (unified_mllm.model.export)
-    text.model                        the text tokenizer (a copy of tokenizer.path)
-    vq/                               the VQ tokenizer that made the codes (a copy of model.vq.checkpoint)
-    config.yaml                       the resolved training config, with tokenizer.path and model.vq.checkpoint
-                                      rewritten relative to this directory ("text.model", "vq")
-    train_summary.json                written last: what was trained, for how long, and the fingerprint of the
-                                      settings (a finished run with the same fingerprint is reused)
-
-The weights are written atomically by :func:`unified_mllm.model.export.write_export`; the summary comes last,
-so a directory without it is an unfinished export, never mistaken for a finished one.
+``checkpoint.export_dir`` holds ``config.json`` + ``model.safetensors`` (the unified model in Hugging Face format,
+written atomically by :func:`unified_mllm.model.export.write_export`), the text tokenizer (``text.model``), the
+VQ tokenizer (``vq/``), the resolved ``config.yaml`` with those paths relative to the export, and
+``train_summary.json``, written last: what was trained and the fingerprint of the settings (a finished run with
+the same fingerprint is reused). A directory without it is an unfinished export, never mistaken for a finished one.
 """
 
 from __future__ import annotations

@@ -2,21 +2,16 @@
 
 A trainer (the LM stages, the image tokenizers, contrastive SigLIP) supplies what is its own — how to train one
 step, what its training state holds, what its log record says — and :class:`Run` does the rest the same way
-for all of them:
+for all of them (TRAIN.md, "Checkpoints, resume, export"):
 
-* the **run directory**: ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``loss_curves.png``, wandb
-  files (:mod:`unified_mllm.train.run_log`), and ``checkpoints/step-XXXXXXXX/``;
-* **checkpoints** for exact resume, written atomically every ``every`` steps and at the end, the newest
-  ``keep_last`` kept (:mod:`unified_mllm.train.checkpoint`). Each holds the state file (``state.pt`` — the
-  trainer's state plus the step, data position, time spent and every rank's RNG state) and ``config.yaml``.
-  The small models keep everything in the state file, written by rank 0; the sharded LM hands its model and
-  optimizer to a :class:`ShardedState` (its training backend: torch.distributed.checkpoint or DeepSpeed) that
-  every rank writes its part of;
-* **resume**: the newest checkpoint is loaded when there is one (RNG streams per rank; at another world size
-  rank 0's seeds all), and the loop continues at its step;
-* the **step loop** (:meth:`Run.loop`): the progress bar, a log record every ``log_every`` steps, optional
-  evaluations, checkpoints, and the crash hook: with ``UMLLM_CRASH_AFTER_STEP=k`` in the environment the process
-  exits abruptly (as a kill would) right after step ``k``, for tests and fault drills;
+* the **run directory**: ``config.yaml``, ``metrics.jsonl``, ``loss_curves.png``, wandb files
+  (:mod:`unified_mllm.train.run_log`) and ``checkpoints/step-XXXXXXXX/``;
+* **checkpoints** (:mod:`unified_mllm.train.checkpoint`): the state file ``state.pt`` (the trainer's state plus
+  the step, data position, time spent and every rank's RNG state, written by rank 0) and ``config.yaml``; a
+  sharded model and optimizer go through a :class:`ShardedState` (the LM's backend) that every rank writes its
+  part of. **Resume** loads the newest (RNG streams per rank; at another world size rank 0's seeds all);
+* the **step loop** (:meth:`Run.loop`): the progress bar, log records, evaluations, checkpoints, and the crash
+  hook: with ``UMLLM_CRASH_AFTER_STEP=k`` the process exits abruptly (as a kill would) right after step ``k``;
 * **reuse** of a finished run: :func:`unified_mllm.io.finished_output` on the summary a trainer writes last.
 
 Metric sums stay on the device between logs (:class:`MetricWindow`): no host sync except on log, evaluation
@@ -38,14 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    WandbConfig,
-    add_config_arguments,
-    config_from_args,
-    save_config,
-)
+from unified_mllm.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
     STATE_FILE,
@@ -269,28 +257,11 @@ class Run:
     # ------------------------------------------------------------------------------------- logging
 
     @contextlib.contextmanager
-    def logging(
-        self,
-        run: RunState,
-        *,
-        name: str,
-        total: int,
-        wandb: WandbConfig,
-        wandb_config: Mapping[str, Any],
-        progress: bool,
-    ) -> Iterator[RunLogger]:
+    def logging(self, run: RunState, **settings: Any) -> Iterator[RunLogger]:
         """The run's bar, ``metrics.jsonl`` (records past ``run.step`` dropped) and wandb run (rank 0), open
-        for the block (the loop logs through it) and closed after it."""
-        self.logger = RunLogger(
-            self.directory,
-            name=name,
-            total=total,
-            initial=run.step,
-            is_main=self.info.is_main,
-            wandb=wandb,
-            wandb_config=wandb_config,
-            progress=progress,
-        )
+        for the block (the loop logs through it) and closed after it. ``settings``: the :class:`RunLogger`'s
+        ``name``, ``total``, ``wandb``, ``wandb_config`` and ``progress``."""
+        self.logger = RunLogger(self.directory, initial=run.step, is_main=self.info.is_main, **settings)
         try:
             yield self.logger
         finally:

@@ -58,17 +58,6 @@ class LossParts:
     """``[N, 2]`` (row, position) in the labels of each ``token_ce`` entry (the position of its label)."""
 
 
-def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float) -> None:
-    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be integer ids, got {labels.dtype}")
-    if z_loss_weight < 0:
-        raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight}")
-
-
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -86,7 +75,14 @@ def causal_lm_loss(
     1, so that a step without supervised tokens gives loss 0, not NaN. ``weights`` ``[B, T]``: per-token loss
     weights (module docstring). Label ids outside ``[0, V)`` are not checked here (that would cost a host sync).
     """
-    _check_inputs(logits, labels, z_loss_weight)
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integer ids, got {labels.dtype}")
+    if z_loss_weight < 0:
+        raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight}")
     if weights is not None and weights.shape != labels.shape:
         raise ValueError(f"weights must match labels {tuple(labels.shape)}, got {tuple(weights.shape)}")
     if isinstance(normalizer, (int, float)) and normalizer <= 0:

@@ -1,20 +1,12 @@
 """Parameter groups by module path, the AdamW optimizer and its warm-up + cosine schedule.
 
-``optim.param_groups`` is an ordered list of rules ``{match, lr_scale, trainable, weight_decay}``. A rule
-matches a parameter when its ``match`` is ``''`` or a whole-component prefix of the parameter's name
+``optim.param_groups`` is an ordered list of rules ``{match, lr_scale, trainable, weight_decay}`` (TRAIN.md). A
+rule matches a parameter when its ``match`` is ``''`` or a whole-component prefix of the parameter's name
 (``vision.tower`` matches ``vision.tower.encoder.layers.0.mlp.fc1.weight`` but not ``vision.towers.x``);
-later rules override earlier ones. Stage 1 of UniToken, for example, is::
-
-    param_groups:
-      - {match: lm, trainable: false}
-      - {match: lm_head, trainable: false}
-      - {match: vision.tower, lr_scale: 0.01}
-
-A rule that matches nothing is an error (a typo), unless it has ``required: false``: the stage-1 recipe freezes
-``code_embedder`` / ``code_heads`` that way, modules only code-stack tokenizers (UniTok, DualToken) build.
-
-One rule always comes first: ``{match: vision.tower, lr_scale: model.vision.lr_scale}`` (UniToken trains
-SigLIP at 0.01 of the LR), so ``model.vision.lr_scale`` is where that scale lives; a later rule may override it.
+later rules override earlier ones. A rule that matches nothing is an error (a typo), unless it has
+``required: false`` (the stage-1 recipe freezes ``code_embedder`` / ``code_heads``, which only code-stack
+tokenizers build, that way). One rule always comes first: ``{match: vision.tower, lr_scale:
+model.vision.lr_scale}`` (UniToken trains SigLIP at 0.01 of the LR); a later rule may override it.
 
 Parameters that end up frozen get ``requires_grad=False`` and stay out of the optimizer. Matrices (``ndim >=
 2``, except embeddings) get weight decay; biases, norm scales and embeddings do not, the usual LLM practice.
@@ -24,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,10 +63,6 @@ def resolve_rules(names: Iterable[str], rules: Sequence[ParamGroupConfig]) -> di
     return resolved
 
 
-def _decays(name: str, param: nn.Parameter) -> bool:
-    return param.ndim >= 2 and "embed" not in name
-
-
 def apply_param_rules(model: nn.Module, rules: Sequence[ParamGroupConfig]) -> dict[str, ParamRule]:
     """Set ``requires_grad`` from the rules; returns the per-parameter rules. Raises when nothing trains."""
     named = dict(model.named_parameters())
@@ -98,11 +87,9 @@ def param_groups(
         rule = resolved[name]
         if not rule.trainable:
             continue
-        decay = (
-            (optim.weight_decay if rule.weight_decay is None else rule.weight_decay)
-            if _decays(name, param)
-            else 0.0
-        )
+        decay = 0.0  # biases, norm scales and embeddings
+        if param.ndim >= 2 and "embed" not in name:
+            decay = optim.weight_decay if rule.weight_decay is None else rule.weight_decay
         key = (optim.lr * rule.lr_scale, decay)
         group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": decay})
         group["params"].append(param)  # type: ignore[union-attr]
@@ -121,16 +108,34 @@ def build_optimizer(groups: list[dict[str, object]], optim: OptimConfig) -> torc
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine (or constant) decay of every group's LR, stepped once per optimizer step."""
+    """Linear warm-up then cosine (or constant) decay of every group's LR, stepped once per optimizer step;
+    ``optim``: any trainer's config section with ``warmup_steps``, ``min_lr_ratio`` (and ``schedule``)."""
     factor = warmup_cosine(
         warmup_steps=optim.warmup_steps,
         total_steps=total_steps,
         min_ratio=optim.min_lr_ratio,
-        shape=optim.schedule,
+        shape=getattr(optim, "schedule", "cosine"),
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    parameters: Iterable[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> None:
+    """One update of the small trainers: zero the gradients, backpropagate ``loss``, clip the gradients of
+    ``parameters`` to norm ``grad_clip`` (0: no clipping), step the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def trainable_summary(resolved: dict[str, ParamRule], model: nn.Module) -> dict[str, int]:

@@ -33,20 +33,6 @@ def _step_of(line: str) -> int:
         return 1 << 62  # unreadable line (a write cut short by a kill): drop it
 
 
-class MetricsFile:
-    """Append-only JSONL of metric records; on resume, records past ``resumed_step`` are dropped."""
-
-    def __init__(self, path: Path, resumed_step: int) -> None:
-        self.path = path
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
-            io.write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(dict(record)) + "\n")
-
-
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of a metrics JSONL file (only those of ``kind`` when given)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -89,8 +75,10 @@ class RunLogger:
         wandb_config: Mapping[str, Any],
         progress: bool = True,
     ) -> None:
-        self.main = is_main
-        self.file = MetricsFile(run_dir / METRICS_FILE, initial) if is_main else None
+        self.main, self.file = is_main, run_dir / METRICS_FILE
+        if is_main and self.file.is_file():  # append-only, but the records past a resumed step are dropped
+            kept = [line for line in self.file.read_text().splitlines() if _step_of(line) <= initial]
+            io.write_text(self.file, "".join(line + "\n" for line in kept))
         self.wandb = init_wandb(wandb, run_dir, name, wandb_config) if is_main else None
         self.bar = progress_bar(
             total=total, initial=initial, desc=name, unit="step", disable=not (progress and is_main)
@@ -100,8 +88,8 @@ class RunLogger:
         """Write one record (it needs ``kind`` and ``step``) and show ``postfix`` on the bar."""
         if not self.main:
             return
-        assert self.file is not None
-        self.file.write(record)
+        with open(self.file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record)) + "\n")
         if self.wandb is not None:
             self.wandb.log(
                 {f"{record['kind']}/{k}": v for k, v in record.items() if k != "kind"}, step=record["step"]

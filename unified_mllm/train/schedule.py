@@ -50,14 +50,11 @@ def warmup_cosine(
     shape: Literal["cosine", "constant"] = "cosine",
 ) -> Callable[[int], float]:
     """:func:`warmup_cosine_factor` with its settings bound: the ``lr_lambda`` of a ``LambdaLR``."""
-    # Validate eagerly, so a bad config fails when the scheduler is built, not at the first step.
-    warmup_cosine_factor(
-        0, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio, shape=shape
-    )
 
     def factor(step: int) -> float:
         return warmup_cosine_factor(
             step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio, shape=shape
         )
 
+    factor(0)  # validate eagerly, so a bad config fails when the scheduler is built, not at the first step
     return factor

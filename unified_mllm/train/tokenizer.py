@@ -23,24 +23,13 @@ quantizers' ``all_reduce`` sums code counts and EMA statistics over ranks, so th
 everywhere. Training runs in fp32. UniTok's contrastive loss contrasts each rank's pairs with the
 embeddings of every rank (the global batch; equal per-rank batches).
 
-Output directory (``vq_train.output_dir``, the run directory of :mod:`unified_mllm.train.harness`; rank 0
-writes):
-
-* ``model.safetensors`` + ``config.json`` — the final tokenizer (``load_visual_tokenizer(output_dir)``);
-* ``config.yaml`` — the resolved config; ``train_summary.json`` — what was trained, how long, final metrics
-  (written last: its presence marks a finished run, which a re-run with the same settings reuses);
-* ``metrics.jsonl`` — one record per log step (loss terms, codebook usage and perplexity over the window, LR,
-  seconds per step) and per evaluation (PSNR, SSIM and usage on ``eval_images`` images of ``eval_data``);
-* ``loss_curves.png``, ``reconstructions.png`` (originals above reconstructions);
-* ``checkpoints/step-XXXXXXXX/state.pt`` (+ ``config.yaml``) — training state every ``checkpoint_every`` steps
-  and at the end: generator, discriminator, both optimizers and schedulers, step, data position, every rank's
-  RNG state. A run resumes from the newest one automatically (``vq_train.resume``), also with a larger
-  ``vq_train.steps``. Resuming at another world size restores the data position exactly but not the per-rank
-  RNG streams.
-
-Logging: a progress bar (:mod:`unified_mllm.progress`) and the JSONL file on rank 0, wandb when
-``train.wandb.mode`` is not ``disabled`` (offline by default: files under ``output_dir/wandb``). Host syncs
-happen on log, check and checkpoint steps.
+Output directory (``vq_train.output_dir``): the harness's run directory (:mod:`unified_mllm.train.harness`;
+TRAIN.md, "Checkpoints, resume, export"; checkpoints hold both networks, optimizers and schedulers) plus the
+final tokenizer, ``model.safetensors`` + ``config.json`` (``load_visual_tokenizer(output_dir)``),
+``reconstructions.png`` (originals above reconstructions) and ``train_summary.json``, written last (a re-run
+with the same settings reuses the run). ``metrics.jsonl`` logs the loss terms, codebook usage and perplexity
+over the window, and PSNR / SSIM / usage on ``eval_images`` images of ``eval_data``. Resuming at another world
+size restores the data position exactly but not the per-rank RNG streams.
 """
 
 from __future__ import annotations
@@ -57,11 +46,7 @@ from PIL import Image
 from torch import nn
 
 from unified_mllm import io
-from unified_mllm.config import (
-    Config,
-    ConfigError,
-    VQTrainConfig,
-)
+from unified_mllm.config import Config, ConfigError, VQTrainConfig
 from unified_mllm.data.images import ImageBatch, ImageStream, load_first_images
 from unified_mllm.data.shards import list_shards
 from unified_mllm.metrics import psnr, ssim
@@ -69,7 +54,7 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
-from unified_mllm.train.schedule import warmup_cosine
+from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.train.tokenizer_losses import (
     Dinov2Features,
     FeatureDiscriminator,
@@ -77,13 +62,12 @@ from unified_mllm.train.tokenizer_losses import (
     PerceptualLoss,
     adaptive_gan_weight,
     build_perceptual_loss,
-    dinov2_small_config,
     discriminator_loss,
     generator_loss,
 )
 from unified_mllm.vision.contrastive import tokenize
 from unified_mllm.vision.image import tensor_to_image
-from unified_mllm.vision.quantizer import perplexity_from_counts
+from unified_mllm.vision.quantizer import code_counts, perplexity_from_counts
 from unified_mllm.vision.tokenizer_registry import build_visual_tokenizer, load_visual_tokenizer
 from unified_mllm.vision.visual_tokenizer import TokenizerOutput, VisualTokenizer
 
@@ -113,10 +97,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {"vq": vq, "vq_train": train}
 
 
-# Terms logged as totals over the log window (the others are per-step means).
-_WINDOW_TOTALS = ("restarted",)
-
-
 class TokenizerWindow(MetricWindow):
     """Loss terms of the steps since the last log (per-step means), with each quantizer's code counts
     (``[codebook_size]`` or ``[codebooks, codebook_size]``) summed over the window for usage and perplexity."""
@@ -142,9 +122,8 @@ class TokenizerWindow(MetricWindow):
         once); with several quantizers each also gets ``usage_<name>`` / ``perplexity_<name>``."""
         out = self.reduce(mean=True)
         # Counts from a training forward are already summed over ranks by the quantizer's all_reduce.
-        for name in _WINDOW_TOTALS:
-            if name in out:
-                out[name] = round(out[name] * self.steps)  # a count per window, not a per-step mean
+        if "restarted" in out:  # dead codes restarted: a count per window, not a per-step mean
+            out["restarted"] = round(out["restarted"] * self.steps)
         rows = {name: counts.reshape(-1, counts.shape[-1]) for name, counts in self.counts.items()}
         usage = {name: (r > 0).float().mean(dim=1) for name, r in rows.items()}
         perplexity = {
@@ -196,15 +175,6 @@ class TrainingForward(nn.Module):
         return self.tokenizer.training_forward(pixels, text_ids)
 
 
-def _schedule(cfg: VQTrainConfig, total: int) -> Any:
-    return warmup_cosine(
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max(total, 1),
-        min_ratio=cfg.min_lr_ratio,
-        shape=cfg.schedule,
-    )
-
-
 def build_tokenizer(config: Config) -> VisualTokenizer:
     """The tokenizer to train: random, or ``vq_train.init_from``'s weights; a DualToken backbone starts from
     ``model.vq.dualtoken.pretrained`` (which also becomes its frozen teacher)."""
@@ -227,10 +197,8 @@ def build_discriminator(cfg: VQTrainConfig) -> nn.Module:
         return NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
     layers = tuple(cfg.disc_feature_layers)
     if cfg.disc_feature_model:
-        features = Dinov2Features.from_pretrained(cfg.disc_feature_model, layers)
-    else:
-        features = Dinov2Features(dinov2_small_config(), layers)
-    return FeatureDiscriminator(features)
+        return FeatureDiscriminator(Dinov2Features.from_pretrained(cfg.disc_feature_model, layers))
+    return FeatureDiscriminator(Dinov2Features(layers=layers))  # a random ViT-S/14
 
 
 def build_networks(config: Config, info: DistInfo) -> Networks:
@@ -257,8 +225,8 @@ def build_networks(config: Config, info: DistInfo) -> Networks:
     opt_d = torch.optim.Adam(
         [p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr or cfg.lr, betas=betas
     )
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _schedule(cfg, cfg.steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _schedule(cfg, cfg.steps - cfg.disc_start_step))
+    sched_g = build_scheduler(opt_g, cfg, max(cfg.steps, 1))
+    sched_d = build_scheduler(opt_d, cfg, max(cfg.steps - cfg.disc_start_step, 1))
     perceptual = build_perceptual_loss(cfg.perceptual, cfg.perceptual_weights, info.device)
     restart_generator = torch.Generator(device=info.device).manual_seed(cfg.seed + 1)
     text = None
@@ -291,11 +259,6 @@ def frozen(module: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _clip(module: nn.Module, max_norm: float) -> None:
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -305,11 +268,6 @@ def _caption_ids(nets: Networks, captions: Sequence[str], device: torch.device) 
         return None
     unitok = nets.tokenizer.config.unitok
     return tokenize(nets.text, captions, unitok.text_context, pad=unitok.text_pad_id).to(device)
-
-
-def extra_loss_weights(cfg: VQTrainConfig) -> dict[str, float]:
-    """The weight of each tokenizer-specific loss term, by the name :class:`TokenizerOutput` gives it."""
-    return {"contrastive": cfg.contrastive_weight, "semantic": cfg.semantic_weight}
 
 
 def generator_step(
@@ -332,7 +290,8 @@ def generator_step(
         terms["perceptual"] = nets.perceptual(recon, pixels)
         nll = nll + cfg.perceptual_weight * terms["perceptual"]
     loss = nll + cfg.codebook_weight * out.quantizer_loss
-    weights = extra_loss_weights(cfg)
+    # The weight of each tokenizer-specific loss term, by the name TokenizerOutput gives it.
+    weights = {"contrastive": cfg.contrastive_weight, "semantic": cfg.semantic_weight}
     for name, value in out.losses.items():
         terms[name] = value
         loss = loss + weights[name] * value
@@ -348,11 +307,7 @@ def generator_step(
         terms["gan_weight"] = weight
         loss = loss + weight * terms["g_loss"]
     terms["loss"] = loss
-    nets.opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    _clip(nets.tokenizer, cfg.grad_clip)
-    nets.opt_g.step()
-    nets.sched_g.step()
+    backward_and_step(loss, nets.tokenizer.parameters(), nets.opt_g, nets.sched_g, cfg.grad_clip)
     return recon.detach(), out, terms
 
 
@@ -363,11 +318,7 @@ def discriminator_step(
     logits = nets.discriminator(torch.cat([pixels, recon]))
     real, fake = logits.chunk(2)
     loss = discriminator_loss(real, fake, cfg.gan_loss)
-    nets.opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    _clip(nets.disc, cfg.grad_clip)
-    nets.opt_d.step()
-    nets.sched_d.step()
+    backward_and_step(loss, nets.disc.parameters(), nets.opt_d, nets.sched_d, cfg.grad_clip)
     return {"d_loss": loss, "logits_real": real.mean(), "logits_fake": fake.mean()}
 
 
@@ -383,17 +334,16 @@ def train_step(
     quantizer)."""
     pixels = batch.pixels.to(info.device)
     recon, out, terms = generator_step(nets, pixels, batch.captions, step, cfg)
-    if (step + 1) % cfg.restart_every == 0:
+    restarting = {name: q for name, q in nets.tokenizer.quantizers().items() if q.dead_code_steps > 0}
+    if (step + 1) % cfg.restart_every == 0 and restarting:
+        # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
+        broadcast = distributed.broadcast if info.distributed else None
         restarted = 0
-        for name, quantizer in nets.tokenizer.quantizers().items():
-            if quantizer.dead_code_steps > 0:
-                # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
-                broadcast = distributed.broadcast if info.distributed else None
-                restarted += quantizer.restart_dead_codes(
-                    out.quant[name].latents, generator=nets.restart_generator, broadcast=broadcast
-                ).numel()
-        if any(q.dead_code_steps > 0 for q in nets.tokenizer.quantizers().values()):
-            terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
+        for name, quantizer in restarting.items():
+            restarted += quantizer.restart_dead_codes(
+                out.quant[name].latents, generator=nets.restart_generator, broadcast=broadcast
+            ).numel()
+        terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
     if gan_active(step, cfg):
         terms.update(discriminator_step(nets, pixels, recon, cfg))
     return terms, {name: q.counts for name, q in out.quant.items()}
@@ -402,18 +352,22 @@ def train_step(
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
+def _stateful_parts(nets: Networks) -> dict[str, Any]:
+    """What a checkpoint holds the ``state_dict()`` of, by its key there."""
+    return {
+        "generator": nets.tokenizer,
+        "discriminator": nets.disc,
+        "opt_g": nets.opt_g,
+        "opt_d": nets.opt_d,
+        "sched_g": nets.sched_g,
+        "sched_d": nets.sched_d,
+    }
+
+
 def training_state(nets: Networks, config: Config) -> dict[str, Any]:
     """The networks' part of a checkpoint (the harness adds step, data position and RNG)."""
-    return {
-        "vq": fingerprint(config)["vq"],
-        "generator": nets.tokenizer.state_dict(),
-        "discriminator": nets.disc.state_dict(),
-        "opt_g": nets.opt_g.state_dict(),
-        "opt_d": nets.opt_d.state_dict(),
-        "sched_g": nets.sched_g.state_dict(),
-        "sched_d": nets.sched_d.state_dict(),
-        "restart_generator": nets.restart_generator.get_state(),
-    }
+    parts = {key: part.state_dict() for key, part in _stateful_parts(nets).items()}
+    return {"vq": fingerprint(config)["vq"], **parts, "restart_generator": nets.restart_generator.get_state()}
 
 
 def restore_training_state(nets: Networks, state: dict[str, Any], config: Config) -> None:
@@ -423,12 +377,8 @@ def restore_training_state(nets: Networks, state: dict[str, Any], config: Config
             "`model.vq`: the checkpoint in vq_train.output_dir was trained with another architecture "
             f"({state.get('vq')}); pick another output_dir / run_name or set vq_train.resume=false"
         )
-    nets.tokenizer.load_state_dict(state["generator"])
-    nets.disc.load_state_dict(state["discriminator"])
-    nets.opt_g.load_state_dict(state["opt_g"])
-    nets.opt_d.load_state_dict(state["opt_d"])
-    nets.sched_g.load_state_dict(state["sched_g"])
-    nets.sched_d.load_state_dict(state["sched_d"])
+    for key, part in _stateful_parts(nets).items():
+        part.load_state_dict(state[key])
     nets.restart_generator.set_state(state["restart_generator"].to("cpu"))
 
 
@@ -443,10 +393,7 @@ def evaluate(tokenizer: VisualTokenizer, pixels: torch.Tensor) -> tuple[dict[str
         codes = tokenizer.encode(pixels)
         recon = tokenizer.decode(codes).clamp(-1, 1)
     slots = codes.reshape(-1, tokenizer.code_depth)
-    counts = [
-        torch.bincount(slots[:, i], minlength=size).float()
-        for i, size in enumerate(tokenizer.code_vocab_sizes())
-    ]
+    counts = [code_counts(slots[:, i], size) for i, size in enumerate(tokenizer.code_vocab_sizes())]
     metrics = {
         "psnr": float(psnr(recon, pixels).clamp(max=100.0).mean()),
         "ssim": float(ssim(recon, pixels).mean()),
@@ -481,28 +428,11 @@ _CURVE_PANELS = (
 # ------------------------------------------------------------------------------------------------- loop
 
 
-def open_run(nets: Networks, config: Config, info: DistInfo) -> tuple[Run, RunState]:
-    """The run on the harness in ``vq_train.output_dir``, resumed from its newest checkpoint if any."""
-    cfg = config.vq_train
-    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
-    harness = Run(Path(cfg.output_dir), info, policy, "vq_train.steps")
-    run, state = harness.resume(cfg.steps, map_location=info.device)
-    if state:
-        restore_training_state(nets, state, config)
-    run.data_state = run.data_state or 0
-    return harness, run
-
-
-def _eval_pixels(config: Config, info: DistInfo) -> torch.Tensor | None:
-    cfg = config.vq_train
-    if not cfg.eval_data or not info.is_main:
-        return None
-    pixels, _ = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)
-    return pixels.to(info.device)
-
-
-def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> dict[str, Any]:
-    """Train from ``run.step`` to ``vq_train.steps``; returns the last training and evaluation records."""
+def train_loop(
+    nets: Networks, config: Config, harness: Run, run: RunState, eval_pixels: torch.Tensor | None
+) -> dict[str, Any]:
+    """Train from ``run.step`` to ``vq_train.steps`` (evaluating on ``eval_pixels`` if any); returns the last
+    training and evaluation records."""
     cfg, info = config.vq_train, harness.info
     stream = ImageStream(
         cfg.train_data,
@@ -515,7 +445,6 @@ def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> d
         position=run.data_state,
         hflip=cfg.hflip,
     )
-    eval_pixels = _eval_pixels(config, info)
     window = TokenizerWindow(info.device)
     batches = iter(stream)
     epoch = 0
@@ -549,11 +478,11 @@ def train_loop(nets: Networks, config: Config, harness: Run, run: RunState) -> d
 
 
 def finish_run(
-    nets: Networks, config: Config, info: DistInfo, run: RunState, last: dict[str, Any], out_dir: Path
+    nets: Networks, config: Config, run: RunState, last: dict[str, Any], eval_pixels: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Rank 0: export the tokenizer, the resolved config, plots and the summary (written last)."""
+    """Rank 0: export the tokenizer, the reconstruction grid and the summary (written last)."""
+    out_dir = Path(config.vq_train.output_dir).expanduser()
     nets.tokenizer.save_pretrained(out_dir)
-    eval_pixels = _eval_pixels(config, info)
     if eval_pixels is not None:
         metrics, recon = evaluate(nets.tokenizer, eval_pixels)
         last["eval"] = {"kind": "eval", "step": run.step, **metrics}
@@ -574,13 +503,12 @@ def finish_run(
 
 def check_data(cfg: VQTrainConfig) -> None:
     """Fail before building anything when the training or evaluation shards are missing."""
-    for path in (cfg.train_data, cfg.eval_data):
-        if path:
-            try:
-                list_shards(path)
-            except FileNotFoundError as exc:
-                hint = "write the world first: python -m unified_mllm.data.shapes --config ..."
-                raise FileNotFoundError(f"{exc} ({hint})") from None
+    for path in filter(None, (cfg.train_data, cfg.eval_data)):
+        try:
+            list_shards(path)
+        except FileNotFoundError as exc:
+            hint = "write the world first: python -m unified_mllm.data.shapes --config ..."
+            raise FileNotFoundError(f"{exc} ({hint})") from None
 
 
 def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -596,8 +524,17 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     if info.is_main and cfg.perceptual != "none" and cfg.perceptual_weights is None:
         print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
     nets = build_networks(config, info)
-    harness, run = open_run(nets, config, info)
+    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
+    harness = Run(out_dir, info, policy, "vq_train.steps")
+    run, state = harness.resume(cfg.steps, map_location=info.device)
+    if state:
+        restore_training_state(nets, state, config)
+    run.data_state = run.data_state or 0
     harness.snapshot_config(config)
+    eval_pixels = None  # rank 0 evaluates, on the first eval_images images of eval_data
+    if cfg.eval_data and info.is_main:
+        eval_pixels = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)[0]
+        eval_pixels = eval_pixels.to(info.device)
     with harness.logging(
         run,
         name=config.model.vq.kind,
@@ -606,11 +543,11 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
         wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
         progress=progress,
     ):
-        last = train_loop(nets, config, harness, run)
+        last = train_loop(nets, config, harness, run, eval_pixels)
     # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
     harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
     if info.is_main:
-        summary = finish_run(nets, config, info, run, last, out_dir)
+        summary = finish_run(nets, config, run, last, eval_pixels)
         print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
     distributed.barrier()
     return distributed.broadcast_object(summary)

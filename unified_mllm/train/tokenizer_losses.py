@@ -3,26 +3,17 @@
 What the tokenizer trainer (:mod:`unified_mllm.train.tokenizer`) combines, following taming-transformers'
 ``VQLPIPSWithDiscriminator`` (Esser et al. 2021), which Chameleon's tokenizer descends from:
 
-* :class:`NLayerDiscriminator` — the pix2pix PatchGAN: ``num_layers`` stride-2 4x4 convolutions (widths
-  ``base_channels * min(2^n, 8)``), one stride-1 convolution, and a 4x4 convolution to one logit per patch.
-  Module names are taming's (``main.{i}``), so a taming discriminator state dict loads. ``norm="batch"`` is
-  taming's choice; ``norm="group"`` (GroupNorm with ``gcd(32, channels)`` groups) makes each sample's logits
-  independent of the rest of its batch — preferable with small per-rank batches and under DDP, where
-  BatchNorm statistics are per rank.
-* :func:`discriminator_loss` / :func:`generator_loss` — hinge (taming's default) or non-saturating (the
-  original GAN's ``-log D(G(z))`` form; the discriminator then uses the logistic loss).
-* :func:`adaptive_gan_weight` — taming's ``calculate_adaptive_weight``: the ratio of the gradient norms of the
-  reconstruction (NLL) loss and of the generator's GAN loss at the decoder's last layer, clamped to
-  ``[0, max_weight]`` and detached, so the GAN term starts at the scale of the reconstruction term.
-* :class:`PerceptualLoss` — the interface ``(reconstruction, target) -> scalar`` for images in [-1, 1];
-  :class:`LPIPS` implements it with VGG16 (our code: the VGG16 convolution stack, features at
-  ``relu1_2 .. relu5_3``, channel-normalised squared differences weighted by 1x1 "lin" layers, spatially
-  averaged and summed over layers — Zhang et al. 2018). Its weights come only from a file the user names
-  (see :func:`load_lpips`); with no file, :func:`build_perceptual_loss` returns ``None`` and the trainer
-  uses no perceptual term. Nothing is downloaded.
-* :class:`FeatureDiscriminator` — UniTok's discriminator: small trainable 1-D convolution heads on the tokens
-  of several layers of a *frozen* feature network (any :class:`FeatureNetwork`; :class:`Dinov2Features` wraps
-  transformers' DINOv2, UniTok's choice, with weights from a local directory or random).
+* :class:`NLayerDiscriminator` — the pix2pix PatchGAN, with taming's module names (a taming discriminator
+  state dict loads). ``norm="group"`` instead of taming's BatchNorm makes each sample's logits independent of
+  the rest of its batch — preferable with small per-rank batches and under DDP, where BatchNorm statistics
+  are per rank;
+* :func:`discriminator_loss` / :func:`generator_loss` — hinge (taming's default) or non-saturating;
+  :func:`adaptive_gan_weight` — taming's ``calculate_adaptive_weight``;
+* :class:`PerceptualLoss` — ``(reconstruction, target) -> scalar``; :class:`LPIPS` implements it with VGG16
+  (Zhang et al. 2018; our code), its weights only from a file the user names (:func:`load_lpips`; nothing is
+  downloaded): with no file, :func:`build_perceptual_loss` returns ``None`` and there is no perceptual term;
+* :class:`FeatureDiscriminator` — UniTok's discriminator: small trainable heads on the tokens of several
+  layers of a *frozen* feature network (:class:`Dinov2Features`: transformers' DINOv2, UniTok's choice).
 """
 
 from __future__ import annotations
@@ -30,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -37,6 +29,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from unified_mllm.vision.visual_tokenizer import read_safetensors
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -60,11 +54,7 @@ class NLayerDiscriminator(nn.Module):
     (``n = num_layers``; 256 px with 3 layers gives 30 x 30 patches, 64 px with 2 layers 14 x 14)."""
 
     def __init__(
-        self,
-        in_channels: int = 3,
-        base_channels: int = 64,
-        num_layers: int = 3,
-        norm: NormKind = "batch",
+        self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, norm: NormKind = "batch"
     ) -> None:
         super().__init__()
         if num_layers < 1 or base_channels < 1:
@@ -120,25 +110,25 @@ def logistic_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tor
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
+def _check_gan_loss(kind: str) -> None:
+    if kind not in ("hinge", "non_saturating"):
+        raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+
+
 def discriminator_loss(
     logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: GanLossKind = "hinge"
 ) -> torch.Tensor:
     """The discriminator's loss: hinge, or the logistic loss that goes with the non-saturating generator."""
-    if kind == "hinge":
-        return hinge_d_loss(logits_real, logits_fake)
-    if kind == "non_saturating":
-        return logistic_d_loss(logits_real, logits_fake)
-    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+    _check_gan_loss(kind)
+    loss = hinge_d_loss if kind == "hinge" else logistic_d_loss
+    return loss(logits_real, logits_fake)
 
 
 def generator_loss(logits_fake: torch.Tensor, kind: GanLossKind = "hinge") -> torch.Tensor:
     """The generator's GAN loss: ``-mean(D(G(z)))`` for hinge (taming), ``mean(softplus(-D(G(z))))`` =
     ``-mean(log sigmoid(D(G(z))))`` for non-saturating."""
-    if kind == "hinge":
-        return -logits_fake.mean()
-    if kind == "non_saturating":
-        return F.softplus(-logits_fake).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; valid: 'hinge', 'non_saturating'")
+    _check_gan_loss(kind)
+    return -logits_fake.mean() if kind == "hinge" else F.softplus(-logits_fake).mean()
 
 
 def adaptive_gan_weight(
@@ -184,25 +174,20 @@ _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 
-def _vgg16_feature_layers() -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    channels = 3
-    for item in _VGG16_LAYOUT:
-        if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-            channels = int(item)
-    return layers
-
-
 class VGG16Slices(nn.Module):
     """VGG16's convolution stack cut into the five LPIPS slices; ``slice{k}.{i}`` keeps torchvision's global
     index ``i`` of ``features.{i}``, as the lpips package does."""
 
     def __init__(self) -> None:
         super().__init__()
-        layers = _vgg16_feature_layers()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in _VGG16_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                channels = int(item)
         for k, (start, stop) in enumerate(_SLICE_BOUNDS, start=1):
             block = nn.Sequential()
             for index in range(start, stop):
@@ -211,22 +196,10 @@ class VGG16Slices(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
-        for k in range(1, len(_SLICE_BOUNDS) + 1):
-            x = getattr(self, f"slice{k}")(x)
+        for block in self.children():  # slice1 .. slice5, in registration order
+            x = block(x)
             features.append(x)
         return features
-
-
-class LinLayer(nn.Module):
-    """LPIPS's ``NetLinLayer``: a 1x1 convolution to one channel, no bias. Index 0 of ``model`` is LPIPS's
-    training-time dropout (an identity here), so the weight is ``model.1.weight`` as in the published files."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
 
 def _channel_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -246,7 +219,10 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.net = VGG16Slices()
         for k, channels in enumerate(LPIPS_CHANNELS):
-            self.add_module(f"lin{k}", LinLayer(channels))
+            # LPIPS's NetLinLayer: a 1x1 convolution to one channel, no bias, behind LPIPS's training-time
+            # dropout (an identity here), so the weight is ``lin{k}.model.1.weight`` as in the published files.
+            lin = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+            self.add_module(f"lin{k}", nn.Sequential(OrderedDict(model=lin)))
         self.requires_grad_(False)
         self.eval()
 
@@ -284,9 +260,7 @@ _IGNORED_KEYS = ("scaling_layer.shift", "scaling_layer.scale")
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     # weights_only: a weights file never needs pickled objects, and unpickling them could run code.
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
@@ -299,8 +273,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 def _lpips_key(key: str) -> str | None:
     """Our key for a key of the file (None: not an LPIPS key)."""
     for prefix in _STRIPPED_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
+        key = key.removeprefix(prefix)
     if key in _IGNORED_KEYS:
         return None
     match = _TORCHVISION_KEY.match(key)
@@ -309,16 +282,6 @@ def _lpips_key(key: str) -> str | None:
         k = next((k for k, (lo, hi) in enumerate(_SLICE_BOUNDS, 1) if lo <= index < hi), None)
         return None if k is None else f"net.slice{k}.{index}.{match.group(2)}"
     return key
-
-
-def normalize_lpips_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict in any of the accepted layouts (see :func:`load_lpips`) with our key names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        ours = _lpips_key(key)
-        if ours is not None:
-            out[ours] = value
-    return out
 
 
 def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LPIPS:
@@ -339,7 +302,7 @@ def load_lpips(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"perceptual-loss weights not found: {path} (nothing is downloaded)")
-    state = normalize_lpips_state(_read_state(path))
+    state = {ours: v for k, v in _read_state(path).items() if (ours := _lpips_key(k)) is not None}
     model = LPIPS()
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -388,12 +351,9 @@ DINOV2_LAYERS = (0, 2, 5, 8, 11)
 FEATURE_HEAD_GAIN = 0.5
 
 
-@runtime_checkable
-class FeatureNetwork(Protocol):
-    """A frozen feature extractor for :class:`FeatureDiscriminator`: images ``[B, 3, H, W]`` in [-1, 1] → one
-    token map ``[B, N_l, C_l]`` per tapped layer (differentiable with respect to the images)."""
-
-    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+# A frozen feature extractor for FeatureDiscriminator: images [B, 3, H, W] in [-1, 1] → one token map
+# [B, N_l, C_l] per tapped layer (differentiable with respect to the images).
+FeatureNetwork = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def dinov2_small_config() -> Dinov2Config:
@@ -412,7 +372,7 @@ def dinov2_small_config() -> Dinov2Config:
 
 
 class Dinov2Features(nn.Module):
-    """A frozen transformers ``Dinov2Model`` as a :class:`FeatureNetwork`: the outputs of blocks ``layers``
+    """A frozen transformers ``Dinov2Model`` as a ``FeatureNetwork``: the outputs of blocks ``layers``
     (0-based; CLS token first, then the patches row by row), ``[B, 1 + (H' / p) * (W' / p), hidden]`` each.
 
     Images in [-1, 1] are mapped to ImageNet mean/std and resized (bicubic, antialiased) to the nearest
@@ -500,7 +460,7 @@ class FeatureDiscriminator(nn.Module):
     logits ``[B, sum_l N_l]``, one :class:`FeatureHead` per tapped layer, concatenated per sample. The logits
     go to :func:`discriminator_loss` / :func:`generator_loss` like the PatchGAN's.
 
-    ``feature_net`` is any :class:`FeatureNetwork` (e.g. :class:`Dinov2Features`); ``channels`` defaults to
+    ``feature_net`` is any ``FeatureNetwork`` (e.g. :class:`Dinov2Features`); ``channels`` defaults to
     its ``channels`` attribute. It is deliberately *not* registered as a submodule: ``parameters()`` and
     ``state_dict()`` hold the heads only (what the optimizer trains and the checkpoint keeps; reload the
     feature network from its own file when resuming), ``.to()`` / dtype casts still move it, its parameters
@@ -541,10 +501,6 @@ class FeatureDiscriminator(nn.Module):
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the discriminator's optimizer trains: the heads (the same as ``parameters()``)."""
-        return list(self.heads.parameters())
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True

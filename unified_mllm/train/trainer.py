@@ -9,17 +9,13 @@ A stage is configuration only (design convention 4): which parameters train and 
 ``model.lm.pretrained`` / ``model.vision.pretrained``: published LM and SigLIP weights).
 
 One optimizer step = ``train.grad_accum_steps`` micro-batches of ``train.micro_batch_size`` sequences per rank.
-The loss is cross-entropy + z-loss summed over the supervised tokens and divided by the number of supervised
-tokens of the whole step on all ranks (one all-reduce per step), so every token weighs the same whatever the
-padding, packing, accumulation or world size. A data source's ``loss_weight`` makes its tokens count that many
-times, in the loss and in the count alike (a weighted mean; the logged ``ce`` is then weighted too).
+The loss (:mod:`unified_mllm.train.losses`) is divided by the supervised tokens of the whole step on all ranks
+(one all-reduce per step), so every token weighs the same whatever the padding, packing, accumulation or world
+size; a data source's ``loss_weight`` counts in the loss and in the count alike (the logged ``ce`` too).
 
-Run directory (``checkpoint.dir``; :mod:`unified_mllm.train.harness`): ``checkpoints/step-XXXXXXXX/`` training
-states (model and optimizer through the backend, plus ``state.pt``: step, LR schedule, data position, every
-rank's RNG) written atomically every ``checkpoint.every_steps`` steps, the newest ``checkpoint.keep_last`` kept;
-``metrics.jsonl``, ``loss_curves.png``, wandb files (offline by default), ``config.yaml``; and the final export
-(``checkpoint.export_dir``, :mod:`unified_mllm.train.export`). A run resumes from its newest checkpoint
-automatically (``checkpoint.resume``); a finished run with the same settings is reused, not retrained.
+Run directory (``checkpoint.dir``): the harness's (:mod:`unified_mllm.train.harness`; TRAIN.md, "Checkpoints,
+resume, export"), with the model and optimizer saved through the backend; the final export goes to
+``checkpoint.export_dir`` (:mod:`unified_mllm.train.export`).
 """
 
 from __future__ import annotations
@@ -58,9 +54,6 @@ def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
     )
 
 
-# ----------------------------------------------------------------------------------------- the model
-
-
 def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materialize | None]:
     """The model of ``config`` (same on every rank) and, when it is still on ``meta``, the function the backend
     calls once it has sharded it, to allocate and load the starting weights shard by shard
@@ -69,23 +62,6 @@ def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materiali
     if on_meta:
         return model, functools.partial(model_init.materialize, device=info.device, config=config)
     return model.to(info.device), None
-
-
-# ------------------------------------------------------------------------------------------ the data
-
-
-def build_batches(
-    config: Config, info: DistInfo, tokenizer: TextTokenizer, state: dict[str, Any] | None
-) -> Iterator[Batch]:
-    """The endless iterator of this rank's collated micro-batches, resumable from ``state``."""
-    return batch_stream(
-        config,
-        rank=info.rank,
-        world_size=info.world_size,
-        with_features=config.model.vision.enabled,
-        state=state,
-        tokenizer=tokenizer,
-    )
 
 
 def supervised_tokens(batch: Batch) -> float:
@@ -156,11 +132,7 @@ def source_losses(
 
 
 def train_step(
-    backend: TrainingBackend,
-    micro_batches: list[Batch],
-    config: Config,
-    info: DistInfo,
-    window: Window,
+    backend: TrainingBackend, micro_batches: list[Batch], config: Config, info: DistInfo, window: Window
 ) -> None:
     """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
     local = torch.tensor([supervised_tokens(b) for b in micro_batches], dtype=torch.float64).sum()
@@ -209,7 +181,7 @@ def train_loop(
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
         metrics = window.flush()
-        record = {"kind": "train", "step": run.step, "lr": backend.lrs[0], **metrics}
+        record = {"kind": "train", "step": run.step, "lr": backend.optimizer.param_groups[0]["lr"], **metrics}
         return record, {"loss": metrics["loss"], "tok/s": metrics["tokens_per_second"]}
 
     def checkpoint(run: RunState) -> None:
@@ -221,23 +193,6 @@ def train_loop(
 
 
 # ----------------------------------------------------------------------------------------- the run
-
-
-def open_run(config: Config, info: DistInfo, backend: TrainingBackend) -> tuple[Run, RunState]:
-    """The run on the harness (the backend holds the sharded model and optimizer), resumed from its newest
-    checkpoint when there is one."""
-    ckpt = config.checkpoint
-    harness = Run(
-        Path(ckpt.dir),
-        info,
-        CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume),
-        "train.max_steps",
-        sharded=backend,
-    )
-    run, state = harness.resume(config.train.max_steps)
-    if state:
-        backend.scheduler.load_state_dict(state["scheduler"])
-    return harness, run
 
 
 def _report_start(model: UnifiedModel, resolved: dict[str, Any], config: Config, info: DistInfo) -> None:
@@ -265,9 +220,21 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     resolved = apply_param_rules(model, config_rules(config))
     _report_start(model, resolved, config, info)
     backend = build_backend(model, resolved, config, info, materialize=materialize)
-    harness, run = open_run(config, info, backend)
+    ckpt = config.checkpoint
+    policy = CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume)
+    harness = Run(Path(ckpt.dir), info, policy, "train.max_steps", sharded=backend)
+    run, state = harness.resume(config.train.max_steps)
+    if state:
+        backend.scheduler.load_state_dict(state["scheduler"])
     harness.snapshot_config(config)
-    batches = build_batches(config, info, tokenizer, run.data_state)
+    batches = batch_stream(
+        config,
+        rank=info.rank,
+        world_size=info.world_size,
+        with_features=config.model.vision.enabled,
+        state=run.data_state,
+        tokenizer=tokenizer,
+    )
     with harness.logging(
         run,
         name=f"stage{config.train.stage}",
