@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
-
-from unified_mllm.vision.visual_tokenizer import read_safetensors
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -260,7 +259,7 @@ _IGNORED_KEYS = ("scaling_layer.shift", "scaling_layer.scale")
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return load_file(str(path), device="cpu")
     # weights_only: a weights file never needs pickled objects, and unpickling them could run code.
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
