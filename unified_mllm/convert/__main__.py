@@ -1,0 +1,38 @@
+"""``python -m unified_mllm.convert KIND SRC DST``: see :mod:`unified_mllm.convert`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from unified_mllm.convert import KINDS
+from unified_mllm.convert.common import ConversionError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m unified_mllm.convert",
+        description="Convert a published checkpoint into this codebase's format (or back).",
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, module_name in KINDS.items():
+        module = importlib.import_module(f"unified_mllm.convert.{module_name}")
+        sub = kinds.add_parser(kind, help=module.HELP, description=module.HELP)
+        sub.add_argument("src", help="the published checkpoint (directory or file)")
+        sub.add_argument("dst", help="where the converted directory is written (atomically)")
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        written = args.run(args)
+    except (ConversionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
