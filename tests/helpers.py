@@ -103,6 +103,42 @@ def write_fake_chameleon_vocab(path: Path, num_codes: int = 12, num_sizes: int =
     return path
 
 
+TAMING_YAML = """\
+model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: {embed_dim}
+    n_embed: {codebook_size}
+    ddconfig:
+      double_z: false
+      z_channels: {z_channels}
+      resolution: {resolution}
+      in_channels: 3
+      out_ch: 3
+      ch: {base_channels}
+      ch_mult: {channel_mult}
+      num_res_blocks: {num_res_blocks}
+      attn_resolutions: {attn_resolutions}
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {{disc_conditional: false, disc_in_channels: 3, disc_start: 0, disc_weight: 0.8, codebook_weight: 1.0}}
+"""
+
+
+def write_chameleon_checkpoint(tmp_path: Path, model: VQGAN, **extra: object) -> Path:
+    """A Lightning-style vqgan.ckpt (generator + loss.* keys + trainer state) and a taming vqgan.yaml."""
+    state = dict(model.state_dict())
+    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
+    ckpt = {"state_dict": state, "epoch": 3, "global_step": 1000, "optimizer_states": [], **extra}
+    path = tmp_path / "vqgan.ckpt"
+    torch.save(ckpt, path)
+    (tmp_path / "vqgan.yaml").write_text(TAMING_YAML.format(**dataclasses.asdict(model.config)))
+    return path
+
+
 # ------------------------------------------------------------------------------------ tokenized worlds
 
 

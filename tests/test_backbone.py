@@ -223,3 +223,19 @@ def test_load_siglip_pretrained(tiny_vision: VisionConfig, tmp_path: Path) -> No
         load_siglip_pretrained(tmp_path, dataclasses.replace(tiny_vision, num_layers=3))
     with pytest.raises(FileNotFoundError):
         load_siglip_pretrained(tmp_path / "missing")
+
+
+def test_load_siglip_pretrained_refuses_a_tower_with_a_tensor_missing(
+    tiny_vision: VisionConfig, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    build_siglip_tower(tiny_vision).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["encoder.layers.1.mlp.fc2.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    # transformers would fill the hole with random values and only log it.
+    with pytest.raises(
+        ConfigError, match=r"lacks 1 tensor\(s\) of the vision tower: encoder\.layers\.1\.mlp\.fc2\.weight"
+    ):
+        load_siglip_pretrained(tmp_path, tiny_vision)

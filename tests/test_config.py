@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import unified_mllm.config as config_module
 from unified_mllm.config import (
     Config,
     ConfigError,
@@ -197,3 +198,28 @@ def test_cli_prints_resolved_yaml_and_docs() -> None:
     assert "model.vq.codebook_size = 8192" in docs
     bad = subprocess.run([*run, "optim.lrr=1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "optim.lrr" in bad.stderr
+
+
+def test_relative_files_resolve_beside_the_yaml_or_in_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cfg" / "tok").mkdir(parents=True)
+    (tmp_path / "cfg" / "tok" / "t.json").write_text("{}")
+    (tmp_path / "cfg" / "x.yaml").write_text(
+        "tokenizer:\n  path: tok/t.json\nmodel:\n  vq:\n    checkpoint: vq.ckpt\n"
+    )
+    repo = tmp_path / "repo"
+    (repo / "tokenizers" / "chameleon").mkdir(parents=True)
+    (repo / "tokenizers" / "chameleon" / "vqgan.ckpt").write_bytes(b"")
+    monkeypatch.setattr(config_module, "REPO_ROOT", repo)
+    monkeypatch.chdir(tmp_path)  # neither file exists from here
+    config = load_config(
+        [tmp_path / "cfg" / "x.yaml"], ["model.lm.pretrained=tokenizers/chameleon/vqgan.ckpt"]
+    )
+    assert config.tokenizer.path == str(tmp_path / "cfg" / "tok" / "t.json")  # beside the YAML
+    assert config.model.lm.pretrained == str(repo / "tokenizers" / "chameleon" / "vqgan.ckpt")  # in the repo
+    assert config.model.vq.checkpoint == "vq.ckpt"  # found nowhere: left for the loader to name
+    (tmp_path / "vq.ckpt").write_bytes(b"")
+    assert (
+        load_config([tmp_path / "cfg" / "x.yaml"]).model.vq.checkpoint == "vq.ckpt"
+    )  # the working dir first

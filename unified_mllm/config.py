@@ -795,8 +795,36 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise _describe_error(exc, "config") from exc
     assert isinstance(config, Config)
+    resolve_relative_paths(config, [Path(p) for p in yaml_paths])
     if check:
         validate(config)
+    return config
+
+
+# Files a config names whose relative paths are looked up beside the YAML files and in the repository, so that
+# `configs/model/chameleon-7b.yaml`'s `tokenizers/chameleon/...` works from any working directory.
+_FILE_KEYS = ("tokenizer.path", "model.vq.checkpoint", "model.vision.pretrained", "model.lm.pretrained")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_relative_paths(config: Config, yaml_paths: Sequence[Path]) -> None:
+    """Make each relative path of :data:`_FILE_KEYS` that does not exist from the working directory absolute, when
+    it exists beside one of ``yaml_paths`` (the last file first) or below the repository root; others stay."""
+    bases = [path.resolve().parent for path in reversed(yaml_paths)] + [REPO_ROOT]
+    for key in _FILE_KEYS:
+        section, _, field = key.rpartition(".")
+        node = _walk(config, section)
+        value = getattr(node, field)
+        if not value or Path(value).expanduser().is_absolute() or Path(value).exists():
+            continue
+        found = next((base / value for base in bases if (base / value).exists()), None)
+        if found is not None:
+            setattr(node, field, str(found))
+
+
+def _walk(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
     return config
 
 

@@ -6,12 +6,14 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from unified_mllm.convert import KINDS
 from unified_mllm.convert.common import ConversionError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def convert(argv: Sequence[str] | None = None) -> Path:
+    """Parse ``argv`` (``KIND SRC DST [options]``) and run that converter; returns what it wrote."""
     parser = argparse.ArgumentParser(
         prog="python -m unified_mllm.convert",
         description="Convert a published checkpoint into this codebase's format (or back).",
@@ -25,8 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        written = args.run(args)
+        written = convert(argv)
     except (ConversionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

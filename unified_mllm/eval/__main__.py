@@ -24,7 +24,7 @@ import torch
 from unified_mllm.config import ConfigError, load_config
 from unified_mllm.eval.tasks import Solver, check_limit, get_task, task_names
 
-# The resolved training config in an export (unified_mllm.train.export.CONFIG_YAML, named here so that a bad
+# The resolved training config in an export (unified_mllm.model.export.CONFIG_YAML, named here so that a bad
 # --model fails in a moment instead of after importing the training stack).
 CONFIG_YAML = "config.yaml"
 

@@ -55,9 +55,9 @@ from unified_mllm.layout import (
     build_image_span,
     parse_image_span,
 )
+from unified_mllm.model.export import CONFIG_YAML
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
-from unified_mllm.train.export import CONFIG_YAML
 from unified_mllm.vision.anyres import anyres_views, num_image_features
 from unified_mllm.vision.image import ImageSource, load_image
 from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer

@@ -28,6 +28,7 @@ headers (:class:`CheckpointMismatchError`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -43,11 +44,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from unified_mllm.config import ConfigError, LMConfig, ModelConfig
+from unified_mllm.config import Config, ConfigError, LMConfig, ModelConfig, save_config
 from unified_mllm.io import atomic_directory
 from unified_mllm.model.backbone import lm_hf_config
 
 CONFIG_NAME = "config.json"
+CONFIG_YAML = "config.yaml"  # the whole resolved Config, with tokenizer paths relative to the export
+TEXT_TOKENIZER_FILE = "text.model"
+VQ_DIR = "vq"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MODEL_TYPE = "unified_mllm"
@@ -379,3 +383,41 @@ def read_export_config(directory: str | os.PathLike[str]) -> tuple[ModelConfig, 
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"`torch_dtype`: {name!r} is not a torch dtype")
     return config, dtype
+
+
+def _copy_tokenizers(config: Config, export_dir: Path) -> Config:
+    """Copy the text and VQ tokenizers into the export; returns the config with paths relative to it.
+
+    A VQ checkpoint given as a file (Chameleon's ``vqgan.ckpt``) travels with its ``.yaml`` beside it."""
+    portable = copy.deepcopy(config)
+    text = Path(config.tokenizer.path).expanduser()
+    if text.is_file():
+        shutil.copy2(text, export_dir / TEXT_TOKENIZER_FILE)
+        portable.tokenizer.path = TEXT_TOKENIZER_FILE
+    vq = config.model.vq.checkpoint
+    if vq:
+        source, target = Path(vq).expanduser(), export_dir / VQ_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=_link_or_copy)
+        else:
+            target.mkdir()
+            for path in (source, source.with_suffix(".yaml")):
+                if path.is_file():
+                    _link_or_copy(str(path), str(target / path.name))
+        portable.model.vq.checkpoint = VQ_DIR if source.is_dir() else f"{VQ_DIR}/{source.name}"
+    return portable
+
+
+def write_inference_export(
+    directory: str | os.PathLike[str],
+    config: Config,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Everything :meth:`InferenceSolver.from_pretrained` reads: :func:`write_export`'s weights and
+    ``config.json``, the text and VQ tokenizers, and the resolved ``config.yaml`` pointing at them."""
+    directory = write_export(directory, config.model, state_dict, dtype=dtype)
+    save_config(_copy_tokenizers(config, directory), directory / CONFIG_YAML)
+    return directory

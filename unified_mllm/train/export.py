@@ -9,10 +9,8 @@ the same fingerprint is reused). A directory without it is an unfinished export,
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,13 +18,10 @@ from typing import Any
 import torch
 
 from unified_mllm import io
-from unified_mllm.config import Config, save_config
-from unified_mllm.model.export import write_export
+from unified_mllm.config import Config
+from unified_mllm.model.export import write_inference_export
 
 SUMMARY_FILE = "train_summary.json"
-TEXT_TOKENIZER_FILE = "text.model"
-VQ_DIR = "vq"
-CONFIG_YAML = "config.yaml"
 # The files a finished export has besides its summary.
 EXPORT_FILES = ("model.safetensors", "config.json")
 
@@ -49,32 +44,10 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return json.loads(json.dumps(tree))  # as it reads back from JSON (lists, not tuples)
 
 
-def _copy_tokenizers(config: Config, export_dir: Path) -> Config:
-    """Copy the text and VQ tokenizers into the export; returns the config with paths relative to it."""
-    portable = copy.deepcopy(config)
-    text = Path(config.tokenizer.path).expanduser()
-    if text.is_file():
-        shutil.copy2(text, export_dir / TEXT_TOKENIZER_FILE)
-        portable.tokenizer.path = TEXT_TOKENIZER_FILE
-    vq = config.model.vq.checkpoint
-    if vq:
-        source, target = Path(vq).expanduser(), export_dir / VQ_DIR
-        shutil.rmtree(target, ignore_errors=True)
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            target.mkdir()
-            shutil.copy2(source, target / source.name)
-        portable.model.vq.checkpoint = VQ_DIR
-    return portable
-
-
 def export_run(
     state_dict: Mapping[str, torch.Tensor], config: Config, export_dir: Path, summary: dict[str, Any]
 ) -> Path:
     """Write the export of a finished run (rank 0): weights, tokenizers, config, then the summary."""
-    write_export(export_dir, config.model, state_dict)
-    portable = _copy_tokenizers(config, export_dir)
-    save_config(portable, export_dir / CONFIG_YAML)
+    write_inference_export(export_dir, config, state_dict)
     io.write_json(export_dir / SUMMARY_FILE, summary)
     return export_dir

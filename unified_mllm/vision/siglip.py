@@ -94,7 +94,25 @@ def load_siglip_pretrained(
     ]
     if mismatches:
         raise ConfigError("SigLIP checkpoint does not match the config: " + "; ".join(mismatches))
-    return SiglipVisionModel.from_pretrained(str(path), config=config, dtype=dtype)
+    model, info = SiglipVisionModel.from_pretrained(
+        str(path), config=config, dtype=dtype, output_loading_info=True
+    )
+    # transformers fills a tensor the files lack with random values and only logs it; a tower is all or nothing.
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ConfigError(
+            f"SigLIP checkpoint {path} lacks {len(missing)} tensor(s) of the vision tower: {'; '.join(missing[:20])}"
+            + (f"; ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        )
+    return model
+
+
+def siglip_shapes(path: Path) -> dict[str, int | float]:
+    """The :class:`VisionConfig` shape fields of a SigLIP ``from_pretrained`` folder (vision or full SigLIP)."""
+    config = SiglipVisionConfig.from_pretrained(str(path))
+    return {ours: getattr(config, hf_name) for ours, hf_name in _FIELD_MAP.items()} | {
+        "layer_norm_eps": config.layer_norm_eps
+    }
 
 
 # ---------------------------------------------------------------------------------------- vision encoder

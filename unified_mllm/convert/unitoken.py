@@ -1,0 +1,113 @@
+"""UniToken's published checkpoints -> our export.
+
+    python -m unified_mllm.convert unitoken SRC DST --chameleon-tokenizer TOKENIZER_DIR [--variant base|anyres]
+
+``SRC`` is one of ``OceanJay/UniToken-{base,AnyRes}-Stage{I,II}``: a Chameleon conditional-generation model whose
+LM sits under ``model.*`` / ``lm_head.weight``, with SigLIP's vision transformer (pooling head included) under
+``vit.*`` and the projector as ``adapter.0`` (Linear 1152 -> H), GELU, ``adapter.2`` (Linear H -> H); the VQ-GAN was
+deleted before saving, so it comes from Chameleon's tokenizer folder like the text tokenizer. The pooling head is
+dropped (UniToken projects the last hidden state, after the post-layernorm; ours does the same with
+``model.vision.feature_layer=-1``). The SigLIP config is read off the tensor shapes; its head count cannot be, and is
+so400m's 16 unless ``--vision-heads`` says otherwise. ``--variant`` picks the base or AnyRes model (default: from
+the ``architectures`` of ``config.json``, else from the directory name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from unified_mllm.config import ModelConfig, ProjectorConfig, VisionConfig
+from unified_mllm.convert import chameleon
+from unified_mllm.convert.common import ConversionError, Rule
+
+HELP = "UniToken-{base,AnyRes}-Stage{I,II} (Chameleon LM + SigLIP + adapter) -> export"
+SO400M_WIDTH, SO400M_HEADS = 1152, 16
+
+VISION_RULES = (
+    Rule(r"vit\.head\..*", None, "SigLIP's attention-pooling head: UniToken projects the last hidden state"),
+    Rule(r"vit\.(embeddings|encoder|post_layernorm)\.(.*)", r"vision.tower.\1.\2"),
+    Rule(r"adapter\.([02])\.(weight|bias)", r"vision.projector.\1.\2"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    chameleon.add_common_arguments(parser)
+    parser.add_argument("--variant", choices=["base", "anyres"], default=None, help="default: detected")
+    parser.add_argument("--vision-heads", type=int, default=None, help="SigLIP attention heads (so400m: 16)")
+
+
+def detect_variant(src: Path, hf: Mapping) -> str:
+    names = [*hf.get("architectures", []), src.name]
+    for name in names:
+        if "anyres" in name.lower():
+            return "anyres"
+        if "base" in name.lower():
+            return "base"
+    raise ConversionError(
+        f"unitoken: cannot tell whether {src} is the base or the AnyRes model (config.json architectures "
+        f"{hf.get('architectures')}, directory name {src.name!r}); pass --variant base or --variant anyres"
+    )
+
+
+def vision_config(state: Mapping[str, torch.Tensor], heads: int | None) -> VisionConfig:
+    """SigLIP's shapes read from the ``vit.*`` tensors (the published model keeps no vision config)."""
+    try:
+        patch = state["vit.embeddings.patch_embedding.weight"]
+        positions = state["vit.embeddings.position_embedding.weight"]
+        fc1 = state["vit.encoder.layers.0.mlp.fc1.weight"]
+    except KeyError as exc:
+        raise ConversionError(
+            f"unitoken: no SigLIP tower in the checkpoint ({exc.args[0]} is missing)"
+        ) from exc
+    width, side = patch.shape[0], math.isqrt(positions.shape[0])
+    if heads is None:
+        if width != SO400M_WIDTH:
+            raise ConversionError(
+                f"unitoken: the SigLIP tower is {width} wide, not so400m's {SO400M_WIDTH}; pass --vision-heads"
+            )
+        heads = SO400M_HEADS
+    layers = {key.split(".")[3] for key in state if key.startswith("vit.encoder.layers.")}
+    return VisionConfig(
+        image_size=side * patch.shape[-1],
+        patch_size=patch.shape[-1],
+        hidden_size=width,
+        intermediate_size=fc1.shape[0],
+        num_layers=len(layers),
+        num_heads=heads,
+        layer_norm_eps=1e-6,  # SigLIP's
+        feature_layer=-1,  # UniToken: last_hidden_state, after the post-layernorm
+    )
+
+
+def model_config(src: Path, hf: Mapping, state: Mapping[str, torch.Tensor], variant: str, heads: int | None):
+    model = ModelConfig(
+        lm=chameleon.lm_config(hf),
+        vision=vision_config(state, heads),
+        projector=ProjectorConfig(depth=2, activation="gelu"),  # adapter.0, GELU, adapter.2
+    )
+    model.vision.anyres.enabled = variant == "anyres"
+    if variant == "anyres":
+        # UniToken-AnyRes' candidate layouts, (rows, cols) of 384 px tiles: 384x768, 768x384, 768x768,
+        # 384x1152, 1152x384 given as (width, height) in the seed, black padding.
+        model.vision.anyres.grids = [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]]
+        model.vision.anyres.pad_color = [0, 0, 0]
+    return model
+
+
+def run(args: argparse.Namespace) -> Path:
+    src = Path(args.src).expanduser()
+    hf = chameleon.read_hf_config(src, "unitoken")
+    tokenizer_dir = chameleon.check_tokenizer_dir(args.chameleon_tokenizer, "unitoken")
+    state = chameleon.read_safetensors_dir(src)
+    variant = args.variant or detect_variant(src, hf)
+    model = model_config(src, hf, state, variant, args.vision_heads)
+    config = chameleon.base_config(model, tokenizer_dir, image_size=args.image_size or 512)
+    config.generation.cfg_scale = 3.0  # the published "Simple Inference" example
+    config.generation.image_top_k = 4000
+    rules = (*chameleon.LM_RULES, *VISION_RULES)
+    return chameleon.write_converted(state, rules, config, args.dst, f"unitoken checkpoint {src}", args.dtype)
