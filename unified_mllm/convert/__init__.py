@@ -13,4 +13,6 @@ rule, never silently (:mod:`unified_mllm.convert.common`) — and writes what ou
 from __future__ import annotations
 
 # kind -> module under unified_mllm.convert (imported on use).
-KINDS: dict[str, str] = {}
+KINDS: dict[str, str] = {
+    "unitok": "unitok",
+}
