@@ -15,4 +15,5 @@ from __future__ import annotations
 # kind -> module under unified_mllm.convert (imported on use).
 KINDS: dict[str, str] = {
     "unitok": "unitok",
+    "dualtoken": "dualtoken",
 }

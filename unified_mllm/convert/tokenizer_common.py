@@ -26,6 +26,7 @@ PLACEHOLDERS: dict[str, str] = {
     "tower": r"encoder|decoder",
     "proj": r"quant_proj|post_quant_proj",
     "qkv": r"q|k|v",
+    "rest": r".+",  # the rest of a name under a renamed prefix
     # AttnProjection parts whose names are the same on both sides (fc1 after the GeGLU fusion).
     "same": r"norm1|norm2|norm3|attn\.proj|mlp\.norm|mlp\.fc1",
 }
@@ -86,15 +87,16 @@ def fuse_geglu(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.T
     return {k: v for k, v in fused.items() if not re.fullmatch(r"(.+)\.mlp\.w0\.(weight|bias)", k)}
 
 
-def split_geglu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> published: ``X.mlp.fc1`` -> ``X.mlp.w1`` (value, first half) and ``X.mlp.w0`` (gate)."""
+def split_geglu(state: dict[str, torch.Tensor], owners: str) -> dict[str, torch.Tensor]:
+    """Ours -> published: ``X.mlp.fc1`` -> ``X.mlp.w1`` (value, first half) and ``X.mlp.w0`` (gate), for the
+    GeGLU MLPs whose ``X`` fully matches the regex ``owners`` (other ``mlp.fc1`` s are plain MLPs)."""
 
     def split(match: re.Match[str], fused: torch.Tensor) -> dict[str, torch.Tensor]:
         value, gate = fused.chunk(2, dim=0)
         prefix, name = match.group(1), match.group(2)
         return {f"{prefix}.mlp.w0.{name}": gate.clone(), f"{prefix}.mlp.w1.{name}": value.clone()}
 
-    return transform(state, r"(.+)\.mlp\.fc1\.(weight|bias)", split)
+    return transform(state, rf"({owners})\.mlp\.fc1\.(weight|bias)", split)
 
 
 def drop_zero_buffer(rule_pattern: str, state: Mapping[str, torch.Tensor], origin: str) -> None:

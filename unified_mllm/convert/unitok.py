@@ -152,7 +152,7 @@ def to_published(ours: Mapping[str, torch.Tensor], vq: VQConfig) -> dict[str, to
     """Our UniTok state (``state_to_save``) -> the published ``['trainer']['unitok']`` state dict. The dropped
     constants come back as zeros (``vocab_usage`` too: the statistic is not kept here)."""
     state = rename(ours, pair_rules(PAIRS, reverse=True), f"{KIND} (to published)")
-    state = split_geglu(state)
+    state = split_geglu(state, r"(?:encoder|decoder)\.blocks\.\d+|quant_proj|post_quant_proj")
 
     def fuse_qkv(match: re.Match[str], q: torch.Tensor) -> dict[str, torch.Tensor]:
         prefix, name = match.group(1), match.group(2)
