@@ -187,8 +187,10 @@ def published_state(seed: int = 0) -> dict[str, torch.Tensor]:
             state[key] = shared[name]
         elif key.endswith("zero_k_bias"):
             state[key] = torch.zeros(shape)
+        elif "norm" in key:  # LayerNorms and GroupNorms near identity
+            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=gen)
         else:
-            state[key] = torch.randn(shape, generator=gen) * (1.0 if "norm" in key else 0.2)
+            state[key] = torch.randn(shape, generator=gen) * 0.2
     return state
 
 

@@ -169,9 +169,10 @@ def published_state(seed: int = 0) -> dict[str, torch.Tensor]:
             state[key] = torch.zeros(shape)
         elif key.endswith("vocab_usage"):
             state[key] = torch.rand(shape, generator=gen)
+        elif ".norm" in key or "norm1" in key or "_norm" in key or "ln_" in key:  # LayerNorms near identity
+            state[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=gen)
         else:
-            scale = 1.0 if (key.endswith("norm.weight") or ".norm" in key or "ln_" in key) else 0.2
-            state[key] = torch.randn(shape, generator=gen) * scale
+            state[key] = torch.randn(shape, generator=gen) * 0.2
     state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
     return state
 
@@ -250,6 +251,94 @@ def ref_attn_projection(x: torch.Tensor, state: dict, name: str, in_dim: int, ou
     return y + ref_geglu(ln(y, state, f"{name}.norm2", 1e-5), state, f"{name}.mlp")
 
 
+def ln2d(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    """timm's LayerNorm2d (eps 1e-6): each pixel normalised over the channels."""
+    return ln(x.permute(0, 2, 3, 1), state, name, 1e-6).permute(0, 3, 1, 2)
+
+
+def conv(x: torch.Tensor, state: dict, name: str, stride: int = 1, groups: int = 1) -> torch.Tensor:
+    weight = state[f"{name}.weight"]
+    return F.conv2d(x, weight, state[f"{name}.bias"], stride, weight.shape[-1] // 2, groups=groups)
+
+
+def upsample2d(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    return conv(F.interpolate(x, scale_factor=2, mode="nearest"), state, f"{name}.conv")
+
+
+def ref_latents(pixels: torch.Tensor, state: dict) -> torch.Tensor:
+    """UniTok's encoder + quant_proj: MbConvStages (stem, MbConvLNBlocks, StridedConv), timm ViT, AttnProjection."""
+    x = conv(pixels, state, BB + "stem.conv1", stride=2)
+    x = conv(F.gelu(ln2d(x, state, BB + "stem.norm1")), state, BB + "stem.conv2")
+    for stage, depth in enumerate(TINY["depths"]):
+        for d in range(depth):
+            name, stride = f"{BB}stages.{stage}.{d}", 2 if d == 0 else 1
+            shortcut = F.avg_pool2d(x, 3, 2, 1, count_include_pad=False) if stride == 2 else x
+            if f"{name}.shortcut.expand.weight" in state:
+                shortcut = conv(shortcut, state, f"{name}.shortcut.expand")
+            h = F.gelu(conv(ln2d(x, state, f"{name}.pre_norm"), state, f"{name}.conv1_1x1"))
+            h = F.gelu(conv(h, state, f"{name}.conv2_kxk", stride=stride, groups=h.shape[1]))
+            x = conv(h, state, f"{name}.conv3_1x1") + shortcut
+    x = conv(ln2d(x, state, BB + "pool.norm"), state, BB + "pool.proj", stride=2)
+    tokens = x.flatten(2).transpose(1, 2) + state["encoder.pos_embed"]
+    for i in range(TINY["encoder_layers"]):
+        tokens = ref_timm_block(tokens, state, f"encoder.blocks.{i}", HEADS)
+    return ref_attn_projection(ln(tokens, state, "encoder.norm", 1e-6), state, "quant_proj", 32, 8)
+
+
+def ref_indices(latents: torch.Tensor, state: dict) -> torch.Tensor:
+    """VectorQuantizerM.f_to_idx: per chunk, argmax of normalised features x normalised codebook; ``[B, K, L]``."""
+    chunks = latents.split(TINY["vocab_width"] // TINY["num_codebooks"], dim=-1)
+    codebooks = [
+        F.normalize(state[f"quantizer.codebooks.{k}.codebook.weight"], dim=1) for k in range(len(chunks))
+    ]
+    return torch.stack(
+        [(F.normalize(c, dim=-1) @ cb.T).argmax(-1) for c, cb in zip(chunks, codebooks)], dim=1
+    )
+
+
+def codebooks_from(latents: torch.Tensor, state: dict, seed: int) -> dict[str, torch.Tensor]:
+    """``state`` with each sub-codebook drawn from the latent chunks (plus noise): random codebooks put every
+    position of a random tiny encoder on the same code, which would make the code comparisons vacuous."""
+    gen = torch.Generator().manual_seed(seed)
+    state = dict(state)
+    chunks = latents.split(TINY["vocab_width"] // TINY["num_codebooks"], dim=-1)
+    for k, chunk in enumerate(chunks):
+        rows = chunk.reshape(-1, chunk.shape[-1])
+        picks = rows[torch.randint(rows.shape[0], (TINY["vocab_size"],), generator=gen)]
+        state[f"quantizer.codebooks.{k}.codebook.weight"] = picks + 0.05 * torch.randn(
+            picks.shape, generator=gen
+        )
+    return state
+
+
+def ref_decode(indices: torch.Tensor, state: dict) -> torch.Tensor:
+    """UniTok.idx_to_img before its clamp: idx_to_f (normalised codes), post_quant_proj, ViTaminDecoder."""
+    vectors = torch.cat(
+        [
+            F.normalize(state[f"quantizer.codebooks.{k}.codebook.weight"], dim=1)[indices[:, k]]
+            for k in range(indices.shape[1])
+        ],
+        dim=-1,
+    )
+    x = ref_attn_projection(vectors, state, "post_quant_proj", 8, 32)
+    for i in range(TINY["decoder_layers"]):
+        x = ref_timm_block(x, state, f"decoder.blocks.{i}", HEADS)
+    x = ln(x, state, "decoder.norm", 1e-6)
+    b, n, c = x.shape
+    side = int(n**0.5)
+    x = upsample2d(x.view(b, side, side, c).permute(0, 3, 1, 2), state, "decoder.up_conv1")
+    for n_conv, depth in ((2, 4), (3, 2)):
+        for d in range(depth):
+            name = f"decoder.up_conv{n_conv}.{d}"
+            shortcut = upsample2d(x, state, f"{name}.shortcut") if d == 0 else x
+            h = F.gelu(conv(ln2d(x, state, f"{name}.pre_norm"), state, f"{name}.conv1_1x1"))
+            h = upsample2d(h, state, f"{name}.up") if d == 0 else h
+            h = F.gelu(conv(h, state, f"{name}.conv2_kxk", groups=h.shape[1]))
+            x = conv(h, state, f"{name}.conv3_1x1") + shortcut
+    x = upsample2d(x, state, "decoder.up_conv4.conv1")
+    return conv(F.gelu(ln2d(x, state, "decoder.up_conv4.norm1")), state, "decoder.up_conv4.conv2")
+
+
 # ----------------------------------------------------------------------------------------------- tests
 
 
@@ -316,26 +405,17 @@ def test_blocks_and_projections_equal_the_published_forward(tmp_path: Path) -> N
 
 
 def test_codes_in_the_published_order_equal_the_published_lookup(tmp_path: Path) -> None:
-    state = published_state(2)
-    model = convert_tiny(tmp_path, state)
     pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    state = published_state(2)
+    state = codebooks_from(ref_latents(pixels, state), state, seed=2)
+    model = convert_tiny(tmp_path, state)
     with torch.no_grad():
         latents, (h, w) = model.encode_latents(pixels)
-        # VectorQuantizerM.f_to_idx: per chunk, argmax of normalised features x normalised codebook; stack dim 1.
-        chunks = latents.split(TINY["vocab_width"] // TINY["num_codebooks"], dim=-1)
-        expected = torch.stack(
-            [
-                (
-                    F.normalize(c, dim=-1)
-                    @ F.normalize(state[f"quantizer.codebooks.{k}.codebook.weight"], dim=1).T
-                ).argmax(-1)
-                for k, c in enumerate(chunks)
-            ],
-            dim=1,
-        )
+        expected = ref_indices(latents, state)  # our latents, the published lookup
         published_order = model.img_to_idx(pixels)
         ours = model.encode(pixels)
     assert published_order.shape == (2, TINY["num_codebooks"], h * w)
+    assert min(expected[:, k].unique().numel() for k in range(TINY["num_codebooks"])) >= 4
     assert torch.equal(published_order, expected)
     assert torch.equal(codes_to_published(ours), expected)
     assert torch.equal(codes_from_published(expected, h, w), ours)
@@ -415,3 +495,17 @@ def test_clear_errors(tmp_path: Path) -> None:
         )
     assert main(["unitok", str(tmp_path / "text.pth"), str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_pixels_to_codes_to_pixels_equal_the_published_model(tmp_path: Path) -> None:
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    state = published_state(5)
+    state = codebooks_from(ref_latents(pixels, state), state, seed=5)
+    model = convert_tiny(tmp_path, state)
+    with torch.no_grad():
+        indices = ref_indices(ref_latents(pixels, state), state)
+        assert min(indices[:, k].unique().numel() for k in range(TINY["num_codebooks"])) >= 4
+        assert torch.equal(model.img_to_idx(pixels), indices)
+        side = RESOLUTION // 16
+        reconstruction = model.decode(codes_from_published(indices, side, side))
+        torch.testing.assert_close(reconstruction, ref_decode(indices, state))
