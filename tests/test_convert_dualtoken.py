@@ -250,6 +250,61 @@ def ref_residual_codes(z: torch.Tensor, weight: torch.Tensor, depth: int) -> tor
     return torch.stack(codes, dim=-1)
 
 
+def gn(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    """Normalize(): GroupNorm(32, eps 1e-6)."""
+    return F.group_norm(x, 32, state[f"{name}.weight"], state[f"{name}.bias"], 1e-6)
+
+
+def conv(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    weight = state[f"{name}.weight"]
+    return F.conv2d(x, weight, state[f"{name}.bias"], padding=weight.shape[-1] // 2)
+
+
+def ref_resnet_block(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    h = conv(F.silu(gn(x, state, f"{name}.norm1")), state, f"{name}.conv1")
+    h = conv(F.silu(gn(h, state, f"{name}.norm2")), state, f"{name}.conv2")
+    shortcut = conv(x, state, f"{name}.nin_shortcut") if f"{name}.nin_shortcut.weight" in state else x
+    return shortcut + h
+
+
+def ref_attn_block(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    b, c, height, width = x.shape
+    h = gn(x, state, f"{name}.norm")
+    q, k, v = (conv(h, state, f"{name}.{part}").reshape(b, c, -1) for part in ("q", "k", "v"))
+    weights = (q.transpose(1, 2) @ k * c**-0.5).softmax(dim=2)  # [b, hw (query), hw (key)]
+    out = (v @ weights.transpose(1, 2)).reshape(b, c, height, width)
+    return x + conv(out, state, f"{name}.proj_out")
+
+
+def ref_decode(pixel_codes: torch.Tensor, state: dict) -> torch.Tensor:
+    """RQVAESiglipModel.decode of the summed code vectors: postquant_pix (causal), bilinear resize to the
+    decoder latent, post_quant_conv (with norm2), the taming Decoder."""
+    codebook = state["quantizer_pix.codebooks.0.weight"][:-1]
+    b, height, width, _ = pixel_codes.shape
+    z = codebook[pixel_codes].sum(dim=-2).reshape(b, height * width, -1)
+    z = ref_attn_projection(z, state, "postquant_pix", causal=True)
+    z = z.reshape(b, height, width, -1).permute(0, 3, 1, 2)
+    side = TINY["resolution"] >> (len(TINY["ch_mult"]) - 1)
+    x = F.interpolate(z, size=(side, side), mode="bilinear")
+    p = "post_quant_conv"
+    h = conv(F.silu(gn(x, state, f"{p}.norm1")), state, f"{p}.conv1")
+    x = conv(x, state, f"{p}.nin_shortcut") + conv(F.silu(gn(h, state, f"{p}.norm2")), state, f"{p}.conv2")
+    h = conv(x, state, "decoder.conv_in")
+    h = ref_resnet_block(h, state, "decoder.mid.block_1")
+    h = ref_attn_block(h, state, "decoder.mid.attn_1")
+    h = ref_resnet_block(h, state, "decoder.mid.block_2")
+    for level in reversed(range(len(TINY["ch_mult"]))):
+        for b_i in range(TINY["num_res_blocks"] + 1):
+            h = ref_resnet_block(h, state, f"decoder.up.{level}.block.{b_i}")
+            if f"decoder.up.{level}.attn.{b_i}.q.weight" in state:
+                h = ref_attn_block(h, state, f"decoder.up.{level}.attn.{b_i}")
+        if level:
+            h = conv(
+                F.interpolate(h, scale_factor=2.0, mode="nearest"), state, f"decoder.up.{level}.upsample.conv"
+            )
+    return conv(F.silu(gn(h, state, "decoder.norm_out")), state, "decoder.conv_out")
+
+
 # ----------------------------------------------------------------------------------------------- tests
 
 
@@ -371,3 +426,16 @@ def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="do not fit 384 px"):
         convert_file(tmp_path / "short.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_codes_to_pixels_equal_the_published_decoder(tmp_path: Path) -> None:
+    state = published_state(4)
+    model = convert_tiny(tmp_path, state)
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, TINY["n_embed"], (2, 5, 5, 5), generator=gen)
+    with torch.no_grad():
+        expected = ref_decode(codes[..., :3], state)  # the semantic codes are not decoded
+        decoded = model.decode(codes)
+    assert expected.shape == (2, 3, 32, 32) and expected.std() > 0.1
+    # float32 through ~20 convolutions and 2 attention blocks: a few 1e-5 of an output of std ~1
+    torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
