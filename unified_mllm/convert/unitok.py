@@ -166,11 +166,8 @@ def to_published(ours: Mapping[str, torch.Tensor], vq: VQConfig) -> dict[str, to
     cfg = vq.unitok
     dtype = state["logit_scale"].dtype
     state["encoder.pos_embed"] = torch.zeros(1, 1, cfg.width, dtype=dtype)
-    for name, width in (
-        ("quant_proj", max(cfg.width, vq.embed_dim)),
-        ("post_quant_proj", max(cfg.width, vq.embed_dim)),
-    ):
-        state[f"{name}.attn.zero_k_bias"] = torch.zeros(width, dtype=dtype)
+    for name in ("quant_proj", "post_quant_proj"):  # the attention runs at the wider of the two widths
+        state[f"{name}.attn.zero_k_bias"] = torch.zeros(max(cfg.width, vq.embed_dim), dtype=dtype)
     for k in range(cfg.num_codebooks):
         state[f"quantizer.codebooks.{k}.vocab_usage"] = torch.zeros(vq.codebook_size, dtype=torch.float32)
     return state
