@@ -202,6 +202,19 @@ class UniTokConfig:
         "the last id that is not padding.",
     )
     init_logit_scale: float = opt(2.6592, "Initial log of the contrastive logit scale (CLIP: ln(1/0.07)).")
+    mlp_norm: Literal["hidden", "input"] = opt(
+        "hidden",
+        "Where every GeGLU MLP (ViT blocks and the two attention projections) puts its LayerNorm: 'hidden' "
+        "normalises the gated hidden (mlp_ratio x width channels; this project's original layout), 'input' "
+        "normalises the MLP's input before the value/gate projections, as the published UniTok (ViTamin's "
+        "GeGluMlp) does. Checkpoints converted from UniTok (python -m unified_mllm.convert unitok) need 'input'.",
+    )
+    layer_norm_eps: float = opt(
+        1e-5,
+        "Epsilon of the ViT blocks' LayerNorms, the encoder's and decoder's final LayerNorm, the CLIP head's "
+        "LayerNorm and every GeGLU LayerNorm (the projections' own norm1/2/3 keep 1e-5 either way). The "
+        "published UniTok uses 1e-6 (timm's ViT default); 1e-5 is this project's original value.",
+    )
 
 
 @dataclass
@@ -233,6 +246,20 @@ class DualTokenConfig:
     )
     semantic_pooled_weight: float = opt(
         1.0, "Weight of the distillation term between the pooled (MAP head) outputs and the teacher's."
+    )
+    mlp_norm: Literal["hidden", "input"] = opt(
+        "hidden",
+        "Where the GeGLU MLPs of the five attention projections put their LayerNorm: 'hidden' (after gating; "
+        "this project's original layout) or 'input' (before the value/gate projections, as the published "
+        "DualToken's GeGluMlp). Checkpoints converted from DualToken need 'input'.",
+    )
+    mlp_norm_eps: float = opt(
+        1e-5, "Epsilon of those GeGLU LayerNorms (published DualToken: 1e-6; 1e-5 is the original value)."
+    )
+    post_quant_norm2: bool = opt(
+        False,
+        "A second GroupNorm (32 groups, eps 1e-6) before the SiLU between the post-quant block's two convs, "
+        "as in the published DualToken (its post_quant_conv.norm2); False: SiLU only (the original block).",
     )
 
 

@@ -17,4 +17,6 @@ KINDS: dict[str, str] = {
     "unitoken": "unitoken",
     "lumina-mgpt": "chameleon",
     "chameleon": "chameleon",
+    "unitok": "unitok",
+    "dualtoken": "dualtoken",
 }

@@ -27,8 +27,12 @@ Choices where the paper and its code are silent or where we differ on purpose:
 
 * The distillation terms use ``1 - cos`` where the published code uses ``-cos``: the same gradients, but the
   loss is 0 (not ``-(5 + 1)``) when the student matches the teacher, which reads better in logs.
-* The post-quant resnet block has one GroupNorm and a SiLU between its two convolutions, without which they
-  would collapse into one linear map.
+* By default the post-quant resnet block has one GroupNorm and a SiLU between its two convolutions, without
+  which they would collapse into one linear map; ``dualtoken.post_quant_norm2`` adds the published block's
+  second GroupNorm before that SiLU. ``dualtoken.mlp_norm`` / ``mlp_norm_eps`` choose the GeGLU layout of the
+  projections (see :class:`~.vit.GeGLU`); :func:`published_dualtoken_config` and
+  ``configs/tokenizer/dualtoken-so400m.yaml`` select the published layout, which converted checkpoints
+  (``python -m unified_mllm.convert dualtoken``) need.
 * Both quantizers update their EMA codebook once per forward from all depths (the published semantic
   quantizer does; its pixel quantizer updates inside the depth loop). Dead codes are restarted by the
   trainer from ``QuantizerOutput.latents`` after ``vq.dead_code_steps`` unused steps.
@@ -72,7 +76,8 @@ _NORM_GROUPS = 32
 def published_dualtoken_config() -> VQConfig:
     """The published DualToken tokenizer: SigLIP-so400m/14 at 384 px, two depth-8 residual quantizers over
     16384 x 32 EMA codebooks, and the ``ch 128, mult [1, 1, 4, 4, 8]`` pixel decoder with 1024 input channels
-    (the :class:`DualTokenConfig` defaults hold the backbone shape and layer taps)."""
+    (the :class:`DualTokenConfig` defaults hold the backbone shape and layer taps), with the published module
+    layout (:func:`published_layout`) so that a converted checkpoint loads under it."""
     return VQConfig(
         kind="dualtoken",
         resolution=384,
@@ -84,7 +89,14 @@ def published_dualtoken_config() -> VQConfig:
         num_res_blocks=2,
         attn_resolutions=[24],
         ema_decay=0.99,
+        dualtoken=published_layout(DualTokenConfig()),
     )
+
+
+def published_layout(dt: DualTokenConfig) -> DualTokenConfig:
+    """``dt`` with the published module layout: GeGLU norms on the projections' inputs (eps 1e-6) and the
+    post-quant block's second GroupNorm."""
+    return dataclasses.replace(dt, mlp_norm="input", mlp_norm_eps=1e-6, post_quant_norm2=True)
 
 
 def tiny_dualtoken_config() -> VQConfig:
@@ -184,17 +196,23 @@ def semantic_distillation_loss(
 
 class PostQuantResnetBlock(nn.Module):
     """``[B, in, h, w] -> [B, out, h, w]``: ``conv3x3(silu(conv1x1(silu(norm(x))))) + conv1x1(x)``; widens
-    the backbone-width grid to the decoder's ``z_channels`` (1152 -> 1024: 11.80M parameters)."""
+    the backbone-width grid to the decoder's ``z_channels`` (1152 -> 1024: 11.80M parameters).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    ``norm2=True`` (``dualtoken.post_quant_norm2``) puts a second GroupNorm on the ``out`` channels before
+    the middle SiLU, ``conv3x3(silu(norm2(conv1x1(...))))``, as the published block does."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, norm2: bool = False) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(_NORM_GROUPS, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.norm2 = nn.GroupNorm(_NORM_GROUPS, out_channels, eps=1e-6) if norm2 else None
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm(x)))
+        if self.norm2 is not None:
+            h = self.norm2(h)
         return self.conv2(F.silu(h)) + self.shortcut(x)
 
 
@@ -224,6 +242,7 @@ class DualToken(VisualTokenizer):
         super().__init__(vq)
         dt = vq.dualtoken
         hidden, dim, heads = dt.backbone.hidden_size, vq.embed_dim, dt.projection_heads
+        mlp: dict[str, Any] = {"mlp_norm": dt.mlp_norm, "mlp_eps": dt.mlp_norm_eps}
         # from_config builds under a device context; build_siglip_tower opens its own, so pass that device on.
         self.backbone: SiglipVisionModel = build_siglip_tower(
             dt.backbone, torch.get_default_device(), use_head=True
@@ -231,18 +250,18 @@ class DualToken(VisualTokenizer):
         self.teacher: SiglipVisionModel = copy.deepcopy(self.backbone)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.pre_pixel = AttnProjection(hidden, dim, heads)
+        self.pre_pixel = AttnProjection(hidden, dim, heads, **mlp)
         # Published: 0.6 x a projection of layer 4; with weight 0 the branch would get no gradient (DDP error).
-        self.pre_shortcut = AttnProjection(hidden, dim, heads) if dt.shortcut_weight != 0 else None
-        self.pre_semantic = AttnProjection(hidden, dim, heads)
+        self.pre_shortcut = AttnProjection(hidden, dim, heads, **mlp) if dt.shortcut_weight != 0 else None
+        self.pre_semantic = AttnProjection(hidden, dim, heads, **mlp)
         quantizer_kwargs = quantizer_options(vq)
         self.pixel_quantizer = ResidualQuantizer(dt.pixel_depth, vq.codebook_size, dim, **quantizer_kwargs)
         self.semantic_quantizer = ResidualQuantizer(
             dt.semantic_depth, vq.codebook_size, dim, **quantizer_kwargs
         )
-        self.post_semantic = AttnProjection(dim, hidden, heads, causal=True)
-        self.post_pixel = AttnProjection(dim, hidden, heads, causal=True)
-        self.post_quant_block = PostQuantResnetBlock(hidden, vq.z_channels)
+        self.post_semantic = AttnProjection(dim, hidden, heads, causal=True, **mlp)
+        self.post_pixel = AttnProjection(dim, hidden, heads, causal=True, **mlp)
+        self.post_quant_block = PostQuantResnetBlock(hidden, vq.z_channels, norm2=dt.post_quant_norm2)
         # decoder_latent_side in, vq.resolution out (check_dualtoken_config makes the two agree).
         self.decoder = Decoder(vq)
         for module in (

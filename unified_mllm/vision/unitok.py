@@ -23,6 +23,13 @@ The defaults of :class:`~unified_mllm.config.UniTokConfig` with :func:`unitok_la
 UniTok-Large at 256 px (ViTamin-L widths, full-attention projections of the April-2025 checkpoint; the first
 one had ``causal_projection``): 820.4M parameters, within 0.02% of the released model's 820.3M.
 
+Two layouts of the transformer pieces (``unitok.mlp_norm``, ``unitok.layer_norm_eps``): by default the GeGLU
+MLPs normalise their gated hidden and LayerNorms use eps 1e-5 (this project's original layout); the published
+UniTok normalises the MLP *input* and uses eps 1e-6 in the ViT blocks, final norms and CLIP head.
+:func:`unitok_large_config` and ``configs/tokenizer/unitok-large.yaml`` select the published layout, which
+checkpoints converted with ``python -m unified_mllm.convert unitok`` need. The published ``img_to_idx``
+returns codes ``[B, K, h * w]``; :meth:`UniTok.img_to_idx` / :func:`codes_to_published` give that order.
+
 Choices made here where the paper says nothing (most follow the released code):
 
 * Downsampling MBConv blocks stride their depthwise conv and take a 3x3 average-pool shortcut (plus a 1x1
@@ -67,6 +74,8 @@ from unified_mllm.vision.vqgan import Upsample
 # CLIP's bound on the contrastive temperature: logits are at most 100 x cosine similarity.
 MAX_LOGIT_SCALE = math.log(100.0)
 NORM_EPS = 1e-6
+# timm's ViT LayerNorm epsilon, which the published UniTok's blocks, final norms and CLIP head use.
+PUBLISHED_LAYER_NORM_EPS = 1e-6
 # Gain of the decoder's convolution init (UniTok's ``vae_init``): small outputs at the start of training.
 DECODER_CONV_GAIN = 0.5
 
@@ -74,7 +83,9 @@ Resample = Literal["down", "up"] | None
 
 
 def unitok_large_config(resolution: int = 256) -> VQConfig:
-    """The ``model.vq`` of the released UniTok-Large: 8 x 4096 codes of 8 channels, cosine lookup, beta 0.25."""
+    """The ``model.vq`` of the released UniTok-Large: 8 x 4096 codes of 8 channels, cosine lookup, beta 0.25,
+    and the published block layout (GeGLU norm on the input, LayerNorm eps 1e-6), so that a checkpoint
+    converted with ``python -m unified_mllm.convert unitok`` loads under it."""
     return VQConfig(
         kind="unitok",
         codebook_size=4096,
@@ -82,7 +93,25 @@ def unitok_large_config(resolution: int = 256) -> VQConfig:
         beta=0.25,
         l2_normalize_codes=True,
         resolution=resolution,
+        unitok=UniTokConfig(mlp_norm="input", layer_norm_eps=PUBLISHED_LAYER_NORM_EPS),
     )
+
+
+def codes_to_published(codes: torch.Tensor) -> torch.Tensor:
+    """Our codes ``[B, h, w, K]`` -> the published UniTok's ``img_to_idx`` order ``[B, K, h * w]`` (sub-codebook
+    first, then the positions row-major). The boundary: everything in this project (the LM's code stacks,
+    ``decode``) takes ``[B, h, w, K]``; use this only to compare with, or hand codes to, UniTok's own code."""
+    if codes.ndim != 4:
+        raise ValueError(f"codes must be [B, h, w, K], got shape {tuple(codes.shape)}")
+    return codes.flatten(1, 2).transpose(1, 2).contiguous()
+
+
+def codes_from_published(codes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The published order ``[B, K, h * w]`` -> ours ``[B, h, w, K]`` (the inverse of
+    :func:`codes_to_published`; the grid side is not in the published tensor, so it is passed)."""
+    if codes.ndim != 3 or codes.shape[2] != height * width:
+        raise ValueError(f"codes must be [B, K, {height} * {width}], got shape {tuple(codes.shape)}")
+    return codes.transpose(1, 2).reshape(codes.shape[0], height, width, codes.shape[1]).contiguous()
 
 
 # ---------------------------------------------------------------------------------------- conv pieces
@@ -160,6 +189,10 @@ class NormConv(nn.Module):
 # ------------------------------------------------------------------------------------ encoder / decoder
 
 
+def _vit_block(cfg: UniTokConfig) -> ViTBlock:
+    return ViTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, mlp_norm=cfg.mlp_norm, eps=cfg.layer_norm_eps)
+
+
 class UniTokEncoder(nn.Module):
     """Pixels ``[B, 3, H, W]`` -> tokens ``[B, h * w, width]`` (row-major) and the grid ``(h, w)``."""
 
@@ -178,10 +211,8 @@ class UniTokEncoder(nn.Module):
         self.to_tokens = NormConv(
             nn.Identity(), last, nn.Conv2d(last, cfg.width, 3, stride=2, padding=1), act=False
         )
-        self.blocks = nn.ModuleList(
-            ViTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.encoder_layers)
-        )
-        self.norm = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(_vit_block(cfg) for _ in range(cfg.encoder_layers))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.to_tokens(self.stages(self.stem(pixels)))
@@ -197,10 +228,8 @@ class UniTokDecoder(nn.Module):
 
     def __init__(self, cfg: UniTokConfig) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            ViTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_layers)
-        )
-        self.norm = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(_vit_block(cfg) for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         widths, depths = cfg.conv_widths[::-1], cfg.conv_depths[::-1]
         self.up = Upsample(cfg.width, widths[0])
         self.stages = _conv_stages(widths, depths, widths[0], cfg.conv_expansion, "up")
@@ -221,9 +250,9 @@ class UniTokDecoder(nn.Module):
 class ClipHead(nn.Module):
     """Tokens ``[B, N, width]`` -> image embedding ``[B, clip_dim]`` (not normalised): mean, LayerNorm, Linear."""
 
-    def __init__(self, width: int, clip_dim: int) -> None:
+    def __init__(self, width: int, clip_dim: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, clip_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -274,14 +303,15 @@ class UniTok(VisualTokenizer):
         super().__init__(vq)
         _check_config(vq)
         cfg, heads, causal = vq.unitok, vq.unitok.projection_heads, vq.unitok.causal_projection
+        mlp = {"causal": causal, "mlp_norm": cfg.mlp_norm, "mlp_eps": cfg.layer_norm_eps}
         self.encoder = UniTokEncoder(cfg)
-        self.quant_proj = AttnProjection(cfg.width, vq.embed_dim, heads, causal=causal)
+        self.quant_proj = AttnProjection(cfg.width, vq.embed_dim, heads, **mlp)
         self.quantize = MultiCodebookQuantizer(
             cfg.num_codebooks, vq.codebook_size, vq.embed_dim, **quantizer_options(vq)
         )
-        self.post_quant_proj = AttnProjection(vq.embed_dim, cfg.width, heads, causal=causal)
+        self.post_quant_proj = AttnProjection(vq.embed_dim, cfg.width, heads, **mlp)
         self.decoder = UniTokDecoder(cfg)
-        self.clip_head = ClipHead(cfg.width, cfg.clip_dim)
+        self.clip_head = ClipHead(cfg.width, cfg.clip_dim, cfg.layer_norm_eps)
         self.text = CLIPTextModelWithProjection(text_tower_config(cfg))
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.reset_parameters()
@@ -329,6 +359,11 @@ class UniTok(VisualTokenizer):
         with torch.autocast(latents.device.type, enabled=False):
             codes = self.quantize.nearest(latents)
         return codes.reshape(latents.shape[0], height, width, -1)
+
+    def img_to_idx(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` in the published UniTok's order: codes ``[B, num_codebooks, h * w]``, as its
+        ``img_to_idx`` returns them (see :func:`codes_to_published`)."""
+        return codes_to_published(self.encode(pixels))
 
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, h, w, K]`` -> post-quant tokens ``[B, h * w, width]`` (the discrete path)."""

@@ -8,22 +8,42 @@ ViT has none: position comes from its conv stem).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+MlpNorm = Literal["hidden", "input"]
+"""Where :class:`GeGLU` puts its LayerNorm: ``"hidden"`` on the gated hidden (``[..., hidden]``, this
+project's original layout), ``"input"`` on the MLP's input (``[..., dim]``, the published UniTok / DualToken
+``GeGluMlp``)."""
+
+MLP_NORMS: tuple[str, ...] = ("hidden", "input")
+
 
 class GeGLU(nn.Module):
-    """``fc2(norm(a * gelu_tanh(b)))`` with ``[a, b] = fc1(x)`` split in halves: ViTamin's GeGLU MLP, whose
-    ``hidden`` is the width after gating (``fc1`` produces twice that)."""
+    """ViTamin's GeGLU MLP with ``[a, b] = fc1(x)`` split in halves (value, gate); ``hidden`` is the width after
+    gating (``fc1`` produces twice that).
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    ``norm="hidden"``: ``fc2(norm(a * gelu_tanh(b)))`` (``norm`` over ``hidden`` channels);
+    ``norm="input"``: ``fc2(a' * gelu_tanh(b'))`` with ``[a', b'] = fc1(norm(x))`` (``norm`` over ``dim``
+    channels), the published ``GeGluMlp`` whose ``w1`` / ``w0`` are ``fc1``'s value / gate halves.
+    """
+
+    def __init__(self, dim: int, hidden: int, *, norm: MlpNorm = "hidden", eps: float = 1e-5) -> None:
         super().__init__()
+        if norm not in MLP_NORMS:
+            raise ValueError(f"GeGLU norm must be one of {MLP_NORMS}, got {norm!r}")
+        self.norm_input = norm == "input"
         self.fc1 = nn.Linear(dim, 2 * hidden)
-        self.norm = nn.LayerNorm(hidden)
+        self.norm = nn.LayerNorm(dim if self.norm_input else hidden, eps=eps)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_input:
+            value, gate = self.fc1(self.norm(x)).chunk(2, dim=-1)
+            return self.fc2(value * F.gelu(gate, approximate="tanh"))
         value, gate = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(self.norm(value * F.gelu(gate, approximate="tanh")))
 
@@ -48,14 +68,24 @@ class SelfAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + GeGLU(norm2(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + GeGLU(norm2(x))``; ``eps`` is every
+    LayerNorm's epsilon (norm1, norm2 and the GeGLU's; timm's ViT uses 1e-6), ``mlp_norm`` see :class:`GeGLU`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0, *, causal: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 2.0,
+        *,
+        causal: bool = False,
+        mlp_norm: MlpNorm = "hidden",
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = SelfAttention(dim, num_heads, causal=causal)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = GeGLU(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = GeGLU(dim, int(dim * mlp_ratio), norm=mlp_norm, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -102,16 +132,26 @@ class AttnProjection(nn.Module):
     """UniTok's width-changing block before and after the quantizer:
     ``y = proj(norm3(x)) + attn(norm1(x))`` (a linear shortcut plus :class:`ProjectionAttention`), then
     ``y + GeGLU(norm2(y))`` with a GeGLU twice as wide as ``out_dim``. ``causal`` gives the variant of UniTok's
-    first checkpoint and of its MLLM side (each position sees only the ones before it)."""
+    first checkpoint and of its MLLM side (each position sees only the ones before it). ``mlp_norm`` and
+    ``mlp_eps`` shape the GeGLU (:class:`GeGLU`); norm1/2/3 keep torch's default epsilon (1e-5), as published."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_heads: int, *, causal: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        mlp_norm: MlpNorm = "hidden",
+        mlp_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(in_dim)
         self.attn = ProjectionAttention(in_dim, out_dim, num_heads, causal=causal)
         self.norm3 = nn.LayerNorm(in_dim)
         self.shortcut = nn.Linear(in_dim, out_dim)
         self.norm2 = nn.LayerNorm(out_dim)
-        self.mlp = GeGLU(out_dim, 2 * out_dim)
+        self.mlp = GeGLU(out_dim, 2 * out_dim, norm=mlp_norm, eps=mlp_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shortcut(self.norm3(x)) + self.attn(self.norm1(x))
