@@ -136,3 +136,16 @@ def transform(
         match = compiled.fullmatch(key)
         out.update(fn(match, tensor) if match else {key: tensor})
     return out
+
+
+def count_indices(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    """How many distinct values the first group of ``pattern`` takes over the keys of ``state`` (layers, stages)."""
+    compiled = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := compiled.fullmatch(k))})
+
+
+def shape_of(state: Mapping[str, torch.Tensor], key: str, origin: str, kind: str) -> tuple[int, ...]:
+    """The shape of ``state[key]``; a missing key means the source is not a ``kind`` checkpoint."""
+    if key not in state:
+        raise ConversionError(f"{origin}: no {key} — is this a {kind} checkpoint?")
+    return tuple(state[key].shape)

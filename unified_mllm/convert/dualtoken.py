@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 from unified_mllm.config import DualTokenConfig, VisionConfig, VQConfig
-from unified_mllm.convert.common import ConversionError, Rule, read_torch_checkpoint, rename
+from unified_mllm.convert.common import (
+    ConversionError,
+    Rule,
+    count_indices,
+    read_torch_checkpoint,
+    rename,
+    shape_of,
+)
 from unified_mllm.convert.tokenizer_common import (
     Pair,
     drop_zero_buffer,
@@ -164,17 +171,6 @@ def to_published(
     return state
 
 
-def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
-    compiled = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := compiled.fullmatch(k))})
-
-
-def _shape(state: Mapping[str, torch.Tensor], key: str, origin: str) -> tuple[int, ...]:
-    if key not in state:
-        raise ConversionError(f"{origin}: no {key} — is this a DualToken checkpoint?")
-    return tuple(state[key].shape)
-
-
 def infer_config(
     published: Mapping[str, torch.Tensor],
     *,
@@ -189,8 +185,10 @@ def infer_config(
     """The :class:`VQConfig` (kind dualtoken, published layout) whose shapes are those of ``published``;
     the taps, heads and image side come from the arguments (defaults: ``model_config_siglip_384_rvq8``).
     The decoder's base width is its last level's (taming's ``ch_mult[0] = 1``, as published)."""
-    hidden, _, patch, _ = _shape(published, _VISION + "embeddings.patch_embedding.weight", origin)
-    positions = _shape(published, _VISION + "embeddings.position_embedding.weight", origin)[0]
+    hidden, _, patch, _ = shape_of(
+        published, _VISION + "embeddings.patch_embedding.weight", origin, "DualToken"
+    )
+    positions = shape_of(published, _VISION + "embeddings.position_embedding.weight", origin, "DualToken")[0]
     if (resolution // patch) ** 2 != positions:
         raise ConversionError(
             f"{origin}: {positions} position embeddings do not fit {resolution} px with {patch} px patches "
@@ -200,23 +198,28 @@ def infer_config(
         image_size=resolution,
         patch_size=patch,
         hidden_size=hidden,
-        intermediate_size=_shape(published, _VISION + "encoder.layers.0.mlp.fc1.weight", origin)[0],
-        num_layers=_count(published, re.escape(_VISION) + r"encoder\.layers\.(\d+)\..*"),
+        intermediate_size=shape_of(
+            published, _VISION + "encoder.layers.0.mlp.fc1.weight", origin, "DualToken"
+        )[0],
+        num_layers=count_indices(published, re.escape(_VISION) + r"encoder\.layers\.(\d+)\..*"),
         num_heads=num_heads,
     )
-    codebook_rows, embed_dim = _shape(published, "quantizer_pix.codebooks.0.weight", origin)
+    codebook_rows, embed_dim = shape_of(published, "quantizer_pix.codebooks.0.weight", origin, "DualToken")
     has_shortcut = any(k.startswith("prequant_shortcut.") for k in published)
-    levels = _count(published, r"decoder\.up\.(\d+)\..*")
-    base = _shape(published, "decoder.conv_out.weight", origin)[1]
-    widths = [_shape(published, f"decoder.up.{i}.block.0.conv2.weight", origin)[0] for i in range(levels)]
+    levels = count_indices(published, r"decoder\.up\.(\d+)\..*")
+    base = shape_of(published, "decoder.conv_out.weight", origin, "DualToken")[1]
+    widths = [
+        shape_of(published, f"decoder.up.{i}.block.0.conv2.weight", origin, "DualToken")[0]
+        for i in range(levels)
+    ]
     dualtoken = DualTokenConfig(
         backbone=backbone,
         pixel_layer=pixel_layer,
         shortcut_layer=shortcut_layer if has_shortcut else pixel_layer,
         shortcut_weight=shortcut_weight if has_shortcut else 0.0,
         semantic_layer=semantic_layer,
-        pixel_depth=_count(published, r"quantizer_pix\.codebooks\.(\d+)\.weight"),
-        semantic_depth=_count(published, r"quantizer_sem\.codebooks\.(\d+)\.weight"),
+        pixel_depth=count_indices(published, r"quantizer_pix\.codebooks\.(\d+)\.weight"),
+        semantic_depth=count_indices(published, r"quantizer_sem\.codebooks\.(\d+)\.weight"),
         projection_heads=hidden // embed_dim,  # the published AttnProjection: hidden // embed_dim heads
         decoder_latent_side=resolution >> (levels - 1),
     )
@@ -230,10 +233,10 @@ def infer_config(
         resolution=resolution,
         codebook_size=codebook_rows - 1,
         embed_dim=embed_dim,
-        z_channels=_shape(published, "post_quant_conv.conv1.weight", origin)[0],
+        z_channels=shape_of(published, "post_quant_conv.conv1.weight", origin, "DualToken")[0],
         base_channels=base,
         channel_mult=[w // base for w in widths],
-        num_res_blocks=_count(published, r"decoder\.up\.0\.block\.(\d+)\..*") - 1,
+        num_res_blocks=count_indices(published, r"decoder\.up\.0\.block\.(\d+)\..*") - 1,
         attn_resolutions=sorted(set(attn_resolutions), reverse=True),
         ema_decay=0.99,
         dualtoken=published_layout(dualtoken),

@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from unified_mllm.config import UniTokConfig, VQConfig
-from unified_mllm.convert.common import ConversionError, Rule, read_torch_checkpoint, rename, transform
+from unified_mllm.convert.common import (
+    ConversionError,
+    Rule,
+    count_indices,
+    read_torch_checkpoint,
+    rename,
+    shape_of,
+    transform,
+)
 from unified_mllm.convert.tokenizer_common import (
     Pair,
     drop_zero_buffer,
@@ -173,18 +181,6 @@ def to_published(ours: Mapping[str, torch.Tensor], vq: VQConfig) -> dict[str, to
     return state
 
 
-def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
-    """How many distinct values the first group of ``pattern`` takes over the keys of ``state``."""
-    compiled = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := compiled.fullmatch(k))})
-
-
-def _shape(state: Mapping[str, torch.Tensor], key: str, origin: str) -> tuple[int, ...]:
-    if key not in state:
-        raise ConversionError(f"{origin}: no {key} — is this a UniTok checkpoint?")
-    return tuple(state[key].shape)
-
-
 def infer_config(
     published: Mapping[str, torch.Tensor],
     *,
@@ -196,17 +192,21 @@ def infer_config(
 ) -> VQConfig:
     """The :class:`VQConfig` (kind unitok, published layout) whose shapes are those of ``published``; what the
     tensors do not show comes from the arguments (defaults: UniTok-Large)."""
-    width = _shape(published, "encoder.blocks.0.norm1.weight", origin)[0]
-    hidden = _shape(published, "encoder.blocks.0.mlp.w0.weight", origin)[0]
-    stages = _count(published, re.escape(_BB) + r"stages\.(\d+)\..*")
-    conv_widths = [_shape(published, f"{_BB}stages.{s}.0.conv3_1x1.weight", origin)[0] for s in range(stages)]
-    conv_depths = [_count(published, re.escape(_BB) + rf"stages\.{s}\.(\d+)\..*") for s in range(stages)]
-    mid = _shape(published, f"{_BB}stages.0.0.conv1_1x1.weight", origin)[0]
-    num_codebooks = _count(published, r"quantizer\.codebooks\.(\d+)\..*")
-    codebook_size, chunk = _shape(published, "quantizer.codebooks.0.codebook.weight", origin)
-    text_vocab, text_width = _shape(published, "text_encoder.token_embedding.weight", origin)
+    width = shape_of(published, "encoder.blocks.0.norm1.weight", origin, "UniTok")[0]
+    hidden = shape_of(published, "encoder.blocks.0.mlp.w0.weight", origin, "UniTok")[0]
+    stages = count_indices(published, re.escape(_BB) + r"stages\.(\d+)\..*")
+    conv_widths = [
+        shape_of(published, f"{_BB}stages.{s}.0.conv3_1x1.weight", origin, "UniTok")[0] for s in range(stages)
+    ]
+    conv_depths = [
+        count_indices(published, re.escape(_BB) + rf"stages\.{s}\.(\d+)\..*") for s in range(stages)
+    ]
+    mid = shape_of(published, f"{_BB}stages.0.0.conv1_1x1.weight", origin, "UniTok")[0]
+    num_codebooks = count_indices(published, r"quantizer\.codebooks\.(\d+)\..*")
+    codebook_size, chunk = shape_of(published, "quantizer.codebooks.0.codebook.weight", origin, "UniTok")
+    text_vocab, text_width = shape_of(published, "text_encoder.token_embedding.weight", origin, "UniTok")
     embed_dim = num_codebooks * chunk
-    if _shape(published, "quant_proj.proj.weight", origin)[0] != embed_dim:
+    if shape_of(published, "quant_proj.proj.weight", origin, "UniTok")[0] != embed_dim:
         raise ConversionError(
             f"{origin}: quant_proj width differs from {num_codebooks} codebooks x {chunk} dims"
         )
@@ -216,18 +216,18 @@ def infer_config(
         conv_depths=conv_depths,
         conv_expansion=mid // conv_widths[0],
         width=width,
-        encoder_layers=_count(published, r"encoder\.blocks\.(\d+)\..*"),
-        decoder_layers=_count(published, r"decoder\.blocks\.(\d+)\..*"),
+        encoder_layers=count_indices(published, r"encoder\.blocks\.(\d+)\..*"),
+        decoder_layers=count_indices(published, r"decoder\.blocks\.(\d+)\..*"),
         num_heads=num_heads,
         mlp_ratio=hidden / width,
         projection_heads=width // embed_dim,  # the published AttnProjection: encoder width // vocab width
         causal_projection=False,
-        clip_dim=_shape(published, "projection.weight", origin)[0],
+        clip_dim=shape_of(published, "projection.weight", origin, "UniTok")[0],
         text_width=text_width,
-        text_layers=_count(published, r"text_encoder\.transformer\.resblocks\.(\d+)\..*"),
+        text_layers=count_indices(published, r"text_encoder\.transformer\.resblocks\.(\d+)\..*"),
         text_heads=text_heads,
         text_vocab_size=text_vocab,
-        text_context=_shape(published, "text_encoder.positional_embedding", origin)[0],
+        text_context=shape_of(published, "text_encoder.positional_embedding", origin, "UniTok")[0],
         text_pad_id=text_pad_id,
         mlp_norm="input",
         layer_norm_eps=PUBLISHED_LAYER_NORM_EPS,

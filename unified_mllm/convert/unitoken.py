@@ -23,7 +23,7 @@ import torch
 
 from unified_mllm.config import ModelConfig, ProjectorConfig, VisionConfig
 from unified_mllm.convert import chameleon
-from unified_mllm.convert.common import ConversionError, Rule
+from unified_mllm.convert.common import ConversionError, Rule, count_indices, shape_of
 
 HELP = "UniToken-{base,AnyRes}-Stage{I,II} (Chameleon LM + SigLIP + adapter) -> export"
 SO400M_WIDTH, SO400M_HEADS = 1152, 16
@@ -56,28 +56,20 @@ def detect_variant(src: Path, hf: Mapping) -> str:
 
 def vision_config(state: Mapping[str, torch.Tensor], heads: int | None) -> VisionConfig:
     """SigLIP's shapes read from the ``vit.*`` tensors (the published model keeps no vision config)."""
-    try:
-        patch = state["vit.embeddings.patch_embedding.weight"]
-        positions = state["vit.embeddings.position_embedding.weight"]
-        fc1 = state["vit.encoder.layers.0.mlp.fc1.weight"]
-    except KeyError as exc:
-        raise ConversionError(
-            f"unitoken: no SigLIP tower in the checkpoint ({exc.args[0]} is missing)"
-        ) from exc
-    width, side = patch.shape[0], math.isqrt(positions.shape[0])
+    width, _, patch, _ = shape_of(state, "vit.embeddings.patch_embedding.weight", "unitoken", "UniToken")
+    side = math.isqrt(shape_of(state, "vit.embeddings.position_embedding.weight", "unitoken", "UniToken")[0])
     if heads is None:
         if width != SO400M_WIDTH:
             raise ConversionError(
                 f"unitoken: the SigLIP tower is {width} wide, not so400m's {SO400M_WIDTH}; pass --vision-heads"
             )
         heads = SO400M_HEADS
-    layers = {key.split(".")[3] for key in state if key.startswith("vit.encoder.layers.")}
     return VisionConfig(
-        image_size=side * patch.shape[-1],
-        patch_size=patch.shape[-1],
+        image_size=side * patch,
+        patch_size=patch,
         hidden_size=width,
-        intermediate_size=fc1.shape[0],
-        num_layers=len(layers),
+        intermediate_size=shape_of(state, "vit.encoder.layers.0.mlp.fc1.weight", "unitoken", "UniToken")[0],
+        num_layers=count_indices(state, r"vit\.encoder\.layers\.(\d+)\..*"),
         num_heads=heads,
         layer_norm_eps=1e-6,  # SigLIP's
         feature_layer=-1,  # UniToken: last_hidden_state, after the post-layernorm
