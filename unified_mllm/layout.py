@@ -190,7 +190,9 @@ class FeatureBlock:
 
     def __post_init__(self) -> None:
         if min(self.flat, self.rows, self.cols) < 0 or (self.rows > 0) != (self.cols > 0):
-            raise LayoutError(f"a feature block needs flat, rows, cols >= 0 and rows, cols both 0 or both > 0: {self}")
+            raise LayoutError(
+                f"a feature block needs flat, rows, cols >= 0 and rows, cols both 0 or both > 0: {self}"
+            )
 
     @classmethod
     def of(cls, value: int | FeatureBlock) -> FeatureBlock:

@@ -332,7 +332,13 @@ class SampleBuilder:
             return vqa_sample(record, self.tokens, features, rng, self.vqa_max_turns)
         if task == "t2i":
             return t2i_sample(
-                record, self.tokens, features, rng, self.cfg_dropout, self.prompt_style, self.t2i_answer_prefix
+                record,
+                self.tokens,
+                features,
+                rng,
+                self.cfg_dropout,
+                self.prompt_style,
+                self.t2i_answer_prefix,
             )
         if task == "conversation":
             return conversation_sample(record, self.tokens, features)

@@ -336,7 +336,9 @@ class InferenceSolver:
         pictures = [[load_image(i) for i in images] for images in image_lists]
         flat = [p for row in pictures for p in row]
         # One VQ pass for the whole batch, with the LM's VQ preprocessing (model.vq.preprocess).
-        codes = iter(self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else [])
+        codes = iter(
+            self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else []
+        )
         answers = [
             self._prompt(row, [next(codes) for _ in row], conv, int(budget))
             for row, conv in zip(pictures, conversations)
@@ -393,7 +395,9 @@ class InferenceSolver:
                 f"the prompt has {len(ids)} ids; the model reads at most "
                 f"{self.model.config.lm.max_position_embeddings} positions"
             )
-        return _Answer(ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks, indices=indices)
+        return _Answer(
+            ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks, indices=indices
+        )
 
     def _room(self, ids: Sequence[int]) -> int:
         """How many ids may still follow ``ids`` within the model's positions."""

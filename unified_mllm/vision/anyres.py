@@ -83,7 +83,9 @@ def select_grid(image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], 
     return best
 
 
-def select_grid_unitoken(image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int) -> Grid:
+def select_grid_unitoken(
+    image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int
+) -> Grid:
     """:func:`select_grid` as UniToken's ``select_best_resolution`` computes it: the fitted width and height are
     truncated to whole pixels (``int``) instead of rounded; same keys and tie-breaking otherwise."""
     height, width = image_size_hw

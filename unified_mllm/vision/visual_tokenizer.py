@@ -212,7 +212,9 @@ class VisualTokenizer(nn.Module):
             )
         state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         # `preprocess` is the LM recipe's (model.vq.preprocess), not a property of these weights.
-        vq = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("checkpoint", "preprocess")}
+        vq = {
+            k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("checkpoint", "preprocess")
+        }
         document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), {"format": FORMAT_NAME})
