@@ -17,17 +17,19 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from tests.helpers import TOKENS, save_random_vq, spy_on_engine
+from tests.helpers import TOKENS, make_tokenized_world, save_random_vq, spy_on_engine
 from unified_mllm.config import (
     UNITOKEN_ANYRES_GRIDS,
     UNITOKEN_PAD_COLOR,
     AnyResConfig,
+    DataSourceConfig,
     ModelConfig,
     VisionConfig,
     get_preset,
     load_config,
 )
 from unified_mllm.data.conversation import IGNORE_INDEX, Turn, t2i_answer_prefix_ids, tokenize_conversation
+from unified_mllm.data.dataset import build_batches
 from unified_mllm.data.pretokenize import vq_fingerprint
 from unified_mllm.data.samples import TokenizedRecord, t2i_sample
 from unified_mllm.infer.solver import InferenceSolver
@@ -42,6 +44,7 @@ from unified_mllm.layout import (
 )
 from unified_mllm.model.export import unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
+from unified_mllm.text import TextTokenizer
 from unified_mllm.train.export import export_run
 from unified_mllm.vision.anyres import (
     anyres_views,
@@ -423,3 +426,49 @@ def test_solver_defaults_are_unchanged(tmp_path: Path, sp_model: Path, monkeypat
     encode = solver.tokenizer.encode
     assert calls[1]["prompts"] == [[tokens.bos, *span, *encode("how many objects?"), tokens.end_of_turn]]
     assert calls[1]["feature_index"] is None
+
+
+# ------------------------------------------------------------------------------------ through the data path
+
+
+def test_training_batches_in_unitoken_style(tmp_path: Path, sp_model: Path, prefix_name: str) -> None:
+    config = make_tokenized_world(
+        tmp_path,
+        sp_model,
+        "data.max_seq_len=512",
+        "model.prompt_style=unitoken",
+        f"model.t2i_answer_prefix={prefix_name}",
+        "model.vision.anyres.enabled=true",
+        "model.vision.anyres.layout=unitoken",
+        "model.vision.anyres.grids=[[2,1],[1,2],[2,2],[3,1],[1,3]]",
+        "model.vision.anyres.pad_color=[0,0,0]",
+        "data.cfg_dropout=0.0",
+    )
+    path = f"{config.data.tokenized_root}/{{split}}"
+    config.data.sources = [
+        DataSourceConfig(path=path, task="t2i"),
+        DataSourceConfig(path=path, task="caption"),
+    ]
+    tokenizer = TextTokenizer.from_config(config.tokenizer, config.model.vq.codebook_size)
+    tokens = tokenizer.special_tokens()
+    batch = next(iter(build_batches(config, with_features=True, rows=4, tokenizer=tokenizer)))
+    # Every world image is 64 x 64: grid (2, 1), 64 + 8 rows of 8 features + row ends = 136 positions.
+    assert image_feature_block(config.model.vision, (64, 64)) == FeatureBlock(flat=64, rows=8, cols=8)
+    images = len(batch.num_views)
+    assert batch.num_views.tolist() == [3] * images and images > 0
+    assert batch.feature_mask.sum() == 128 * images and tuple(batch.feature_index.shape) == (128 * images, 2)
+    one = torch.from_numpy(feature_index(config.model.vision, (64, 64)))
+    assert torch.equal(batch.feature_index[:128], one)
+    assert torch.equal(batch.feature_index[128:256], one + torch.tensor([3, 0])) or images == 1
+    ids = batch.input_ids
+    in_blocks = torch.from_numpy(np.stack([continuous_mask(row, tokens) for row in ids.numpy()]))
+    assert in_blocks.sum() == 136 * images and (batch.labels[in_blocks] == IGNORE_INDEX).all()
+    prefix = tokenizer.token_to_id(prefix_name)
+    assert set(batch.tasks) == {"t2i", "caption"}
+    for row, task in zip(ids.tolist(), batch.tasks):
+        start = row.index(tokens.image_start)
+        assert (row[start - 2 : start] == [tokens.end_of_turn, prefix]) == (task == "t2i")
+    torch.manual_seed(0)
+    model = UnifiedModel(config.model)
+    logits = model(**batch.model_inputs()).logits
+    assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
