@@ -415,7 +415,7 @@ class DataConfig:
     cfg_dropout: float = opt(
         0.1,
         "Probability that a text-to-image sample loses its condition (classifier-free guidance's "
-        "unconditional branch: exactly layout.unconditional_prompt).",
+        "unconditional branch: exactly layout.unconditional_prompt of model.prompt_style).",
     )
     vqa_max_turns: int = opt(0, "Question-answer turns per VQA sample (a seeded subset); 0: all of them.")
     pad_to_multiple_of: int = opt(8, "Round the padded batch length up to a multiple of this (1: off).")

@@ -22,6 +22,12 @@ returns the text with ``<|image|>`` where a picture was drawn. Guidance is not a
 text-to-image samples); the engine runs conditional and unconditional rows in one batch (CFG), and the VQ decoder
 turns the codes into images of exactly the requested size.
 
+**Published prompts** (``model.prompt_style: unitoken``, a converted UniToken checkpoint): the text-to-image
+prompt has ``model.t2i_answer_prefix`` between ``<end-of-turn>`` and ``<image-start>``, the unconditional row is
+``<image-start> <size-h> <size-w>`` alone, and images without a ``<|image|>`` go before the first question
+followed by a space, as UniToken's solvers and item processor do. The VQ input follows ``model.vq.preprocess``
+and the feature slots ``model.vision.anyres.layout``.
+
 Defaults for every knob come from the export's ``config.generation``.
 """
 
