@@ -211,10 +211,7 @@ class VisualTokenizer(nn.Module):
                 f"cannot save a {type(self).__name__} built on the meta device: materialise it first"
             )
         state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        # `preprocess` is the LM recipe's (model.vq.preprocess), not a property of these weights.
-        vq = {
-            k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("checkpoint", "preprocess")
-        }
+        vq = stored_settings(self.config)
         document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), {"format": FORMAT_NAME})
@@ -355,6 +352,17 @@ def resolve_checkpoint_paths(
     if not Path(config_path).is_file():
         raise FileNotFoundError(f"VQ-GAN config not found: {config_path}")
     return weights, Path(config_path)
+
+
+def stored_settings(vq: VQConfig) -> dict[str, Any]:
+    """The settings a tokenizer's ``config.json`` stores: every field but the checkpoint path and
+    ``preprocess`` (the LM recipe's, ``model.vq.preprocess``, not a property of the weights). A DualToken
+    backbone's ``anyres.layout`` is left out at its default, so files written before the key are unchanged."""
+    settings = {k: v for k, v in dataclasses.asdict(vq).items() if k not in ("checkpoint", "preprocess")}
+    anyres = settings["dualtoken"]["backbone"]["anyres"]
+    if anyres["layout"] == "tiles":
+        del anyres["layout"]
+    return settings
 
 
 def read_tokenizer_config(path: str | os.PathLike[str]) -> VQConfig:
