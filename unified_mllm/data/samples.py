@@ -23,6 +23,8 @@ inference side encodes, hence the same ids. Tasks:
 * **t2i**: user = the caption or one of the record's prompts (seeded choice), assistant = the image span,
   supervised except its feature slots. With probability ``cfg_dropout`` the user turn is empty, so the ids begin
   with :func:`~unified_mllm.layout.unconditional_prompt`: the unconditional branch of classifier-free guidance.
+  With ``model.prompt_style`` unitoken (UniToken's published prompts) the answer opens with the
+  ``model.t2i_answer_prefix`` token, and a dropped condition leaves the image span alone (no ``<bos>``, no turn).
 * **conversation**: the record's ``conversations`` turns as given, at most one ``<|image|>``.
 
 Understanding prompts put the question straight after the image placeholder, as an inference prompt does. Image
