@@ -117,6 +117,23 @@ def test_square_image_takes_the_first_of_two_equal_candidates_in_the_seeds_order
     assert num_image_features(vision, (64, 64)) == 136
 
 
+def test_images_far_thinner_than_their_grid_keep_no_features_of_one_side() -> None:
+    # 1000 x 10: 192x64 keeps int(1000 * .192) x int(10 * .192) = 192 x 1 px, the most -> 1 row, 3 columns.
+    # Grid 8 x 24; 100 > 3 -> new_height = int(10 * 24/1000) = 0, padding 4: no row is kept. 64 positions.
+    vision = tiny_vision()
+    assert image_grid(vision, (10, 1000)) == (1, 3)
+    assert image_feature_block(vision, (10, 1000)) == FeatureBlock(flat=64, rows=0, cols=24)
+    assert num_image_features(vision, (10, 1000)) == 64
+    assert feature_index(vision, (10, 1000)).tolist() == [[0, p] for p in range(64)]
+    # 10 x 1000: 64x192 -> 3 rows, 1 column; grid 24 x 8; new_width = int(10 * 24/1000) = 0, padding 4: every
+    # row keeps no feature but still gets its row end: 64 + 24 x (0 + 1) = 88, as UniToken's concatenation does.
+    assert image_grid(vision, (1000, 10)) == (3, 1)
+    assert image_feature_block(vision, (1000, 10)) == FeatureBlock(flat=64, rows=24, cols=0)
+    assert num_image_features(vision, (1000, 10)) == 88
+    span = build_image_span([[0]], TOKENS, image_feature_block(vision, (1000, 10)))
+    assert span[5:] == [SEP, *[F] * 64, *[R] * 24, END] and continuous_mask(span, TOKENS).sum() == 88
+
+
 def test_published_scale_counts() -> None:
     # Base UniToken (no AnyRes): 729 features, no row ends, as in ours.
     assert num_image_features(seed_vision(None), (400, 1000)) == 729

@@ -147,11 +147,9 @@ def feature_index(vision: VisionConfig, image_size_hw: tuple[int, int]) -> np.nd
     """``[num_features, 2]`` (view, patch) of every feature slot of the image's span, in slot order, indexing the
     encoder's output ``(views, P, H)`` of :func:`anyres_views`; None when the slots take every feature in order
     (our layout, or no tiles)."""
-    block = image_feature_block(vision, image_size_hw)
-    if not block.rows:
-        return None
     grid = image_grid(vision, image_size_hw)
-    assert grid is not None
+    if not vision.enabled or vision.anyres.layout != "unitoken" or grid is None:
+        return None
     per_side = num_patches_per_side(vision)
     top, bottom, left, right = unpadded_region(grid, per_side, image_size_hw)
     ys, xs = np.meshgrid(np.arange(top, bottom), np.arange(left, right), indexing="ij")
