@@ -195,7 +195,8 @@ class Engine(Decoder):
         The prompt of each condition is :func:`~unified_mllm.layout.generation_prompt` (with ``answer_prefix``
         before the image start); with ``cfg_scale != 1`` the batch is doubled with
         :func:`~unified_mllm.layout.unconditional_prompt` rows of ``prompt_style`` (``model.prompt_style``;
-        unitoken: the rows start at ``<image-start>``) and guided by :class:`CFGProcessor`. The grid constraint comes next, then ``processors`` (temperature, top-k, ...).
+        unitoken: the rows start at ``<image-start>``) and guided by :class:`CFGProcessor`. The grid constraint
+        comes next, then ``processors`` (temperature, top-k, ...).
         Decoding stops after exactly ``height * (width + 1)`` ids: the last ``<row-end>``.
         """
         check_non_negative("cfg scale", cfg_scale)

@@ -20,7 +20,8 @@ at those slots are ordinary ids of a placeholder token whose embedding is overwr
 writes the projected features of ``pixel_values`` ``[N_views, 3, S, S]`` into the slots in row-major order of
 the ``[B, T]`` mask (batch row, then position): the images in the order they appear in the batch, each image's
 views base view first then its AnyRes tiles (:func:`unified_mllm.vision.anyres.split_image_features`), each
-view's patch grid row-major. The vision encoder is built even when ``model.vision.enabled`` is false (stage 0
+view's patch grid row-major; with ``feature_index`` (UniToken's AnyRes layout) the slots take the listed
+features instead. The vision encoder is built even when ``model.vision.enabled`` is false (stage 0
 simply sends no feature slots), so every stage's export has the same keys.
 
 **Packing.** Several samples may share one row, with ``position_ids`` restarting at 0 at each sample start and
@@ -270,8 +271,8 @@ class UnifiedModel(nn.Module):
 
         ``attention_mask`` ``[B, T_past + T]`` (1 = real token) handles padding; for packed rows pass
         ``position_ids`` ``[B, T]`` restarting at 0 per sample and no mask (module docstring). ``pixel_values``
-        / ``feature_mask`` (/ ``feature_index``) feed the continuous features (:meth:`embed`). ``past_key_values`` / ``use_cache``
-        are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
+        / ``feature_mask`` (/ ``feature_index``) feed the continuous features (:meth:`embed`).
+        ``past_key_values`` / ``use_cache`` are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
         accepted for callers written against older transformers: it only supplies ``position_ids`` when those
         are not given, since transformers 5 derives cache positions from the cache itself.
 
