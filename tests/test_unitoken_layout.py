@@ -27,6 +27,7 @@ from unified_mllm.config import (
     VisionConfig,
     get_preset,
     load_config,
+    with_unitoken_layouts,
 )
 from unified_mllm.data.conversation import IGNORE_INDEX, Turn, t2i_answer_prefix_ids, tokenize_conversation
 from unified_mllm.data.dataset import build_batches
@@ -90,6 +91,20 @@ def test_published_candidates_are_the_seeds_width_height_pinpoints_as_rows_cols(
     pinpoints = [[384, 768], [768, 384], [768, 768], [384, 1152], [1152, 384]]
     assert [[h // 384, w // 384] for w, h in pinpoints] == UNITOKEN_ANYRES_GRIDS
     assert UNITOKEN_PAD_COLOR == [0, 0, 0]  # resize_and_pad_image: Image.new('RGB', ..., (0, 0, 0))
+
+
+def test_one_call_sets_every_unitoken_key() -> None:
+    base = get_preset("chameleon-7b")
+    model = with_unitoken_layouts(base, anyres=True, t2i_answer_prefix="<prefix>")
+    assert (model.prompt_style, model.t2i_answer_prefix, model.vq.preprocess) == (
+        "unitoken",
+        "<prefix>",
+        "halving",
+    )
+    assert model.vision.anyres == UNITOKEN_ANYRES
+    assert base == get_preset("chameleon-7b")  # a copy; the preset is untouched
+    plain = with_unitoken_layouts(base, anyres=False, t2i_answer_prefix="<prefix>")
+    assert plain.vision.anyres == base.vision.anyres and plain.prompt_style == "unitoken"
 
 
 def test_small_wide_image_has_166_positions_in_unitokens_layout_and_192_in_ours() -> None:

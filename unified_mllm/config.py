@@ -723,6 +723,26 @@ def tiny() -> ModelConfig:
     )
 
 
+def with_unitoken_layouts(model: ModelConfig, *, anyres: bool, t2i_answer_prefix: str) -> ModelConfig:
+    """A copy of ``model`` set up to see exactly what UniToken's published checkpoints were trained on: its
+    prompts (``prompt_style`` unitoken with ``t2i_answer_prefix``, the name of the token its solvers put before
+    ``<racm3:break>``), its VQ preprocessing (``vq.preprocess`` halving) and, for the AnyRes checkpoints
+    (``anyres``), its AnyRes feature layout, candidate grids and black padding. What the ``unitoken``
+    converter writes; docs-i15-layout.md explains each key."""
+    model = copy.deepcopy(model)
+    model.prompt_style = "unitoken"
+    model.t2i_answer_prefix = t2i_answer_prefix
+    model.vq.preprocess = "halving"
+    if anyres:
+        model.vision.anyres = AnyResConfig(
+            enabled=True,
+            grids=copy.deepcopy(UNITOKEN_ANYRES_GRIDS),
+            pad_color=list(UNITOKEN_PAD_COLOR),
+            layout="unitoken",
+        )
+    return model
+
+
 register_preset("chameleon-7b", chameleon_7b)
 register_preset("chameleon-34b", chameleon_34b)
 register_preset("tiny", tiny)
