@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from unified_mllm.config import (
 )
 from unified_mllm.data.conversation import IGNORE_INDEX, Turn, t2i_answer_prefix_ids, tokenize_conversation
 from unified_mllm.data.dataset import build_batches
-from unified_mllm.data.pretokenize import vq_fingerprint
+from unified_mllm.data.pretokenize import CODES_MEMBER, load_vq, vq_fingerprint
 from unified_mllm.data.samples import TokenizedRecord, t2i_sample
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import (
@@ -506,3 +508,26 @@ def test_training_batches_in_unitoken_style(tmp_path: Path, sp_model: Path, pref
     model = UnifiedModel(config.model)
     logits = model(**batch.model_inputs()).logits
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+
+
+def test_pretokenization_codes_follow_the_halving_preprocessing(tmp_path: Path, sp_model: Path) -> None:
+    # 256 px scenes, 64 px VQ input: halving BOX-halves 256 -> 128 -> 64 (no resize left); ours is one bicubic.
+    config = make_tokenized_world(
+        tmp_path, sp_model, "data.world.image_size=256", "model.vq.preprocess=halving"
+    )
+    shard = sorted((Path(config.data.tokenized_root) / "train").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        key = next(n for n in names if n.endswith(".png")).removesuffix(".png")
+        image = Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())).convert("RGB")
+        stored = np.load(io.BytesIO(tar.extractfile(f"{key}.{CODES_MEMBER}").read()))
+    assert image.size == (256, 256)
+    halved = image.resize((128, 128), Image.Resampling.BOX).resize((64, 64), Image.Resampling.BOX)
+    assert np.array_equal(np.asarray(halving_center_crop(image, 64)), np.asarray(halved))
+    vq = load_vq(config)
+    assert vq.config.preprocess == "halving"
+    expected = vq.images_to_codes([halved], preprocess="center_crop")[0]  # already 64 px: no further resize
+    assert stored.tolist() == expected.tolist()
+    assert (
+        stored.tolist() != vq.images_to_codes([image], preprocess="center_crop")[0].tolist()
+    )  # the key matters
