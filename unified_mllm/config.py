@@ -87,6 +87,13 @@ class LMConfig:
     )
 
 
+# UniToken's published AnyRes settings (its `image_grid_pinpoints` [[384, 768], [768, 384], [768, 768], [384, 1152],
+# [1152, 384]] as (width, height) in 384 px tiles, written here as [rows, cols]; black padding): what a converted
+# UniToken-AnyRes checkpoint sets beside `anyres.layout: unitoken`.
+UNITOKEN_ANYRES_GRIDS = [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]]
+UNITOKEN_PAD_COLOR = [0, 0, 0]
+
+
 @dataclass
 class AnyResConfig:
     enabled: bool = opt(False, "Encode a base view plus tiles picked from `grids` (AnyRes).")
@@ -97,6 +104,14 @@ class AnyResConfig:
     )
     pad_color: list[int] = opt(
         [255, 255, 255], "RGB fill around an image in its tile grid (white, as in RGBA compositing)."
+    )
+    layout: Literal["tiles", "unitoken"] = opt(
+        "tiles",
+        "Order of the feature slots. tiles: the base view's features, then each tile's, row-major (ours). "
+        "unitoken: UniToken's published AnyRes layout: the base view's features, then all tiles merged into "
+        "one 2-D feature grid cut back to the image's aspect ratio (the padding removed), with the row-end "
+        "token after every feature row; grids are picked and tiles padded as UniToken's mm_utils does "
+        "(set grids [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]] and pad_color [0, 0, 0] to match its checkpoints).",
     )
 
 
@@ -288,6 +303,14 @@ class VQConfig:
         "current batch (the trainer calls restart_dead_codes each step); 0: never.",
     )
     checkpoint: str | None = opt(None, "Path of trained tokenizer weights (e.g. Chameleon's vqgan.ckpt).")
+    preprocess: Literal["center_crop", "halving"] = opt(
+        "center_crop",
+        "How an image becomes the LM's VQ input (pre-tokenization and InferenceSolver). center_crop: one "
+        "bicubic resize of the short side to `resolution`, then the centre crop (ours). halving: UniToken's / "
+        "Lumina-mGPT's item processor: BOX-halve both sides while both are at least twice the target, then "
+        "the bicubic resize and the centre crop (the published training crop is random; inference uses the "
+        "centre). Not a property of the tokenizer weights: not written into the tokenizer's config.json.",
+    )
     unitok: UniTokConfig = section(UniTokConfig, "UniTok's architecture (used when kind is unitok).")
     dualtoken: DualTokenConfig = section(DualTokenConfig, "DualToken's architecture (kind dualtoken).")
 
@@ -330,6 +353,20 @@ class ModelConfig:
     vq: VQConfig = section(VQConfig, "The discrete visual tokenizer.")
     depth_head: DepthHeadConfig = section(
         DepthHeadConfig, "Code-stack embedding and depth heads (model.vq.kind unitok / dualtoken only)."
+    )
+    prompt_style: Literal["native", "unitoken"] = opt(
+        "native",
+        "The prompts the LM was trained on. native: ours (text-to-image = <bos> prompt <eot> <image-start> ..., "
+        "the unconditional CFG row the same with an empty prompt). unitoken: UniToken's published solvers: "
+        "the text-to-image answer opens with `t2i_answer_prefix` before <image-start>, the unconditional CFG "
+        "row starts at <image-start> (no <bos>, no text), and an image without an <|image|> placeholder is "
+        "put at the start of the first question followed by a space. Applies to training data and inference.",
+    )
+    t2i_answer_prefix: str = opt(
+        "",
+        "Name of the token (looked up in the text tokenizer) that opens a text-to-image answer right before "
+        "<image-start> when prompt_style is unitoken; UniToken's solvers append Chameleon id 16853 there "
+        "(the converter writes that id's name from the published tokenizer). '': none.",
     )
     grid_positions: int = opt(
         0,
@@ -405,7 +442,7 @@ class DataConfig:
     cfg_dropout: float = opt(
         0.1,
         "Probability that a text-to-image sample loses its condition (classifier-free guidance's "
-        "unconditional branch: exactly layout.unconditional_prompt).",
+        "unconditional branch: exactly layout.unconditional_prompt of model.prompt_style).",
     )
     vqa_max_turns: int = opt(0, "Question-answer turns per VQA sample (a seeded subset); 0: all of them.")
     pad_to_multiple_of: int = opt(8, "Round the padded batch length up to a multiple of this (1: off).")
@@ -711,6 +748,26 @@ def tiny() -> ModelConfig:
             resolution=64,
         ),
     )
+
+
+def with_unitoken_layouts(model: ModelConfig, *, anyres: bool, t2i_answer_prefix: str) -> ModelConfig:
+    """A copy of ``model`` set up to see exactly what UniToken's published checkpoints were trained on: its
+    prompts (``prompt_style`` unitoken with ``t2i_answer_prefix``, the name of the token its solvers put before
+    ``<racm3:break>``), its VQ preprocessing (``vq.preprocess`` halving) and, for the AnyRes checkpoints
+    (``anyres``), its AnyRes feature layout, candidate grids and black padding. What the ``unitoken``
+    converter writes; docs-i15-layout.md explains each key."""
+    model = copy.deepcopy(model)
+    model.prompt_style = "unitoken"
+    model.t2i_answer_prefix = t2i_answer_prefix
+    model.vq.preprocess = "halving"
+    if anyres:
+        model.vision.anyres = AnyResConfig(
+            enabled=True,
+            grids=copy.deepcopy(UNITOKEN_ANYRES_GRIDS),
+            pad_color=list(UNITOKEN_PAD_COLOR),
+            layout="unitoken",
+        )
+    return model
 
 
 register_preset("chameleon-7b", chameleon_7b)

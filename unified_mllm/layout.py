@@ -11,6 +11,10 @@ One image becomes one span (UniToken's layout, whose discrete part is exactly Lu
   (``num_features > 0``); without them the span is exactly Lumina-mGPT's, so its checkpoints read it.
 * Feature slots hold the placeholder id ``tokens.feature``; the model scatters projected SigLIP features
   into those positions, so ``feature_mask = ids == tokens.feature``.
+* The continuous part is a :class:`FeatureBlock`: ``flat`` slots, then optionally ``rows`` rows of ``cols``
+  slots each followed by ``<row-end>`` (UniToken's published AnyRes layout, ``model.vision.anyres.layout``
+  ``unitoken``: there the LM reads the row-end token's own embedding after every merged feature row). An int
+  ``num_features`` is ``FeatureBlock(flat=num_features)``, the only form of the default layout.
 
 Every id comes from :class:`SpecialTokens`, which is resolved by *name* from a text tokenizer; the
 functions here are pure (lists/arrays in, lists/arrays out) so they are easy to test and reuse.
@@ -174,9 +178,50 @@ class SpecialTokens:
 # ------------------------------------------------------------------------------------- image spans
 
 
-def image_span_length(height: int, width: int, num_features: int = 0) -> int:
-    """Number of ids in the span of a ``height x width`` code grid with ``num_features`` slots."""
-    features = 1 + num_features if num_features else 0
+@dataclass(frozen=True)
+class FeatureBlock:
+    """The continuous part of an image span (after ``<sep>``): ``flat`` feature slots, then ``rows`` rows of
+    ``cols`` feature slots, each row followed by one ``<row-end>`` id (UniToken's AnyRes layout; ``rows=0``:
+    flat only, our default layout)."""
+
+    flat: int
+    rows: int = 0
+    cols: int = 0
+
+    def __post_init__(self) -> None:
+        # rows without features (cols 0) or no rows at all both occur: UniToken keeps nothing of one side of the
+        # merged grid for images far thinner than their tile grid.
+        if min(self.flat, self.rows, self.cols) < 0:
+            raise LayoutError(f"a feature block needs flat, rows, cols >= 0, got {self}")
+
+    @classmethod
+    def of(cls, value: int | FeatureBlock) -> FeatureBlock:
+        """``value`` as a block (an int is that many flat slots)."""
+        return value if isinstance(value, FeatureBlock) else cls(flat=int(value))
+
+    @property
+    def num_features(self) -> int:
+        """Feature slots (continuous vectors) of the block."""
+        return self.flat + self.rows * self.cols
+
+    @property
+    def length(self) -> int:
+        """Positions the block takes: its feature slots plus its ``<row-end>`` ids."""
+        return self.num_features + self.rows
+
+    def __bool__(self) -> bool:
+        return self.length > 0
+
+    def ids(self, tokens: SpecialTokens) -> list[int]:
+        """The block's ids: ``feature`` placeholders, with ``row_end`` after every grid row."""
+        row = [tokens.feature] * self.cols + [tokens.row_end]
+        return [tokens.feature] * self.flat + row * self.rows
+
+
+def image_span_length(height: int, width: int, num_features: int | FeatureBlock = 0) -> int:
+    """Number of ids in the span of a ``height x width`` code grid with ``num_features`` slots (or a block)."""
+    block = FeatureBlock.of(num_features)
+    features = 1 + block.length if block else 0
     return 3 + height * (width + 1) + features + 1
 
 
@@ -186,19 +231,21 @@ def image_prefix(tokens: SpecialTokens, height: int, width: int) -> list[int]:
 
 
 def build_image_span(
-    codes: np.ndarray | Sequence[Sequence[int]], tokens: SpecialTokens, num_features: int = 0
+    codes: np.ndarray | Sequence[Sequence[int]], tokens: SpecialTokens, num_features: int | FeatureBlock = 0
 ) -> list[int]:
-    """The id span of one image from its code grid ``codes [h, w]`` and ``num_features`` feature slots."""
+    """The id span of one image from its code grid ``codes [h, w]`` and ``num_features`` feature slots (an int:
+    that many flat slots; a :class:`FeatureBlock`: its slots and row ends)."""
     grid = np.asarray(codes, dtype=np.int64)
     if grid.ndim != 2 or 0 in grid.shape:
         raise LayoutError(f"codes must be a non-empty [h, w] grid, got shape {grid.shape}")
-    if num_features < 0:
+    if not isinstance(num_features, FeatureBlock) and num_features < 0:
         raise LayoutError(f"num_features must be >= 0, got {num_features}")
+    block = FeatureBlock.of(num_features)
     height, width = grid.shape
     rows = np.concatenate([tokens.codes_to_ids(grid), np.full((height, 1), tokens.row_end)], axis=1)
     span = image_prefix(tokens, height, width) + rows.ravel().tolist()
-    if num_features:
-        span += [tokens.separator] + [tokens.feature] * num_features
+    if block:
+        span += [tokens.separator, *block.ids(tokens)]
     span.append(tokens.image_end)
     return span
 
@@ -210,6 +257,8 @@ class ParsedImage:
     codes: np.ndarray
     """[h, w] VQ code indices."""
     num_features: int
+    feature_row_ends: int = 0
+    """``<row-end>`` ids inside the continuous part (UniToken's AnyRes layout; 0 in ours)."""
 
 
 def _expect(ids: Sequence[int], pos: int, expected: int, what: str) -> None:
@@ -239,18 +288,21 @@ def parse_image_span(ids: Sequence[int], tokens: SpecialTokens) -> ParsedImage:
         rows.append(tokens.ids_to_codes(chunk))
         _expect(ids, pos + width, tokens.row_end, f"<row-end> after row {row}")
         pos += width + 1
-    num_features = 0
+    num_features = row_ends = 0
     if pos < len(ids) and ids[pos] == tokens.separator:
         pos += 1
-        while pos < len(ids) and ids[pos] == tokens.feature:
-            num_features += 1
+        while pos < len(ids) and ids[pos] in (tokens.feature, tokens.row_end):
+            if ids[pos] == tokens.feature:
+                num_features += 1
+            else:
+                row_ends += 1
             pos += 1
         if num_features == 0:
             raise MalformedSpanError(f"position {pos}: <sep> is not followed by feature slots")
     _expect(ids, pos, tokens.image_end, "<image-end>")
     if pos + 1 != len(ids):
         raise MalformedSpanError(f"{len(ids) - pos - 1} ids follow <image-end> inside the span")
-    return ParsedImage(codes=np.stack(rows), num_features=num_features)
+    return ParsedImage(codes=np.stack(rows), num_features=num_features, feature_row_ends=row_ends)
 
 
 def find_image_spans(ids: Sequence[int], tokens: SpecialTokens) -> list[tuple[int, int]]:
@@ -288,6 +340,22 @@ def split_interleaved(ids: Sequence[int], tokens: SpecialTokens) -> list[list[in
 def feature_mask(ids: np.ndarray | Sequence[int], tokens: SpecialTokens) -> np.ndarray:
     """Boolean mask of the feature slots (where projected SigLIP features go)."""
     return np.asarray(ids) == tokens.feature
+
+
+def continuous_mask(ids: np.ndarray | Sequence[int], tokens: SpecialTokens) -> np.ndarray:
+    """Boolean mask of every position of the continuous parts of image spans: the feature slots and the
+    ``<row-end>`` ids between them (:class:`FeatureBlock`); nothing there is predicted. In our default layout
+    this is exactly :func:`feature_mask`."""
+    ids = np.asarray(ids)
+    mask = ids == tokens.feature
+    # A <row-end> belongs to a block when the nearest non-<row-end> id before it is a feature slot or <sep>.
+    for pos in np.flatnonzero(ids == tokens.row_end):
+        back = pos - 1
+        while back >= 0 and ids[back] == tokens.row_end:
+            back -= 1
+        if back >= 0 and ids[back] in (tokens.feature, tokens.separator):
+            mask[pos] = True
+    return mask
 
 
 # --------------------------------------------------------------------------- reading spans from id rows
@@ -437,20 +505,43 @@ def expand_image_placeholders(
 # ------------------------------------------------------------------------------------ generation
 
 
+PromptStyle = str  # "native" | "unitoken" (model.prompt_style)
+
+
 def generation_prompt(
-    condition_ids: Iterable[int], tokens: SpecialTokens, height: int, width: int
+    condition_ids: Iterable[int],
+    tokens: SpecialTokens,
+    height: int,
+    width: int,
+    answer_prefix: Sequence[int] = (),
 ) -> list[int]:
     """The prompt that asks for a ``height x width`` code grid given a tokenized text condition.
 
     It is the one-turn conversation ``<bos> condition <end-of-turn>`` (see ``data/conversation.py``)
     followed by the opening of the image span, so the LM continues with the first row of codes.
+    ``answer_prefix``: ids the answer starts with before ``<image-start>`` (``model.prompt_style`` unitoken:
+    the ``model.t2i_answer_prefix`` token UniToken's solvers insert there; empty in ours).
     """
-    return [tokens.bos, *condition_ids, tokens.end_of_turn, *image_prefix(tokens, height, width)]
+    return [
+        tokens.bos,
+        *condition_ids,
+        tokens.end_of_turn,
+        *answer_prefix,
+        *image_prefix(tokens, height, width),
+    ]
 
 
-def unconditional_prompt(tokens: SpecialTokens, height: int, width: int) -> list[int]:
-    """The classifier-free-guidance prompt: the same conversation with an empty condition.
+def unconditional_prompt(
+    tokens: SpecialTokens, height: int, width: int, style: PromptStyle = "native"
+) -> list[int]:
+    """The classifier-free-guidance prompt.
 
-    Training drops the condition of text-to-image samples into exactly this form, so the model knows it.
+    ``native``: the same conversation with an empty condition; training drops the condition of text-to-image
+    samples into exactly this form, so the model knows it. ``unitoken``: the opening of the image span alone
+    (``<image-start> <size-h> <size-w>``, no ``<bos>``, no text), UniToken's unconditional branch.
     """
+    if style == "unitoken":
+        return image_prefix(tokens, height, width)
+    if style != "native":
+        raise LayoutError(f"unknown prompt style {style!r} (native or unitoken)")
     return generation_prompt((), tokens, height, width)

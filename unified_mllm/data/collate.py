@@ -11,7 +11,8 @@ here: the loss shifts them once, and since each sample ends with its ``<end-of-t
 starts with ``IGNORE_INDEX`` (``<bos>``), no target crosses a sample boundary.
 
 Samples are mappings with ``ids``, ``labels``, ``feature_mask`` (1-D numpy arrays), ``pixel_values`` (a tensor
-``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``code_stacks`` (``[n, D]``
+``[n_views, 3, S, S]`` covering the sample's feature slots, or None), optionally ``feature_index`` (``[n_slots,
+2]``, which feature of its views each slot takes), ``code_stacks`` (``[n, D]``
 for the sample's code positions), ``task``, ``source`` and ``loss_weight`` (default 1); a :class:`Batch` comes out.
 """
 
@@ -58,6 +59,10 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     """``[N_views, 3, S, S]`` float: the SigLIP views of every image in the order of their feature slots (row,
     then position in the row), each image's base view then its tiles; None without feature slots."""
+    feature_index: torch.Tensor | None = None
+    """``[N_slots, 2]`` long: (view in ``pixel_values``, patch) of every feature slot in row-major order, when a
+    sample's slots take a selection of its features (UniToken's AnyRes layout, ``anyres.feature_index``); None
+    when every feature fills the next slot (our layout)."""
     code_cells: torch.Tensor | None = None
     """``[B, T, 2]`` long: the grid cell (row, column) of every image code, -1 elsewhere; only with the
     collator's ``code_cells`` (``model.grid_positions``)."""
@@ -82,6 +87,7 @@ class Batch:
         "position_ids",
         "pixel_values",
         "feature_mask",
+        "feature_index",
         "code_stacks",
         "code_mask",
         "code_targets",
@@ -198,6 +204,8 @@ class Collator:
         slots = np.zeros((batch, width), dtype=bool)
         positions = np.zeros((batch, width), dtype=np.int64)
         views: list[torch.Tensor] = []
+        indices: list[np.ndarray] = []
+        any_index = any(s.get("feature_index") is not None for row in rows for s in row)
         stacks: list[np.ndarray] = []
         code_slots = np.zeros((batch, width), dtype=bool)
         weights = np.zeros((batch, width), dtype=np.float32)
@@ -213,7 +221,10 @@ class Collator:
                 positions[b, start:end] = np.arange(end - start)
                 weights[b, start:end] = sample.get("loss_weight", 1.0)
                 sources[b, start:end] = sample.get("source", -1)
-                views += _sample_views(sample, (b, start))
+                sample_views = _sample_views(sample, (b, start))
+                if any_index and sample_views:
+                    indices.append(_sample_feature_index(sample, sum(v.shape[0] for v in views)))
+                views += sample_views
                 if sample.get("code_stacks") is not None:
                     stacks.append(sample["code_stacks"])
                     code_slots[b, start:end] = sample["code_mask"]
@@ -245,6 +256,7 @@ class Collator:
             else torch.from_numpy((np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)),
             position_ids=torch.from_numpy(positions) if self.pack else None,
             pixel_values=torch.cat(views) if views else None,
+            feature_index=torch.from_numpy(np.concatenate(indices)) if indices else None,
             code_cells=self.code_cells(input_ids) if self.code_cells is not None else None,
             # Row-major like input_ids: the stacks of all code positions in the order they appear in the batch.
             code_stacks=torch.from_numpy(np.concatenate(stacks).astype(np.int64)) if stacks else None,
@@ -253,6 +265,20 @@ class Collator:
             loss_weights=torch.from_numpy(weights) if weighted else None,
             source_ids=torch.from_numpy(sources) if all("source" in s for s in samples) else None,
         )
+
+
+def _sample_feature_index(sample: Sample, views_before: int) -> np.ndarray:
+    """The sample's ``feature_index`` ``[n_slots, 2]`` with its views counted from ``views_before`` (the views of
+    the batch before it); a sample without one takes its features in order (view, patch) row-major."""
+    index = sample.get("feature_index")
+    if index is None:
+        pixels = sample["pixel_values"]
+        count = int(np.asarray(sample["feature_mask"]).sum())
+        per_view = count // pixels.shape[0]
+        index = np.stack(np.divmod(np.arange(count), per_view), axis=1)
+    index = np.asarray(index, dtype=np.int64).copy()
+    index[:, 0] += views_before
+    return index
 
 
 def _sample_views(sample: Sample, where: tuple[int, int]) -> list[torch.Tensor]:

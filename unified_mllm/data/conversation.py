@@ -19,9 +19,12 @@ from typing import Literal
 
 import numpy as np
 
+from unified_mllm.config import ModelConfig
 from unified_mllm.layout import (
+    IMAGE_PLACEHOLDER,
     PlaceholderMismatchError,
     SpecialTokens,
+    continuous_mask,
     count_placeholders,
     expand_image_placeholders,
 )
@@ -135,5 +138,34 @@ def tokenize_conversation(
         supervised.extend([turn.role == "assistant"] * len(turn_ids))
     ids_arr = np.asarray(ids, dtype=np.int64)
     slots = ids_arr == tokens.feature
-    labels = np.where(np.asarray(supervised) & ~slots, ids_arr, IGNORE_INDEX)
+    # The continuous part of a span (its slots, and the row ends of UniToken's AnyRes layout) is never predicted.
+    labels = np.where(np.asarray(supervised) & ~continuous_mask(ids_arr, tokens), ids_arr, IGNORE_INDEX)
     return TokenizedSample(ids=ids_arr, labels=labels, feature_mask=slots)
+
+
+def t2i_answer_prefix_ids(model: ModelConfig, token_to_id: Callable[[str], int]) -> tuple[int, ...]:
+    """The ids a text-to-image answer opens with before ``<image-start>``: ``model.t2i_answer_prefix`` looked up
+    by name under ``model.prompt_style`` unitoken, none otherwise (our style)."""
+    if model.prompt_style != "unitoken" or not model.t2i_answer_prefix:
+        return ()
+    return (int(token_to_id(model.t2i_answer_prefix)),)
+
+
+def unconditional_t2i_sample(span: Sequence[int], tokens: SpecialTokens) -> TokenizedSample:
+    """A text-to-image sample whose condition was dropped, in UniToken's form (``model.prompt_style``
+    unitoken): the image span alone, then ``<end-of-turn>`` (no ``<bos>``, no text), which is how its solvers'
+    unconditional CFG branch starts; supervised like an answer (the continuous part excepted)."""
+    ids = np.asarray([*span, tokens.end_of_turn], dtype=np.int64)
+    labels = np.where(~continuous_mask(ids, tokens), ids, IGNORE_INDEX)
+    return TokenizedSample(ids=ids, labels=labels, feature_mask=ids == tokens.feature)
+
+
+def place_images_implicitly(turns: Sequence[Turn], num_images: int) -> list[Turn]:
+    """UniToken's rule for images no ``<|image|>`` places (``model.prompt_style`` unitoken): they go at the
+    start of the first user turn, each followed by a space (xllmx ``insert_implicit_media_symbol_in_q1``)."""
+    turns = list(turns)
+    if num_images == 0 or any(count_placeholders(t.text) for t in turns):
+        return turns
+    first = next(i for i, t in enumerate(turns) if t.role == "user")
+    turns[first] = Turn("user", (IMAGE_PLACEHOLDER + " ") * num_images + turns[first].text)
+    return turns

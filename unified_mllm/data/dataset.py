@@ -41,14 +41,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from unified_mllm.config import Config, DataConfig, VisionConfig
 from unified_mllm.data.collate import Batch, Collator, FirstFitRows
-from unified_mllm.data.conversation import TokenizedSample
+from unified_mllm.data.conversation import TokenizedSample, t2i_answer_prefix_ids
 from unified_mllm.data.images import RawSample, buffered_shuffle, decode_image, endless_epochs
 from unified_mllm.data.pretokenize import CODES_MEMBER, read_manifest, tokenizer_fingerprint
 from unified_mllm.data.samples import RecordError, SampleBuilder, TokenizedRecord
 from unified_mllm.data.shards import CorruptShardError, list_shards, raw_samples
 from unified_mllm.model.grid_positions import CodeCells
 from unified_mllm.text import TextTokenizer
-from unified_mllm.vision.anyres import anyres_views
+from unified_mllm.vision.anyres import anyres_views, feature_index
 
 STATE_VERSION = 1
 SPLIT_FIELD = "{split}"
@@ -223,9 +223,11 @@ class MixturePlan:
 def materialize(planned: PlannedSample, vision: VisionConfig) -> dict[str, Any]:
     """The training item of a planned sample: ids, labels, feature mask, and the image's SigLIP views
     ``pixel_values [n_views, 3, S, S]`` when the sample has feature slots (else None)."""
-    pixels = None
+    pixels = index = None
     if planned.sample.feature_mask.any():
-        pixels, _ = anyres_views(decode_image(planned.raw), vision)
+        image = decode_image(planned.raw)
+        pixels, _ = anyres_views(image, vision)
+        index = feature_index(vision, (image.height, image.width))  # None: every feature in order
     return {
         "ids": planned.sample.ids,
         "labels": planned.sample.labels,
@@ -233,6 +235,7 @@ def materialize(planned: PlannedSample, vision: VisionConfig) -> dict[str, Any]:
         "code_stacks": planned.sample.code_stacks,
         "code_mask": planned.sample.code_mask,
         "pixel_values": pixels,
+        "feature_index": index,
         "task": planned.task,
         "key": planned.key,
         "source": planned.source,
@@ -413,6 +416,8 @@ def build_plan(
         instructions=SampleBuilder.encode_instructions(tokenizer.encode),
         cfg_dropout=data.cfg_dropout,
         vqa_max_turns=data.vqa_max_turns,
+        prompt_style=config.model.prompt_style,
+        t2i_answer_prefix=t2i_answer_prefix_ids(config.model, tokenizer.token_to_id),
     )
     return MixturePlan(
         resolve_sources(config, split, fingerprint),

@@ -32,7 +32,7 @@ import os
 import tarfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
 from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
-from unified_mllm.vision.visual_tokenizer import VisualTokenizer
+from unified_mllm.vision.visual_tokenizer import VisualTokenizer, stored_settings
 
 FORMAT_NAME = "unified_mllm.pretokenized"
 FORMAT_VERSION = 1
@@ -87,7 +87,9 @@ def tokenizer_fingerprint(tokenizer: TextTokenizerConfig, num_image_codes: int) 
 def vq_fingerprint(vq: VisualTokenizer) -> str:
     """What the stored codes depend on: the VQ weights and shapes (not the checkpoint's file name)."""
     digest = hashlib.sha256()
-    settings = {k: v for k, v in asdict(vq.config).items() if k != "checkpoint"}
+    settings = stored_settings(vq.config)
+    if vq.config.preprocess != "center_crop":  # the codes depend on it; the default keeps old fingerprints
+        settings["preprocess"] = vq.config.preprocess
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(vq.state_to_save().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -136,6 +138,8 @@ def load_vq(config: Config, device: str | torch.device = "cpu") -> VisualTokeniz
                 f"VQ checkpoint {path} has {field}={getattr(vq.config, field)} but `model.vq.{field}` is "
                 f"{getattr(want, field)}: the codes would not match the model's token layout"
             )
+    # How the LM's images become VQ input is the LM recipe's choice, not the tokenizer checkpoint's.
+    vq.config.preprocess = want.preprocess
     return vq
 
 

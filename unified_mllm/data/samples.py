@@ -23,11 +23,13 @@ inference side encodes, hence the same ids. Tasks:
 * **t2i**: user = the caption or one of the record's prompts (seeded choice), assistant = the image span,
   supervised except its feature slots. With probability ``cfg_dropout`` the user turn is empty, so the ids begin
   with :func:`~unified_mllm.layout.unconditional_prompt`: the unconditional branch of classifier-free guidance.
+  With ``model.prompt_style`` unitoken (UniToken's published prompts) the answer opens with the
+  ``model.t2i_answer_prefix`` token, and a dropped condition leaves the image span alone (no ``<bos>``, no turn).
 * **conversation**: the record's ``conversations`` turns as given, at most one ``<|image|>``.
 
 Understanding prompts put the question straight after the image placeholder, as an inference prompt does. Image
 spans carry 0 feature slots without the continuous branch (``with_features`` off), else
-:func:`~unified_mllm.vision.anyres.num_image_features` of the stored image's size. Every random choice comes from
+:func:`~unified_mllm.vision.anyres.image_feature_block` of the stored image's size. Every random choice comes from
 the generator the caller passes.
 """
 
@@ -48,9 +50,16 @@ from unified_mllm.data.conversation import (
     Turn,
     tokenize_conversation,
     turns_from_records,
+    unconditional_t2i_sample,
 )
-from unified_mllm.layout import IMAGE_PLACEHOLDER, SpecialTokens, build_image_span, count_placeholders
-from unified_mllm.vision.anyres import num_image_features
+from unified_mllm.layout import (
+    IMAGE_PLACEHOLDER,
+    FeatureBlock,
+    SpecialTokens,
+    build_image_span,
+    count_placeholders,
+)
+from unified_mllm.vision.anyres import image_feature_block
 
 Task = Literal["caption", "vqa", "t2i", "conversation"]
 TASKS: tuple[Task, ...] = ("caption", "vqa", "t2i", "conversation")
@@ -173,14 +182,21 @@ def _render(
     turns: Sequence[Turn],
     pairs: Sequence[tuple[str, Sequence[int]]],
     tokens: SpecialTokens,
-    num_features: int,
+    num_features: int | FeatureBlock,
+    span_prefix: Sequence[int] = (),
+    span_only: bool = False,
 ) -> TokenizedSample:
-    """The conversation with the record's image span at its ``<|image|>`` (if any), from stored ids."""
+    """The conversation with the record's image span at its ``<|image|>`` (if any), from stored ids;
+    ``span_prefix`` ids go right before the span, ``span_only`` makes the sample the span alone (UniToken's
+    unconditional text-to-image form, :func:`unconditional_t2i_sample`)."""
     has_image = any(count_placeholders(t.text) for t in turns)
     stacked = record.codes.ndim == 3  # [h, w, D]: the span holds the first codes, the stacks ride along
     grid = record.codes[..., 0] if stacked else record.codes
-    spans = [build_image_span(grid, tokens, num_features)] if has_image else []
-    sample = tokenize_conversation(turns, spans, lookup_encoder(pairs, repr(record.key)), tokens)
+    spans = [[*span_prefix, *build_image_span(grid, tokens, num_features)]] if has_image else []
+    if span_only:
+        sample = unconditional_t2i_sample(spans[0], tokens)
+    else:
+        sample = tokenize_conversation(turns, spans, lookup_encoder(pairs, repr(record.key)), tokens)
     if stacked:
         depth = record.codes.shape[-1]
         stacks = record.codes.reshape(-1, depth) if has_image else np.zeros((0, depth), dtype=np.int64)
@@ -191,7 +207,7 @@ def _render(
 def caption_sample(
     record: TokenizedRecord,
     tokens: SpecialTokens,
-    num_features: int,
+    num_features: int | FeatureBlock,
     instruction: tuple[str, Sequence[int]],
 ) -> TokenizedSample:
     """``<bos> [image] instruction <eot> caption <eot>``; loss on ``caption <eot>``."""
@@ -204,7 +220,7 @@ def caption_sample(
 def vqa_sample(
     record: TokenizedRecord,
     tokens: SpecialTokens,
-    num_features: int,
+    num_features: int | FeatureBlock,
     rng: np.random.Generator,
     max_turns: int = 0,
 ) -> TokenizedSample:
@@ -228,11 +244,16 @@ def vqa_sample(
 def t2i_sample(
     record: TokenizedRecord,
     tokens: SpecialTokens,
-    num_features: int,
+    num_features: int | FeatureBlock,
     rng: np.random.Generator,
     cfg_dropout: float = 0.0,
+    prompt_style: str = "native",
+    answer_prefix: Sequence[int] = (),
 ) -> TokenizedSample:
-    """``<bos> prompt <eot> [image span] <eot>`` with the prompt dropped (empty) with probability ``cfg_dropout``."""
+    """``<bos> prompt <eot> [image span] <eot>`` with the prompt dropped (empty) with probability ``cfg_dropout``.
+
+    ``prompt_style`` unitoken (``model.prompt_style``): the answer is ``answer_prefix`` + the span, and a dropped
+    prompt leaves the span alone (``[image span] <eot>``, no ``<bos>``): UniToken's unconditional branch."""
     prompts: list[tuple[str, Sequence[int]]] = []
     if record.tokens.get("caption"):
         prompts.append((str(record.meta["caption"]), record.tokens["caption"]))
@@ -247,6 +268,9 @@ def t2i_sample(
     text, ids = prompts[int(rng.integers(len(prompts)))]
     condition = "" if dropped else text
     turns = [Turn("user", condition), Turn("assistant", IMAGE_PLACEHOLDER)]
+    if prompt_style == "unitoken":
+        prefix = () if dropped else answer_prefix
+        return _render(record, turns, [(text, ids)], tokens, num_features, prefix, span_only=dropped)
     return _render(record, turns, [(text, ids)], tokens, num_features)
 
 
@@ -280,26 +304,44 @@ class SampleBuilder:
     instructions: tuple[tuple[str, tuple[int, ...]], ...]
     cfg_dropout: float = 0.0
     vqa_max_turns: int = 0
+    prompt_style: str = "native"
+    """``model.prompt_style``: unitoken builds text-to-image samples as UniToken's solvers prompt them."""
+    t2i_answer_prefix: tuple[int, ...] = ()
+    """Ids opening a text-to-image answer under ``prompt_style`` unitoken (``model.t2i_answer_prefix``)."""
 
     @staticmethod
     def encode_instructions(encode: Callable[[str], list[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """:data:`CAPTION_INSTRUCTIONS` with their ids under ``encode`` (the text tokenizer's)."""
         return tuple((text, tuple(encode(text))) for text in CAPTION_INSTRUCTIONS)
 
+    def feature_block(self, record: TokenizedRecord) -> FeatureBlock:
+        """The continuous part of the record's image span: empty without features, else AnyRes's block for its
+        size (:func:`~unified_mllm.vision.anyres.image_feature_block`)."""
+        return image_feature_block(self.vision, record.image_hw) if self.with_features else FeatureBlock(0)
+
     def num_features(self, record: TokenizedRecord) -> int:
-        """Feature slots of the record's image span: 0 without features, else AnyRes's count for its size."""
-        return num_image_features(self.vision, record.image_hw) if self.with_features else 0
+        """Positions of the continuous part of the record's image span (0 without features; in our layout its
+        feature slots, AnyRes's count for its size)."""
+        return self.feature_block(record).length
 
     def build(self, task: str, record: TokenizedRecord, rng: np.random.Generator) -> TokenizedSample:
         """The sample of ``task`` from ``record``; ``rng`` makes every random choice."""
-        features = self.num_features(record)
+        features = self.feature_block(record)
         if task == "caption":
             pick = int(rng.integers(len(self.instructions)))
             return caption_sample(record, self.tokens, features, self.instructions[pick])
         if task == "vqa":
             return vqa_sample(record, self.tokens, features, rng, self.vqa_max_turns)
         if task == "t2i":
-            return t2i_sample(record, self.tokens, features, rng, self.cfg_dropout)
+            return t2i_sample(
+                record,
+                self.tokens,
+                features,
+                rng,
+                self.cfg_dropout,
+                self.prompt_style,
+                self.t2i_answer_prefix,
+            )
         if task == "conversation":
             return conversation_sample(record, self.tokens, features)
         raise RecordError(f"unknown task {task!r}; known tasks: {list(TASKS)}")

@@ -160,11 +160,12 @@ class Decoder:
         cache: Cache,
         pixel_values: torch.Tensor | None = None,
         code_stacks: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
     ) -> Forward:
         """Feed the prompts of a fresh ``batch`` into an empty ``cache``; the :class:`Forward` of their last
         position. ``pixel_values`` ``[N_views, 3, S, S]`` fill the feature slots row by row (the prefill is the
-        only forward that reads slots); with code stacks, ``code_stacks`` ``[N, D]`` are the stacks of the
-        prompts' code positions in the same order."""
+        only forward that reads slots; ``feature_index`` as ``UnifiedModel.embed`` takes it); with code stacks,
+        ``code_stacks`` ``[N, D]`` are the stacks of the prompts' code positions in the same order."""
         ids = batch.view()
         if pixel_values is not None:
             pixel_values = pixel_values.to(device=ids.device, dtype=next(self.model.vision.parameters()).dtype)
@@ -172,7 +173,9 @@ class Decoder:
             code_stacks = code_stacks.to(ids.device)
         elif self.model.code_heads is not None and bool(self.spans.is_code(ids).any()):
             raise ValueError("the prompts hold image codes but no code_stacks were given for them")
-        return self._forward(ids, batch, cache, pixel_values, ids == self.tokens.feature, code_stacks, last=True)
+        return self._forward(
+            ids, batch, cache, pixel_values, ids == self.tokens.feature, code_stacks, last=True, index=feature_index
+        )
 
     def step(
         self, batch: DecodeBatch, cache: Cache, count: int = 1, code_stacks: torch.Tensor | None = None
@@ -198,12 +201,13 @@ class Decoder:
         feature_mask: torch.Tensor | None,
         code_stacks: torch.Tensor | None,
         last: bool,
+        index: torch.Tensor | None = None,
     ) -> Forward:
         """Embed ``ids`` ``[R, t]`` (the newest ``t`` of ``batch``), run the LM over ``cache`` and the head on
         every position, or on the last one only (``last``)."""
         code_mask = self.spans.is_code(ids) if code_stacks is not None else None
         cells = self.code_cells(batch, ids.shape[1])
-        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask, cells)
+        embeds = self.model.embed(ids, pixel_values, feature_mask, code_stacks, code_mask, cells, index)
         hidden = self.model.lm(
             inputs_embeds=embeds,
             attention_mask=self._attention_mask(batch, embeds.shape[1], cache),

@@ -110,6 +110,7 @@ class Engine(Decoder):
         generator: torch.Generator | None = None,
         pixel_values: torch.Tensor | None = None,
         code_stacks: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
         stop_at_image_grid: bool = False,
         stack_choice: StackChoice | None = None,
         sampled_rows: int | None = None,
@@ -119,7 +120,8 @@ class Engine(Decoder):
 
         ``stop_ids`` default to ``(end_of_turn, eos)``. ``greedy`` picks the arg-max; otherwise each id is
         drawn from ``softmax(scores)`` with ``generator``. ``pixel_values`` ``[N_views, 3, S, S]`` fill the
-        feature slots of the prompts, row by row in order (``UnifiedModel.embed``); ``code_stacks`` ``[N, D]``
+        feature slots of the prompts, row by row in order (``UnifiedModel.embed``, which also takes
+        ``feature_index``); ``code_stacks`` ``[N, D]``
         are the stacks of the prompts' code positions in the same order (code-stack tokenizers).
         ``stop_at_image_grid`` ends a row as soon as the grid of an image span it opened is complete (finish
         reason ``"image"``). With code-stack tokenizers every code id a row writes gets its stack from the
@@ -142,7 +144,7 @@ class Engine(Decoder):
         self.check(prompts, limits, sampled_rows)
         batch = self.new_batch(prompts, int(limits.max()))
         cache = self.new_cache(batch.capacity, fixed_length=fixed_length)
-        out = self.prefill(batch, cache, pixel_values, code_stacks)
+        out = self.prefill(batch, cache, pixel_values, code_stacks, feature_index)
         logits, hidden = out.logits[:, -1], out.hidden[:, -1]
         state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
         repeats = len(prompts) // sampled_rows
@@ -181,6 +183,8 @@ class Engine(Decoder):
         generator: torch.Generator | None = None,
         stack_choice: StackChoice | None = None,
         jacobi_window: int = 0,
+        prompt_style: str = "native",
+        answer_prefix: Sequence[int] = (),
     ) -> list[np.ndarray]:
         """Sample one ``height x width`` code grid per tokenized text condition; returns ``[h, w]`` VQ codes
         (``[h, w, D]`` stacks for code-stack tokenizers, sampled by the depth heads through ``stack_choice``,
@@ -188,18 +192,20 @@ class Engine(Decoder):
         ``jacobi_window > 0`` decodes with speculative Jacobi decoding, checking that many draft ids per
         forward (:mod:`unified_mllm.infer.jacobi`; the same distribution, fewer forwards; VQ-GAN codes only).
 
-        The prompt of each condition is :func:`~unified_mllm.layout.generation_prompt`; with ``cfg_scale != 1``
-        the batch is doubled with :func:`~unified_mllm.layout.unconditional_prompt` rows and guided by
-        :class:`CFGProcessor`. The grid constraint comes next, then ``processors`` (temperature, top-k, ...).
+        The prompt of each condition is :func:`~unified_mllm.layout.generation_prompt` (with ``answer_prefix``
+        before the image start); with ``cfg_scale != 1`` the batch is doubled with
+        :func:`~unified_mllm.layout.unconditional_prompt` rows of ``prompt_style`` (``model.prompt_style``;
+        unitoken: the rows start at ``<image-start>``) and guided by :class:`CFGProcessor`. The grid constraint
+        comes next, then ``processors`` (temperature, top-k, ...).
         Decoding stops after exactly ``height * (width + 1)`` ids: the last ``<row-end>``.
         """
         check_non_negative("cfg scale", cfg_scale)
         if jacobi_window < 0:
             raise ValueError(f"jacobi_window must be >= 0 (0: sequential decoding), got {jacobi_window}")
-        prompts = [generation_prompt(c, self.tokens, height, width) for c in conditions]
+        prompts = [generation_prompt(c, self.tokens, height, width, answer_prefix) for c in conditions]
         guided: list[Processor] = []
         if cfg_scale != 1.0:
-            prompts += [unconditional_prompt(self.tokens, height, width)] * len(conditions)
+            prompts += [unconditional_prompt(self.tokens, height, width, prompt_style)] * len(conditions)
             guided.append(CFGProcessor(cfg_scale))
         guided += [GridConstraint(self.tokens, size=(height, width)), *processors]
         length = height * (width + 1)

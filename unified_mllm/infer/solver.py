@@ -22,6 +22,12 @@ returns the text with ``<|image|>`` where a picture was drawn. Guidance is not a
 text-to-image samples); the engine runs conditional and unconditional rows in one batch (CFG), and the VQ decoder
 turns the codes into images of exactly the requested size.
 
+**Published prompts** (``model.prompt_style: unitoken``, a converted UniToken checkpoint): the text-to-image
+prompt has ``model.t2i_answer_prefix`` between ``<end-of-turn>`` and ``<image-start>``, the unconditional row is
+``<image-start> <size-h> <size-w>`` alone, and images without a ``<|image|>`` go before the first question
+followed by a space, as UniToken's solvers and item processor do. The VQ input follows ``model.vq.preprocess``
+and the feature slots ``model.vision.anyres.layout``.
+
 Defaults for every knob come from the export's ``config.generation``.
 """
 
@@ -39,7 +45,12 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from unified_mllm.config import Config, load_config
-from unified_mllm.data.conversation import tokenize_conversation, turns_from_qas
+from unified_mllm.data.conversation import (
+    place_images_implicitly,
+    t2i_answer_prefix_ids,
+    tokenize_conversation,
+    turns_from_qas,
+)
 from unified_mllm.infer.decoding import CacheKind
 from unified_mllm.infer.engine import Engine, StackChoice, guided_stack_choice
 from unified_mllm.infer.processors import (
@@ -58,7 +69,7 @@ from unified_mllm.layout import (
 from unified_mllm.model.export import CONFIG_YAML
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
-from unified_mllm.vision.anyres import anyres_views, num_image_features
+from unified_mllm.vision.anyres import anyres_views, feature_index, image_feature_block
 from unified_mllm.vision.image import ImageSource, load_image
 from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer
@@ -85,6 +96,8 @@ class _Answer:
     ids: list[int]
     views: list[torch.Tensor]
     budget: int
+    indices: list[np.ndarray | None] = field(default_factory=list)
+    """Per image of ``views``: its ``anyres.feature_index`` (None: every feature in order)."""
     pieces: list[Piece] = field(default_factory=list)
     done: bool = False
     stacks: list[np.ndarray] = field(default_factory=list)
@@ -123,6 +136,8 @@ class InferenceSolver:
         self.tokens: SpecialTokens = tokenizer.special_tokens()
         self.vq = vq
         self.engine = Engine(model, self.tokens, cache=cache)
+        # model.prompt_style unitoken: the ids UniToken's solvers put before <image-start> (by name).
+        self.t2i_answer_prefix = t2i_answer_prefix_ids(config.model, tokenizer.token_to_id)
 
     @classmethod
     def from_pretrained(
@@ -267,6 +282,8 @@ class InferenceSolver:
             generator=generator,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
             jacobi_window=gen.jacobi_window if jacobi_window is None else jacobi_window,
+            prompt_style=self.config.model.prompt_style,
+            answer_prefix=self.t2i_answer_prefix,
         )
         return self.vq.codes_to_images(codes)
 
@@ -324,7 +341,10 @@ class InferenceSolver:
         top_k = check_top_k("top_k", gen.text_top_k if top_k is None else top_k)
         pictures = [[load_image(i) for i in images] for images in image_lists]
         flat = [p for row in pictures for p in row]
-        codes = iter(self.vq.images_to_codes(flat) if flat else [])  # one VQ pass for the whole batch
+        # One VQ pass for the whole batch, with the LM's VQ preprocessing (model.vq.preprocess).
+        codes = iter(
+            self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else []
+        )
         answers = [
             self._prompt(row, [next(codes) for _ in row], conv, int(budget))
             for row, conv in zip(pictures, conversations)
@@ -362,22 +382,28 @@ class InferenceSolver:
         turns = turns_from_qas(qas)
         if turns[-1].role != "user":
             raise ValueError("the last qas pair must be [question, None]: its answer is the one generated")
-        spans, views, stacks = [], [], []
+        if self.config.model.prompt_style == "unitoken":
+            turns = place_images_implicitly(turns, len(pictures))
+        spans, views, stacks, indices = [], [], [], []
+        vision = self.config.model.vision
         for picture, grid in zip(pictures, codes):
-            features = num_image_features(self.config.model.vision, (picture.height, picture.width))
+            features = image_feature_block(vision, (picture.height, picture.width))
             if grid.ndim == 3:  # [h, w, D]: the span holds each stack's first code, the stacks ride along
                 stacks.append(grid.reshape(-1, grid.shape[-1]))
                 grid = grid[..., 0]
             spans.append(build_image_span(grid, self.tokens, features))
             if features:
-                views.append(anyres_views(picture, self.config.model.vision)[0])
+                views.append(anyres_views(picture, vision)[0])
+                indices.append(feature_index(vision, (picture.height, picture.width)))
         ids = tokenize_conversation(turns, spans, self.tokenizer.encode, self.tokens).ids.tolist()
         if self._room(ids) < 1:
             raise ValueError(
                 f"the prompt has {len(ids)} ids; the model reads at most "
                 f"{self.model.config.lm.max_position_embeddings} positions"
             )
-        return _Answer(ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks)
+        return _Answer(
+            ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks, indices=indices
+        )
 
     def _room(self, ids: Sequence[int]) -> int:
         """How many ids may still follow ``ids`` within the model's positions."""
@@ -402,6 +428,7 @@ class InferenceSolver:
             generator=generator,
             pixel_values=torch.cat(views) if views else None,
             code_stacks=torch.from_numpy(np.concatenate(stacks)) if stacks else None,
+            feature_index=_feature_index(answers, self.model.features_per_view),
             stop_at_image_grid=True,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
         )
@@ -439,12 +466,29 @@ class InferenceSolver:
             codes = stacks[len(stacks) - codes.size :].reshape(*codes.shape, -1)
         picture = self.vq.codes_to_images([codes])[0]
         answer.pieces.append(picture)
-        features = num_image_features(self.config.model.vision, (picture.height, picture.width))
+        vision = self.config.model.vision
+        features = image_feature_block(vision, (picture.height, picture.width))
         # The full span of this picture as training lays it out; what follows the grid closes it.
         span = build_image_span(parsed.codes, self.tokens, features)
         answer.ids += span[len(grid) :]
         if features:
-            answer.views.append(anyres_views(picture, self.config.model.vision)[0])
+            answer.views.append(anyres_views(picture, vision)[0])
+            answer.indices.append(feature_index(vision, (picture.height, picture.width)))
+
+
+def _feature_index(answers: Sequence[_Answer], per_view: int) -> torch.Tensor | None:
+    """The ``feature_index`` ``[N_slots, 2]`` of the answers' images in row order (views counted over the
+    batch), or None when every image takes its features in order (our layout); ``per_view``: features a view."""
+    if all(index is None for a in answers for index in a.indices):
+        return None
+    rows, views_before = [], 0
+    for answer in answers:
+        for pixels, index in zip(answer.views, answer.indices):
+            if index is None:  # every feature of this image, in order
+                index = np.stack(np.divmod(np.arange(pixels.shape[0] * per_view), per_view), axis=1)
+            rows.append(index + np.array([views_before, 0]))
+            views_before += pixels.shape[0]
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
 def _as_batch(

@@ -20,7 +20,8 @@ at those slots are ordinary ids of a placeholder token whose embedding is overwr
 writes the projected features of ``pixel_values`` ``[N_views, 3, S, S]`` into the slots in row-major order of
 the ``[B, T]`` mask (batch row, then position): the images in the order they appear in the batch, each image's
 views base view first then its AnyRes tiles (:func:`unified_mllm.vision.anyres.split_image_features`), each
-view's patch grid row-major. The vision encoder is built even when ``model.vision.enabled`` is false (stage 0
+view's patch grid row-major; with ``feature_index`` (UniToken's AnyRes layout) the slots take the listed
+features instead. The vision encoder is built even when ``model.vision.enabled`` is false (stage 0
 simply sends no feature slots), so every stage's export has the same keys.
 
 **Packing.** Several samples may share one row, with ``position_ids`` restarting at 0 at each sample start and
@@ -195,10 +196,16 @@ class UnifiedModel(nn.Module):
         code_stacks: torch.Tensor | None = None,
         code_mask: torch.Tensor | None = None,
         code_cells: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]``: token embeddings, with the projected features of ``pixel_values``
         written at the True positions of ``feature_mask`` (module docstring), plus the code stacks' and
         ``code_cells``' embeddings (:meth:`embed_code_stacks`, :meth:`embed_code_cells`).
+
+        ``feature_index`` ``[N_slots, 2]`` (view, patch): the feature each slot takes, in slot order, when the
+        slots take a selection of the views' features (UniToken's AnyRes layout keeps the unpadded part of its
+        merged tile grid; the row ends between its rows are ``<row-end>`` ids, embedded like any id). None: every
+        feature, in order.
 
         The write is out of place (``masked_scatter``), so gradients reach both the token embeddings and the
         vision encoder. Counting the slots against the features is one host sync per batch that has pixels.
@@ -226,7 +233,15 @@ class UnifiedModel(nn.Module):
         num_views, per_view = features.shape[0], features.shape[1]
         # masked_scatter would silently use a prefix of the features or fail obscurely; check the count.
         slots = int(feature_mask.sum())
-        if slots != num_views * per_view:
+        if feature_index is not None:
+            if feature_index.ndim != 2 or feature_index.shape[1] != 2 or feature_index.shape[0] != slots:
+                raise ValueError(
+                    f"feature_index must be [N_slots, 2] with one row per feature slot ({slots}), got "
+                    f"{tuple(feature_index.shape)}"
+                )
+            index = feature_index.to(features.device)
+            features = features[index[:, 0], index[:, 1]]  # [N_slots, H]
+        elif slots != num_views * per_view:
             raise ValueError(
                 f"batch has {slots} feature slots but pixel_values give {num_views * per_view} features "
                 f"({num_views} views x {per_view})"
@@ -246,6 +261,7 @@ class UnifiedModel(nn.Module):
         code_mask: torch.Tensor | None = None,
         code_targets: torch.Tensor | None = None,
         code_cells: torch.Tensor | None = None,
+        feature_index: torch.Tensor | None = None,
         past_key_values: Any | None = None,
         use_cache: bool = False,
         cache_position: torch.Tensor | None = None,
@@ -255,8 +271,8 @@ class UnifiedModel(nn.Module):
 
         ``attention_mask`` ``[B, T_past + T]`` (1 = real token) handles padding; for packed rows pass
         ``position_ids`` ``[B, T]`` restarting at 0 per sample and no mask (module docstring). ``pixel_values``
-        / ``feature_mask`` feed the continuous features (:meth:`embed`). ``past_key_values`` / ``use_cache``
-        are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
+        / ``feature_mask`` (/ ``feature_index``) feed the continuous features (:meth:`embed`).
+        ``past_key_values`` / ``use_cache`` are transformers' KV cache. ``cache_position`` ``[T]`` (the absolute positions of the new tokens) is
         accepted for callers written against older transformers: it only supplies ``position_ids`` when those
         are not given, since transformers 5 derives cache positions from the cache itself.
 
@@ -269,7 +285,7 @@ class UnifiedModel(nn.Module):
             position_ids = cache_position.unsqueeze(0).expand(input_ids.shape[0], -1)
         out = self.lm(
             inputs_embeds=self.embed(
-                input_ids, pixel_values, feature_mask, code_stacks, code_mask, code_cells
+                input_ids, pixel_values, feature_mask, code_stacks, code_mask, code_cells, feature_index
             ),
             attention_mask=attention_mask,
             position_ids=position_ids,

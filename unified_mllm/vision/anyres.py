@@ -14,18 +14,33 @@ row-major (top-left, top-right, …, bottom-right); within each view the patch g
 newline embeddings are inserted. The number of feature slots of an image is computed in exactly one place,
 :func:`num_image_features`; the token layout (``unified_mllm.layout``) takes that integer.
 
+**UniToken's layout** (``anyres.layout: unitoken``, what the published UniToken-AnyRes checkpoints were trained
+on; facts from its ``tools/mm_utils.py`` and ``modeling_xllmx_chameleon_anyres.py``):
+
+* the grid is chosen by the same rule, but the fitted size is truncated (``int``) rather than rounded;
+* the tile canvas: the image resized so that one side fills the canvas and the other is ``ceil``-ed (capped at the
+  canvas), pasted centred on a ``pad_color`` canvas (UniToken: black);
+* features: the base view's ``P`` features, then the tiles' patch grids merged into one 2-D grid of
+  ``rows*n x cols*n`` features (``n = image_size // patch_size``), cut back to the image's aspect ratio
+  (:func:`unpadded_region`), read row-major with the row-end token after every row. The row ends are ordinary
+  ``<row-end>`` ids in the span (the LM reads that token's own embedding, as UniToken's model does), so the
+  span's continuous part is a :class:`~unified_mllm.layout.FeatureBlock` (:func:`image_feature_block`) and the
+  model gathers the kept features with :func:`feature_index`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from unified_mllm.config import ConfigError, VisionConfig
+from unified_mllm.layout import FeatureBlock
 from unified_mllm.vision.image import image_to_tensor, to_rgb
-from unified_mllm.vision.siglip import VisionEncoder, features_per_view
+from unified_mllm.vision.siglip import VisionEncoder, features_per_view, num_patches_per_side
 
 Grid = tuple[int, int]  # (rows, cols) of S x S tiles
 
@@ -68,11 +83,81 @@ def select_grid(image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], 
     return best
 
 
+def select_grid_unitoken(
+    image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int
+) -> Grid:
+    """:func:`select_grid` as UniToken's ``select_best_resolution`` computes it: the fitted width and height are
+    truncated to whole pixels (``int``) instead of rounded; same keys and tie-breaking otherwise."""
+    height, width = image_size_hw
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width} (height x width)")
+    if not grids:
+        raise ConfigError("`model.vision.anyres.grids`: needs at least one [rows, cols] candidate")
+    best: Grid | None = None
+    best_key: tuple[int, int] | None = None
+    for rows, cols in grids:
+        canvas_w, canvas_h = cols * tile_size, rows * tile_size
+        scale = min(canvas_w / width, canvas_h / height)
+        used = min(int(width * scale) * int(height * scale), width * height)
+        key = (used, -(canvas_w * canvas_h - used))
+        if best_key is None or key > best_key:
+            best, best_key = (int(rows), int(cols)), key
+    assert best is not None
+    return best
+
+
 def image_grid(vision: VisionConfig, image_size_hw: tuple[int, int]) -> Grid | None:
     """The tile grid AnyRes uses for an image of ``(height, width)`` pixels; ``None`` when AnyRes is off."""
     if not vision.anyres.enabled:
         return None
+    if vision.anyres.layout == "unitoken":
+        return select_grid_unitoken(image_size_hw, vision.anyres.grids, vision.image_size)
     return select_grid(image_size_hw, vision.anyres.grids, vision.image_size)
+
+
+def unpadded_region(grid: Grid, per_side: int, image_size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the merged ``rows*n x cols*n`` tile-feature grid that UniToken keeps for
+    an image of ``(height, width)`` pixels (``n = per_side``): the side the image does not fill is cut by
+    ``(side - int(image side * scale)) // 2`` at both ends, as its ``unpad_image`` does."""
+    height, width = image_size_hw
+    grid_h, grid_w = grid[0] * per_side, grid[1] * per_side
+    if width / height > grid_w / grid_h:
+        kept = int(height * (grid_w / width))
+        pad = (grid_h - kept) // 2
+        return pad, grid_h - pad, 0, grid_w
+    kept = int(width * (grid_h / height))
+    pad = (grid_w - kept) // 2
+    return 0, grid_h, pad, grid_w - pad
+
+
+def image_feature_block(vision: VisionConfig, image_size_hw: tuple[int, int]) -> FeatureBlock:
+    """The continuous part of the span of an image of ``(height, width)`` pixels (empty with the branch off):
+    flat slots in our layout; the base view's slots plus the unpadded merged grid with its row ends in
+    UniToken's (module docstring)."""
+    if not vision.enabled:
+        return FeatureBlock(flat=0)
+    grid = image_grid(vision, image_size_hw)
+    if vision.anyres.layout != "unitoken" or grid is None:
+        return FeatureBlock(flat=num_grid_features(vision, grid))
+    top, bottom, left, right = unpadded_region(grid, num_patches_per_side(vision), image_size_hw)
+    return FeatureBlock(flat=features_per_view(vision), rows=bottom - top, cols=right - left)
+
+
+def feature_index(vision: VisionConfig, image_size_hw: tuple[int, int]) -> np.ndarray | None:
+    """``[num_features, 2]`` (view, patch) of every feature slot of the image's span, in slot order, indexing the
+    encoder's output ``(views, P, H)`` of :func:`anyres_views`; None when the slots take every feature in order
+    (our layout, or no tiles)."""
+    grid = image_grid(vision, image_size_hw)
+    if not vision.enabled or vision.anyres.layout != "unitoken" or grid is None:
+        return None
+    per_side = num_patches_per_side(vision)
+    top, bottom, left, right = unpadded_region(grid, per_side, image_size_hw)
+    ys, xs = np.meshgrid(np.arange(top, bottom), np.arange(left, right), indexing="ij")
+    ys, xs = ys.ravel(), xs.ravel()
+    views = 1 + (ys // per_side) * grid[1] + xs // per_side  # tile (row-major) after the base view
+    patches = (ys % per_side) * per_side + xs % per_side
+    base = np.stack([np.zeros(features_per_view(vision), np.int64), np.arange(features_per_view(vision))], 1)
+    return np.concatenate([base, np.stack([views, patches], 1).astype(np.int64)])
 
 
 def num_views(grid: Grid | None) -> int:
@@ -86,14 +171,13 @@ def num_grid_features(vision: VisionConfig, grid: Grid | None) -> int:
 
 
 def num_image_features(vision: VisionConfig, image_size_hw: tuple[int, int]) -> int:
-    """The number of continuous feature slots of an image of ``(height, width)`` pixels.
+    """The number of positions the continuous part of an image's span takes (after ``<sep>``).
 
-    This is the one function the token layout asks: 0 when the vision branch is off (stage 0),
-    ``features_per_view`` without AnyRes, ``(1 + rows*cols) * features_per_view`` with it.
+    0 when the vision branch is off (stage 0), ``features_per_view`` without AnyRes, ``(1 + rows*cols) *
+    features_per_view`` with it; in UniToken's layout the base view's slots plus the kept merged-grid slots and
+    their row ends (:func:`image_feature_block`, whose ``length`` this is).
     """
-    if not vision.enabled:
-        return 0
-    return num_grid_features(vision, image_grid(vision, image_size_hw))
+    return image_feature_block(vision, image_size_hw).length
 
 
 def base_view(image: Image.Image, size: int) -> Image.Image:
@@ -104,10 +188,25 @@ def base_view(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
 
 
+def _fit_unitoken(image_hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image on its canvas as UniToken's ``resize_and_pad_image`` computes it: the side
+    with the smaller scale fills the canvas, the other is ``ceil``-ed and capped at the canvas."""
+    height, width = image_hw
+    scale_w, scale_h = canvas_hw[1] / width, canvas_hw[0] / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), canvas_hw[0]), canvas_hw[1]
+    return canvas_hw[0], min(math.ceil(width * scale_h), canvas_hw[1])
+
+
 def tile_views(
-    image: Image.Image, grid: Grid, size: int, pad_color: Sequence[int] = (255, 255, 255)
+    image: Image.Image,
+    grid: Grid,
+    size: int,
+    pad_color: Sequence[int] = (255, 255, 255),
+    unitoken: bool = False,
 ) -> list[Image.Image]:
-    """The image fitted (aspect kept, centred, padded) into ``grid`` and cut into ``size x size`` tiles.
+    """The image fitted (aspect kept, centred, padded) into ``grid`` and cut into ``size x size`` tiles
+    (``unitoken``: fitted as UniToken's ``resize_and_pad_image`` does, see :func:`_fit_unitoken`).
 
     Tiles come back row-major: ``tiles[r * cols + c]`` covers canvas rows ``r*size`` to ``(r+1)*size`` and
     columns ``c*size`` to ``(c+1)*size``.
@@ -115,7 +214,8 @@ def tile_views(
     image = to_rgb(image)
     rows, cols = grid
     canvas_h, canvas_w = rows * size, cols * size
-    fit_h, fit_w = _fit((image.height, image.width), (canvas_h, canvas_w))
+    fit = _fit_unitoken if unitoken else _fit
+    fit_h, fit_w = fit((image.height, image.width), (canvas_h, canvas_w))
     if (fit_w, fit_h) != image.size:
         image = image.resize((fit_w, fit_h), Image.Resampling.BICUBIC, reducing_gap=None)
     canvas = Image.new("RGB", (canvas_w, canvas_h), tuple(int(v) for v in pad_color))
@@ -140,7 +240,7 @@ def anyres_views(image: Image.Image, vision: VisionConfig) -> tuple[torch.Tensor
     grid = image_grid(vision, (image.height, image.width))
     views = [base_view(image, size)]
     if grid is not None:
-        views += tile_views(image, grid, size, vision.anyres.pad_color)
+        views += tile_views(image, grid, size, vision.anyres.pad_color, vision.anyres.layout == "unitoken")
     return torch.stack([image_to_tensor(v) for v in views]), grid
 
 
@@ -159,11 +259,18 @@ def split_image_features(features: torch.Tensor, views_per_image: Sequence[int])
 
 
 def encode_images(encoder: VisionEncoder, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-    """Projected features of each image: ``[(num_image_features_i, lm_hidden)]``, in one tower forward."""
+    """Projected features of each image in slot order: ``[(feature slots_i, lm_hidden)]``, in one tower forward
+    (UniToken's layout: the kept features only; its row ends are ids of the span)."""
     if not images:
         return []
     views = [anyres_views(image, encoder.vision)[0] for image in images]
     counts = [pixels.shape[0] for pixels in views]
     device = next(encoder.parameters()).device
     features = encoder(torch.cat(views).to(device))
-    return split_image_features(features, counts)
+    per_image = split_image_features(features, counts)
+    for i, image in enumerate(images):
+        index = feature_index(encoder.vision, (image.height, image.width))
+        if index is not None:  # UniToken's layout: the kept features of the merged grid, in slot order
+            flat = torch.from_numpy(index[:, 0] * features.shape[1] + index[:, 1]).to(device)
+            per_image[i] = per_image[i][flat]
+    return per_image

@@ -77,6 +77,27 @@ def resize_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image
     return image.crop((left, top, left + width, top + height))
 
 
+def halving_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """UniToken's / Lumina-mGPT's VQ preprocessing (``model.vq.preprocess: halving``): while both sides are at
+    least twice the target, halve them (integer division) with a BOX filter; then one bicubic resize so the image
+    covers ``size`` (``(width, height)`` or a square side; sides rounded), then the centre crop. The published
+    item processor crops at a random offset (Python's ``random``, seeded with 100 at import, so its inference
+    crops too depend on the call order); here the crop is always the centre."""
+    width, height = (size, size) if isinstance(size, int) else size
+    if width < 1 or height < 1:
+        raise ValueError(f"target size must be positive, got {width}x{height}")
+    while image.width >= 2 * width and image.height >= 2 * height:
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    scale = max(width / image.width, height / image.height)
+    resized = (round(image.width * scale), round(image.height * scale))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+VQ_PREPROCESS = {"center_crop": resize_center_crop, "halving": halving_center_crop}
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image → float tensor ``(3, H, W)`` in [-1, 1]."""
     array = np.asarray(to_rgb(image), dtype=np.float32)
@@ -91,8 +112,12 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).numpy())
 
 
-def preprocess(images: list[ImageSource], size: int) -> torch.Tensor:
-    """Load, convert, resize + centre-crop and scale a batch: returns ``(B, 3, size, size)`` in [-1, 1]."""
+def preprocess(images: list[ImageSource], size: int, method: str = "center_crop") -> torch.Tensor:
+    """Load, convert, resize + centre-crop (``method``: a :data:`VQ_PREPROCESS` name, ``model.vq.preprocess``)
+    and scale a batch: returns ``(B, 3, size, size)`` in [-1, 1]."""
     if not images:
         raise ValueError("preprocess needs at least one image")
-    return torch.stack([image_to_tensor(resize_center_crop(load_image(i), size)) for i in images])
+    if method not in VQ_PREPROCESS:
+        raise ValueError(f"unknown VQ preprocessing {method!r}; known: {sorted(VQ_PREPROCESS)}")
+    crop = VQ_PREPROCESS[method]
+    return torch.stack([image_to_tensor(crop(load_image(i), size)) for i in images])

@@ -34,7 +34,8 @@ from torch import nn
 
 from unified_mllm.config import VQConfig
 from unified_mllm.io import atomic_path, write_json
-from unified_mllm.vision.image import ImageSource, preprocess, tensor_to_image
+from unified_mllm.vision.image import ImageSource, tensor_to_image
+from unified_mllm.vision.image import preprocess as preprocess_images
 from unified_mllm.vision.quantizer import QuantizerOutput, VectorQuantizer
 
 FORMAT_NAME = "unified_mllm.vqgan"
@@ -210,7 +211,7 @@ class VisualTokenizer(nn.Module):
                 f"cannot save a {type(self).__name__} built on the meta device: materialise it first"
             )
         state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        vq = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "checkpoint"}
+        vq = stored_settings(self.config)
         document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vq": vq}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), {"format": FORMAT_NAME})
@@ -220,10 +221,13 @@ class VisualTokenizer(nn.Module):
     # -- images -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def images_to_codes(self, images: Sequence[ImageSource], batch_size: int = 16) -> list[np.ndarray]:
+    def images_to_codes(
+        self, images: Sequence[ImageSource], batch_size: int = 16, preprocess: str | None = None
+    ) -> list[np.ndarray]:
         """Tokenize images (paths, bytes or PIL images of any mode and size) → one int64 array each, ``[h, w]``
         or ``[h, w, D]``: converted to RGB (transparency on white), resized and centre-cropped to
-        ``resolution``, scaled to [-1, 1], encoded ``batch_size`` at a time in eval mode."""
+        ``resolution`` (``preprocess``, default ``config.preprocess``: see ``model.vq.preprocess``), scaled to
+        [-1, 1], encoded ``batch_size`` at a time in eval mode."""
         if isinstance(images, torch.Tensor) or any(isinstance(i, torch.Tensor) for i in images):
             raise ValueError("images_to_codes takes images (paths, bytes, PIL); encode() takes pixel tensors")
         if batch_size < 1:
@@ -232,7 +236,11 @@ class VisualTokenizer(nn.Module):
         codes: list[np.ndarray] = []
         with self.eval_mode():
             for start in range(0, len(images), batch_size):
-                pixels = preprocess(list(images[start : start + batch_size]), self.config.resolution)
+                pixels = preprocess_images(
+                    list(images[start : start + batch_size]),
+                    self.config.resolution,
+                    preprocess or self.config.preprocess,
+                )
                 batch = self.encode(pixels.to(device=param.device, dtype=param.dtype)).cpu().numpy()
                 codes.extend(np.ascontiguousarray(c, dtype=np.int64) for c in batch)
         return codes
@@ -344,6 +352,17 @@ def resolve_checkpoint_paths(
     if not Path(config_path).is_file():
         raise FileNotFoundError(f"VQ-GAN config not found: {config_path}")
     return weights, Path(config_path)
+
+
+def stored_settings(vq: VQConfig) -> dict[str, Any]:
+    """The settings a tokenizer's ``config.json`` stores: every field but the checkpoint path and
+    ``preprocess`` (the LM recipe's, ``model.vq.preprocess``, not a property of the weights). A DualToken
+    backbone's ``anyres.layout`` is left out at its default, so files written before the key are unchanged."""
+    settings = {k: v for k, v in dataclasses.asdict(vq).items() if k not in ("checkpoint", "preprocess")}
+    anyres = settings["dualtoken"]["backbone"]["anyres"]
+    if anyres["layout"] == "tiles":
+        del anyres["layout"]
+    return settings
 
 
 def read_tokenizer_config(path: str | os.PathLike[str]) -> VQConfig:
