@@ -125,6 +125,9 @@ def write_published(folder: Path, state: dict[str, torch.Tensor], architecture: 
 
 
 def convert(kind: str, src: Path, dst: Path, tokenizer_dir: Path, *extra: str) -> Path:
+    if kind == "unitoken":  # the tiny vocabulary has no id 16853: name the test's "prefix" token instead
+        vocab = json.loads((tokenizer_dir / "text_tokenizer.json").read_text())["model"]["vocab"]
+        extra = ("--t2i-prefix-id", str(vocab["?"]), *extra)
     assert (
         run_converter([kind, str(src), str(dst), "--chameleon-tokenizer", str(tokenizer_dir), *extra]) == dst
     )
@@ -180,7 +183,7 @@ def test_unitoken_variant_comes_from_the_checkpoint(tmp_path: Path, tokenizer_di
     config = InferenceSolver.from_pretrained(
         convert("unitoken", anyres, tmp_path / "anyres", tokenizer_dir, "--vision-heads", "4")
     ).config.model.vision.anyres
-    assert config.enabled and config.pad_color == [0, 0, 0]
+    assert config.enabled and config.pad_color == [0, 0, 0] and config.layout == "unitoken"
     # The seed's candidates as (width, height) px of 384 px tiles -> ours as [rows, cols].
     assert config.grids == [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]]
     unknown = write_published(tmp_path / "checkpoint", state, "ChameleonForConditionalGeneration")
@@ -188,6 +191,8 @@ def test_unitoken_variant_comes_from_the_checkpoint(tmp_path: Path, tokenizer_di
         convert("unitoken", unknown, tmp_path / "c", tokenizer_dir, "--vision-heads", "4")
     with pytest.raises(ConversionError, match="48 wide, not so400m's 1152; pass --vision-heads"):
         convert("unitoken", anyres, tmp_path / "d", tokenizer_dir)
+    with pytest.raises(ConversionError, match=r"text_tokenizer\.json has no id 16853"):
+        run_converter(["unitoken", str(anyres), str(tmp_path / "e"), "--chameleon-tokenizer", str(tokenizer_dir)])
 
 
 def test_seed_simple_inference_example_runs_on_a_converted_checkpoint(

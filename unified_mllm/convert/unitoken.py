@@ -15,18 +15,20 @@ the ``architectures`` of ``config.json``, else from the directory name).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from unified_mllm.config import ModelConfig, ProjectorConfig, VisionConfig
+from unified_mllm.config import ModelConfig, ProjectorConfig, VisionConfig, with_unitoken_layouts
 from unified_mllm.convert import chameleon
 from unified_mllm.convert.common import ConversionError, Rule, count_indices, shape_of
 
 HELP = "UniToken-{base,AnyRes}-Stage{I,II} (Chameleon LM + SigLIP + adapter) -> export"
 SO400M_WIDTH, SO400M_HEADS = 1152, 16
+T2I_PREFIX_ID = 16853  # inference_solver_*.generate_img: prompt += [16853, 8197]
 
 VISION_RULES = (
     Rule(r"vit\.head\..*", None, "SigLIP's attention-pooling head: UniToken projects the last hidden state"),
@@ -39,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chameleon.add_common_arguments(parser)
     parser.add_argument("--variant", choices=["base", "anyres"], default=None, help="default: detected")
     parser.add_argument("--vision-heads", type=int, default=None, help="SigLIP attention heads (so400m: 16)")
+    parser.add_argument(
+        "--t2i-prefix-id",
+        type=int,
+        default=T2I_PREFIX_ID,
+        help=f"id UniToken puts before <racm3:break> in text-to-image prompts (default {T2I_PREFIX_ID})",
+    )
 
 
 def detect_variant(src: Path, hf: Mapping) -> str:
@@ -76,19 +84,21 @@ def vision_config(state: Mapping[str, torch.Tensor], heads: int | None) -> Visio
     )
 
 
-def model_config(src: Path, hf: Mapping, state: Mapping[str, torch.Tensor], variant: str, heads: int | None):
-    model = ModelConfig(
+def model_config(hf: Mapping, state: Mapping[str, torch.Tensor], heads: int | None) -> ModelConfig:
+    return ModelConfig(
         lm=chameleon.lm_config(hf),
         vision=vision_config(state, heads),
         projector=ProjectorConfig(depth=2, activation="gelu"),  # adapter.0, GELU, adapter.2
     )
-    model.vision.anyres.enabled = variant == "anyres"
-    if variant == "anyres":
-        # UniToken-AnyRes' candidate layouts, (rows, cols) of 384 px tiles: 384x768, 768x384, 768x768,
-        # 384x1152, 1152x384 given as (width, height) in the seed, black padding.
-        model.vision.anyres.grids = [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]]
-        model.vision.anyres.pad_color = [0, 0, 0]
-    return model
+
+
+def token_name(tokenizer_json: Path, token_id: int) -> str:
+    """The name of ``token_id`` in Chameleon's ``text_tokenizer.json`` (a BPE vocabulary of name -> id)."""
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    names = {index: name for name, index in vocab.items()}
+    if token_id not in names:
+        raise ConversionError(f"unitoken: {tokenizer_json} has no id {token_id} (ids 0..{max(names)})")
+    return names[token_id]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -97,7 +107,12 @@ def run(args: argparse.Namespace) -> Path:
     tokenizer_dir = chameleon.check_tokenizer_dir(args.chameleon_tokenizer, "unitoken")
     state = chameleon.read_safetensors_dir(src)
     variant = args.variant or detect_variant(src, hf)
-    model = model_config(src, hf, state, variant, args.vision_heads)
+    # UniToken's solvers end a text-to-image prompt with this id before <racm3:break>: in training every
+    # generated image's answer starts with it, so the model goes straight into drawing.
+    prefix = token_name(tokenizer_dir / "text_tokenizer.json", args.t2i_prefix_id)
+    model = with_unitoken_layouts(
+        model_config(hf, state, args.vision_heads), anyres=variant == "anyres", t2i_answer_prefix=prefix
+    )
     config = chameleon.base_config(model, tokenizer_dir, image_size=args.image_size or 512)
     config.generation.cfg_scale = 3.0  # the published "Simple Inference" example
     config.generation.image_top_k = 4000
