@@ -14,9 +14,10 @@ from torch import nn
 from transformers import ChameleonForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
 
 from tests.helpers import write_chameleon_checkpoint, write_fake_chameleon_vocab
-from unified_mllm.config import LMConfig, VQConfig
+from unified_mllm.config import LMConfig, ModelConfig, VisionConfig, VQConfig
 from unified_mllm.convert.__main__ import convert as run_converter
 from unified_mllm.convert.__main__ import main as convert_main
+from unified_mllm.convert.chameleon import vision_branch
 from unified_mllm.convert.common import ConversionError, Rule, rename
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import build_image_span
@@ -192,7 +193,9 @@ def test_unitoken_variant_comes_from_the_checkpoint(tmp_path: Path, tokenizer_di
     with pytest.raises(ConversionError, match="48 wide, not so400m's 1152; pass --vision-heads"):
         convert("unitoken", anyres, tmp_path / "d", tokenizer_dir)
     with pytest.raises(ConversionError, match=r"text_tokenizer\.json has no id 16853"):
-        run_converter(["unitoken", str(anyres), str(tmp_path / "e"), "--chameleon-tokenizer", str(tokenizer_dir)])
+        run_converter(
+            ["unitoken", str(anyres), str(tmp_path / "e"), "--chameleon-tokenizer", str(tokenizer_dir)]
+        )
 
 
 def test_seed_simple_inference_example_runs_on_a_converted_checkpoint(
@@ -211,8 +214,18 @@ def test_seed_simple_inference_example_runs_on_a_converted_checkpoint(
 # -------------------------------------------------------------------------------- Lumina-mGPT, Chameleon
 
 
+@pytest.fixture
+def siglip_dir(tmp_path: Path) -> Path:
+    """A tiny SigLIP ``from_pretrained`` folder (the LM-only kinds' --siglip)."""
+    torch.manual_seed(7)
+    SiglipVisionModel(SIGLIP).save_pretrained(tmp_path / "siglip")
+    return tmp_path / "siglip"
+
+
 @pytest.mark.parametrize("kind", ["lumina-mgpt", "chameleon"])
-def test_lm_only_checkpoints_give_transformers_logits(tmp_path: Path, tokenizer_dir: Path, kind: str) -> None:
+def test_lm_only_checkpoints_give_transformers_logits(
+    tmp_path: Path, tokenizer_dir: Path, siglip_dir: Path, kind: str
+) -> None:
     reference = published_lm()
     if kind == "lumina-mgpt":  # Lumina-mGPT's fork: per-shard q/k norms, no VQ-GAN in the checkpoint
         share_qk_norm_rows(reference)
@@ -220,8 +233,15 @@ def test_lm_only_checkpoints_give_transformers_logits(tmp_path: Path, tokenizer_
     else:  # transformers' save_pretrained: per-head norms, the VQ-GAN under model.vqmodel.*
         reference.save_pretrained(tmp_path / "chameleon-7b")
         src = tmp_path / "chameleon-7b"
-    solver = InferenceSolver.from_pretrained(convert(kind, src, tmp_path / "out", tokenizer_dir))
+    dst = convert(kind, src, tmp_path / "out", tokenizer_dir, "--siglip", str(siglip_dir))
+    solver = InferenceSolver.from_pretrained(dst)
     assert not solver.config.model.vision.enabled and solver.config.tokenizer.kind == "chameleon"
+    tower = SiglipVisionModel.from_pretrained(
+        siglip_dir
+    ).state_dict()  # the (off) branch holds SigLIP's tower
+    assert all(
+        torch.equal(solver.model.vision.tower.state_dict()[k], v) for k, v in tower.items() if "head" not in k
+    )
     ids = torch.randint(0, LM.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = solver.model.eval()(ids).logits
@@ -229,10 +249,28 @@ def test_lm_only_checkpoints_give_transformers_logits(tmp_path: Path, tokenizer_
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_export_on_request(tmp_path: Path, tokenizer_dir: Path) -> None:
+def test_bf16_export_on_request(tmp_path: Path, tokenizer_dir: Path, siglip_dir: Path) -> None:
     src = write_published(tmp_path / "lumina", lumina_state(published_lm()), "ChameleonXLLMX")
-    dst = convert("lumina-mgpt", src, tmp_path / "out", tokenizer_dir, "--dtype", "bfloat16")
+    dst = convert(
+        "lumina-mgpt",
+        src,
+        tmp_path / "out",
+        tokenizer_dir,
+        "--dtype",
+        "bfloat16",
+        "--siglip",
+        str(siglip_dir),
+    )
     assert {t.dtype for t in load_file(dst / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_without_siglip_the_off_branch_is_fresh_and_seeded(capsys: pytest.CaptureFixture[str]) -> None:
+    model = ModelConfig(lm=LM, vision=VisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
+                                                   num_layers=2, num_heads=4))  # fmt: skip
+    first, again = vision_branch(model, None), vision_branch(model, None)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert {k.split(".")[1] for k in first} == {"tower", "projector"}
+    assert "fresh SigLIP tower and projector (seed 0)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- bad sources

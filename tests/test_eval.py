@@ -439,7 +439,7 @@ def test_shapesbench_on_a_tiny_export_with_the_real_solver(
 ) -> None:
     """Train a 2-step stage-0 model, export it, and run the driver's whole path with the InferenceSolver."""
     from tests.helpers import STAGE0, make_tokenized_world, overrides
-    from unified_mllm.train import export
+    from unified_mllm.model import export
     from unified_mllm.train.trainer import train
 
     assert export.CONFIG_YAML == CONFIG_YAML  # the driver names the file without importing the trainer
