@@ -309,3 +309,45 @@ def test_rename_rules_drop_only_on_purpose() -> None:
     assert list(rename(state, rules, "src")) == ["b.1"]
     with pytest.raises(ConversionError, match=r"two published keys map to b\.1"):
         rename({"a.1": torch.zeros(1), "a.01": torch.zeros(1)}, [Rule(r"a\.0*(\d+)", r"b.\1")], "src")
+
+
+def test_an_export_converts_back_to_unitokens_layout(
+    tmp_path: Path, tokenizer_dir: Path, siglip_dir: Path
+) -> None:
+    export = unitoken_export(tmp_path, tokenizer_dir)
+    back = run_converter(["to-unitoken", str(export), str(tmp_path / "back")])
+    hf = json.loads((back / "config.json").read_text())
+    assert hf["architectures"] == ["ChameleonXLLMXForConditionalGenerationBase"]
+    assert hf["model_parallel_size"] == LM.num_heads and hf["model_type"] == "chameleon"
+    # The seed's module structure reads it: everything but SigLIP's pooling head, which ours does not keep.
+    reference = PublishedUniToken()
+    tensors = load_file(back / "model.safetensors")
+    lm = {k: v for k, v in tensors.items() if k.startswith(("model.", "lm_head."))}
+    missing, unexpected = reference.lm.load_state_dict(lm, strict=False)
+    assert not unexpected and all(k.startswith("model.vqmodel.") for k in missing)
+    missing, unexpected = reference.vit.load_state_dict(
+        {k.removeprefix("vit."): v for k, v in tensors.items() if k.startswith("vit.")}, strict=False
+    )
+    assert not unexpected and all(k.startswith("head.") for k in missing)
+    reference.adapter.load_state_dict(
+        {k.removeprefix("adapter."): v for k, v in tensors.items() if "adapter" in k}
+    )
+    solver = InferenceSolver.from_pretrained(export)
+    tokens, codes = (
+        solver.tokens,
+        torch.randint(0, NUM_CODES, (8, 8), generator=torch.Generator().manual_seed(4)),
+    )
+    ids = torch.tensor([[tokens.bos, *build_image_span(codes.numpy(), tokens, num_features=16), 70, 71]])
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        ours = solver.model.eval()(ids, pixel_values=pixels, feature_mask=ids == tokens.feature).logits
+    torch.testing.assert_close(
+        reference.logits(ids, ids == tokens.feature, pixels), ours, atol=1e-5, rtol=1e-5
+    )
+    # An export the seed cannot express is refused with the reasons.
+    dst = convert("lumina-mgpt", write_published(tmp_path / "l", lumina_state(published_lm()), "X"), tmp_path / "lm",
+                  tokenizer_dir, "--siglip", str(siglip_dir))  # fmt: skip
+    with pytest.raises(
+        ConversionError, match="cannot be expressed in UniToken's layout: the continuous branch is off"
+    ):
+        run_converter(["to-unitoken", str(dst), str(tmp_path / "no")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 # kind -> module under unified_mllm.convert (imported on use).
 KINDS: dict[str, str] = {
     "unitoken": "unitoken",
+    "to-unitoken": "to_unitoken",
     "lumina-mgpt": "chameleon",
     "chameleon": "chameleon",
     "unitok": "unitok",
