@@ -105,11 +105,11 @@ def run(args: argparse.Namespace) -> Path:
     src = Path(args.src).expanduser()
     hf = chameleon.read_hf_config(src, "unitoken")
     tokenizer_dir = chameleon.check_tokenizer_dir(args.chameleon_tokenizer, "unitoken")
-    state = chameleon.read_safetensors_dir(src)
     variant = args.variant or detect_variant(src, hf)
     # UniToken's solvers end a text-to-image prompt with this id before <racm3:break>: in training every
     # generated image's answer starts with it, so the model goes straight into drawing.
     prefix = token_name(tokenizer_dir / "text_tokenizer.json", args.t2i_prefix_id)
+    state = chameleon.read_safetensors_dir(src)  # after the cheap checks: a 7B checkpoint is 14 GB
     model = with_unitoken_layouts(
         model_config(hf, state, args.vision_heads), anyres=variant == "anyres", t2i_answer_prefix=prefix
     )
