@@ -243,3 +243,18 @@ def test_an_export_missing_a_file_names_it(export: Path, tmp_path: Path, missing
         InferenceSolver.from_pretrained(copy)
     with pytest.raises(FileNotFoundError, match="export directory not found"):
         InferenceSolver.from_pretrained(tmp_path / "nowhere")
+
+
+def test_default_answer_length_fits_a_batch_of_prompts_of_different_lengths(solver: InferenceSolver) -> None:
+    # The README's batched example: each prompt alone leaves room for a budget cut to it (asked for here; the
+    # quickstart's default 512 is too), but left-padded together the shorter prompt's longer budget would run past
+    # the model's positions.
+    answers = solver.generate(
+        [[picture(0)], [picture(1)]],
+        [
+            [["<|image|>what colour is the circle in the middle of the picture?", None]],
+            [["<|image|>a square?", None]],
+        ],
+        max_gen_len=10_000,
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -420,9 +420,11 @@ class InferenceSolver:
         """One engine run over the unfinished answers; each ends, or pauses after a drawn image's grid."""
         views = [v for a in answers for v in a.views]
         stacks = [s for a in answers for s in a.stacks]
+        # Left padding puts every row's new ids after the longest prompt: no row may run past that one's room.
+        room = self._room(max((a.ids for a in answers), key=len))
         result = self.engine.generate(
             [a.ids for a in answers],
-            max_new_tokens=[a.budget for a in answers],
+            max_new_tokens=[min(a.budget, room) for a in answers],
             processors=processors,
             greedy=greedy,
             generator=generator,
