@@ -28,7 +28,7 @@ from unified_mllm.convert.common import ConversionError, Rule, count_indices, sh
 
 HELP = "UniToken-{base,AnyRes}-Stage{I,II} (Chameleon LM + SigLIP + adapter) -> export"
 SO400M_WIDTH, SO400M_HEADS = 1152, 16
-T2I_PREFIX_ID = 16853  # inference_solver_*.generate_img: prompt += [16853, 8197]
+T2I_PREFIX_ID = 16853  # inference_solver_*.generate_img appends it and <racm3:break> to the prompt
 
 VISION_RULES = (
     Rule(r"vit\.head\..*", None, "SigLIP's attention-pooling head: UniToken projects the last hidden state"),

@@ -56,14 +56,17 @@ def _fit(image_hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, in
     )
 
 
-def select_grid(image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int) -> Grid:
+def select_grid(
+    image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int, *, truncate: bool = False
+) -> Grid:
     """The ``(rows, cols)`` of ``grids`` that best fits an image of ``image_size_hw = (height, width)`` pixels.
 
     For each candidate canvas (``rows*tile_size`` by ``cols*tile_size``) the image is fitted inside it; the
     *used* resolution is the fitted area, capped at the original area (upscaling adds no information); the
     *waste* is the canvas area minus the used resolution. Highest used resolution wins; ties go to the least
     waste, then to the earlier candidate. E.g. with 384 px tiles a 1000 x 300 (width x height) image picks
-    ``[1, 3]``, a 300 x 1000 one ``[3, 1]``, a large square one ``[2, 2]``.
+    ``[1, 3]``, a 300 x 1000 one ``[3, 1]``, a large square one ``[2, 2]``. ``truncate``: the fitted sides are
+    truncated to whole pixels instead of rounded, as UniToken's ``select_best_resolution`` computes them.
     """
     height, width = image_size_hw
     if height < 1 or width < 1:
@@ -74,33 +77,14 @@ def select_grid(image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], 
     best_key: tuple[int, int] | None = None
     for rows, cols in grids:
         canvas = (rows * tile_size, cols * tile_size)
-        fit_h, fit_w = _fit((height, width), canvas)
+        if truncate:
+            scale = min(canvas[1] / width, canvas[0] / height)
+            fit_h, fit_w = int(height * scale), int(width * scale)
+        else:
+            fit_h, fit_w = _fit((height, width), canvas)
         used = min(fit_h * fit_w, height * width)
         key = (used, -(canvas[0] * canvas[1] - used))
         if best_key is None or key > best_key:  # strict: an equal key keeps the earlier candidate
-            best, best_key = (int(rows), int(cols)), key
-    assert best is not None
-    return best
-
-
-def select_grid_unitoken(
-    image_size_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile_size: int
-) -> Grid:
-    """:func:`select_grid` as UniToken's ``select_best_resolution`` computes it: the fitted width and height are
-    truncated to whole pixels (``int``) instead of rounded; same keys and tie-breaking otherwise."""
-    height, width = image_size_hw
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width} (height x width)")
-    if not grids:
-        raise ConfigError("`model.vision.anyres.grids`: needs at least one [rows, cols] candidate")
-    best: Grid | None = None
-    best_key: tuple[int, int] | None = None
-    for rows, cols in grids:
-        canvas_w, canvas_h = cols * tile_size, rows * tile_size
-        scale = min(canvas_w / width, canvas_h / height)
-        used = min(int(width * scale) * int(height * scale), width * height)
-        key = (used, -(canvas_w * canvas_h - used))
-        if best_key is None or key > best_key:
             best, best_key = (int(rows), int(cols)), key
     assert best is not None
     return best
@@ -110,9 +94,8 @@ def image_grid(vision: VisionConfig, image_size_hw: tuple[int, int]) -> Grid | N
     """The tile grid AnyRes uses for an image of ``(height, width)`` pixels; ``None`` when AnyRes is off."""
     if not vision.anyres.enabled:
         return None
-    if vision.anyres.layout == "unitoken":
-        return select_grid_unitoken(image_size_hw, vision.anyres.grids, vision.image_size)
-    return select_grid(image_size_hw, vision.anyres.grids, vision.image_size)
+    truncate = vision.anyres.layout == "unitoken"
+    return select_grid(image_size_hw, vision.anyres.grids, vision.image_size, truncate=truncate)
 
 
 def unpadded_region(grid: Grid, per_side: int, image_size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
