@@ -178,8 +178,9 @@ def vision_branch(model: ModelConfig, siglip: str | None, seed: int = 0) -> dict
     read from the folder) and a fresh projector, or a fresh tower and projector."""
     if siglip is not None:
         model.vision = dataclasses.replace(model.vision, **siglip_shapes(Path(siglip).expanduser()))
-    torch.manual_seed(seed)
-    encoder = VisionEncoder(model.vision, model.lm.hidden_size, model.projector)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's generator
+        torch.manual_seed(seed)
+        encoder = VisionEncoder(model.vision, model.lm.hidden_size, model.projector)
     if siglip is not None:
         encoder.load_pretrained_tower(Path(siglip).expanduser())
         print(f"vision branch: SigLIP tower from {siglip}, fresh projector (seed {seed}); off until stage 1")
