@@ -18,7 +18,7 @@ from unified_mllm.config import load_config
 from unified_mllm.infer.processors import CFGProcessor, GridConstraint, ModalityTopK
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import PlaceholderMismatchError, build_image_span
-from unified_mllm.model.export import unique_state_dict
+from unified_mllm.model.export import CheckpointMismatchError, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.train.export import export_run
 
@@ -219,6 +219,11 @@ def test_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
         solver.generate_img("a red circle", size=(32, 72))
     with pytest.raises(ValueError, match="cfg must be >= 0"):
         solver.generate_img("a red circle", cfg=-1.0)
+    with pytest.raises(ValueError, match="cfg must be finite, got inf"):  # not "NaN scores" steps later
+        solver.generate_img("a red circle", cfg=float("inf"))
+    for size in (64.0, "64", (32, 32.0), True):
+        with pytest.raises(ValueError, match=r"whole pixels \(int\)"):
+            solver.generate_img("a red circle", size=size)
     with pytest.raises(ValueError, match="image_top_k must be an integer >= 1"):
         solver.generate_img("a red circle", image_top_k=0)
     with pytest.raises(ValueError, match="jacobi_window must be >= 0"):
@@ -243,6 +248,17 @@ def test_an_export_missing_a_file_names_it(export: Path, tmp_path: Path, missing
         InferenceSolver.from_pretrained(copy)
     with pytest.raises(FileNotFoundError, match="export directory not found"):
         InferenceSolver.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_truncated_weights_file_is_named(export: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        CheckpointMismatchError, match=r"model\.safetensors is not a readable safetensors file"
+    ):
+        InferenceSolver.from_pretrained(copy)
 
 
 def test_default_answer_length_fits_a_batch_of_prompts_of_different_lengths(solver: InferenceSolver) -> None:

@@ -206,6 +206,17 @@ def test_a_rule_that_matches_nothing_names_it(world: Config, tmp_path: Path) -> 
         train(config, progress=False)
 
 
+def test_the_command_line_reports_bad_data_in_one_line(world: Config, tmp_path: Path) -> None:
+    from unified_mllm.train.__main__ import main
+
+    empty = tmp_path / "no-shards"
+    empty.mkdir()
+    args = ["--config", str(STAGE0), "--no-progress", *overrides(world, tmp_path / "run")]
+    with pytest.raises(SystemExit) as info:  # a DataError, not a traceback
+        main([*args, f"data.tokenized_root={empty}"])
+    assert str(info.value).startswith("error: ") and "\n" not in str(info.value), info.value
+
+
 # ---------------------------------------------------------------------------------- two processes
 
 

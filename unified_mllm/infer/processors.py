@@ -21,6 +21,7 @@ grammar, then the sampling warpers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -144,9 +145,12 @@ def next_id_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 
 def check_non_negative(name: str, value: float) -> float:
-    """``value`` as a float; ValueError naming ``name`` unless it is >= 0 (a temperature, a guidance scale)."""
+    """``value`` as a float; ValueError naming ``name`` unless it is finite and >= 0 (a temperature, a guidance
+    scale: an infinite one would turn every score into NaN far from here)."""
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 

@@ -179,9 +179,17 @@ class InferenceSolver:
         (times the tokenizer's size unit), or beyond the largest resolution token.
         """
         size = self.config.generation.image_size if size is None else size
-        sides = (size, size) if isinstance(size, int) else tuple(size)
-        if len(sides) != 2:
-            raise ValueError(f"image size must be a side or (height, width) in pixels, got {size!r}")
+        sides = (
+            (size, size)
+            if isinstance(size, (int, float))
+            else tuple(size)
+            if isinstance(size, Sequence)
+            else ()
+        )
+        if len(sides) != 2 or any(isinstance(side, bool) or not isinstance(side, int) for side in sides):
+            raise ValueError(
+                f"image size must be a side or (height, width) in whole pixels (int), got {size!r}"
+            )
         height, width = sides
         factor = self.config.model.vq.downsample_factor
         step = factor * self.tokens.size_unit

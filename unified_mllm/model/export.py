@@ -28,19 +28,20 @@ headers (:class:`CheckpointMismatchError`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -114,6 +115,19 @@ def check_keys_and_shapes(
 # ------------------------------------------------------------------------------------- safetensors files
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, with a damaged file (truncated, not safetensors) reported by its path."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointMismatchError(
+            f"{path} is not a readable safetensors file ({exc}); is it complete?"
+        ) from exc
+    with handle:
+        yield handle
+
+
 def safetensors_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
     """Which file of ``directory`` holds each tensor: a single ``model.safetensors`` or the shards named by
     ``model.safetensors.index.json``. Raises FileNotFoundError naming the file that is missing."""
@@ -133,7 +147,7 @@ def safetensors_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
         raise FileNotFoundError(
             f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}: only safetensors checkpoints are read"
         )
-    with safe_open(str(single), framework="pt") as handle:
+    with open_safetensors(single) as handle:
         return dict.fromkeys(handle.keys(), single)
 
 
@@ -141,7 +155,7 @@ def _checkpoint_shapes(files: Mapping[str, Path]) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor, read from the file headers only."""
     shapes = {}
     for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key in files:
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
@@ -204,7 +218,7 @@ def load_safetensors_into(
         by_file.setdefault(files[key], []).append(ours)
     with torch.no_grad():
         for path, names in sorted(by_file.items()):
-            with safe_open(str(path), framework="pt") as handle:
+            with open_safetensors(path) as handle:
                 for ours in names:
                     target, key = targets[ours], renamed[ours]
                     part = shard(target)

@@ -15,9 +15,16 @@ from unified_mllm.train.harness import run_cli
 
 
 def _train(config: Config, args: argparse.Namespace) -> None:
-    from unified_mllm.train.trainer import train  # heavy imports after argument parsing (fast --help)
+    # Heavy imports after argument parsing (fast --help).
+    from unified_mllm.data.dataset import DataError
+    from unified_mllm.data.shards import CorruptShardError
+    from unified_mllm.model.export import CheckpointMismatchError
+    from unified_mllm.train.trainer import train
 
-    train(config, progress=not args.no_progress)
+    try:
+        train(config, progress=not args.no_progress)
+    except (DataError, CorruptShardError, CheckpointMismatchError) as exc:  # bad data or weights: one line
+        raise SystemExit(f"error: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> None:
