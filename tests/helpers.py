@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -264,3 +265,52 @@ MICRO = [
     "train.wandb.mode=disabled",
     "checkpoint.every_steps=3",
 ]
+
+
+# ---------------------------------------------------------- published UniTok / DualToken blocks, by hand
+
+
+def ref_layer_norm(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(
+        x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps
+    )
+
+
+def ref_linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    return torch.nn.functional.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
+
+
+def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        n = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def ref_geglu(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    """The published GeGluMlp: LayerNorm (eps 1e-6) on the input, gelu_tanh(w0 x) * w1 x, then w2."""
+    h = ref_layer_norm(x, state, f"{name}.norm", 1e-6)
+    gated = torch.nn.functional.gelu(ref_linear(h, state, f"{name}.w0"), approximate="tanh")
+    return ref_linear(gated * ref_linear(h, state, f"{name}.w1"), state, f"{name}.w2")
+
+
+def ref_attn_projection(x: torch.Tensor, state: dict, name: str, *, causal: bool = False) -> torch.Tensor:
+    """The published AttnProjection of UniTok and DualToken: nn.LayerNorm (eps 1e-5) norms, attention with a
+    zero key bias over max(in, out) // min(in, out) heads (averaged when narrowing), and the GeGluMlp."""
+    in_dim, out_dim = state[f"{name}.norm1.weight"].shape[0], state[f"{name}.norm2.weight"].shape[0]
+    inner = max(in_dim, out_dim)
+    heads = inner // min(in_dim, out_dim)
+    b, n, _ = x.shape
+    bias = torch.cat(
+        [state[f"{name}.attn.q_bias"], state[f"{name}.attn.zero_k_bias"], state[f"{name}.attn.v_bias"]]
+    )
+    qkv = torch.nn.functional.linear(
+        ref_layer_norm(x, state, f"{name}.norm1", 1e-5), state[f"{name}.attn.qkv.weight"], bias
+    )
+    q, k, v = qkv.reshape(b, n, 3, heads, inner // heads).permute(2, 0, 3, 1, 4)
+    a = ref_attention(q, k, v, causal=causal)
+    a = a.mean(dim=1) if in_dim > out_dim else a.transpose(1, 2).reshape(b, n, -1)
+    y = ref_linear(ref_layer_norm(x, state, f"{name}.norm3", 1e-5), state, f"{name}.proj")
+    y = y + ref_linear(a, state, f"{name}.attn.proj")
+    return y + ref_geglu(ref_layer_norm(y, state, f"{name}.norm2", 1e-5), state, f"{name}.mlp")

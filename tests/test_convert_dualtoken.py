@@ -7,7 +7,6 @@ forwards of the published modules."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import SiglipConfig, SiglipModel
 
+from tests.helpers import ref_attn_projection
 from unified_mllm.config import load_config
 from unified_mllm.convert.__main__ import main
 from unified_mllm.convert.common import ConversionError, check_converted
@@ -203,41 +203,6 @@ def convert_tiny(tmp_path: Path, state: dict | None = None) -> DualToken:
     model = load_visual_tokenizer(tmp_path / "out")
     assert isinstance(model, DualToken)
     return model.eval()
-
-
-def ln(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
-
-
-def linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
-    return F.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
-
-
-def ref_attn_projection(x: torch.Tensor, state: dict, name: str, *, causal: bool) -> torch.Tensor:
-    """The published AttnProjection: nn.LayerNorm (1e-5) norms, AttentionBlock with a zero key bias, and a
-    GeGluMlp whose LayerNorm (1e-6) normalises its input."""
-    in_dim, out_dim = state[f"{name}.norm1.weight"].shape[0], state[f"{name}.norm2.weight"].shape[0]
-    inner = max(in_dim, out_dim)
-    heads = inner // min(in_dim, out_dim)
-    b, n, _ = x.shape
-    bias = torch.cat(
-        [state[f"{name}.attn.q_bias"], state[f"{name}.attn.zero_k_bias"], state[f"{name}.attn.v_bias"]]
-    )
-    qkv = F.linear(ln(x, state, f"{name}.norm1", 1e-5), state[f"{name}.attn.qkv.weight"], bias)
-    q, k, v = qkv.reshape(b, n, 3, heads, inner // heads).permute(2, 0, 3, 1, 4)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(inner // heads)
-    if causal:
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    a = scores.softmax(-1) @ v
-    a = a.mean(dim=1) if in_dim > out_dim else a.transpose(1, 2).reshape(b, n, -1)
-    y = linear(ln(x, state, f"{name}.norm3", 1e-5), state, f"{name}.proj") + linear(
-        a, state, f"{name}.attn.proj"
-    )
-    h = ln(ln(y, state, f"{name}.norm2", 1e-5), state, f"{name}.mlp.norm", 1e-6)
-    gated = F.gelu(linear(h, state, f"{name}.mlp.w0"), approximate="tanh") * linear(
-        h, state, f"{name}.mlp.w1"
-    )
-    return y + linear(gated, state, f"{name}.mlp.w2")
 
 
 def ref_residual_codes(z: torch.Tensor, weight: torch.Tensor, depth: int) -> torch.Tensor:

@@ -14,6 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import ref_attention, ref_attn_projection, ref_geglu
+from tests.helpers import ref_layer_norm as ln
+from tests.helpers import ref_linear as linear
 from unified_mllm.convert.__main__ import main
 from unified_mllm.convert.common import ConversionError, check_converted
 from unified_mllm.convert.unitok import convert_file, convert_state, infer_config, to_published
@@ -201,29 +204,6 @@ def convert_tiny(tmp_path: Path, state: dict | None = None) -> UniTok:
     return model.eval()
 
 
-def ln(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
-
-
-def linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
-    return F.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
-
-
-def ref_geglu(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
-    """The published GeGluMlp: LayerNorm(eps 1e-6) on the input, gelu_tanh(w0 x) * w1 x, then w2."""
-    h = ln(x, state, f"{name}.norm", 1e-6)
-    return linear(
-        F.gelu(linear(h, state, f"{name}.w0"), approximate="tanh") * linear(h, state, f"{name}.w1"),
-        state,
-        f"{name}.w2",
-    )
-
-
-def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
-    return weights @ v
-
-
 def ref_timm_block(x: torch.Tensor, state: dict, name: str, heads: int) -> torch.Tensor:
     """timm's Block (eps 1e-6 norms) with the GeGluMlp."""
     b, n, c = x.shape
@@ -231,24 +211,6 @@ def ref_timm_block(x: torch.Tensor, state: dict, name: str, heads: int) -> torch
     q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     x = x + linear(ref_attention(q, k, v).transpose(1, 2).reshape(b, n, c), state, f"{name}.attn.proj")
     return x + ref_geglu(ln(x, state, f"{name}.norm2", 1e-6), state, f"{name}.mlp")
-
-
-def ref_attn_projection(x: torch.Tensor, state: dict, name: str, in_dim: int, out_dim: int) -> torch.Tensor:
-    """The published AttnProjection (nn.LayerNorm eps 1e-5 norms, PlainAttention with a zero key bias)."""
-    heads = max(in_dim, out_dim) // min(in_dim, out_dim)
-    b, n, _ = x.shape
-    h = ln(x, state, f"{name}.norm1", 1e-5)
-    bias = torch.cat(
-        [state[f"{name}.attn.q_bias"], state[f"{name}.attn.zero_k_bias"], state[f"{name}.attn.v_bias"]]
-    )
-    qkv = F.linear(h, state[f"{name}.attn.qkv.weight"], bias)
-    q, k, v = qkv.reshape(b, n, 3, heads, max(in_dim, out_dim) // heads).permute(2, 0, 3, 1, 4)
-    a = ref_attention(q, k, v)
-    a = a.mean(dim=1) if in_dim > out_dim else a.transpose(1, 2).reshape(b, n, -1)
-    y = linear(ln(x, state, f"{name}.norm3", 1e-5), state, f"{name}.proj") + linear(
-        a, state, f"{name}.attn.proj"
-    )
-    return y + ref_geglu(ln(y, state, f"{name}.norm2", 1e-5), state, f"{name}.mlp")
 
 
 def ln2d(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
@@ -282,7 +244,7 @@ def ref_latents(pixels: torch.Tensor, state: dict) -> torch.Tensor:
     tokens = x.flatten(2).transpose(1, 2) + state["encoder.pos_embed"]
     for i in range(TINY["encoder_layers"]):
         tokens = ref_timm_block(tokens, state, f"encoder.blocks.{i}", HEADS)
-    return ref_attn_projection(ln(tokens, state, "encoder.norm", 1e-6), state, "quant_proj", 32, 8)
+    return ref_attn_projection(ln(tokens, state, "encoder.norm", 1e-6), state, "quant_proj")
 
 
 def ref_indices(latents: torch.Tensor, state: dict) -> torch.Tensor:
@@ -320,7 +282,7 @@ def ref_decode(indices: torch.Tensor, state: dict) -> torch.Tensor:
         ],
         dim=-1,
     )
-    x = ref_attn_projection(vectors, state, "post_quant_proj", 8, 32)
+    x = ref_attn_projection(vectors, state, "post_quant_proj")
     for i in range(TINY["decoder_layers"]):
         x = ref_timm_block(x, state, f"decoder.blocks.{i}", HEADS)
     x = ln(x, state, "decoder.norm", 1e-6)
@@ -393,11 +355,9 @@ def test_blocks_and_projections_equal_the_published_forward(tmp_path: Path) -> N
             model.decoder.blocks[0](x), ref_timm_block(x, state, "decoder.blocks.0", HEADS)
         )
         torch.testing.assert_close(model.encoder.norm(x), ln(x, state, "encoder.norm", 1e-6))
-        torch.testing.assert_close(model.quant_proj(x), ref_attn_projection(x, state, "quant_proj", 32, 8))
+        torch.testing.assert_close(model.quant_proj(x), ref_attn_projection(x, state, "quant_proj"))
         z = torch.randn(2, 5, TINY["vocab_width"]) * 0.01
-        torch.testing.assert_close(
-            model.post_quant_proj(z), ref_attn_projection(z, state, "post_quant_proj", 8, 32)
-        )
+        torch.testing.assert_close(model.post_quant_proj(z), ref_attn_projection(z, state, "post_quant_proj"))
         clip = F.linear(
             ln(x.mean(1), state, "fc_norm", 1e-6), state["projection.weight"], state["projection.bias"]
         )
