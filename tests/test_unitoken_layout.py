@@ -74,6 +74,18 @@ UNITOKEN_ANYRES = AnyResConfig(
 )
 
 
+def unitoken_keys(prefix_name: str) -> list[str]:
+    """The overrides with_unitoken_layouts sets for an AnyRes checkpoint, VQ preprocessing aside."""
+    return [
+        "model.prompt_style=unitoken",
+        f"model.t2i_answer_prefix={prefix_name}",
+        "model.vision.anyres.enabled=true",
+        "model.vision.anyres.layout=unitoken",
+        "model.vision.anyres.grids=[[2,1],[1,2],[2,2],[3,1],[1,3]]",
+        "model.vision.anyres.pad_color=[0,0,0]",
+    ]
+
+
 def tiny_vision(anyres: AnyResConfig | None = UNITOKEN_ANYRES) -> VisionConfig:
     """The tiny preset's SigLIP: 64 px views of 8 px patches, n = 8 patches a side, P = 64 features a view."""
     vision = get_preset("tiny").vision
@@ -377,12 +389,7 @@ def unitoken_solver(
     export = write_export(
         tmp_path_factory.mktemp("unitoken") / "export",
         sp_model,
-        "model.prompt_style=unitoken",
-        f"model.t2i_answer_prefix={prefix_name}",
-        "model.vision.anyres.enabled=true",
-        "model.vision.anyres.layout=unitoken",
-        "model.vision.anyres.grids=[[2,1],[1,2],[2,2],[3,1],[1,3]]",
-        "model.vision.anyres.pad_color=[0,0,0]",
+        *unitoken_keys(prefix_name),
         "model.vq.preprocess=halving",
     )
     return InferenceSolver.from_pretrained(export)
@@ -472,12 +479,7 @@ def test_training_batches_in_unitoken_style(tmp_path: Path, sp_model: Path, pref
         tmp_path,
         sp_model,
         "data.max_seq_len=512",
-        "model.prompt_style=unitoken",
-        f"model.t2i_answer_prefix={prefix_name}",
-        "model.vision.anyres.enabled=true",
-        "model.vision.anyres.layout=unitoken",
-        "model.vision.anyres.grids=[[2,1],[1,2],[2,2],[3,1],[1,3]]",
-        "model.vision.anyres.pad_color=[0,0,0]",
+        *unitoken_keys(prefix_name),
         "data.cfg_dropout=0.0",
     )
     path = f"{config.data.tokenized_root}/{{split}}"
