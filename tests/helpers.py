@@ -23,6 +23,8 @@ from unified_mllm.config import Config, get_preset, load_config
 from unified_mllm.data import pretokenize as P
 from unified_mllm.data.shapes import write_split
 from unified_mllm.layout import SpecialTokens
+from unified_mllm.model.export import unique_state_dict
+from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import CHAMELEON_SPECIAL_NAMES, chameleon_name_of_code
 from unified_mllm.vision.vqgan import VQGAN
 
@@ -314,3 +316,24 @@ def ref_attn_projection(x: torch.Tensor, state: dict, name: str, *, causal: bool
     y = ref_linear(ref_layer_norm(x, state, f"{name}.norm3", 1e-5), state, f"{name}.proj")
     y = y + ref_linear(a, state, f"{name}.attn.proj")
     return y + ref_geglu(ref_layer_norm(y, state, f"{name}.norm2", 1e-5), state, f"{name}.mlp")
+
+
+def write_export(directory: Path, sp_model: Path, *overrides: str) -> Path:
+    """A random-weight tiny export written by the trainer's own exporter (unified_mllm.train.export), which
+    copies the tokenizers in and rewrites their paths in config.yaml relative to the export."""
+    config = load_config(
+        overrides=[
+            "model.preset=tiny",
+            f"tokenizer.path={sp_model}",
+            f"model.vq.checkpoint={save_random_vq(directory.parent / 'vq-source')}",
+            "tokenizer.num_size_tokens=9",  # the test tokenizer's <size-0> .. <size-8>
+            "generation.image_size=32",
+            "generation.max_new_tokens=6",
+            *overrides,
+        ]
+    )
+    torch.manual_seed(0)
+    model = UnifiedModel(config.model)
+    from unified_mllm.train.export import export_run  # the training stack, only for the tests that need it
+
+    return export_run(unique_state_dict(model), config, directory, summary={"steps": 0})

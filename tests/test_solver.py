@@ -13,35 +13,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.helpers import save_random_vq, spy_on_engine
-from unified_mllm.config import load_config
+from tests.helpers import spy_on_engine, write_export
 from unified_mllm.infer.processors import CFGProcessor, GridConstraint, ModalityTopK
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import PlaceholderMismatchError, build_image_span
-from unified_mllm.model.export import CheckpointMismatchError, unique_state_dict
-from unified_mllm.model.unified import UnifiedModel
-from unified_mllm.train.export import export_run
+from unified_mllm.model.export import CheckpointMismatchError
 
 QUESTION = "<|image|>how many objects?"
-
-
-def write_export(directory: Path, sp_model: Path, *overrides: str) -> Path:
-    """A random-weight tiny export written by the trainer's own exporter (unified_mllm.train.export), which
-    copies the tokenizers in and rewrites their paths in config.yaml relative to the export."""
-    config = load_config(
-        overrides=[
-            "model.preset=tiny",
-            f"tokenizer.path={sp_model}",
-            f"model.vq.checkpoint={save_random_vq(directory.parent / 'vq-source')}",
-            "tokenizer.num_size_tokens=9",  # the test tokenizer's <size-0> .. <size-8>
-            "generation.image_size=32",
-            "generation.max_new_tokens=6",
-            *overrides,
-        ]
-    )
-    torch.manual_seed(0)
-    model = UnifiedModel(config.model)
-    return export_run(unique_state_dict(model), config, directory, summary={"steps": 0})
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,20 @@
 
     python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--limit N] [--batch-size B] \\
         [--output DIR] [--device cuda] [--dtype bfloat16] [--config EXTRA.yaml] [key.sub=value ...]
+    python -m unified_mllm.eval --task mmbench-en --model EXPORT_DIR --data MMBench_DEV_EN.tsv [--restart]
+    python -m unified_mllm.eval --task all-understanding --model EXPORT_DIR --data BENCHMARKS_ROOT
 
 ``EXPORT_DIR`` is a training run's export (``checkpoint.export_dir``). The task's config is the export's own
 resolved training config (``config.yaml`` in it), then any ``--config`` files, then the ``key=value``
 overrides — so ``data.root=...`` points at the data and ``generation.cfg_scale=5.5`` changes the decoding.
-``--limit N`` caps what each part of the task evaluates (ShapesBench: N test scenes and N prompts). Results go
-to ``--output`` (default ``EXPORT_DIR/eval/<task>``); the driver prints the task's table and the files.
+``--limit N`` caps what each part of the task evaluates (ShapesBench: N test scenes and N prompts; a paper
+benchmark: its first N questions). ``--data`` is the benchmark's released file or folder (paper benchmarks
+read nothing else; see the README's benchmark table for what to download); ``--restart`` discards the
+predictions a killed run cached (by default a rerun continues from them). ``--images-per-prompt`` and
+``--scores`` are for the generation benchmarks (how many images to draw per prompt; the results file of the
+benchmark's own scorer to summarise). ``--task all-understanding`` runs every understanding benchmark whose
+files it finds under the ``--data`` root and prints one summary table. Results go to ``--output`` (default
+``EXPORT_DIR/eval/<task>``); the driver prints the task's table and the files.
 
 Tasks live in :mod:`unified_mllm.eval.tasks`' registry; ``--help`` lists them.
 """
@@ -21,14 +29,17 @@ from typing import Any
 
 import torch
 
+from unified_mllm import io
 from unified_mllm.config import ConfigError, load_config
-from unified_mllm.eval.tasks import Solver, check_limit, get_task, task_names
+from unified_mllm.eval.tasks import Solver, Task, check_limit, get_task, markdown_table, task_names
 
 # The resolved training config in an export (unified_mllm.model.export.CONFIG_YAML, named here so that a bad
 # --model fails in a moment instead of after importing the training stack).
 CONFIG_YAML = "config.yaml"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALL_UNDERSTANDING = "all-understanding"
+SUMMARY_FILE = "summary"  # .json and .md of --task all-understanding
 
 
 def evaluate(
@@ -44,11 +55,14 @@ def evaluate(
     overrides: Sequence[str] = (),
     progress: bool = True,
     solver: Solver | None = None,
+    data: str | Path | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``task_name`` on the export; every input is checked before the model loads.
 
-    ``solver`` replaces the export's InferenceSolver (tests pass a fake); results go to ``output``, default
-    ``export_dir/eval/<task>``.
+    ``data`` is the benchmark's files (``--data``); ``options`` go to the task's constructor (``restart``,
+    ``images_per_prompt``, ``scores``: only those the user set). ``solver`` replaces the export's
+    InferenceSolver (tests pass a fake); results go to ``output``, default ``export_dir/eval/<task>``.
     """
     path = Path(export_dir).expanduser()
     if not path.is_dir():
@@ -59,29 +73,102 @@ def evaluate(
             "is it a finished export of `python -m unified_mllm.train`?"
         )
     check_limit(limit, batch_size)
-    task = get_task(task_name)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     # The export's config.yaml, then config_files, then key=value overrides, validated.
     config = load_config([path / CONFIG_YAML, *config_files], overrides)
-    task.check(config)
+    if task_name == ALL_UNDERSTANDING:
+        if data is None:
+            raise FileNotFoundError(
+                f"--task {ALL_UNDERSTANDING} needs --data ROOT, the folder of benchmark files"
+            )
+        tasks = _found_understanding_tasks(Path(data).expanduser(), options)
+    else:
+        tasks = [_make_task(task_name, data, options)]
+    for task in tasks:
+        task.check(config)
     if solver is None:
         # Imported here: the driver's checks need no model code.
         from unified_mllm.infer.solver import InferenceSolver
 
         solver = InferenceSolver.from_pretrained(path, device=device, dtype=dtype)
-    output_dir = Path(output).expanduser() if output is not None else path / "eval" / task.name
-    result = task.run(
-        solver,
-        config,
-        limit=limit,
-        batch_size=batch_size,
-        output_dir=output_dir,
-        progress=progress,
-        model_name=str(path),
+    base = Path(output).expanduser() if output is not None else path / "eval"
+    results = {}
+    for task in tasks:
+        output_dir = base / task.name if output is None or task_name == ALL_UNDERSTANDING else base
+        results[task.name] = result = task.run(
+            solver,
+            config,
+            limit=limit,
+            batch_size=batch_size,
+            output_dir=output_dir,
+            progress=progress,
+            model_name=str(path),
+        )
+        print(task.format_table(result))
+        for label, file in result.get("files", {}).items():
+            print(f"{label}: {file}")
+    if task_name != ALL_UNDERSTANDING:
+        return results[tasks[0].name]
+    return _write_summary(tasks, results, base, str(path))
+
+
+def _make_task(name: str, data: str | Path | None, options: dict[str, Any]) -> Task:
+    """The task with ``--data`` and the other options the user set; an option the task has no use for is an
+    error that names it."""
+    if data is not None:
+        options = {"data": data, **options}
+    return get_task(name, **options)
+
+
+def _found_understanding_tasks(root: Path, options: dict[str, Any]) -> list[Task]:
+    """Every understanding benchmark whose files are under ``root``."""
+    from unified_mllm.eval.benchmark import UnderstandingTask
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} is not a folder of benchmark files")
+    found = []
+    for name in task_names():
+        task = get_task(name)
+        if isinstance(task, UnderstandingTask) and (files := task.find_data(root)) is not None:
+            found.append(_make_task(name, files, options))
+    if not found:
+        raise FileNotFoundError(
+            f"no understanding benchmark's files under {root}; the README's benchmark table lists the names "
+            "each one looks for"
+        )
+    return found
+
+
+def _write_summary(
+    tasks: Sequence[Task], results: dict[str, Any], output: Path, model: str
+) -> dict[str, Any]:
+    """One row per benchmark run: its headline metric next to the papers' figures (summary.json / .md)."""
+    rows = []
+    for task in tasks:
+        head = results[task.name]["headline"]
+        value = head["value"]
+        shown = (
+            "n/a" if value is None else f"{100 * value:.1f}" if head["scale"] == "percent" else f"{value:g}"
+        )
+        rows.append(
+            (task.name, head["metric"], shown, results[task.name]["samples"], getattr(task, "reported", ""))
+        )
+    table = f"## Understanding benchmarks — `{model}`\n\n" + markdown_table(
+        ("benchmark", "metric", "ours", "prompts", "papers (7B)"), rows
     )
-    print(task.format_table(result))
-    for label, file in result.get("files", {}).items():
-        print(f"{label}: {file}")
-    return result
+    summary = {
+        "model": model,
+        "benchmarks": {name: r["headline"] for name, r in results.items()},
+        "files": {
+            "json": str(output / f"{SUMMARY_FILE}.json"),
+            "markdown": str(output / f"{SUMMARY_FILE}.md"),
+        },
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    io.write_json(summary["files"]["json"], summary)
+    io.write_text(summary["files"]["markdown"], table)
+    print(table)
+    return summary
 
 
 def _at_least_one(text: str) -> int:
@@ -98,10 +185,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unified_mllm.eval",
         description="Run a benchmark task on an exported model.",
-        epilog=f"tasks: {', '.join(task_names())}",
+        epilog=f"tasks: {', '.join([*task_names(), ALL_UNDERSTANDING])}",
     )
-    parser.add_argument("--task", required=True, help=f"benchmark to run: {', '.join(task_names())}")
+    parser.add_argument("--task", required=True, help="benchmark to run (listed below)")
     parser.add_argument("--model", required=True, help="export directory of a trained model")
+    parser.add_argument(
+        "--data", help="the benchmark's released file or folder (all-understanding: their root)"
+    )
+    parser.add_argument("--restart", action="store_true", default=None, help="discard cached predictions")
+    parser.add_argument(
+        "--images-per-prompt", type=_at_least_one, help="generation benchmarks: images per prompt"
+    )
+    parser.add_argument(
+        "--scores", help="generation benchmarks: the results file of the benchmark's own scorer"
+    )
     parser.add_argument("--limit", type=_at_least_one, help="evaluate at most N samples of each part")
     parser.add_argument("--batch-size", type=_at_least_one, default=32, help="rows per solver call (32)")
     parser.add_argument("--output", help="results directory (default: MODEL/eval/<task>)")
@@ -129,8 +226,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             config_files=args.config,
             overrides=args.overrides,
             progress=not args.no_progress,
+            data=args.data,
+            options={
+                "restart": args.restart,
+                "images_per_prompt": args.images_per_prompt,
+                "scores": args.scores,
+            },
         )
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
+    except (FileNotFoundError, ConfigError, ValueError, ImportError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
 

@@ -12,8 +12,10 @@ the config and say in :meth:`Task.check` which path is missing.
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import math
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -89,8 +91,10 @@ class UnknownTaskError(ValueError):
 
 
 TASKS: dict[str, type[Task]] = {}
-# Modules whose import registers the built-in tasks (imported on first lookup: they import this module).
+# Modules whose import registers the built-in tasks (imported on first lookup: they import this module), and
+# the package whose every module is a benchmark (the paper benchmarks: one module each).
 BUILTIN_TASK_MODULES = ("unified_mllm.eval.shapesbench",)
+BENCHMARK_PACKAGE = "unified_mllm.eval.benchmarks"
 TaskType = TypeVar("TaskType", bound=type[Task])
 
 
@@ -108,6 +112,9 @@ def register_task(cls: TaskType) -> TaskType:
 def _load_builtin_tasks() -> None:
     for module in BUILTIN_TASK_MODULES:
         importlib.import_module(module)
+    package = importlib.import_module(BENCHMARK_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{BENCHMARK_PACKAGE}.{info.name}")
 
 
 def task_names() -> list[str]:
@@ -117,10 +124,17 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """A fresh instance of the task registered as ``name`` (``options`` go to its constructor)."""
+    """A fresh instance of the task registered as ``name`` (``options`` go to its constructor; one it does not
+    take is a ValueError naming it)."""
     _load_builtin_tasks()
     if name not in TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; available tasks: {', '.join(task_names()) or 'none'}")
+    accepted = inspect.signature(TASKS[name]).parameters
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"task {name!r} takes no option {', '.join(unknown)} (it takes: {', '.join(accepted) or 'none'})"
+        )
     return TASKS[name](**options)
 
 
