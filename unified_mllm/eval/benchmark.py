@@ -380,25 +380,18 @@ class UnderstandingTask(Task):
         return result
 
     def _ask(self, solver: Solver, batch: Sequence[Sample], seed: int) -> Iterator[dict[str, Any]]:
-        """The cache entries of one batch; on a prompt that does not fit (or a bad image) each sample is asked
-        alone, so one bad sample costs only its own answer."""
+        """The cache entries of one batch; when the batch fails on a prompt that does not fit or an image that
+        does not decode (ValueErrors), each sample is asked alone, so a bad sample costs only its own answer."""
         try:
             answers = self._generate(solver, batch, seed)
-        except ValueError:
+        except ValueError as exc:  # ImageLoadError is a ValueError too
             if len(batch) == 1:
-                raise
+                yield {"id": batch[0].id, "prompt": batch[0].prompt, "prediction": "", "error": str(exc)}
+                return
             for sample in batch:
-                yield from self._ask_alone(solver, sample, seed)
+                yield from self._ask(solver, [sample], seed)
             return
         for sample, answer in zip(batch, answers, strict=True):
-            yield {"id": sample.id, "prompt": sample.prompt, "prediction": answer}
-
-    def _ask_alone(self, solver: Solver, sample: Sample, seed: int) -> Iterator[dict[str, Any]]:
-        try:
-            (answer,) = self._generate(solver, [sample], seed)
-        except ValueError as exc:  # ImageLoadError is a ValueError too
-            yield {"id": sample.id, "prompt": sample.prompt, "prediction": "", "error": str(exc)}
-        else:
             yield {"id": sample.id, "prompt": sample.prompt, "prediction": answer}
 
     def _generate(self, solver: Solver, batch: Sequence[Sample], seed: int) -> list[str]:
