@@ -160,6 +160,9 @@ class ContrastiveConfig:
     warmup_steps: int = opt(30, "Linear warm-up steps.")
     weight_decay: float = opt(1e-4, "AdamW decoupled weight decay (matrices only, as in SigLIP).")
     grad_clip: float = opt(1.0, "Global gradient-norm clip (0 disables).")
+    max_bad_steps: int = opt(
+        0, "Steps with a non-finite loss or gradient norm skipped before stopping (0: stop)."
+    )
     init_logit_scale: float = opt(2.302585, "Initial log-temperature t' (SigLIP: log 10, so t = 10).")
     init_logit_bias: float = opt(-10.0, "Initial logit bias b (SigLIP: -10).")
     shuffle_buffer: int = opt(2000, "Samples held for streaming shuffling.")
@@ -501,7 +504,14 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "Compute dtype (fp32 master weights).")
     seed: int = opt(0, "Seed of model init, data order and dropout.")
     device: str | None = opt(None, "cpu, cuda, ...; None: this rank's GPU when there is one, else the CPU.")
-    log_every: int = opt(10, "Steps between metric logs (the only host syncs of the loop).")
+    log_every: int = opt(
+        10, "Steps between metric logs (the loop's host syncs, with one finiteness flag a step)."
+    )
+    max_bad_steps: int = opt(
+        0,
+        "Steps with a non-finite loss or gradient norm skipped (no update) before the run stops; 0: stop at the "
+        "first. fsdp backend only (DeepSpeed updates inside its engine).",
+    )
     parallel: ParallelConfig = section(ParallelConfig, "Distribution.")
     wandb: WandbConfig = section(WandbConfig, "Experiment tracking.")
 
@@ -568,6 +578,9 @@ class VQTrainConfig:
     warmup_steps: int = opt(0, "Linear LR warm-up steps.")
     min_lr_ratio: float = opt(0.0, "Final LR of the cosine as a fraction of the peak.")
     grad_clip: float = opt(0.0, "Global gradient-norm clip of each network (0 disables).")
+    max_bad_steps: int = opt(
+        0, "Steps with a non-finite loss or gradient norm skipped before stopping (0: stop)."
+    )
     l1_weight: float = opt(1.0, "Weight of the mean absolute pixel error (taming's reconstruction loss).")
     l2_weight: float = opt(0.0, "Weight of the mean squared pixel error.")
     perceptual: Literal["lpips-vgg16", "none"] = opt(
@@ -965,6 +978,13 @@ def validate(config: Config) -> Config:
     train = config.train
     _require(train.stage in (0, 1, 2, 3), "train.stage", f"must be 0, 1, 2 or 3, got {train.stage}")
     _require_min(train, "train", 1, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every")
+    _require_min(train, "train", 0, "max_bad_steps")
+    _require_min(config.contrastive, "contrastive", 0, "max_bad_steps")
+    _require(
+        train.max_bad_steps == 0 or train.parallel.backend != "deepspeed",
+        "train.max_bad_steps",
+        "must be 0 with backend deepspeed (its engine applies the update before the norm can be checked)",
+    )
     _require_min(config.checkpoint, "checkpoint", 1, "keep_last")
 
     gen = config.generation
@@ -1089,6 +1109,7 @@ def _validate_vq_train(vqt: VQTrainConfig) -> None:
     _require_min(
         vqt, "vq_train", 0, "warmup_steps", "disc_start_step", "eval_every", "grad_clip", "weight_decay"
     )
+    _require_min(vqt, "vq_train", 0, "max_bad_steps")
     _require_min(
         vqt, "vq_train", 0, "l1_weight", "l2_weight", "perceptual_weight", "codebook_weight", "gan_weight"
     )

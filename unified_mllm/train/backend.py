@@ -71,8 +71,9 @@ class TrainingBackend:
         """Backpropagate one micro-batch; ``sync=False`` may skip the gradient reduction (not the last one)."""
         raise NotImplementedError
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizer and the schedule, zero the gradients; returns the gradient norm (a tensor)."""
+    def optimizer_step(self, accept: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+        """Clip, step the optimizer (unless ``accept(grad_norm)`` refuses: the divergence guard) and the
+        schedule, zero the gradients; returns the gradient norm (a tensor)."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
@@ -131,12 +132,13 @@ class FSDPBackend(TrainingBackend):
             self.module.set_requires_gradient_sync(sync)
         loss.backward()
 
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self, accept: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if accept is None or accept(norm):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -232,10 +234,14 @@ class DeepSpeedBackend(TrainingBackend):
         self.engine.backward(loss)
         self.engine.step()
 
-    def optimizer_step(self) -> torch.Tensor:
-        # The last backward's engine.step() was the accumulation boundary: the update is already done.
+    def optimizer_step(self, accept: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+        # The last backward's engine.step() was the accumulation boundary: the update is already done, so the
+        # guard can only stop the run here (train.max_bad_steps must be 0 with this backend).
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else float(norm))
+        norm = torch.as_tensor(0.0 if norm is None else float(norm))
+        if accept is not None:
+            accept(norm)
+        return norm
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)

@@ -45,6 +45,7 @@ from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.divergence import check_finite, injected_fault
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.vision.contrastive import (
@@ -150,14 +151,17 @@ def train_step(
     schedule: LambdaLR,
     batch: tuple[torch.Tensor, torch.Tensor],
     contrastive: ContrastiveConfig,
+    accept: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+    fault: float = 1.0,
 ) -> float:
-    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids); returns the step's loss."""
+    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids), unless ``accept(loss, norm)``
+    (the divergence guard) refuses it; returns the step's loss. ``fault`` multiplies the loss (fault drills)."""
     device = model.logit_scale.device
     pixels, ids = batch
     image_embeds = embed_images(model, pixels.to(device))
     text_embeds = embed_texts(model, ids.to(device))
-    loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
-    backward_and_step(loss, model.parameters(), optimizer, schedule, contrastive.grad_clip)
+    loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias) * fault
+    backward_and_step(loss, model.parameters(), optimizer, schedule, contrastive.grad_clip, accept)
     return loss.item()  # CPU-sized model: the sync costs nothing next to the step
 
 
@@ -182,6 +186,8 @@ def train_contrastive(
         CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume),
         "contrastive.max_steps",
         fingerprint=fingerprint(config),
+        max_bad_steps=cfg.max_bad_steps,
+        bad_steps_name="contrastive.max_bad_steps",
     )
     if force:
         harness.start_over()
@@ -195,7 +201,14 @@ def train_contrastive(
     logged, started = run.step, time.perf_counter()
 
     def step(run: RunState) -> None:
-        losses.append(train_step(model, optimizer, schedule, next(batches), cfg))
+        number = run.step + 1
+
+        def accept(loss: torch.Tensor, norm: torch.Tensor) -> bool:
+            return harness.guard.accept(number, loss, norm)
+
+        losses.append(
+            train_step(model, optimizer, schedule, next(batches), cfg, accept, injected_fault(number))
+        )
         run.data_state = run.step + 1  # batches drawn
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
@@ -376,8 +389,10 @@ def fingerprint(config: Config) -> dict[str, Any]:
 
 def save_contrastive(model: SiglipModel, out_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write the model (``save_pretrained``: ``config.json``, ``model.safetensors``) into the run directory
-    ``out_dir``, each file atomically, then ``contrastive.json`` last (it marks the run finished)."""
+    ``out_dir``, each file atomically, then ``contrastive.json`` last (it marks the run finished); a model with
+    non-finite weights is refused."""
     out_dir = Path(out_dir).expanduser()
+    check_finite(model.state_dict(), f"the SigLIP export in {out_dir}")
     # save_pretrained diffs against a default SiglipTextConfig, whose own token ids (49406/49407 for a
     # 32000-piece vocabulary) trigger a spurious warning about that default; our config is not concerned.
     # Its "Writing model shards" bar would be one more carriage-return bar in a log file.

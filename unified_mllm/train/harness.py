@@ -45,6 +45,7 @@ from unified_mllm.train.checkpoint import (
     restore_rng_state,
 )
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.divergence import DivergenceError, DivergenceGuard
 from unified_mllm.train.run_log import METRICS_FILE, Panel, RunLogger, save_curves
 
 CHECKPOINT_DIR = "checkpoints"
@@ -71,7 +72,7 @@ def run_cli(
     train: Callable[[Config, argparse.Namespace], object],
     argv: Sequence[str] | None = None,
     *,
-    errors: tuple[type[Exception], ...] = (FileNotFoundError, ConfigError),
+    errors: tuple[type[Exception], ...] = (FileNotFoundError, ConfigError, DivergenceError),
     flags: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> None:
@@ -169,7 +170,8 @@ class Run:
 
     ``total_name`` is the config key of the run's length, named in errors (``train.max_steps``). With a
     ``fingerprint`` (the settings the weights depend on) every checkpoint records it, and checkpoints made
-    with other settings are not resumed: the run starts over."""
+    with other settings are not resumed: the run starts over. ``guard`` is the run's divergence guard
+    (``max_bad_steps``, from the config key ``bad_steps_name``); checkpoints carry its count of skipped steps."""
 
     directory: Path
     info: DistInfo
@@ -177,10 +179,16 @@ class Run:
     total_name: str
     sharded: ShardedState | None = None
     fingerprint: Any = None
+    max_bad_steps: int = 0
+    bad_steps_name: str = "train.max_bad_steps"
     logger: RunLogger | None = field(default=None, init=False)
+    guard: DivergenceGuard = field(init=False)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).expanduser()
+        self.guard = DivergenceGuard(
+            self.max_bad_steps, self.checkpoints, self.bad_steps_name, is_main=self.info.is_main
+        )
 
     @property
     def checkpoints(self) -> Path:
@@ -226,6 +234,7 @@ class Run:
                 f"resuming from {path} (step {state['step']}, "
                 f"world size {state['world_size']} -> {self.info.world_size})"
             )
+        self.guard.bad_steps = int(state.get("bad_steps", 0))
         run = RunState(int(state["step"]), state.get("data_state"), float(state.get("elapsed_seconds", 0.0)))
         return run, state
 
@@ -246,6 +255,7 @@ class Run:
                 "elapsed_seconds": run.elapsed,
                 "world_size": self.info.world_size,
                 "rng": rng,
+                "bad_steps": self.guard.bad_steps,
             }
             torch.save({**state, **position}, tmp / STATE_FILE)
             save_config(config, tmp / CONFIG_FILE)

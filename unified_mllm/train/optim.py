@@ -14,7 +14,8 @@ Parameters that end up frozen get ``requires_grad=False`` and stay out of the op
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,14 +128,17 @@ def backward_and_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     grad_clip: float,
+    accept: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> None:
     """One update of the small trainers: zero the gradients, backpropagate ``loss``, clip the gradients of
-    ``parameters`` to norm ``grad_clip`` (0: no clipping), step the optimizer and the schedule."""
+    ``parameters`` to norm ``grad_clip`` (0: no clipping), step the optimizer (unless ``accept(loss, norm)``
+    refuses the step: the divergence guard) and the schedule."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    optimizer.step()
+    # Without clipping the norm is still measured (for the guard); an infinite bound scales by exactly 1.
+    norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf)
+    if accept is None or accept(loss, norm):
+        optimizer.step()
     scheduler.step()
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from unified_mllm.metrics import psnr, ssim
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.divergence import check_finite, injected_fault
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished, run_cli
 from unified_mllm.train.optim import backward_and_step, build_scheduler
 from unified_mllm.train.tokenizer_losses import (
@@ -270,10 +271,20 @@ def _caption_ids(nets: Networks, captions: Sequence[str], device: torch.device) 
     return tokenize(nets.text, captions, unitok.text_context, pad=unitok.text_pad_id).to(device)
 
 
+# The divergence guard's question: may this (loss, gradient norm) update the weights?
+Accept = Callable[[torch.Tensor, torch.Tensor], bool]
+
+
 def generator_step(
-    nets: Networks, pixels: torch.Tensor, captions: Sequence[str], step: int, cfg: VQTrainConfig
+    nets: Networks,
+    pixels: torch.Tensor,
+    captions: Sequence[str],
+    step: int,
+    cfg: VQTrainConfig,
+    accept: Accept | None = None,
 ) -> tuple[torch.Tensor, TokenizerOutput, dict[str, torch.Tensor]]:
-    """One generator update; returns (detached reconstruction, the tokenizer's output, loss terms)."""
+    """One generator update (unless ``accept`` refuses it); returns (detached reconstruction, the tokenizer's
+    output, loss terms)."""
     out: TokenizerOutput = nets.generator(pixels, _caption_ids(nets, captions, pixels.device))
     recon = out.reconstruction
     l1 = (recon - pixels).abs().mean()
@@ -306,19 +317,24 @@ def generator_step(
             )
         terms["gan_weight"] = weight
         loss = loss + weight * terms["g_loss"]
+    loss = loss * injected_fault(step + 1)
     terms["loss"] = loss
-    backward_and_step(loss, nets.tokenizer.parameters(), nets.opt_g, nets.sched_g, cfg.grad_clip)
+    backward_and_step(loss, nets.tokenizer.parameters(), nets.opt_g, nets.sched_g, cfg.grad_clip, accept)
     return recon.detach(), out, terms
 
 
 def discriminator_step(
-    nets: Networks, pixels: torch.Tensor, recon: torch.Tensor, cfg: VQTrainConfig
+    nets: Networks,
+    pixels: torch.Tensor,
+    recon: torch.Tensor,
+    cfg: VQTrainConfig,
+    accept: Accept | None = None,
 ) -> dict[str, torch.Tensor]:
     """One discriminator update on real and reconstructed images in a single forward (one DDP reduction)."""
     logits = nets.discriminator(torch.cat([pixels, recon]))
     real, fake = logits.chunk(2)
     loss = discriminator_loss(real, fake, cfg.gan_loss)
-    backward_and_step(loss, nets.disc.parameters(), nets.opt_d, nets.sched_d, cfg.grad_clip)
+    backward_and_step(loss, nets.disc.parameters(), nets.opt_d, nets.sched_d, cfg.grad_clip, accept)
     return {"d_loss": loss, "logits_real": real.mean(), "logits_fake": fake.mean()}
 
 
@@ -328,12 +344,17 @@ def gan_active(step: int, cfg: VQTrainConfig) -> bool:
 
 
 def train_step(
-    nets: Networks, batch: ImageBatch, step: int, cfg: VQTrainConfig, info: DistInfo
+    nets: Networks,
+    batch: ImageBatch,
+    step: int,
+    cfg: VQTrainConfig,
+    info: DistInfo,
+    accept: Accept | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Generator update, dead-code restarts on check steps, discriminator update; returns (terms, counts by
     quantizer)."""
     pixels = batch.pixels.to(info.device)
-    recon, out, terms = generator_step(nets, pixels, batch.captions, step, cfg)
+    recon, out, terms = generator_step(nets, pixels, batch.captions, step, cfg, accept)
     restarting = {name: q for name, q in nets.tokenizer.quantizers().items() if q.dead_code_steps > 0}
     if (step + 1) % cfg.restart_every == 0 and restarting:
         # Every rank takes the same decision (the usage statistics are global), then rank 0's wins.
@@ -345,7 +366,7 @@ def train_step(
             ).numel()
         terms["restarted"] = torch.tensor(float(restarted), device=pixels.device)
     if gan_active(step, cfg):
-        terms.update(discriminator_step(nets, pixels, recon, cfg))
+        terms.update(discriminator_step(nets, pixels, recon, cfg, accept))
     return terms, {name: q.counts for name, q in out.quant.items()}
 
 
@@ -452,7 +473,12 @@ def train_loop(
     def step(run: RunState) -> None:
         nonlocal epoch
         batch = next(batches)
-        window.add_step(*train_step(nets, batch, run.step, cfg, info))
+        number = run.step + 1
+
+        def accept(loss: torch.Tensor, norm: torch.Tensor) -> bool:
+            return harness.guard.accept(number, loss, norm)
+
+        window.add_step(*train_step(nets, batch, run.step, cfg, info, accept))
         run.data_state, epoch = batch.position, batch.epoch
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
@@ -480,8 +506,10 @@ def train_loop(
 def finish_run(
     nets: Networks, config: Config, run: RunState, last: dict[str, Any], eval_pixels: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Rank 0: export the tokenizer, the reconstruction grid and the summary (written last)."""
+    """Rank 0: export the tokenizer, the reconstruction grid and the summary (written last); a tokenizer with
+    non-finite weights is refused."""
     out_dir = Path(config.vq_train.output_dir).expanduser()
+    check_finite(nets.tokenizer.state_dict(), f"the tokenizer export in {out_dir}")
     nets.tokenizer.save_pretrained(out_dir)
     if eval_pixels is not None:
         metrics, recon = evaluate(nets.tokenizer, eval_pixels)
@@ -525,7 +553,14 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
         print("note: no perceptual loss (vq_train.perceptual_weights is not set; nothing is downloaded)")
     nets = build_networks(config, info)
     policy = CheckpointPolicy(cfg.checkpoint_every, cfg.keep_last, cfg.resume)
-    harness = Run(out_dir, info, policy, "vq_train.steps")
+    harness = Run(
+        out_dir,
+        info,
+        policy,
+        "vq_train.steps",
+        max_bad_steps=cfg.max_bad_steps,
+        bad_steps_name="vq_train.max_bad_steps",
+    )
     run, state = harness.resume(cfg.steps, map_location=info.device)
     if state:
         restore_training_state(nets, state, config)

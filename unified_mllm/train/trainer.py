@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed, model_init
 from unified_mllm.train.backend import Materialize, TrainingBackend, build_backend
 from unified_mllm.train.distributed import DistInfo
+from unified_mllm.train.divergence import check_finite, injected_fault
 from unified_mllm.train.export import EXPORT_FILES, SUMMARY_FILE, export_run, fingerprint
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished
 from unified_mllm.train.losses import LossParts, causal_lm_loss
@@ -132,14 +133,22 @@ def source_losses(
 
 
 def train_step(
-    backend: TrainingBackend, micro_batches: list[Batch], config: Config, info: DistInfo, window: Window
+    backend: TrainingBackend,
+    micro_batches: list[Batch],
+    config: Config,
+    info: DistInfo,
+    window: Window,
+    accept: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+    fault: float = 1.0,
 ) -> None:
-    """One optimizer step over the step's micro-batches (loss normalised by the step's global token count)."""
+    """One optimizer step over the step's micro-batches (loss normalised by the step's global token count),
+    unless ``accept(loss, grad_norm)`` (the divergence guard) refuses it. ``fault`` multiplies the loss (drills)."""
     local = torch.tensor([supervised_tokens(b) for b in micro_batches], dtype=torch.float64).sum()
     # A copy: the all-reduce works in place, and `local` is logged as this rank's own count below. The count
     # stays a device tensor (no .item()): the collective is queued, not waited for by the host.
     global_tokens = distributed.all_reduce_sum(local.to(info.device, copy=True))
     normalizer = global_tokens.clamp(min=1.0) / backend.loss_multiplier()
+    step_loss = torch.zeros((), device=info.device)  # this rank's part of the step's loss, for the guard
     for i, host_batch in enumerate(micro_batches):
         batch = host_batch.to(info.device)
         output = backend.forward(**batch.model_inputs())
@@ -155,6 +164,8 @@ def train_step(
                 code = code * weights[batch.code_targets]
             loss = loss + code.sum() / normalizer
             ce_sum = ce_sum + code.detach().sum()
+        loss = loss * fault
+        step_loss = step_loss + loss.detach()
         backend.backward(loss, sync=i == len(micro_batches) - 1)
         window.add(
             ce_sum=ce_sum,
@@ -163,7 +174,8 @@ def train_step(
             real_tokens=float(batch.num_tokens),
             **source_losses(batch, parts, output.code_losses, len(window.sources)),
         )
-    window.add(tokens=local, grad_norm=backend.optimizer_step())
+    guard = None if accept is None else lambda norm: accept(step_loss, norm)
+    window.add(tokens=local, grad_norm=backend.optimizer_step(guard))
     window.steps += 1
 
 
@@ -176,7 +188,12 @@ def train_loop(
 
     def step(run: RunState) -> None:
         micro_batches = [next(batches) for _ in range(train.grad_accum_steps)]
-        train_step(backend, micro_batches, config, info, window)
+        number = run.step + 1
+
+        def accept(loss: torch.Tensor, norm: torch.Tensor) -> bool:
+            return harness.guard.accept(number, loss, norm)
+
+        train_step(backend, micro_batches, config, info, window, accept, injected_fault(number))
         run.data_state = micro_batches[-1].data_state
 
     def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
@@ -222,7 +239,14 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     backend = build_backend(model, resolved, config, info, materialize=materialize)
     ckpt = config.checkpoint
     policy = CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume)
-    harness = Run(Path(ckpt.dir), info, policy, "train.max_steps", sharded=backend)
+    harness = Run(
+        Path(ckpt.dir),
+        info,
+        policy,
+        "train.max_steps",
+        sharded=backend,
+        max_bad_steps=config.train.max_bad_steps,
+    )
     run, state = harness.resume(config.train.max_steps)
     if state:
         backend.scheduler.load_state_dict(state["scheduler"])
@@ -245,6 +269,8 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     ):
         last = train_loop(backend, batches, config, harness, run)
     state = backend.full_state_dict()  # a collective: every rank takes part
+    if info.is_main:
+        check_finite(state, f"the export in {export_dir}")
     harness.save_curves(curve_panels(config), log_scale=("loss",))
     if info.is_main:
         summary = {
