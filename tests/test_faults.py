@@ -4,6 +4,8 @@ non-finite checkpoint or export, in every trainer, with a one-line error from th
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 from tests.helpers import STAGE0, make_tokenized_world, overrides
 from unified_mllm.config import Config, ConfigError, load_config, save_config
 from unified_mllm.data.shapes import write_split
+from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import contrastive, tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
 from unified_mllm.train.divergence import NAN_ENV, DivergenceError, DivergenceGuard, check_finite
@@ -217,3 +220,37 @@ def test_a_nan_step_stops_the_contrastive_run(
     out = Path(config.contrastive.output_dir)
     assert [s for s, _ in list_checkpoints(out / CHECKPOINT_DIR)] == [1]
     assert not (out / "model.safetensors").exists() and not (out / contrastive.SUMMARY_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------ crafted pickles
+
+
+class WritesAMarker:
+    """A crafted pickle: unpickling it calls ``Path.touch`` on a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("target", ["dcp/.metadata", STATE_FILE])
+def test_a_crafted_checkpoint_is_refused_on_resume_and_runs_nothing(
+    world: Config, tmp_path: Path, target: str
+) -> None:
+    config = stage0(world, tmp_path / "run", "train.max_steps=2")
+    train(config, progress=False)
+    checkpoint = Path(config.checkpoint.dir) / CHECKPOINT_DIR / "step-00000002"
+    marker = tmp_path / "marker"
+    if target == STATE_FILE:
+        torch.save({"step": 2, "payload": WritesAMarker(marker)}, checkpoint / target)
+    else:
+        (checkpoint / target).write_bytes(pickle.dumps(WritesAMarker(marker)))
+    more = stage0(world, tmp_path / "run", "train.max_steps=4")
+    with pytest.raises(
+        UnsafePickleError,
+        match=rf"{re.escape(str(checkpoint / target))} .*(getattr|names pathlib\.Path\.touch.*trust_metadata=true)",
+    ):
+        train(more, progress=False)
+    assert not marker.exists()

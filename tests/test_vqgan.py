@@ -245,14 +245,33 @@ def test_chameleon_checkpoint_loads_and_reproduces_codes(tmp_path: Path) -> None
     assert with_ema.quantize.steps_since_used.tolist() == [0] * 64
 
 
-def test_lightning_pickles_need_trust(tmp_path: Path) -> None:
+class WritesAMarker:
+    """A crafted pickle: unpickling it calls ``Path.touch`` on a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_lightning_metadata_loads_safely_and_crafted_pickles_are_refused(tmp_path: Path) -> None:
     model = small_model()
+    # Lightning-style metadata (an argparse.Namespace of hyper-parameters): read without unpickling it.
     path = write_chameleon_checkpoint(tmp_path, model, hyper_parameters=argparse.Namespace(lr=1e-4))
-    with pytest.raises(VQCheckpointError, match="trust_pickle"):
-        VQGAN.from_checkpoint(path, trust_pickle=False)
-    with pytest.warns(UserWarning, match="unpickling"):
-        loaded = VQGAN.from_checkpoint(path)
+    loaded = VQGAN.from_checkpoint(path)
     assert torch.equal(loaded.quantize.embedding.weight, model.quantize.embedding.weight)
+    # A file naming a callable that no data file needs is refused by default, and nothing runs.
+    marker = tmp_path / "marker"
+    (tmp_path / "crafted").mkdir()
+    crafted = write_chameleon_checkpoint(tmp_path / "crafted", model, callbacks=WritesAMarker(marker))
+    with pytest.raises(VQCheckpointError, match=r"names __builtin__\.getattr, which a data file never needs.*model\.vq\.trust_pickle=true"):
+        VQGAN.from_checkpoint(crafted)
+    assert not marker.exists()
+    # The explicit opt-in unpickles in full (and so runs it).
+    with pytest.warns(UserWarning, match="unpickling in full"):
+        VQGAN.from_checkpoint(crafted, trust_pickle=True)
+    assert marker.exists()
 
 
 def test_wrong_shapes_list_every_key(tmp_path: Path) -> None:

@@ -285,6 +285,11 @@ class DualTokenConfig:
 class VQConfig:
     kind: Literal["vqgan", "unitok", "dualtoken"] = opt("vqgan", "Which visual tokenizer makes the codes.")
     codebook_size: int = opt(8192, "Number of codes (Chameleon: 8192).")
+    trust_pickle: bool = opt(
+        False,
+        "Unpickle a .ckpt/.pt in full when the restricted reader refuses it: runs whatever code the file names, "
+        "so only for a file from a source you trust (Chameleon's vqgan.ckpt loads without it).",
+    )
     embed_dim: int = opt(256, "Code vector width (Chameleon: 256).")
     z_channels: int = opt(256, "Encoder output channels before quant_conv.")
     base_channels: int = opt(128, "Width of the first encoder level (taming `ch`).")
@@ -522,6 +527,11 @@ class CheckpointConfig:
     every_steps: int = opt(500, "Steps between training-state checkpoints.")
     keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
     resume: bool = opt(True, "Resume from the newest checkpoint in `dir` when there is one.")
+    trust_metadata: bool = opt(
+        False,
+        "Skip the check of DCP's pickled metadata (dcp/.metadata) before resuming: only for a run directory "
+        "you trust whose metadata names classes the check does not know (a newer torch).",
+    )
     init_from: str | None = opt(None, "Export directory of an earlier stage to initialise from.")
     export_dir: str = opt(
         "${checkpoint.dir}/export",

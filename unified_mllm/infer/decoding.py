@@ -168,13 +168,22 @@ class Decoder:
         ``code_stacks`` ``[N, D]`` are the stacks of the prompts' code positions in the same order."""
         ids = batch.view()
         if pixel_values is not None:
-            pixel_values = pixel_values.to(device=ids.device, dtype=next(self.model.vision.parameters()).dtype)
+            pixel_values = pixel_values.to(
+                device=ids.device, dtype=next(self.model.vision.parameters()).dtype
+            )
         if code_stacks is not None:
             code_stacks = code_stacks.to(ids.device)
         elif self.model.code_heads is not None and bool(self.spans.is_code(ids).any()):
             raise ValueError("the prompts hold image codes but no code_stacks were given for them")
         return self._forward(
-            ids, batch, cache, pixel_values, ids == self.tokens.feature, code_stacks, last=True, index=feature_index
+            ids,
+            batch,
+            cache,
+            pixel_values,
+            ids == self.tokens.feature,
+            code_stacks,
+            last=True,
+            index=feature_index,
         )
 
     def step(

@@ -163,7 +163,9 @@ class Engine(Decoder):
                 picked, stacks = self._sample_stacks(picked, hidden, stack_choice)
             fed = picked.repeat(repeats)
             batch.extend(fed[:, None])
-            grid_done = self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
+            grid_done = (
+                self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
+            )
             if state.update(picked, grid_done, stacks):
                 break
             fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]

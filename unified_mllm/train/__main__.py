@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from unified_mllm.config import Config, ConfigError
 from unified_mllm.layout import LayoutError
+from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import distributed
 from unified_mllm.train.divergence import DivergenceError
 from unified_mllm.train.harness import run_cli
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Train one stage of the unified model (plain, or under torchrun with FSDP2 / DeepSpeed).",
         _train,
         argv,
-        errors=(FileNotFoundError, ConfigError, LayoutError, DivergenceError),
+        errors=(FileNotFoundError, ConfigError, LayoutError, DivergenceError, UnsafePickleError),
         prog="python -m unified_mllm.train",
     )
 

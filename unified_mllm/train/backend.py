@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from unified_mllm.config import Config, ConfigError
+from unified_mllm.pickles import UnsafePickleError, check_dcp_metadata
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.optim import build_optimizer, build_scheduler, param_groups
 from unified_mllm.train.parallelize import PRECISIONS, apply_fsdp, prepare_model
@@ -105,6 +106,7 @@ class FSDPBackend(TrainingBackend):
         if parallel.backend == "none" and info.distributed:
             raise ConfigError("`train.parallel.backend`: 'none' runs one process; use fsdp or deepspeed")
         self.info, self.grad_clip = info, config.optim.grad_clip
+        self.trust_metadata = config.checkpoint.trust_metadata
         prepare_model(model, parallel)
         self.sharded = info.distributed
         if self.sharded:
@@ -147,6 +149,15 @@ class FSDPBackend(TrainingBackend):
         self._dcp(dcp.save, directory)
 
     def load(self, directory: Path) -> None:
+        metadata = directory / DCP_DIR / ".metadata"  # torch's reader unpickles it in full: check it first
+        if not self.trust_metadata and metadata.is_file():
+            try:
+                check_dcp_metadata(metadata)
+            except UnsafePickleError as exc:
+                raise UnsafePickleError(
+                    f"{exc}. Resume only from a run directory you trust: checkpoint.trust_metadata=true skips "
+                    "this check"
+                ) from None
         state = self._dcp(dcp.load, directory)
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]

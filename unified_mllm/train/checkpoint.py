@@ -14,6 +14,7 @@ key array as a tensor.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from unified_mllm import io
+from unified_mllm.pickles import UnsafePickleError
 
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "step-"
@@ -93,7 +95,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no training-state file at {file}")
-    state = torch.load(file, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # names a global weights_only refuses: crafted, or not ours
+        # torch's message is a page of advice; keep the line that names the refused global.
+        lines = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
+        reason = lines[-1].split(". Please use")[0] if lines else type(exc).__name__
+        raise UnsafePickleError(f"{file} is not a training-state file this project wrote: {reason}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a training-state dict")
     return state

@@ -34,6 +34,7 @@ import torch
 
 from unified_mllm import io
 from unified_mllm.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
+from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import distributed
 from unified_mllm.train.checkpoint import (
     STATE_FILE,
@@ -72,7 +73,12 @@ def run_cli(
     train: Callable[[Config, argparse.Namespace], object],
     argv: Sequence[str] | None = None,
     *,
-    errors: tuple[type[Exception], ...] = (FileNotFoundError, ConfigError, DivergenceError),
+    errors: tuple[type[Exception], ...] = (
+        FileNotFoundError,
+        ConfigError,
+        DivergenceError,
+        UnsafePickleError,
+    ),
     flags: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> None:

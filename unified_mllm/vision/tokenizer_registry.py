@@ -23,7 +23,11 @@ from unified_mllm.vision.visual_tokenizer import (
 )
 from unified_mllm.vision.vqgan import VQGAN
 
-TOKENIZER_CLASSES: dict[str, type[VisualTokenizer]] = {"vqgan": VQGAN, "unitok": UniTok, "dualtoken": DualToken}
+TOKENIZER_CLASSES: dict[str, type[VisualTokenizer]] = {
+    "vqgan": VQGAN,
+    "unitok": UniTok,
+    "dualtoken": DualToken,
+}
 
 
 def tokenizer_class(kind: str) -> type[VisualTokenizer]:

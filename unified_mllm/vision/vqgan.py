@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unified_mllm.config import VQConfig
+from unified_mllm.pickles import UnsafePickleError, torch_load_restricted
 from unified_mllm.vision.quantizer import QuantizerOutput, VectorQuantizer
 from unified_mllm.vision.visual_tokenizer import (
     TokenizerOutput,
@@ -259,7 +260,7 @@ class VQGAN(VisualTokenizer):
         *,
         config: VQConfig | None = None,
         device: str | torch.device = "cpu",
-        trust_pickle: bool = True,
+        trust_pickle: bool | None = None,
     ) -> VQGAN:
         """Load trained weights: Chameleon's ``vqgan.ckpt`` (+ ``vqgan.yaml``) or a :meth:`save_pretrained`
         directory (or its ``model.safetensors``).
@@ -269,10 +270,8 @@ class VQGAN(VisualTokenizer):
         A taming yaml only fixes the architecture: the other fields (``beta``, EMA, ...) come from ``config``
         (default: the :class:`VQConfig` defaults). Raises :class:`VQCheckpointError` on any key problem.
 
-        Security: ``.ckpt`` / ``.pt`` files are read with ``torch.load(weights_only=True)`` first. Lightning
-        checkpoints (Chameleon's ``vqgan.ckpt`` among them) can carry pickled objects that this refuses; then,
-        with ``trust_pickle=True``, the file is unpickled in full, which can run arbitrary code: only load
-        files from a source you trust, or pass ``trust_pickle=False`` to get an error instead.
+        Security: see :func:`load_checkpoint_state`; ``trust_pickle`` (default: ``config.trust_pickle``, else
+        False) allows full unpickling of a file the restricted reader refuses.
         """
         weights_path, config_path = resolve_checkpoint_paths(Path(ckpt_path), yaml_path)
         if config_path is not None:
@@ -284,6 +283,8 @@ class VQGAN(VisualTokenizer):
                 f"no config for {weights_path}: pass yaml_path (Chameleon's vqgan.yaml) or config=VQConfig(...)"
             )
         vq.checkpoint = str(ckpt_path)
+        if trust_pickle is None:
+            trust_pickle = config.trust_pickle if config is not None else False
         state = load_checkpoint_state(weights_path, trust_pickle=trust_pickle)
         model = cls(vq)
         model.load_generator_state(state, source=str(weights_path))
@@ -378,26 +379,32 @@ def taming_yaml_fields(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_checkpoint_state(
-    path: str | os.PathLike[str], *, trust_pickle: bool = True
+    path: str | os.PathLike[str], *, trust_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file: safetensors, a plain state dict, or a Lightning ``{"state_dict"}``.
 
-    See :meth:`VQGAN.from_checkpoint` about ``trust_pickle``: the full unpickling fallback can run arbitrary
-    code and is only for files from a trusted source.
+    Security: ``.ckpt`` / ``.pt`` files are read with ``torch.load(weights_only=True)``; a Lightning checkpoint
+    (Chameleon's ``vqgan.ckpt``) whose metadata that refuses is read by
+    :func:`unified_mllm.pickles.torch_load_restricted` (tensors kept, metadata classes inert, anything else
+    refused). Only ``trust_pickle=True`` (``model.vq.trust_pickle``) unpickles a refused file in full, which
+    runs whatever code the file names.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust_pickle:
-            raise VQCheckpointError(
-                f"{path} holds pickled objects that weights_only loading refuses; pass trust_pickle=True "
-                f"only if you trust the file's source ({exc})"
-            ) from exc
-        warnings.warn(f"{path}: falling back to full unpickling (trusted file assumed)", stacklevel=2)
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError:
+        try:
+            raw = torch_load_restricted(path)
+        except UnsafePickleError as exc:
+            if not trust_pickle:
+                raise VQCheckpointError(
+                    f"{exc}. Load it only if you trust its source: model.vq.trust_pickle=true (Python: "
+                    "trust_pickle=True) unpickles it in full"
+                ) from exc
+            warnings.warn(f"{path}: unpickling in full (model.vq.trust_pickle: trusted file)", stacklevel=2)
+            raw = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]  # Lightning wraps the module's state dict with optimizer/callback state
     if not isinstance(raw, Mapping):
