@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from tests.helpers import STAGE0, make_tokenized_world, overrides
 from unified_mllm.config import Config, ConfigError, load_config, save_config
 from unified_mllm.data.shapes import write_split
-from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import contrastive, tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
 from unified_mllm.train.divergence import NAN_ENV, DivergenceError, DivergenceGuard, check_finite
 from unified_mllm.train.export import SUMMARY_FILE
-from unified_mllm.train.harness import CHECKPOINT_DIR, STATE_FILE
+from unified_mllm.train.harness import CHECKPOINT_DIR, STATE_FILE, CheckpointLoadError
+from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,8 +249,46 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_runs_nothing(
         (checkpoint / target).write_bytes(pickle.dumps(WritesAMarker(marker)))
     more = stage0(world, tmp_path / "run", "train.max_steps=4")
     with pytest.raises(
-        UnsafePickleError,
+        CheckpointLoadError,
         match=rf"{re.escape(str(checkpoint / target))} .*(getattr|names pathlib\.Path\.touch.*trust_metadata=true)",
     ):
         train(more, progress=False)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- damaged files
+
+
+def truncate_a_shard(checkpoint: Path) -> Path:
+    shard = sorted((checkpoint / "dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard
+
+
+def losses_by_step(config: Config) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(config.checkpoint.dir) / METRICS_FILE, "train")}
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(
+    world: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    straight = stage0(world, tmp_path / "straight")
+    train(straight, progress=False)
+    run = stage0(world, tmp_path / "run", "train.max_steps=4")
+    train(run, progress=False)
+    shard = truncate_a_shard(Path(run.checkpoint.dir) / CHECKPOINT_DIR / "step-00000004")
+    capsys.readouterr()
+    # Without fallback: one error naming the file.
+    with pytest.raises(
+        CheckpointLoadError,
+        match=rf"fallback to older checkpoints is off.*{re.escape(str(shard))} is truncated: ",
+    ):
+        train(stage0(world, tmp_path / "run", "checkpoint.fallback=false"), progress=False)
+    resumed = stage0(world, tmp_path / "run")
+    summary = train(resumed, progress=False)
+    out = capsys.readouterr().out
+    assert f"warning: cannot resume from {shard.parent.parent}: ValueError: {shard} is truncated" in out
+    assert "step-00000002 (step 2" in out
+    assert summary["steps"] == 6
+    later = {s: v for s, v in losses_by_step(resumed).items() if s > 2}
+    assert later == {s: v for s, v in losses_by_step(straight).items() if s > 2}

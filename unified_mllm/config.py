@@ -527,6 +527,10 @@ class CheckpointConfig:
     every_steps: int = opt(500, "Steps between training-state checkpoints.")
     keep_last: int = opt(2, "Training-state checkpoints kept on disk.")
     resume: bool = opt(True, "Resume from the newest checkpoint in `dir` when there is one.")
+    fallback: bool = opt(
+        True,
+        "When the newest checkpoint fails to load, warn and resume from the next older one (false: stop).",
+    )
     trust_metadata: bool = opt(
         False,
         "Skip the check of DCP's pickled metadata (dcp/.metadata) before resuming: only for a run directory "

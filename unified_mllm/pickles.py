@@ -136,7 +136,8 @@ def torch_load_restricted(path: str | os.PathLike[str], map_location: str | torc
     return torch.load(path, map_location=map_location, weights_only=False, pickle_module=module)
 
 
-def check_dcp_metadata(path: str | os.PathLike[str]) -> None:
-    """Read DCP's ``.metadata`` file with only its own classes allowed; raises :class:`UnsafePickleError`."""
+def check_dcp_metadata(path: str | os.PathLike[str]) -> Any:
+    """DCP's ``.metadata`` read with only its own classes allowed (the ``Metadata`` object); raises
+    :class:`UnsafePickleError`."""
     data = Path(path).read_bytes()
-    restricted_unpickler(dcp_metadata_global, str(path))(io.BytesIO(data)).load()
+    return restricted_unpickler(dcp_metadata_global, str(path))(io.BytesIO(data)).load()

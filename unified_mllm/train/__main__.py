@@ -13,7 +13,7 @@ from unified_mllm.layout import LayoutError
 from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import distributed
 from unified_mllm.train.divergence import DivergenceError
-from unified_mllm.train.harness import run_cli
+from unified_mllm.train.harness import CheckpointLoadError, run_cli
 
 
 def _train(config: Config, args: argparse.Namespace) -> None:
@@ -34,7 +34,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Train one stage of the unified model (plain, or under torchrun with FSDP2 / DeepSpeed).",
         _train,
         argv,
-        errors=(FileNotFoundError, ConfigError, LayoutError, DivergenceError, UnsafePickleError),
+        errors=(
+            FileNotFoundError,
+            ConfigError,
+            LayoutError,
+            DivergenceError,
+            UnsafePickleError,
+            CheckpointLoadError,
+        ),
         prog="python -m unified_mllm.train",
     )
 

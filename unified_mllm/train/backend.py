@@ -149,15 +149,8 @@ class FSDPBackend(TrainingBackend):
         self._dcp(dcp.save, directory)
 
     def load(self, directory: Path) -> None:
-        metadata = directory / DCP_DIR / ".metadata"  # torch's reader unpickles it in full: check it first
-        if not self.trust_metadata and metadata.is_file():
-            try:
-                check_dcp_metadata(metadata)
-            except UnsafePickleError as exc:
-                raise UnsafePickleError(
-                    f"{exc}. Resume only from a run directory you trust: checkpoint.trust_metadata=true skips "
-                    "this check"
-                ) from None
+        if not self.trust_metadata:
+            check_dcp_files(directory / DCP_DIR)
         state = self._dcp(dcp.load, directory)
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
@@ -177,6 +170,30 @@ class FSDPBackend(TrainingBackend):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.module, options=options)
         return state if self.info.is_main else {}
+
+
+def check_dcp_files(directory: Path) -> None:
+    """Before torch reads a DCP checkpoint: its ``.metadata`` through the restricted reader (torch unpickles it
+    in full), then every data file it names present and as long as the entries it holds, so a truncated file
+    is named (torch would say only "checkpoint file is corrupted")."""
+    path = directory / ".metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        metadata = check_dcp_metadata(path)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(
+            f"{exc}. Resume only from a run directory you trust: checkpoint.trust_metadata=true skips this check"
+        ) from None
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing (named by {path})")
+        if file.stat().st_size < size:
+            raise ValueError(f"{file} is truncated: {file.stat().st_size} bytes, its entries need {size}")
 
 
 def deepspeed_settings(config: Config, info: DistInfo) -> dict[str, Any]:

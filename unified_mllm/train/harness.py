@@ -41,7 +41,7 @@ from unified_mllm.train.checkpoint import (
     begin_checkpoint_dir,
     capture_rng_state,
     commit_checkpoint_dir,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
 )
@@ -55,6 +55,15 @@ CURVES_FILE = "loss_curves.png"
 # Tests and fault drills: exit abruptly (as a kill would) right after this step.
 CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
 CRASH_EXIT_CODE = 17
+
+
+class CheckpointLoadError(RuntimeError):
+    """No checkpoint of a run directory could be loaded; the message names each one and why."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def reuse_finished(
@@ -78,6 +87,7 @@ def run_cli(
         ConfigError,
         DivergenceError,
         UnsafePickleError,
+        CheckpointLoadError,
     ),
     flags: Mapping[str, str] | None = None,
     prog: str | None = None,
@@ -168,6 +178,8 @@ class CheckpointPolicy:
     every: int
     keep_last: int
     resume: bool = True
+    fallback: bool = True
+    """When the newest checkpoint fails to load, warn and try the next older one (else: stop with the error)."""
 
 
 @dataclass
@@ -215,11 +227,39 @@ class Run:
         distributed.barrier()
 
     def resume(self, total: int, map_location: str | torch.device = "cpu") -> tuple[RunState, dict[str, Any]]:
-        """Load the newest checkpoint (when resuming and there is one): the sharded state in place, the RNG
-        streams; returns where to continue and the trainer's state ({} for a fresh run)."""
-        path = latest_checkpoint(self.checkpoints) if self.policy.resume else None
-        if path is None:
-            return RunState(), {}
+        """Load the newest checkpoint that loads (when resuming and there is one): the sharded state in place,
+        the RNG streams; returns where to continue and the trainer's state ({} for a fresh run).
+
+        A checkpoint that fails to load (a truncated or corrupted file, a crafted pickle) is named with the
+        reason and, with ``policy.fallback``, the next older one is tried; when none loads the run stops with
+        :class:`CheckpointLoadError` listing every failure (it never starts over silently)."""
+        candidates = (
+            [path for _, path in reversed(list_checkpoints(self.checkpoints))] if self.policy.resume else []
+        )
+        failures = []
+        for path in candidates:
+            try:
+                return self._resume_from(path, total, map_location)
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # what a damaged file raises varies: torch, pickle, DCP, OS errors
+                failures.append(f"{path}: {_first_line(exc)}")
+                if not self.policy.fallback:
+                    break
+                if self.info.is_main:
+                    print(
+                        f"warning: cannot resume from {failures[-1]}; trying an older checkpoint", flush=True
+                    )
+        if failures:
+            hint = "" if self.policy.fallback else " (fallback to older checkpoints is off)"
+            raise CheckpointLoadError(
+                f"no checkpoint in {self.checkpoints} could be loaded{hint}: " + "; ".join(failures)
+            )
+        return RunState(), {}
+
+    def _resume_from(
+        self, path: Path, total: int, map_location: str | torch.device
+    ) -> tuple[RunState, dict[str, Any]]:
         state = load_checkpoint(path / STATE_FILE, map_location=map_location)
         if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
             if self.info.is_main:

@@ -238,7 +238,7 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     _report_start(model, resolved, config, info)
     backend = build_backend(model, resolved, config, info, materialize=materialize)
     ckpt = config.checkpoint
-    policy = CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume)
+    policy = CheckpointPolicy(ckpt.every_steps, ckpt.keep_last, ckpt.resume, ckpt.fallback)
     harness = Run(
         Path(ckpt.dir),
         info,
