@@ -21,6 +21,7 @@ from unified_mllm.eval.__main__ import evaluate
 from unified_mllm.eval.benchmark import PREDICTIONS_FILE, SHORT_ANSWER
 from unified_mllm.eval.benchmarks.pope import Pope, first_sentence
 from unified_mllm.eval.benchmarks.vqa import GQA, TextVQA, VQAv2, answer_list, gqa_normalize
+from unified_mllm.eval.benchmarks.vqa import OCR_LINE as OCR
 from unified_mllm.eval.metrics import pope_metrics
 from unified_mllm.eval.tasks import get_task
 from unified_mllm.eval.vqa_normalize import (
@@ -130,8 +131,8 @@ def write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-# POPE: per split two "yes" and two "no" questions, each naming its own object, with the answers the fake model
-# gives (hand-scored in test_pope_metrics_per_split_and_averaged).
+# POPE: per split two "yes" and two "no" questions, each naming its own object, with the answers the fake
+# model# gives (hand-scored in test_pope_metrics_per_split_and_averaged).
 POPE_ROWS = {
     "random": [
         ("dog", "yes", "Yes"),
@@ -500,10 +501,7 @@ def test_textvqa_accuracy_and_llavas_ocr_prompt(tmp_path: Path, config: Config, 
     assert result["metrics"]["accuracy"] == pytest.approx((0.6 + 1.0) / 2, abs=1e-15)
     first, second = solver.prompts
     if ocr == "rosetta":
-        assert (
-            first
-            == f"{IMAGE_PLACEHOLDER}what brand is the phone?\nReference OCR token: nokia, 3310\n{SHORT_ANSWER}"
-        )
+        assert first == f"{IMAGE_PLACEHOLDER}what brand is the phone?\n{OCR}nokia, 3310\n{SHORT_ANSWER}"
         assert second == f"{IMAGE_PLACEHOLDER}what drink is this?\n{SHORT_ANSWER}"  # no tokens: no OCR line
         assert result["metrics"]["ocr_prompts"] == 1
     elif ocr == "llava":
@@ -587,13 +585,12 @@ def test_the_driver_runs_every_benchmark_on_a_random_export(
         assert summary["benchmarks"][name] == result["headline"]
     assert (out / "vqav2" / "v2_OpenEnded_mscoco_val2014_results.json").is_file()
     pope = json.loads((out / "pope" / "pope.json").read_text())
-    assert (
-        pope["metrics"]["splits"] == "random, popular, adversarial"
-    )  # interleaved: --limit 3 asks each split
+    # Interleaved splits: --limit 3 asks one question of each.
+    assert pope["metrics"]["splits"] == "random, popular, adversarial"
     # A TSV through the single-task driver: the same counts and consistency.
+    tsv = make_pope_tsv(tmp_path / "POPE.tsv")
     result = evaluate(
-        "pope", export, data=make_pope_tsv(tmp_path / "POPE.tsv"), limit=4, batch_size=4, output=tmp_path / "t",
-        progress=False, solver=solver,
-    )  # fmt: skip
+        "pope", export, data=tsv, limit=4, batch_size=4, output=tmp_path / "t", progress=False, solver=solver
+    )
     assert result["samples"] == 4 and result["errors"] == 0
     assert result["headline"]["value"] == pytest.approx(recomputed("pope", result["records"]), abs=1e-12)

@@ -5,26 +5,27 @@ apply before scoring.
 **Normalisation** (:func:`normalize_vqa_answer`, the official evaluation's reading of a predicted answer):
 
 1. newlines and tabs become spaces, the ends are stripped;
-2. punctuation (:func:`process_punctuation`): each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted
-   when the text has it next to a space, or when the text holds a digit-comma-digit ("1,000"); otherwise it
-   becomes a space ("left-hand" -> "left hand"). Then periods are deleted unless a digit follows ("3.5" stays,
-   "yes." -> "yes"). The official period pattern reads ``(?!<=\\d)(\\.)(?!\\d)``: its first group was meant as a
-   look-behind ("not after a digit") but is a look-ahead that never matters, so only "not before a digit"
-   counts; the official call also passes ``re.UNICODE`` where ``re.sub`` takes its count, so at most 32 periods
-   go. Both are kept: they are what the server scores with;
-3. words (:func:`process_digit_article`): lower-cased and split on whitespace; number words "none", "zero" ..
-   "ten" become digits; the articles "a", "an", "the" are dropped; then each word found in the contractions
-   table (:data:`CONTRACTIONS`: apostrophe-less spellings such as "dont" -> "don't") is replaced.
+2. punctuation (:func:`process_punctuation`): each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is
+   deleted when the text has it next to a space, or when the text holds a digit-comma-digit ("1,000");
+   otherwise it becomes a space ("left-hand" -> "left hand"). Then periods are deleted unless a digit
+   follows ("3.5" stays, "yes." -> "yes"). The official period pattern reads ``(?!<=\\d)(\\.)(?!\\d)``: its
+   first group was meant as a look-behind ("not after a digit") but is a look-ahead that never matters, so
+   only "not before a digit" counts; the official call also passes ``re.UNICODE`` where ``re.sub`` takes its
+   count, so at most 32 periods go. Both are kept: they are what the server scores with;
+3. words (:func:`process_digit_article`): lower-cased and split on whitespace; number words "none", "zero"
+   .. "ten" become digits; the articles "a", "an", "the" are dropped; then each word found in the
+   contractions table (:data:`CONTRACTIONS`: apostrophe-less spellings such as "dont" -> "don't") is
+   replaced.
 
 **The EvalAI answer processor** (:func:`evalai_normalize`): lower-case, commas and question marks deleted,
 "'s" split off as " 's", then steps 1-3. LLaVA runs every VQAv2 prediction through it before writing the
 submission file, and the TextVQA evaluator runs it on the prediction and on every human answer.
 
 **VQA accuracy** of one question with ``n`` human answers (10 in VQAv2 and TextVQA): for each of the ``n``
-subsets of ``n - 1`` human answers (each human left out once), ``min(1, matches / 3)`` where ``matches`` counts
-the answers of the subset equal to the prediction; the accuracy is the mean over the ``n`` subsets. So an
-answer given by 3 or more of 10 humans scores 1, by 2 scores 0.6, by 1 scores 0.3. Computed here in integers
-(``sum(min(3, matches)) / (3 n)``), the same number, correctly rounded.
+subsets of ``n - 1`` human answers (each human left out once), ``min(1, matches / 3)`` where ``matches``
+counts the answers of the subset equal to the prediction; the accuracy is the mean over the ``n`` subsets.
+So an answer given by 3 or more of 10 humans scores 1, by 2 scores 0.6, by 1 scores 0.3. Computed here in
+integers (``sum(min(3, matches)) / (3 n)``), the same number, correctly rounded.
 
 * :func:`vqa_accuracy` — the official VQA evaluation (``vqaEval.py``): the prediction is normalised
   (:func:`normalize_vqa_answer`); the human answers are compared as released, except that when they are not
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 
 # The official table (vqaEval.py; MMF's EvalAIAnswerProcessor carries the same one): a word spelled without
 # its apostrophe -> the contraction. Entries with capitals never match (words are lower-cased first) and
-# "somebody'd" maps the "wrong" way round; both are as released, and kept so that scores agree with the server.
+# "somebody'd" maps the "wrong" way round; both are as released, kept so that scores agree with the server.
 CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -141,5 +142,6 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """TextVQA's accuracy (the m4c evaluator): prediction and human answers through :func:`evalai_normalize`."""
+    """TextVQA's accuracy (the m4c evaluator): the prediction and the human answers through
+    :func:`evalai_normalize`."""
     return soft_score(evalai_normalize(prediction), [evalai_normalize(a) for a in answers])

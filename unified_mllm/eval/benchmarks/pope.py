@@ -11,10 +11,11 @@ laid out as::
       coco_pope_random.json  coco_pope_popular.json  coco_pope_adversarial.json
       val2014/COCO_val2014_000000xxxxxx.jpg ...
 
-(the image folder may also be ``POPE_DIR/images/`` or ``POPE_DIR/coco/val2014/``, or hold the images flat in
-``POPE_DIR``; the json files may sit in ``POPE_DIR/output/coco/`` as the repository has them; ``--data`` may name
-one split's json file, its images beside it) — or VLMEvalKit's ``POPE.tsv`` (base64 images; ``category``
-holds the split). A split whose file is missing is left out, and the metrics say which splits ran.
+(the image folder may also be ``POPE_DIR/images/`` or ``POPE_DIR/coco/val2014/``, or the images may lie flat
+in ``POPE_DIR``; the json files may sit in ``POPE_DIR/output/coco/`` as the repository has them; ``--data``
+may name one split's json file, its images beside it) — or VLMEvalKit's ``POPE.tsv`` (base64 images;
+``category`` holds the split). A split whose file is missing is left out, and the metrics say which splits
+ran.
 
 **Prompt**: LLaVA-1.5's, ``<image><question>\\nAnswer the question using a single word or phrase.``, greedy,
 at most 16 new tokens. Questions of the three splits are asked interleaved (random, popular, adversarial,
@@ -25,10 +26,10 @@ sentence of the answer counts (up to the first period); it reads "no" when it ha
 "yes" (:func:`unified_mllm.eval.metrics.pope_metrics`; an answer that is neither counts as "yes", and
 ``unclear`` counts those). No LLM judge is involved.
 
-**Metrics**, per split: accuracy, precision, recall, F1 (of "yes") and the yes-ratio, with the confusion counts;
-**headline: the F1 averaged over the three splits** (``f1_average``) — the single "POPE" number papers report
-(LLaVA-1.5, VILA-U, UniTok, DualToken). Also the averages of the other figures and the F1 of all questions
-pooled (``pooled_f1``, what VLMEvalKit calls Overall).
+**Metrics**, per split: accuracy, precision, recall, F1 (of "yes") and the yes-ratio, with the confusion
+counts; **headline: the F1 averaged over the three splits** (``f1_average``) — the single "POPE" number papers
+report (LLaVA-1.5, VILA-U, UniTok, DualToken). Also the averages of the other figures and the F1 of all
+questions pooled (``pooled_f1``, what VLMEvalKit calls Overall).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Pope(UnderstandingTask):
     name = "pope"
     description = "POPE (object hallucination on COCO val2014: random / popular / adversarial)"
     files = (
-        "coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json from github.com/RUCAIBox/POPE "
-        "(output/coco/) and COCO val2014/ images (cocodataset.org) in one folder; or VLMEvalKit's POPE.tsv"
+        "coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json from "
+        "github.com/RUCAIBox/POPE (output/coco/) and COCO val2014/ images (cocodataset.org) in one folder; "
+        "or VLMEvalKit's POPE.tsv"
     )
     data_names = ("pope", "POPE", "POPE.tsv")
     headline = "f1_average"

@@ -9,18 +9,19 @@ use): the image, then ``<question>\\nAnswer the question using a single word or 
 placeholder opens the prompt with nothing between it and the question (as UniToken's own inference examples
 write it). Decoding is greedy, at most 16 new tokens (32 for TextVQA, whose answers are copied text).
 
-**vqav2** — a folder with ``v2_OpenEnded_mscoco_val2014_questions.json``, ``v2_mscoco_val2014_annotations.json``
-and the COCO ``val2014/`` images (``COCO_val2014_<12-digit id>.jpg``), or the test-dev questions
-``v2_OpenEnded_mscoco_test-dev2015_questions.json`` with ``test2015/``; ``--data`` may also name the questions
-file itself. Scored with the official VQA accuracy (:mod:`unified_mllm.eval.vqa_normalize`): the prediction
-goes through the EvalAI answer processor (as LLaVA writes its submission), then the official evaluation
-(normalised prediction, leave-one-out ``min(1, matches / 3)`` over the 10 human answers). Reported: accuracy
-overall, per answer type (yes/no, number, other) and per question type. Always written: the results file in
-the official format, ``[{"question_id", "answer"}]`` with the processed answers. Without the annotations
-(test-dev, test) **no score can be computed here**: the results file is the submission for the EvalAI server
-(VQA challenge, test-dev phase; the numbers papers report are test-dev), and when the folder also holds the
-full ``v2_OpenEnded_mscoco_test2015_questions.json`` every test2015 question missing from the run is written
-with an empty answer, as LLaVA's converter does, because the server wants them all.
+**vqav2** — a folder with ``v2_OpenEnded_mscoco_val2014_questions.json``,
+``v2_mscoco_val2014_annotations.json`` and the COCO ``val2014/`` images (``COCO_val2014_<12-digit id>.jpg``),
+or the test-dev questions ``v2_OpenEnded_mscoco_test-dev2015_questions.json`` with ``test2015/``; ``--data``
+may also name the questions file itself. Scored with the official VQA accuracy
+(:mod:`unified_mllm.eval.vqa_normalize`): the prediction goes through the EvalAI answer processor (as LLaVA
+writes its submission), then the official evaluation (normalised prediction, leave-one-out ``min(1, matches /
+3)`` over the 10 human answers). Reported: accuracy overall, per answer type (yes/no, number, other) and per
+question type. Always written: the results file in the official format, ``[{"question_id", "answer"}]`` with
+the processed answers. Without the annotations (test-dev, test) **no score can be computed here**: the results
+file is the submission for the EvalAI server (VQA challenge, test-dev phase; the numbers papers report are
+test-dev), and when the folder also holds the full ``v2_OpenEnded_mscoco_test2015_questions.json`` every
+test2015 question missing from the run is written with an empty answer, as LLaVA's converter does, because the
+server wants them all.
 
 **gqa** — ``testdev_balanced_questions.json`` (the GQA release's ``questions1.2``) and the ``images/`` folder
 (``<imageId>.jpg``, beside the questions file or under the ``--data`` folder), or VLMEvalKit's
@@ -28,20 +29,20 @@ with an empty answer, as LLaVA's converter does, because the server wants them a
 ``eval.py``): the prediction with trailing periods removed and lower-cased must equal the answer exactly.
 Reported, as GQA's ``eval.py`` does over the balanced questions: accuracy, accuracy on binary questions
 (structural type verify / logical / compare / choose) and open ones (structural type query), and per
-structural and semantic type. GQA's consistency, validity, plausibility, grounding and distribution scores need
-the scene graphs and all-questions file and are not computed (papers report accuracy only).
+structural and semantic type. GQA's consistency, validity, plausibility, grounding and distribution scores
+need the scene graphs and all-questions file and are not computed (papers report accuracy only).
 
 **textvqa** — ``TextVQA_0.5.1_val.json`` and ``train_images/`` (the validation images ship in the train image
 archive), or VLMEvalKit's ``TextVQA_VAL.tsv`` (``answer`` holds the 10 answers as a list literal). LLaVA-1.5
 evaluates TextVQA **with OCR tokens** in the prompt (its ``llava_textvqa_val_v051_ocr.jsonl``):
-``<question>\\nReference OCR token: tok1, tok2, ...\\nAnswer the question using a single word or phrase.``
-(no OCR line for an image without tokens). We follow it when the tokens are at hand: from LLaVA's question file
+``<question>\\nReference OCR token: tok1, tok2, ...\\nAnswer the question using a single word or phrase.`` (no
+OCR line for an image without tokens). We follow it when the tokens are at hand: from LLaVA's question file
 when it is in the folder (its prompts are used as they are), else from each question's ``ocr_tokens`` field or
 TextVQA's Rosetta OCR file ``TextVQA_Rosetta_OCR_v0.2_val.json`` in the folder. Without any of them (and for
 the TSV, which has none) the prompt has no OCR line, as VLMEvalKit and current lmms-eval ask it; the metrics
 say how many prompts carried tokens (``ocr_prompts``) because the two protocols differ by several points.
-Scored with TextVQA's accuracy (the m4c evaluator LLaVA uses, and VLMEvalKit's ``vqa_score``): prediction
-and human answers through the EvalAI answer processor, leave-one-out ``min(1, matches / 3)``.
+Scored with TextVQA's accuracy (the m4c evaluator LLaVA uses, and VLMEvalKit's ``vqa_score``): prediction and
+human answers through the EvalAI answer processor, leave-one-out ``min(1, matches / 3)``.
 
 No official scorer of these three uses an LLM judge.
 """
@@ -295,8 +296,8 @@ class GQA(UnderstandingTask):
     name = "gqa"
     description = "GQA test-dev balanced (compositional questions on Visual Genome images)"
     files = (
-        "GQA from cs.stanford.edu/people/dorarad/gqa/download.html: testdev_balanced_questions.json (questions1.2) "
-        "and the images/ folder, in one folder; or VLMEvalKit's GQA_TestDev_Balanced.tsv"
+        "GQA from cs.stanford.edu/people/dorarad/gqa/download.html: testdev_balanced_questions.json "
+        "(questions1.2) and the images/ folder, in one folder; or VLMEvalKit's GQA_TestDev_Balanced.tsv"
     )
     data_names = ("gqa", "GQA", "GQA_TestDev_Balanced.tsv")
     headline = "accuracy"
@@ -382,9 +383,9 @@ class TextVQA(UnderstandingTask):
     name = "textvqa"
     description = "TextVQA val (questions that need reading text in the image)"
     files = (
-        "TextVQA from textvqa.org/dataset: TextVQA_0.5.1_val.json and the train_images/ folder (train_val_images "
-        "archive), optionally TextVQA_Rosetta_OCR_v0.2_val.json (OCR tokens, as LLaVA-1.5 prompts) or LLaVA's "
-        "llava_textvqa_val_v051_ocr.jsonl, in one folder; or VLMEvalKit's TextVQA_VAL.tsv"
+        "TextVQA from textvqa.org/dataset: TextVQA_0.5.1_val.json and the train_images/ folder "
+        "(train_val_images archive), optionally TextVQA_Rosetta_OCR_v0.2_val.json (OCR tokens, as LLaVA-1.5 "
+        "prompts) or LLaVA's llava_textvqa_val_v051_ocr.jsonl, in one folder; or VLMEvalKit's TextVQA_VAL.tsv"
     )
     data_names = ("textvqa", "TextVQA", "TextVQA_VAL.tsv")
     headline = "accuracy"
