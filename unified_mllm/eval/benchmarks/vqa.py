@@ -14,14 +14,14 @@ write it). Decoding is greedy, at most 16 new tokens (32 for TextVQA, whose answ
 or the test-dev questions ``v2_OpenEnded_mscoco_test-dev2015_questions.json`` with ``test2015/``; ``--data``
 may also name the questions file itself. Scored with the official VQA accuracy
 (:mod:`unified_mllm.eval.vqa_normalize`): the prediction goes through the EvalAI answer processor (as LLaVA
-writes its submission), then the official evaluation (normalised prediction, leave-one-out ``min(1, matches /
-3)`` over the 10 human answers). Reported: accuracy overall, per answer type (yes/no, number, other) and per
-question type. Always written: the results file in the official format, ``[{"question_id", "answer"}]`` with
-the processed answers. Without the annotations (test-dev, test) **no score can be computed here**: the results
-file is the submission for the EvalAI server (VQA challenge, test-dev phase; the numbers papers report are
-test-dev), and when the folder also holds the full ``v2_OpenEnded_mscoco_test2015_questions.json`` every
-test2015 question missing from the run is written with an empty answer, as LLaVA's converter does, because the
-server wants them all.
+writes its submission), then the official evaluation (normalised prediction, leave-one-out
+``min(1, matches / 3)`` over the 10 human answers). Reported: accuracy overall, per answer type (yes/no,
+number, other) and per question type. Always written: the results file in the official format,
+``[{"question_id", "answer"}]`` with the processed answers. Without the annotations (test-dev, test) **no
+score can be computed here**: the results file is the submission for the EvalAI server (VQA challenge,
+test-dev phase; the numbers papers report are test-dev), and when the folder also holds the full
+``v2_OpenEnded_mscoco_test2015_questions.json`` every test2015 question missing from the run is written with
+an empty answer, as LLaVA's converter does, because the server wants them all.
 
 **gqa** — ``testdev_balanced_questions.json`` (the GQA release's ``questions1.2``) and the ``images/`` folder
 (``<imageId>.jpg``, beside the questions file or under the ``--data`` folder), or VLMEvalKit's
