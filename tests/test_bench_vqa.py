@@ -20,7 +20,7 @@ from unified_mllm.config import Config, load_config
 from unified_mllm.eval.__main__ import evaluate
 from unified_mllm.eval.benchmark import PREDICTIONS_FILE, SHORT_ANSWER
 from unified_mllm.eval.benchmarks.pope import Pope, first_sentence
-from unified_mllm.eval.benchmarks.vqa import GQA, TextVQA, VQAv2, answer_list, gqa_normalize
+from unified_mllm.eval.benchmarks.vqa import GQA, TextVQA, VQAv2, answer_list, gqa_correct, gqa_normalize
 from unified_mllm.eval.benchmarks.vqa import OCR_LINE as OCR
 from unified_mllm.eval.metrics import pope_metrics
 from unified_mllm.eval.tasks import get_task
@@ -107,6 +107,8 @@ def test_gqa_and_pope_reading_rules() -> None:
     assert first_sentence("No. There is a dog, not a cat.") == "No"
     assert answer_list("['a', 'b']") == ["a", "b"]
     assert answer_list("plain") == ["plain"]
+    assert gqa_correct("Left.", "left") and gqa_correct("right", ["left", "right"])
+    assert not gqa_correct("yes!", "yes")
 
 
 # ---------------------------------------------------------------------------------- fixture files

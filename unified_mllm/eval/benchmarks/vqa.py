@@ -289,6 +289,12 @@ def gqa_normalize(prediction: str) -> str:
     return prediction.rstrip(".").lower()
 
 
+def gqa_correct(prediction: str, answer: str | Sequence[str]) -> bool:
+    """Exact match of the read prediction with the answer (or with any of a TSV cell's list of answers)."""
+    answers = [answer] if isinstance(answer, str) else answer
+    return gqa_normalize(prediction) in [str(a).strip().lower() for a in answers]
+
+
 @register_task
 class GQA(UnderstandingTask):
     """GQA test-dev balanced (see the module docstring)."""
@@ -344,18 +350,20 @@ class GQA(UnderstandingTask):
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
         require_columns(rows, ("index", "image", "question", "answer"), path)
-        return [
-            Sample(
-                str(row["index"]), short_answer_prompt(row["question"]), images=(image,), answer=row["answer"]
+        samples = []
+        for row, image in zip(rows, tsv_images(rows, path), strict=True):
+            # VLMEvalKit's cell may hold a list literal of accepted answers; a single answer stays a string.
+            answers = answer_list(row["answer"])
+            answer = answers[0] if len(answers) == 1 else answers
+            samples.append(
+                Sample(
+                    str(row["index"]), short_answer_prompt(row["question"]), images=(image,), answer=answer
+                )
             )
-            for row, image in zip(rows, tsv_images(rows, path), strict=True)
-        ]
+        return samples
 
     def score(self, samples: Sequence[Sample], predictions: Sequence[str]) -> dict[str, Any]:
-        scores = [
-            float(gqa_normalize(p) == str(s.answer).strip().lower())
-            for s, p in zip(samples, predictions, strict=True)
-        ]
+        scores = [float(gqa_correct(p, s.answer)) for s, p in zip(samples, predictions, strict=True)]
         metrics: dict[str, Any] = {"accuracy": mean(scores), "questions": len(samples)}
         structural = [s.meta.get("structural", "") for s in samples]
         if all(structural):  # the TSV carries no question types
