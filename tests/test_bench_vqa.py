@@ -596,3 +596,24 @@ def test_the_driver_runs_every_benchmark_on_a_random_export(
     )
     assert result["samples"] == 4 and result["errors"] == 0
     assert result["headline"]["value"] == pytest.approx(recomputed("pope", result["records"]), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("task", "what"),
+    [("vqav2", "VQAv2 questions file"), ("gqa", "GQA questions file"), ("textvqa", "TextVQA annotations")],
+)
+def test_a_folder_without_the_files_is_named(tmp_path: Path, task: str, what: str) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no {what}"):
+        get_task(task, data=tmp_path).load(tmp_path)
+
+
+def test_missing_images_and_annotations_are_named(tmp_path: Path) -> None:
+    root = make_vqav2(tmp_path / "vqav2")
+    for image in (root / "val2014").iterdir():
+        image.unlink()
+    with pytest.raises(FileNotFoundError, match=r"image COCO_val2014_000000000101\.jpg not found; looked in"):
+        VQAv2(root).load(root)
+    root = make_gqa(tmp_path / "gqa")
+    (root / "testdev_balanced_questions.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not a GQA questions file"):
+        GQA(root).load(root)
