@@ -3,6 +3,7 @@ non-finite checkpoint or export, in every trainer, with a one-line error from th
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -21,7 +22,7 @@ from unified_mllm.train import contrastive, tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
 from unified_mllm.train.divergence import NAN_ENV, DivergenceError, DivergenceGuard, check_finite
 from unified_mllm.train.export import SUMMARY_FILE
-from unified_mllm.train.harness import CHECKPOINT_DIR, STATE_FILE, CheckpointLoadError
+from unified_mllm.train.harness import CHECKPOINT_DIR, STATE_FILE, CheckpointLoadError, DiskFullError
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.trainer import train
 
@@ -292,3 +293,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(
     assert summary["steps"] == 6
     later = {s: v for s, v in losses_by_step(resumed).items() if s > 2}
     assert later == {s: v for s, v in losses_by_step(straight).items() if s > 2}
+
+
+def test_a_full_disk_is_one_clear_error_and_loses_nothing(
+    world: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing step 4's state file (the way torch's zip writer meets a full disk): a one-line
+    error naming the checkpoint and the free space, no partial directory, step 2 intact, and a rerun resumes."""
+    config = stage0(world, tmp_path / "run", "train.max_steps=4")
+    real_save = torch.save
+
+    def save_until_full(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            Path(str(path)).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(
+        DiskFullError,
+        match=r"^checkpoint step-00000004 not written: no space left .* MB free; the "
+        r"previous checkpoint took .* MB\); its partial directory was removed and step-00000002 is intact",
+    ):
+        train(config, progress=False)
+    checkpoints = Path(config.checkpoint.dir) / CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(config, progress=False)["steps"] == 4
+    assert steps_on_disk(config) == [2, 4]

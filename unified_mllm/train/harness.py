@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -40,6 +41,7 @@ from unified_mllm.train.checkpoint import (
     STATE_FILE,
     begin_checkpoint_dir,
     capture_rng_state,
+    checkpoint_name,
     commit_checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
@@ -55,6 +57,32 @@ CURVES_FILE = "loss_curves.png"
 # Tests and fault drills: exit abruptly (as a kill would) right after this step.
 CRASH_ENV = "UMLLM_CRASH_AFTER_STEP"
 CRASH_EXIT_CODE = 17
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of disk space (the message says how much is free)."""
+
+
+def disk_full(error: BaseException | None, directory: Path) -> bool:
+    """Whether ``error`` (or anything in its chain) is a full disk, or the disk is (nearly) full now."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return shutil.disk_usage(directory).free < FULL_DISK_BYTES
+
+
+FULL_DISK_BYTES = 16 << 20  # below this much free space a failed write is taken for a full disk
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 class CheckpointLoadError(RuntimeError):
@@ -88,6 +116,7 @@ def run_cli(
         DivergenceError,
         UnsafePickleError,
         CheckpointLoadError,
+        DiskFullError,
     ),
     flags: Mapping[str, str] | None = None,
     prog: str | None = None,
@@ -290,25 +319,51 @@ class Run:
         then renames the directory into place and prunes to ``keep_last``."""
         tmp = begin_checkpoint_dir(self.checkpoints, run.step) if self.info.is_main else None
         tmp = distributed.broadcast_object(tmp)
-        if self.sharded is not None:
-            self.sharded.save(tmp)
-        rng = distributed.all_gather_object(capture_rng_state())
-        if self.info.is_main:
-            position = {
-                "fingerprint": self.fingerprint,
-                "step": run.step,
-                "data_state": run.data_state,
-                "elapsed_seconds": run.elapsed,
-                "world_size": self.info.world_size,
-                "rng": rng,
-                "bad_steps": self.guard.bad_steps,
-            }
-            torch.save({**state, **position}, tmp / STATE_FILE)
-            save_config(config, tmp / CONFIG_FILE)
-        distributed.barrier()  # every rank's part is on disk before the rename
+        error: BaseException | None = None
+        try:
+            if self.sharded is not None:
+                self.sharded.save(tmp)  # a collective: a failure is raised on every rank
+            rng = distributed.all_gather_object(capture_rng_state())
+            if self.info.is_main:
+                position = {
+                    "fingerprint": self.fingerprint,
+                    "step": run.step,
+                    "data_state": run.data_state,
+                    "elapsed_seconds": run.elapsed,
+                    "world_size": self.info.world_size,
+                    "rng": rng,
+                    "bad_steps": self.guard.bad_steps,
+                }
+                torch.save({**state, **position}, tmp / STATE_FILE)
+                save_config(config, tmp / CONFIG_FILE)
+        except Exception as exc:
+            error = exc
+        # Every rank's part is on disk (or some rank failed: then all stop, none waits at a barrier forever).
+        if any(distributed.all_gather_object(error is not None)):
+            self._abandon(tmp, run.step, error)
         if self.info.is_main:
             commit_checkpoint_dir(tmp, run.step, keep_last=self.policy.keep_last)
         distributed.barrier()
+
+    def _abandon(self, tmp: Path, step: int, error: BaseException | None) -> None:
+        """A checkpoint failed on some rank: remove its partial directory (rank 0) and raise — a one-line
+        :class:`DiskFullError` when the disk is full (torch's writers report that as an unrelated-looking
+        RuntimeError), else the error itself (or a note that another rank failed)."""
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        older = [path for _, path in list_checkpoints(self.checkpoints)]
+        kept = f"{older[-1].name} is intact" if older else "no earlier checkpoint exists"
+        if error is not None and not disk_full(error, self.checkpoints):
+            raise error
+        if error is None and not disk_full(None, self.checkpoints):
+            raise RuntimeError(f"checkpoint {checkpoint_name(step)} failed on another rank; {kept}")
+        took = f"; the previous checkpoint took {_megabytes(_tree_size(older[-1]))}" if older else ""
+        raise DiskFullError(
+            f"checkpoint {checkpoint_name(step)} not written: no space left on the disk of {self.checkpoints} "
+            f"({_megabytes(shutil.disk_usage(self.checkpoints).free)} free{took}); its partial directory was "
+            f"removed and {kept}. Free space, then rerun to resume"
+        ) from error
 
     # ------------------------------------------------------------------------------------- logging
 
