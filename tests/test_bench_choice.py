@@ -277,7 +277,7 @@ def test_seed_bench_release_by_hand(tmp_path: Path) -> None:
     result = run_task("seed-bench", root, solver, tmp_path / "out")
     metrics = result["metrics"]
     assert result["samples"] == 3  # the video question is skipped
-    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["exact_letter_accuracy"] == 0.0
     assert metrics["per_dimension"] == {
         "Scene Understanding": {"accuracy": 0.5, "correct": 1, "total": 2},
         "Text Understanding": {"accuracy": 1.0, "correct": 1, "total": 1},
@@ -539,6 +539,22 @@ def test_mmmu_tsv_by_hand(tmp_path: Path) -> None:
     )
     assert solver.prompts[1] == f"Sum of {IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER}?\n\n{SHORT_ANSWER}"
     assert solver.prompts[2].count(IMAGE_PLACEHOLDER) == 2  # the options' markers too
+
+
+def test_mmmu_tsv_subject_from_category(tmp_path: Path) -> None:
+    rows = [
+        {"index": 5, "split": "validation", "question": "Q <image 1>", "A": "x", "B": "y", "answer": "A"}
+        | {"category": "Art Theory", "l2-category": "Art & Design", "image": b64(RED)},
+        {"index": 6, "split": "validation", "question": "Q2 <image 1>", "A": "x", "B": "y", "answer": "B"}
+        | {"category": "Astronomy", "l2-category": "Science", "image": b64(RED)},
+    ]
+    data = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
+    metrics = run_task("mmmu", data, ScriptedSolver(lambda p, _: "A"), tmp_path / "out")["metrics"]
+    assert list(metrics["per_subject"]) == ["Art_Theory", "Astronomy"]
+    assert metrics["per_discipline"] == {
+        "Art & Design": {"accuracy": 1.0, "correct": 1, "total": 1},
+        "Science": {"accuracy": 0.0, "correct": 0, "total": 1},
+    }
 
 
 def test_mmmu_parquet_folder(tmp_path: Path) -> None:

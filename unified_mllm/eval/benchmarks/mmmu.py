@@ -85,6 +85,7 @@ MULTIPLE_CHOICE, OPEN = "multiple-choice", "open"
 IMAGE_MARKER = re.compile(r"<image (\d+)>")
 MAX_IMAGES = 7
 TSV_NAME = "MMMU_DEV_VAL.tsv"
+OTHER = "(other)"
 
 
 # --------------------------------------------------------------------------- MMMU's answer parsing rules
@@ -328,9 +329,10 @@ class MMMU(UnderstandingTask):
             if kind == OPEN or (not kind and not options):
                 options = {}
             subject = subject_of(qid) or str(row.get("category") or "").strip().replace(" ", "_")
-            samples.append(
-                self._sample(qid, str(row["question"]), options, row["answer"], subject, images, where)
-            )
+            sample = self._sample(qid, str(row["question"]), options, row["answer"], subject, images, where)
+            if sample.meta["discipline"] == OTHER and not is_missing(row.get("l2-category")):
+                sample.meta["discipline"] = str(row["l2-category"]).strip()  # a subject MMMU does not list
+            samples.append(sample)
         if not samples:
             raise ValueError(f"{file} holds no validation questions")
         return samples
@@ -353,7 +355,7 @@ class MMMU(UnderstandingTask):
             answer=parse_answer(answer) if not is_missing(answer) else "",
             meta={
                 "subject": subject,
-                "discipline": DISCIPLINE_OF.get(subject, "(other)"),
+                "discipline": DISCIPLINE_OF.get(subject, OTHER),
                 "question_type": MULTIPLE_CHOICE if options else OPEN,
                 "options": options,
             },

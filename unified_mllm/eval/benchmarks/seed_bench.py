@@ -17,6 +17,7 @@ greedy, at most 16 new tokens.
 evaluation ranks the four options by the model's likelihood instead of reading a generated answer; LLaVA (and
 every generative-model table) reads the answer, and its script compares the answer with the letter exactly —
 our rule takes that and also "(B)", "B. cat" or the option's text; an answer it cannot read counts wrong.
+``exact_letter_accuracy`` is LLaVA's strict figure, for comparison.
 
 **Metrics**: ``accuracy`` over all image questions (micro, as SEED-Bench's script reports SEED-I) and
 ``per_dimension`` for the nine image dimensions, by name.
@@ -156,5 +157,9 @@ class SEEDBench(UnderstandingTask):
             "correct": sum(hits),
             "total": len(hits),
             "unmatched": sum(letter is None for letter in picked),
+            # LLaVA's convert_seed_for_submission counts an answer right only when it is the letter itself
+            "exact_letter_accuracy": ratio(
+                sum(p.strip() == s.answer for s, p in zip(samples, predictions)), len(hits)
+            ),
             "per_dimension": accuracy_by(dimensions, hits, order=list(DIMENSIONS.values())),
         }
