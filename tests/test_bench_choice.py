@@ -346,7 +346,7 @@ def test_mmstar_tsv_by_hand(tmp_path: Path, inline: bool) -> None:
     metrics = run_task("mmstar", data, solver, tmp_path / "out")["metrics"]
     # the same prompt from either form
     assert solver.prompts[0] == (
-        f"{IMAGE_PLACEHOLDER}\nQuestion 0?\nOptions: A: a0, B: b0, C: c0, D: d0\n{MC_INSTRUCTION}"
+        f"{IMAGE_PLACEHOLDER}\nQuestion 0?\nOptions: A: a0, B: b0, C: c0, D: d0\n{MC_INSTRUCTION[:-1]}"
     )
     assert metrics["accuracy"] == pytest.approx(2 / 3)
     assert metrics["per_category"] == {

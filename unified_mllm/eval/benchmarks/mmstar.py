@@ -63,6 +63,10 @@ CATEGORIES = {
     "math": ["geometry", "numeric commonsense and calculation", "statistical reasoning"],
 }
 OPTIONS_MARK = "Options:"
+# lmms-eval's MMStar post_prompt, which (unlike its other tasks') has no final period; and the phrase its
+# doc_to_text deletes from a question before adding it.
+MMSTAR_INSTRUCTION = MC_INSTRUCTION.removesuffix(".")
+YES_NO_PHRASE = " Please answer yes or no."
 _OPTION_START = re.compile(r"(?:^|,\s*)([A-Z]):\s*")
 
 
@@ -135,7 +139,7 @@ class MMStar(UnderstandingTask):
             samples.append(
                 Sample(
                     id=index,
-                    prompt=image_first(f"{question}\n{MC_INSTRUCTION}"),
+                    prompt=image_first(f"{question.replace(YES_NO_PHRASE, '')}\n{MMSTAR_INSTRUCTION}"),
                     images=(image,),
                     answer=str(row["answer"]).strip(),
                     meta={
