@@ -73,8 +73,9 @@ class AI2D(UnderstandingTask):
     description = "AI2D (test)"
     files = (
         "VLMEvalKit's AI2D_TEST.tsv (https://opencompass.openxlab.space/utils/VLMEval/AI2D_TEST.tsv), or the "
-        "official ai2d/ folder (https://prior.allenai.org/projects/diagram-understanding: ai2d-all.zip) with "
-        "ai2d_test_ids.csv beside it"
+        "official ai2d/ folder (https://ai2-public-datasets.s3.amazonaws.com/diagrams/ai2d-all.zip, unzipped) "
+        "with ai2d_test_ids.csv (https://s3-us-east-2.amazonaws.com/prior-datasets/ai2d_test_ids.csv) in it or "
+        "beside it"
     )
     data_names = (TSV_NAME, f"**/{TSV_NAME}", "ai2d/questions")
     headline = "accuracy"
