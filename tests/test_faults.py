@@ -7,8 +7,11 @@ import errno
 import os
 import pickle
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,19 @@ from unified_mllm.config import Config, ConfigError, load_config, save_config
 from unified_mllm.data.shapes import write_split
 from unified_mllm.train import contrastive, tokenizer
 from unified_mllm.train.checkpoint import list_checkpoints, load_checkpoint
+from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.divergence import NAN_ENV, DivergenceError, DivergenceGuard, check_finite
 from unified_mllm.train.export import SUMMARY_FILE
-from unified_mllm.train.harness import CHECKPOINT_DIR, STATE_FILE, CheckpointLoadError, DiskFullError
+from unified_mllm.train.harness import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    CheckpointLoadError,
+    CheckpointPolicy,
+    DiskFullError,
+    Run,
+    RunLockedError,
+    lock_directory,
+)
 from unified_mllm.train.run_log import METRICS_FILE, read_metrics
 from unified_mllm.train.trainer import train
 
@@ -321,3 +334,94 @@ def test_a_full_disk_is_one_clear_error_and_loses_nothing(
     monkeypatch.setattr(torch, "save", real_save)
     assert train(config, progress=False)["steps"] == 4
     assert steps_on_disk(config) == [2, 4]
+
+
+# ------------------------------------------------------------------------------- launchers and run locks
+
+
+def test_a_run_directory_takes_one_run_at_a_time(tmp_path: Path) -> None:
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    harness = Run(tmp_path / "run", info, CheckpointPolicy(1, 1), "train.max_steps")
+    with harness.exclusive():
+        holder = rf"pid {os.getpid()} on {re.escape(socket.gethostname())} since "
+        with pytest.raises(
+            RunLockedError, match=rf"run directory .*run is in use by {holder}.*delete .*\.lock"
+        ):
+            lock_directory(tmp_path / "run")
+    lock_directory(tmp_path / "run").close()  # released when the block ends
+
+
+def children_of(pid: int) -> list[int]:
+    """Every process whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_die_with_their_launcher_and_a_second_launch_is_refused(
+    world: Config, tmp_path: Path
+) -> None:
+    config = stage0(world, tmp_path / "run", "train.max_steps=100000", "checkpoint.every_steps=100000")
+    save_config(config, tmp_path / "run.yaml")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "unified_mllm.train", "--config", str(tmp_path / "run.yaml"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        metrics = Path(config.checkpoint.dir) / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = children_of(launcher.pid)
+        assert len(workers) == 2 and metrics.is_file(), "the run did not start training"
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "unified_mllm.train",
+                "--config",
+                str(tmp_path / "run.yaml"),
+                "--no-progress",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1
+        assert re.search(
+            r"^error: the run directory .* is in use by pid \d+ on ", second.stderr, re.MULTILINE
+        )
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group: torchrun's workers are not in it
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from unified_mllm.config import Config, ConfigError
+from unified_mllm.config import Config
 from unified_mllm.layout import LayoutError
-from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import distributed
-from unified_mllm.train.divergence import DivergenceError
-from unified_mllm.train.harness import CheckpointLoadError, run_cli
+from unified_mllm.train.harness import run_cli
 
 
 def _train(config: Config, args: argparse.Namespace) -> None:
@@ -34,14 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Train one stage of the unified model (plain, or under torchrun with FSDP2 / DeepSpeed).",
         _train,
         argv,
-        errors=(
-            FileNotFoundError,
-            ConfigError,
-            LayoutError,
-            DivergenceError,
-            UnsafePickleError,
-            CheckpointLoadError,
-        ),
+        errors=(LayoutError,),
         prog="python -m unified_mllm.train",
     )
 

@@ -189,50 +189,54 @@ def train_contrastive(
         max_bad_steps=cfg.max_bad_steps,
         bad_steps_name="contrastive.max_bad_steps",
     )
-    if force:
-        harness.start_over()
-    run, state = harness.resume(cfg.max_steps)
-    for key, part in parts.items():
-        if state:
-            part.load_state_dict(state[key])
-    harness.snapshot_config(config)
-    losses: list[float] = list(state.get("losses", []))
-    batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
-    logged, started = run.step, time.perf_counter()
-
-    def step(run: RunState) -> None:
-        number = run.step + 1
-
-        def accept(loss: torch.Tensor, norm: torch.Tensor) -> bool:
-            return harness.guard.accept(number, loss, norm)
-
-        losses.append(
-            train_step(model, optimizer, schedule, next(batches), cfg, accept, injected_fault(number))
-        )
-        run.data_state = run.step + 1  # batches drawn
-
-    def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
-        nonlocal logged, started
-        loss, temperature = float(np.mean(losses[logged:])), model.logit_scale.exp().item()
-        seconds = (time.perf_counter() - started) / max(run.step - logged, 1)
+    with harness.exclusive():
+        if force:
+            harness.start_over()
+        run, state = harness.resume(cfg.max_steps)
+        for key, part in parts.items():
+            if state:
+                part.load_state_dict(state[key])
+        harness.snapshot_config(config)
+        losses: list[float] = list(state.get("losses", []))
+        batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
         logged, started = run.step, time.perf_counter()
-        record = {"kind": "train", "step": run.step, "lr": optimizer.param_groups[0]["lr"], "loss": loss}
-        record |= {"temperature": temperature, "bias": model.logit_bias.item(), "sec_per_step": seconds}
-        return record, {"loss": loss, "t": temperature}
 
-    def checkpoint(run: RunState) -> None:
-        harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
+        def step(run: RunState) -> None:
+            number = run.step + 1
 
-    wandb_config = {"contrastive": dataclasses.asdict(cfg), "vision": dataclasses.asdict(config.model.vision)}
-    name, wandb = "siglip contrastive", config.train.wandb
-    model.train()
-    with harness.logging(
-        run, name=name, total=cfg.max_steps, wandb=wandb, wandb_config=wandb_config, progress=progress
-    ):
-        harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
-    harness.save_curves(CURVE_PANELS)
-    model.eval()
-    return losses
+            def accept(loss: torch.Tensor, norm: torch.Tensor) -> bool:
+                return harness.guard.accept(number, loss, norm)
+
+            losses.append(
+                train_step(model, optimizer, schedule, next(batches), cfg, accept, injected_fault(number))
+            )
+            run.data_state = run.step + 1  # batches drawn
+
+        def log(run: RunState) -> tuple[dict[str, Any], dict[str, float]]:
+            nonlocal logged, started
+            loss, temperature = float(np.mean(losses[logged:])), model.logit_scale.exp().item()
+            seconds = (time.perf_counter() - started) / max(run.step - logged, 1)
+            logged, started = run.step, time.perf_counter()
+            record = {"kind": "train", "step": run.step, "lr": optimizer.param_groups[0]["lr"], "loss": loss}
+            record |= {"temperature": temperature, "bias": model.logit_bias.item(), "sec_per_step": seconds}
+            return record, {"loss": loss, "t": temperature}
+
+        def checkpoint(run: RunState) -> None:
+            harness.save(run, {**{k: v.state_dict() for k, v in parts.items()}, "losses": losses}, config)
+
+        wandb_config = {
+            "contrastive": dataclasses.asdict(cfg),
+            "vision": dataclasses.asdict(config.model.vision),
+        }
+        name, wandb = "siglip contrastive", config.train.wandb
+        model.train()
+        with harness.logging(
+            run, name=name, total=cfg.max_steps, wandb=wandb, wandb_config=wandb_config, progress=progress
+        ):
+            harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
+        harness.save_curves(CURVE_PANELS)
+        model.eval()
+        return losses
 
 
 # ------------------------------------------------------------------------------------------- evaluation

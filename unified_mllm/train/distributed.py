@@ -12,9 +12,11 @@ Model code never imports this module (design convention 1); entry points (traine
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -76,6 +78,8 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     """
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if LAUNCHER_ENV in os.environ:
+        exit_with_launcher()
     resolved = pick_device(local_rank, device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -89,6 +93,29 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+# Set by torchrun in every worker it starts.
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def exit_with_launcher() -> bool:
+    """Ask the kernel to kill this worker when its launcher dies (Linux ``PR_SET_PDEATHSIG``): torchrun starts
+    every worker in a session of its own, so killing the launcher's process group would leave them training
+    and checkpointing on their own. Returns whether the request took (False off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != launcher:  # the launcher died before the request: nobody will signal us
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def is_distributed() -> bool:

@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -85,6 +87,37 @@ def _megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
 
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+def lock_directory(directory: Path) -> IO[str]:
+    """Take ``directory/.lock`` (created with the directory), writing who holds it; returns the open file that
+    holds the lock. Raises :class:`RunLockedError` naming the holder when another process has it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(
+            f"the run directory {directory} is in use by {holder}; a second run there would overwrite its "
+            f"checkpoints. Wait for it or stop it (the lock goes with that process; if no such process runs, "
+            f"the file system ignores locks: delete {path})"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 class CheckpointLoadError(RuntimeError):
     """No checkpoint of a run directory could be loaded; the message names each one and why."""
 
@@ -92,6 +125,19 @@ class CheckpointLoadError(RuntimeError):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+# The errors of a run that every trainer's command line reports in one line (bad input, a diverged run, a
+# damaged or crafted checkpoint, a full disk, a directory in use).
+RUN_ERRORS: tuple[type[Exception], ...] = (
+    FileNotFoundError,
+    ConfigError,
+    DivergenceError,
+    UnsafePickleError,
+    CheckpointLoadError,
+    DiskFullError,
+    RunLockedError,
+)
 
 
 def reuse_finished(
@@ -110,19 +156,13 @@ def run_cli(
     train: Callable[[Config, argparse.Namespace], object],
     argv: Sequence[str] | None = None,
     *,
-    errors: tuple[type[Exception], ...] = (
-        FileNotFoundError,
-        ConfigError,
-        DivergenceError,
-        UnsafePickleError,
-        CheckpointLoadError,
-        DiskFullError,
-    ),
+    errors: tuple[type[Exception], ...] = (),
     flags: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> None:
     """A trainer's command line: ``--config`` files and ``key=value`` overrides, ``--no-progress``, the
-    trainer's own ``flags`` (``{"--force": help}``, booleans); ``errors`` end it with a one-line message."""
+    trainer's own ``flags`` (``{"--force": help}``, booleans); :data:`RUN_ERRORS` and ``errors`` end it with a
+    one-line message."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -131,7 +171,7 @@ def run_cli(
     args = parser.parse_intermixed_args(argv)
     try:
         train(config_from_args(args), args)
-    except errors as exc:
+    except (*RUN_ERRORS, *errors) as exc:
         raise SystemExit(f"error: {exc}") from exc
     finally:
         distributed.shutdown()
@@ -240,6 +280,28 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return self.directory / CHECKPOINT_DIR
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the run directory's lock for the block (rank 0 holds it; every rank learns whether it got it).
+
+        A second launch on the same directory stops with :class:`RunLockedError` naming the holder instead of
+        overwriting its checkpoints. The lock is an ``flock`` on ``.lock``: the kernel drops it when the holder
+        exits, however it dies, so it never goes stale on a local file system."""
+        handle, refused = None, None
+        if self.info.is_main:
+            try:
+                handle = lock_directory(self.directory)
+            except RunLockedError as exc:
+                refused = str(exc)
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise RunLockedError(refused)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.close()  # closing the file releases the flock
 
     def snapshot_config(self, config: Config) -> None:
         """Rank 0: create the run directory and write the resolved config into it."""

@@ -561,31 +561,32 @@ def train_tokenizer(config: Config, *, progress: bool = True) -> dict[str, Any]:
         max_bad_steps=cfg.max_bad_steps,
         bad_steps_name="vq_train.max_bad_steps",
     )
-    run, state = harness.resume(cfg.steps, map_location=info.device)
-    if state:
-        restore_training_state(nets, state, config)
-    run.data_state = run.data_state or 0
-    harness.snapshot_config(config)
-    eval_pixels = None  # rank 0 evaluates, on the first eval_images images of eval_data
-    if cfg.eval_data and info.is_main:
-        eval_pixels = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)[0]
-        eval_pixels = eval_pixels.to(info.device)
-    with harness.logging(
-        run,
-        name=config.model.vq.kind,
-        total=cfg.steps,
-        wandb=config.train.wandb,
-        wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
-        progress=progress,
-    ):
-        last = train_loop(nets, config, harness, run, eval_pixels)
-    # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
-    harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
-    if info.is_main:
-        summary = finish_run(nets, config, run, last, eval_pixels)
-        print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
-    distributed.barrier()
-    return distributed.broadcast_object(summary)
+    with harness.exclusive():
+        run, state = harness.resume(cfg.steps, map_location=info.device)
+        if state:
+            restore_training_state(nets, state, config)
+        run.data_state = run.data_state or 0
+        harness.snapshot_config(config)
+        eval_pixels = None  # rank 0 evaluates, on the first eval_images images of eval_data
+        if cfg.eval_data and info.is_main:
+            eval_pixels = load_first_images(cfg.eval_data, cfg.eval_images, config.model.vq.resolution)[0]
+            eval_pixels = eval_pixels.to(info.device)
+        with harness.logging(
+            run,
+            name=config.model.vq.kind,
+            total=cfg.steps,
+            wandb=config.train.wandb,
+            wandb_config={"vq": dataclasses.asdict(config.model.vq), "vq_train": dataclasses.asdict(cfg)},
+            progress=progress,
+        ):
+            last = train_loop(nets, config, harness, run, eval_pixels)
+        # Pixel errors fall by orders of magnitude: the reconstruction panel is log-scaled.
+        harness.save_curves(_CURVE_PANELS, log_scale=("reconstruction",))
+        if info.is_main:
+            summary = finish_run(nets, config, run, last, eval_pixels)
+            print(f"trained {run.step} steps in {run.elapsed:.1f} s; tokenizer saved to {out_dir}")
+        distributed.barrier()
+        return distributed.broadcast_object(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

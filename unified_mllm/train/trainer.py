@@ -247,40 +247,43 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
         sharded=backend,
         max_bad_steps=config.train.max_bad_steps,
     )
-    run, state = harness.resume(config.train.max_steps)
-    if state:
-        backend.scheduler.load_state_dict(state["scheduler"])
-    harness.snapshot_config(config)
-    batches = batch_stream(
-        config,
-        rank=info.rank,
-        world_size=info.world_size,
-        with_features=config.model.vision.enabled,
-        state=run.data_state,
-        tokenizer=tokenizer,
-    )
-    with harness.logging(
-        run,
-        name=f"stage{config.train.stage}",
-        total=config.train.max_steps,
-        wandb=config.train.wandb,
-        wandb_config=dataclasses.asdict(config),
-        progress=progress,
-    ):
-        last = train_loop(backend, batches, config, harness, run)
-    state = backend.full_state_dict()  # a collective: every rank takes part
-    if info.is_main:
-        check_finite(state, f"the export in {export_dir}")
-    harness.save_curves(curve_panels(config), log_scale=("loss",))
-    if info.is_main:
-        summary = {
-            "fingerprint": fingerprint(config),
-            "steps": run.step,
-            "world_size": info.world_size,
-            "train_seconds": round(run.elapsed, 2),
-            "final_train": last,
-        }
-        export_run(state, config, export_dir, summary)
-        print(f"stage {config.train.stage}: {run.step} steps in {run.elapsed:.0f} s; export in {export_dir}")
-    distributed.barrier()
-    return distributed.broadcast_object(summary)
+    with harness.exclusive():
+        run, state = harness.resume(config.train.max_steps)
+        if state:
+            backend.scheduler.load_state_dict(state["scheduler"])
+        harness.snapshot_config(config)
+        batches = batch_stream(
+            config,
+            rank=info.rank,
+            world_size=info.world_size,
+            with_features=config.model.vision.enabled,
+            state=run.data_state,
+            tokenizer=tokenizer,
+        )
+        with harness.logging(
+            run,
+            name=f"stage{config.train.stage}",
+            total=config.train.max_steps,
+            wandb=config.train.wandb,
+            wandb_config=dataclasses.asdict(config),
+            progress=progress,
+        ):
+            last = train_loop(backend, batches, config, harness, run)
+        state = backend.full_state_dict()  # a collective: every rank takes part
+        if info.is_main:
+            check_finite(state, f"the export in {export_dir}")
+        harness.save_curves(curve_panels(config), log_scale=("loss",))
+        if info.is_main:
+            summary = {
+                "fingerprint": fingerprint(config),
+                "steps": run.step,
+                "world_size": info.world_size,
+                "train_seconds": round(run.elapsed, 2),
+                "final_train": last,
+            }
+            export_run(state, config, export_dir, summary)
+            print(
+                f"stage {config.train.stage}: {run.step} steps in {run.elapsed:.0f} s; export in {export_dir}"
+            )
+        distributed.barrier()
+        return distributed.broadcast_object(summary)
