@@ -64,7 +64,8 @@ HINTS = {  # build_query.py's zero-shot hints
 BREAKDOWNS = ("task", "skills", "question_type", "answer_type", "grade", "context", "source")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _EXPLICIT_LETTER = (
-    re.compile(r"answer\s*(?:is|:)?\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE),
+    # "Answer: B", "the answer is (B)": the word in any case, the letter a capital (not the article "a").
+    re.compile(r"(?i:answer\s*(?:is|:)?\s*:?\s*)\(?([A-Z])\)?(?![A-Za-z])"),
     re.compile(r"\(([A-Z])\)"),
 )
 _LIST = re.compile(r"\[[^\[\]]*\]")
