@@ -567,7 +567,7 @@ def test_driver_end_to_end_on_a_tiny_export(
         export,
         data=write(tmp_path / "data"),
         limit=limit,
-        batch_size=2,
+        batch_size=3,  # HallusionBench: its text-only question shares a batch with an image question
         output=tmp_path / "out",
         progress=False,
     )
