@@ -39,6 +39,7 @@ from unified_mllm.eval.benchmark import (
     Sample,
     UnderstandingTask,
     decode_base64_image,
+    find_path,
     is_missing,
     read_records,
     require_columns,
@@ -176,10 +177,7 @@ class HallusionBench(UnderstandingTask):
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
-            found = next(
-                (path / n for n in ("HallusionBench.json", "HallusionBench.tsv") if (path / n).is_file()),
-                None,
-            )
+            found = find_path(path, ("HallusionBench.json", "HallusionBench.tsv"))
             if found is None:
                 raise FileNotFoundError(
                     f"{path} holds neither HallusionBench.json nor HallusionBench.tsv ({self.files})"

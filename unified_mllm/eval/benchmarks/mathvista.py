@@ -40,6 +40,7 @@ from unified_mllm.eval.benchmark import (
     Sample,
     UnderstandingTask,
     decode_base64_image,
+    find_path,
     is_missing,
     match_choice,
     read_records,
@@ -61,6 +62,14 @@ HINTS = {  # build_query.py's zero-shot hints
     "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, "
     "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
 }
+# The testmini file inside a release folder, in order of preference.
+RELEASE_FILES = (
+    "MathVista_MINI.tsv",
+    "testmini.json",
+    "data/testmini.json",
+    "testmini-*.parquet",
+    "data/testmini-*.parquet",
+)
 BREAKDOWNS = ("task", "skills", "question_type", "answer_type", "grade", "context", "source")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _EXPLICIT_LETTER = (
@@ -243,20 +252,7 @@ class MathVista(UnderstandingTask):
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
-            found = next(
-                (
-                    hits[0]
-                    for pattern in (
-                        "MathVista_MINI.tsv",
-                        "testmini.json",
-                        "data/testmini.json",
-                        "testmini-*.parquet",
-                        "data/testmini-*.parquet",
-                    )
-                    if (hits := sorted(path.glob(pattern)))
-                ),
-                None,
-            )
+            found = find_path(path, RELEASE_FILES)
             if found is None:
                 raise FileNotFoundError(f"{path} holds no MathVista testmini file ({self.files})")
             path = found
@@ -276,7 +272,7 @@ class MathVista(UnderstandingTask):
                 query = build_query(
                     str(row["question"]),
                     meta["choices"],
-                    row.get("unit"),
+                    None if is_missing(row.get("unit")) else str(row["unit"]),
                     meta["question_type"],
                     meta["answer_type"],
                     meta["precision"],

@@ -33,6 +33,7 @@ from unified_mllm.eval.benchmark import (
     Sample,
     UnderstandingTask,
     decode_base64_image,
+    find_path,
     is_missing,
     read_records,
     require_columns,
@@ -130,7 +131,7 @@ class OCRBench(UnderstandingTask):
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
-            found = next((path / n for n in ("OCRBench.json", "OCRBench.tsv") if (path / n).is_file()), None)
+            found = find_path(path, ("OCRBench.json", "OCRBench.tsv"))
             if found is None:
                 raise FileNotFoundError(f"{path} holds neither OCRBench.json nor OCRBench.tsv ({self.files})")
             path = found
