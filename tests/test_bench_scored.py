@@ -1,5 +1,6 @@
 """OCRBench, HallusionBench, MathVista and MME: their official file formats read, their own scoring rules on
-real-looking answers, every metric against hand-computed values, and the driver end to end on a tiny export."""
+real-looking answers, every metric against hand-computed values, and the driver end to end on a tiny
+export."""
 
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ def test_ocrbench_json_and_tsv_through_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ HallusionBench
 
-# (category, subcategory, set, figure, question, visual_input, gt, prediction): two VD figures asked the same two
-# questions; a VS question asked without its figure (figure 0) and with it.
+# (category, subcategory, set, figure, question, visual_input, gt, prediction): two VD figures asked the same
+# two questions; a VS question asked without its figure (figure 0) and with it.
 HB_ROWS = [
     ("VD", "illusion", "0", "0", "0", "1", "1", "Yes."),  # right
     ("VD", "illusion", "0", "0", "1", "1", "0", "No"),  # right
@@ -396,7 +397,8 @@ def test_mathvista_extraction_on_real_looking_answers() -> None:
 def test_mathvista_built_query_matches_the_official_form() -> None:
     query = build_query("Find $m\\angle H$", ["97", "102"], None, "multi_choice", "text", None)
     assert query == (
-        "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+        "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
+        "end.\n"
         "Question: Find $m\\angle H$\nChoices:\n(A) 97\n(B) 102"
     )
     assert build_query("How heavy?", None, "g", "free_form", "float", 2).startswith(
@@ -503,7 +505,7 @@ def test_mathvista_parquet(tmp_path: Path) -> None:
     assert result["metrics"]["accuracy"] == 4 / 5
 
 
-# ------------------------------------------------------------------------------------------- driver end to end
+# ------------------------------------------------------------------------------------------ driver end to end
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ to it. Also accepted: VLMEvalKit's ``HallusionBench.tsv`` (``index`` ``VD_ocr_x_
 ``image`` base64 or the index of the row holding it, ``question``, ``answer`` Yes/No, ``category``,
 ``l2-category``).
 
-**Prompt**: the question as given, after the image (what VLMEvalKit and lmms-eval send; no instruction is added).
+**Prompt**: the question as given, after the image (what VLMEvalKit and lmms-eval send; no instruction is
+added).
 
 **Matching.** The official scorer asks GPT-4 whether each answer agrees with the reference; we read the answer
 the way VLMEvalKit does for its yes/no benchmarks before it calls a judge: punctuation handled as its
@@ -161,9 +162,9 @@ class HallusionBench(UnderstandingTask):
     name = "hallusionbench"
     description = "HallusionBench: yes/no questions on original and edited figures (aAcc, fAcc, qAcc)"
     files = (
-        "HallusionBench.json + hallusion_bench/ images (github.com/tianyi-lab/HallusionBench: the json in the "
-        "repo, the images as hallusion_bench.zip from its README's link) or VLMEvalKit's HallusionBench.tsv "
-        "(https://opencompass.openxlab.space/utils/VLMEval/HallusionBench.tsv)"
+        "HallusionBench.json + hallusion_bench/ images (github.com/tianyi-lab/HallusionBench: the json in "
+        "the repo, the images as hallusion_bench.zip from its README's link) or VLMEvalKit's "
+        "HallusionBench.tsv (https://opencompass.openxlab.space/utils/VLMEval/HallusionBench.tsv)"
     )
     data_names = (
         "HallusionBench.tsv",

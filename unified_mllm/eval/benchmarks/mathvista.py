@@ -1,10 +1,11 @@
 """MathVista testmini (Lu et al., ICLR 2024): 1000 math questions on figures, multiple choice and free form.
 
-**Files**, any of: the Hugging Face release ``AI4Math/MathVista`` (``testmini-*.parquet``: ``pid``, ``question``,
-``decoded_image`` bytes, ``choices``, ``unit``, ``precision``, ``answer``, ``question_type``, ``answer_type``,
-``metadata``, ``query``; reading it needs pyarrow); the GitHub release (lupantech/MathVista) ``testmini.json``
-with ``query.json`` beside it and the ``images/`` folder; VLMEvalKit's ``MathVista_MINI.tsv`` (``index, image,
-question, answer, question_type, answer_type, choices, precision, task, skills, ...``).
+**Files**, any of: the Hugging Face release ``AI4Math/MathVista`` (``testmini-*.parquet``: ``pid``,
+``question``, ``decoded_image`` bytes, ``choices``, ``unit``, ``precision``, ``answer``, ``question_type``,
+``answer_type``, ``metadata``, ``query``; reading it needs pyarrow); the GitHub release (lupantech/MathVista)
+``testmini.json`` with ``query.json`` beside it and the ``images/`` folder; VLMEvalKit's
+``MathVista_MINI.tsv`` (``index, image, question, answer, question_type, answer_type, choices, precision,
+task, skills, ...``).
 
 **Prompt**: the official ``query`` (the hint — "Hint: Please answer the question requiring an integer answer
 and provide the final value, e.g., 1, 2, 3, at the end." and its siblings —, the question with its unit, the
@@ -19,7 +20,8 @@ so our accuracy can differ from the paper's, mostly on long free-form responses:
   one option text the response names (:func:`match_choice`), else the whole response; then the official
   normalisation: a letter becomes its option, any other text the option nearest in edit distance;
 * integer / float: the response itself when it is a number, else the last number in it ("1,000" -> 1000);
-  normalised as the official does (integer: ``str(int(float(x)))``; float: ``str(round(float(x), precision))``);
+  normalised as the official does (integer: ``str(int(float(x)))``; float:
+  ``str(round(float(x), precision))``);
 * list: the last ``[...]`` in the response, written as Python writes the list;
 * then, as ``safe_equal``, the normalised string must equal the answer.
 
@@ -51,16 +53,16 @@ from unified_mllm.eval.tasks import register_task
 from unified_mllm.layout import IMAGE_PLACEHOLDER
 
 HINTS = {  # build_query.py's zero-shot hints
-    "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, "
-    "at the end.",
+    "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, "
+    "D, at the end.",
     "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, "
     "e.g., 1, 2, 3, at the end.",
     "float1": "Hint: Please answer the question requiring a floating-point number with one decimal place and "
     "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
-    "float2": "Hint: Please answer the question requiring a floating-point number with two decimal places and "
-    "provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
-    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, "
-    "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
+    "float2": "Hint: Please answer the question requiring a floating-point number with two decimal places "
+    "and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
+    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final "
+    "list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
 }
 # The testmini file inside a release folder, in order of preference.
 RELEASE_FILES = (

@@ -7,17 +7,18 @@ and its ``.txt`` side by side; the folders may sit one level down (``MME_Benchma
 VLMEvalKit's ``MME.tsv`` (columns ``index, image, question, answer, category[, image_path]``, base64 images;
 a row whose image field is a short index reuses that row's image, as VLMEvalKit stores MME's second question).
 
-**Prompt** (LLaVA-1.5's, as its ``llava_mme.jsonl`` and lmms-eval's default reproduce it): the question with its
-trailing " Please answer yes or no." replaced by a new line "Answer the question using a single word or phrase."
+**Prompt** (LLaVA-1.5's, as its ``llava_mme.jsonl`` and lmms-eval's default reproduce it): the question with
+its trailing " Please answer yes or no." replaced by a new line "Answer the question using a single word or
+phrase."
 
-**Matching** (MME's own ``eval_tool/calculation.py``): the lower-cased answer is "yes" or "no" when it is exactly
-that, else "yes" when its first four characters contain "yes", "no" when they contain "no", else "other" (wrong
-either way). No LLM judge is involved.
+**Matching** (MME's own ``eval_tool/calculation.py``): the lower-cased answer is "yes" or "no" when it is
+exactly that, else "yes" when its first four characters contain "yes", "no" when they contain "no", else
+"other" (wrong either way). No LLM judge is involved.
 
 **Metrics.** Per subtask: ``acc`` (per question), ``acc_plus`` (per image: every question of the image right)
-and ``score`` = 100 * acc + 100 * acc+ (max 200); ``perception`` = the sum of the 10 perception subtasks' scores
-(max 2000, the headline) and ``cognition`` = the sum of the 4 cognition ones (max 800). A subtask that is absent
-(``--limit``) adds nothing to its sum.
+and ``score`` = 100 * acc + 100 * acc+ (max 200); ``perception`` = the sum of the 10 perception subtasks'
+scores (max 2000, the headline) and ``cognition`` = the sum of the 4 cognition ones (max 800). A subtask that
+is absent (``--limit``) adds nothing to its sum.
 """
 
 from __future__ import annotations

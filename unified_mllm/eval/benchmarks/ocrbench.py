@@ -9,10 +9,10 @@ the ``OCRBench_Images/`` folder the ``image_path`` values are relative to. Also 
 instruction); up to 128 new tokens, as lmms-eval allows.
 
 **Matching** (OCRBench's scorer, as VLMEvalKit reimplements it; no LLM judge): for "Handwritten Mathematical
-Expression Recognition" (the HME100k questions) newlines and spaces are removed from answer and prediction, and
-the question is right when an answer is contained in the prediction; for every other type an answer, lower-cased,
-stripped and with newlines as spaces, must be contained in the likewise lower-cased prediction. Any one of the
-reference answers suffices.
+Expression Recognition" (the HME100k questions) newlines and spaces are removed from answer and prediction,
+and the question is right when an answer is contained in the prediction; for every other type an answer,
+lower-cased, stripped and with newlines as spaces, must be contained in the likewise lower-cased prediction.
+Any one of the reference answers suffices.
 
 **Metrics.** The number right in each of the five score buckets — Text Recognition (the regular, irregular,
 artistic, handwriting, digit-string and non-semantic text types together), Scene Text-centric VQA,
@@ -119,8 +119,8 @@ class OCRBench(UnderstandingTask):
         "OCRBench: text recognition, scene/document VQA, key information, handwritten math (of 1000)"
     )
     files = (
-        "OCRBench.json + OCRBench_Images/ (github.com/Yuliang-Liu/MultimodalOCR, OCRBench: the images from its "
-        "README's download link) or VLMEvalKit's OCRBench.tsv "
+        "OCRBench.json + OCRBench_Images/ (github.com/Yuliang-Liu/MultimodalOCR, OCRBench: the images from "
+        "its README's download link) or VLMEvalKit's OCRBench.tsv "
         "(https://opencompass.openxlab.space/utils/VLMEval/OCRBench.tsv)"
     )
     data_names = ("OCRBench.tsv", "OCRBench/OCRBench.json", "OCRBench/OCRBench.tsv", "OCRBench.json")
