@@ -52,29 +52,7 @@ from unified_mllm.layout import IMAGE_PLACEHOLDER
 
 # VLMEvalKit's process_punctuation: these marks vanish when spaced or when the text holds a "1,000" number,
 # else become a space; a period not inside a number vanishes.
-_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
+_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
 _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 _LONE_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 METRICS = ("aAcc", "fAcc", "qAcc")
@@ -91,7 +69,7 @@ def strip_punctuation(text: str) -> str:
 
 
 def read_yes_no(prediction: str) -> str:
-    """ "yes", "no" or "unknown", as VLMEvalKit's ``YOrN_Extraction`` reads a free-form answer."""
+    """How VLMEvalKit's ``YOrN_Extraction`` reads a free-form answer: "yes", "no" or "unknown"."""
     words = strip_punctuation(prediction.lower()).split()
     if "yes" in words and "no" not in words:
         return "yes"

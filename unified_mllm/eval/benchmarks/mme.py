@@ -79,6 +79,11 @@ def resolve_image_references(rows: Sequence[Mapping[str, Any]], where: str) -> l
     return images
 
 
+def _image_named(folder: Path, stem: str) -> Path | None:
+    """The image ``stem.jpg`` / ``.png`` / ... in ``folder`` (MME mixes JPEG and PNG), or None."""
+    return next((folder / f"{stem}{s}" for s in IMAGE_SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
+
+
 def mme_prompt(question: str) -> str:
     """LLaVA-1.5's MME prompt: the question without "Please answer yes or no.", then the short-answer line."""
     return f"{IMAGE_PLACEHOLDER}{YES_NO_SUFFIX.sub('', question.strip())}\n{SHORT_ANSWER}"
@@ -199,14 +204,7 @@ class MME(UnderstandingTask):
             image_dir = folder / "images" if qa_dir.is_dir() else folder
             qa_dir = qa_dir if qa_dir.is_dir() else folder
             for txt in sorted(qa_dir.glob("*.txt")):
-                image = next(
-                    (
-                        image_dir / f"{txt.stem}{s}"
-                        for s in IMAGE_SUFFIXES
-                        if (image_dir / f"{txt.stem}{s}").is_file()
-                    ),
-                    None,
-                )
+                image = _image_named(image_dir, txt.stem)
                 if image is None:
                     raise FileNotFoundError(f"{txt}: no image {txt.stem}.jpg/.png in {image_dir}")
                 lines = [line for line in txt.read_text(encoding="utf-8").splitlines() if line.strip()]
