@@ -383,6 +383,9 @@ def test_mathvista_extraction_on_real_looking_answers() -> None:
     integer = {"question_type": "free_form", "answer_type": "integer"}
     assert scored("The number missing in the sequence is 14.", "14", **integer)
     assert scored("Total: 1,000 people", "1000", **integer)
+    assert scored("The peak lies in 2007-2008", "2008", **integer)
+    assert scored("The temperature falls to -3, then rises to -4", "-4", **integer)
+    assert extract_answer("points (3,4) and 5,", "free_form", "integer", []) == "5"
     assert scored("3.7", "3", **integer)  # str(int(float(x))) truncates, as the official does
     assert not scored("There are 4 objects.", "3", **integer)
     assert not scored("I do not know.", "3", **integer)

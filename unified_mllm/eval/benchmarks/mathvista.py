@@ -73,7 +73,8 @@ RELEASE_FILES = (
     "data/testmini-*.parquet",
 )
 BREAKDOWNS = ("task", "skills", "question_type", "answer_type", "grade", "context", "source")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number, with thousands commas ("1,000") and a sign; "2007-2008" is two numbers, not 2007 and -2008.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _EXPLICIT_LETTER = (
     # "Answer: B", "the answer is (B)": the word in any case, the letter a capital (not the article "a").
     re.compile(r"(?i:answer\s*(?:is|:)?\s*:?\s*)\(?([A-Z])\)?(?![A-Za-z])"),
@@ -140,7 +141,10 @@ def extract_answer(response: str, question_type: str, answer_type: str, choices:
             float(text)
             return text
         except ValueError:
-            numbers = _NUMBER.findall(text)
+            numbers = [
+                m.group().removeprefix("-") if m.start() and text[m.start() - 1].isalnum() else m.group()
+                for m in _NUMBER.finditer(text)
+            ]
             return numbers[-1].replace(",", "") if numbers else ""
     if answer_type == "list":
         lists = _LIST.findall(text)
