@@ -125,7 +125,8 @@ def write_ocrbench(root: Path) -> Path:
         (root / "OCRBench_Images" / relative).write_bytes(png((n * 30, 0, 0)))
         answer: Any = answers if n % 3 else answers[0]  # the release mixes lists and strings
         rows.append(
-            {"dataset_name": "HME100k" if kind == HME else "IIIT5K", "id": n, "image_path": relative}
+            # ids repeat across the release's source datasets, as here
+            {"dataset_name": "HME100k" if kind == HME else "IIIT5K", "id": n % 4, "image_path": relative}
             | {"question": question, "answers": answer, "type": kind}
         )
     (root / "OCRBench.json").write_text(json.dumps(rows), encoding="utf-8")
@@ -138,6 +139,11 @@ def test_ocrbench_json_and_tsv_through_run(tmp_path: Path) -> None:
     result = run_fake("ocrbench", folder, answers, tmp_path / "out-json")
     assert result["samples"] == 8 and result["errors"] == 0
     assert result["metrics"]["final_score"] == 5 and result["headline"]["value"] == 5
+    # The GitHub layout: the json in json_files/, the images beside that folder.
+    (folder / "json_files").mkdir()
+    (folder / "OCRBench.json").rename(folder / "json_files" / "OCRBench.json")
+    result = run_fake("ocrbench", folder, answers, tmp_path / "out-github")
+    assert (result["errors"], result["metrics"]["final_score"]) == (0, 5)
     tsv = write_tsv(
         tmp_path / "OCRBench.tsv",
         [

@@ -123,7 +123,13 @@ class OCRBench(UnderstandingTask):
         "its README's download link) or VLMEvalKit's OCRBench.tsv "
         "(https://opencompass.openxlab.space/utils/VLMEval/OCRBench.tsv)"
     )
-    data_names = ("OCRBench.tsv", "OCRBench/OCRBench.json", "OCRBench/OCRBench.tsv", "OCRBench.json")
+    data_names = (
+        "OCRBench.tsv",
+        "OCRBench/OCRBench.json",
+        "OCRBench/json_files/OCRBench.json",
+        "OCRBench/OCRBench.tsv",
+        "OCRBench.json",
+    )
     max_new_tokens = 128
     headline = "final_score"
     headline_scale = "raw"
@@ -131,7 +137,7 @@ class OCRBench(UnderstandingTask):
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
-            found = find_path(path, ("OCRBench.json", "OCRBench.tsv"))
+            found = find_path(path, ("OCRBench.json", "json_files/OCRBench.json", "OCRBench.tsv"))
             if found is None:
                 raise FileNotFoundError(f"{path} holds neither OCRBench.json nor OCRBench.tsv ({self.files})")
             path = found
@@ -144,7 +150,8 @@ class OCRBench(UnderstandingTask):
         for n, row in enumerate(rows):
             samples.append(
                 Sample(
-                    id=str(row.get("id", n)),
+                    # The release's ids repeat across its source datasets: the position keeps them apart.
+                    id=f"{n}_{row.get('dataset_name', '')}_{row.get('id', '')}",
                     prompt=IMAGE_PLACEHOLDER + str(row["question"]).strip(),
                     images=(self._image_path(path.parent, str(row["image_path"])),),
                     answer=_answer_list(row["answers"]),
@@ -155,11 +162,12 @@ class OCRBench(UnderstandingTask):
 
     @staticmethod
     def _image_path(root: Path, relative: str) -> Path:
+        """``OCRBench_Images/<image_path>`` beside the json, or beside the folder holding it (the GitHub
+        release keeps the json in ``json_files/``)."""
         relative = relative.removeprefix("./")
-        for candidate in (root / "OCRBench_Images" / relative, root / relative):
-            if candidate.is_file():
-                return candidate
-        return root / "OCRBench_Images" / relative  # missing: recorded as that sample's error, named
+        candidates = [root / "OCRBench_Images" / relative, root.parent / "OCRBench_Images" / relative]
+        found = next((c for c in [*candidates, root / relative] if c.is_file()), None)
+        return found or candidates[0]  # missing: recorded as that sample's error, named
 
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
