@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import write_export
+from tests.helpers import REPO, write_export
 from unified_mllm.config import Config, load_config
 from unified_mllm.eval.__main__ import evaluate
 from unified_mllm.eval.benchmarks.dpg_bench import dpg_summary
@@ -167,6 +169,12 @@ def test_geneval_driver_on_a_random_export_writes_the_scorers_layout(tmp_path: P
     assert check_layout("geneval", out) == []
     assert check_layout("geneval", out / "images", data=data, images_per_prompt=2) == []
     assert main(["check", "geneval", str(out)]) == 0
+    # the command users run (the module as __main__ checks the registry's classes)
+    command = [sys.executable, "-m", "unified_mllm.eval.generation_bench", "check", "geneval", str(out)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, f"geneval: OK: {out}"), done.stderr
 
 
 def test_geneval_layout_check_names_what_is_broken(tmp_path: Path, config: Config) -> None:

@@ -485,7 +485,7 @@ class GenerationTask(Task):
         ]
         layout = result["layout"]
         if layout["ok"]:
-            out.append(f"\nLayout: exactly what {self.scorer} reads.\n")
+            out.append(f"\nLayout: OK, exactly the input of {self.scorer}.\n")
         else:
             out.append(f"\nLayout: **{len(layout['problems'])} problem(s)** for {self.scorer}:\n\n")
             out += [f"- {p}\n" for p in layout["problems"][:20]]
@@ -559,7 +559,10 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[Path]]]) -> Image.Image:
                 # Small generated images are enlarged without blurring their pixels.
                 resample = Image.Resampling.NEAREST if image.width <= TILE else Image.Resampling.BOX
                 tile = image.convert("RGB").resize((TILE, TILE), resample)
-            grid.paste(tile, (PAD + c * (TILE + PAD), y + CAPTION_LINES * LINE_HEIGHT))
+            x0, y0 = PAD + c * (TILE + PAD), y + CAPTION_LINES * LINE_HEIGHT
+            grid.paste(tile, (x0, y0))
+            # a thin frame: generated images on white backgrounds would run into each other
+            draw.rectangle((x0 - 1, y0 - 1, x0 + TILE, y0 + TILE), outline=(180, 180, 180))
     return grid
 
 
@@ -582,10 +585,12 @@ def check_layout(
     """The problems of a generation benchmark's image folder (``path``: the run's output directory or its image
     folder): [] when it is exactly what the benchmark's scorer reads. With ``data`` (the released prompts) the
     files must be those of its prompts; ``images_per_prompt`` fixes how many each prompt has."""
+    # The registry's classes derive from this module as imported, not from a copy run as __main__.
+    from unified_mllm.eval import generation_bench
     from unified_mllm.eval.tasks import get_task
 
     task = get_task(task_name, data=data) if data is not None else get_task(task_name)
-    if not isinstance(task, GenerationTask):
+    if not isinstance(task, generation_bench.GenerationTask):
         raise ValueError(f"{task_name} is not a generation benchmark")
     images_dir = find_images_dir(Path(path).expanduser())
     if not images_dir.is_dir():
