@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -287,8 +286,10 @@ class GenerationTask(Task):
         all_prompts = self.prompts()
         prompts = self.select(all_prompts, limit)
         files = self.image_files(prompts, self.images_per_prompt)
-        for directory in {(images_dir / f.path).parent for f in files}:
-            io.remove_stale_temporaries(directory)
+        # Temporary files of a killed run would be read by the scorers (they list whole folders).
+        if images_dir.is_dir():
+            for directory in [images_dir, *(p for p in images_dir.rglob("*") if p.is_dir())]:
+                io.remove_stale_temporaries(directory)
         self.prepare(images_dir, prompts)
         missing = [j for j, f in enumerate(files) if not (images_dir / f.path).is_file()]
         start = time.perf_counter()
@@ -317,6 +318,15 @@ class GenerationTask(Task):
             "images_dir": str(images_dir),
             "layout": {"ok": not problems, "problems": problems},
             "scorer": {"name": self.scorer, "commands": self.scorer_commands(output_dir)},
+            "records": [
+                {
+                    "id": p.id,
+                    "prompt": p.text,
+                    **({"category": p.category} if p.category else {}),
+                    "files": paths,
+                }
+                for p, paths in zip(prompts, self._paths_by_prompt(prompts, files), strict=True)
+            ],
         }
         result.update(self._scores(output_dir, images_dir, all_prompts))
         paths = {
@@ -337,6 +347,13 @@ class GenerationTask(Task):
             for problem in problems[:20]:
                 print(f"  {problem}", file=sys.stderr)
         return result
+
+    @staticmethod
+    def _paths_by_prompt(prompts: Sequence[GenPrompt], files: Sequence[ImageFile]) -> list[list[str]]:
+        paths: list[list[str]] = [[] for _ in prompts]
+        for f in files:
+            paths[f.prompt].append(f.path)
+        return paths
 
     def _claim(self, output_dir: Path, images_dir: Path, settings: dict[str, Any]) -> None:
         """--restart discards the images; otherwise images drawn with other settings are refused by name."""
@@ -448,10 +465,11 @@ class GenerationTask(Task):
         self, images_dir: Path, prompts: Sequence[GenPrompt], files: Sequence[ImageFile]
     ) -> Image.Image | None:
         """The first :attr:`grid_prompts` prompts, one row each: the prompt, then up to 4 of its files."""
-        rows: list[tuple[str, list[Path]]] = []
-        for index, prompt in enumerate(prompts[: self.grid_prompts]):
-            paths = [images_dir / f.path for f in files if f.prompt == index][:GRID_COLUMNS]
-            rows.append((prompt.text, [p for p in paths if p.is_file()]))
+        shown = prompts[: self.grid_prompts]
+        rows = [
+            (prompt.text, [images_dir / p for p in paths[:GRID_COLUMNS] if (images_dir / p).is_file()])
+            for prompt, paths in zip(shown, self._paths_by_prompt(prompts, files), strict=False)
+        ]
         if not rows:
             return None
         return sample_grid(rows)
@@ -502,24 +520,9 @@ class GenerationTask(Task):
         out.append("\nScorer:\n\n```bash\n" + "\n".join(result["scorer"]["commands"]) + "\n```\n")
         return "".join(out)
 
+    @abstractmethod
     def format_scores(self, scores: dict[str, Any]) -> str:
-        """The scorer's summary as markdown (default: its scalar figures, then one table per breakdown)."""
-        scalars = [(k, _shown(v)) for k, v in scores.items() if isinstance(v, (int, float)) and k != "stale"]
-        out = [markdown_table(("metric", "value"), scalars)]
-        for key, value in scores.items():
-            if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-                columns = list(next(iter(value.values())))
-                rows = [(name, *(_shown(v.get(c)) for c in columns)) for name, v in value.items()]
-                out.append("\n" + markdown_table((key, *columns), rows))
-        return "".join(out)
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "n/a" if value is None else str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else "n/a"
-    return str(value)
+        """:meth:`read_scores`' summary as markdown tables."""
 
 
 # ------------------------------------------------------------------------------------------------ the grid
