@@ -155,6 +155,12 @@ def test_geneval_driver_on_a_random_export_writes_the_scorers_layout(tmp_path: P
     assert result["layout"] == {"ok": True, "problems": []}
     assert (result["prompts"], result["image_files"], result["written"], result["reused"]) == (4, 8, 8, 0)
     assert result["settings"]["image_size"] == 32 and result["scores"] is None
+    assert result["records"][1] == {
+        "id": "00001",
+        "prompt": "a photo of a cow and a cat",
+        "category": "two_object",
+        "files": ["00001/samples/0000.png", "00001/samples/0001.png"],
+    }
     for index, line in enumerate(GENEVAL_LINES):
         folder = out / "images" / f"{index:05d}"
         assert json.loads((folder / "metadata.jsonl").read_text()) == line

@@ -253,7 +253,8 @@ class GenerationTask(Task):
     def settings(self, generation: GenerationConfig, model_name: str, batch_size: int) -> dict[str, Any]:
         """What a run draws with (written to generation_settings.json and the results)."""
         return {
-            "model": model_name,
+            # resolved: the same export named by another path is the same model
+            "model": str(Path(model_name).resolve()) if model_name else "",
             "cfg_scale": generation.cfg_scale,
             "image_top_k": generation.image_top_k,
             "temperature": generation.temperature,
