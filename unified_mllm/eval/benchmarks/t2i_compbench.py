@@ -110,6 +110,7 @@ class T2ICompBench(GenerationTask):
         prompts = []
         for category, path in _prompt_files(data).items():
             lines = [line.split("\t")[0] for line in path.read_text(encoding="utf-8").splitlines()]
+            index = 0
             for number, text in enumerate(lines, 1):
                 if not text.strip():
                     continue
@@ -119,8 +120,8 @@ class T2ICompBench(GenerationTask):
                     )
                 if len(image_name(text, 0).encode()) > MAX_NAME_BYTES:
                     raise ValueError(f"{path}:{number}: the prompt is too long for a file name")
-                index = sum(p.category == category for p in prompts)
                 prompts.append(GenPrompt(f"{category}/{index:04d}", text, category))
+                index += 1
         return prompts
 
     def select(self, prompts: Sequence[GenPrompt], limit: int | None) -> list[GenPrompt]:
@@ -135,8 +136,8 @@ class T2ICompBench(GenerationTask):
         return out
 
     def image_files(self, prompts: Sequence[GenPrompt], images_per_prompt: int) -> list[ImageFile]:
-        files, index = [], 0
-        seen: dict[str, int] = {}
+        files = []
+        seen: dict[str, int] = {}  # prompts of each category so far: the file numbers run per category
         for i, prompt in enumerate(prompts):
             index = seen.get(prompt.category, 0)
             seen[prompt.category] = index + 1
