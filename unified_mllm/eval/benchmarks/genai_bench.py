@@ -14,10 +14,10 @@ folder holding them (``GenAI-Image-1600/``, where t2v_metrics puts them) or ``ge
 The scorer scores exactly one image per prompt (its own generation script draws one), so
 ``images_per_prompt`` is 1.
 
-**Scorer** (t2v_metrics; the papers' VQAScore model is ``clip-flant5-xxl``, kept in the legacy release
+**Scorer** (t2v_metrics, run from the root of its clone; the papers' VQAScore model is ``clip-flant5-xxl``, kept in the legacy release
 ``pip install t2v-metrics==3.0``; ``DATA_ROOT`` is the folder holding ``GenAI-Image-1600/``)::
 
-    python genai_bench/evaluate.py --model clip-flant5-xxl --root_dir DATA_ROOT --num_prompts 1600 \\
+    python -m genai_bench.evaluate --model clip-flant5-xxl --root_dir DATA_ROOT --num_prompts 1600 \\
         --output_dir OUT --gen_model images --result_dir OUT/genai_bench_results
 
 It saves the scores as a tensor (one row per prompt, in id order) to
@@ -191,10 +191,15 @@ class GenAIBench(GenerationTask):
 
     def scorer_commands(self, output_dir: Path) -> list[str]:
         out = output_dir.resolve()
+        # The scorer finds the prompts in <root_dir>/GenAI-Image-<num_prompts>/ (and downloads them when absent).
+        folder = _prompts_file(self.data).parent.resolve() if self.data else None
+        match = re.fullmatch(r"GenAI-Image-(\d+)", folder.name) if folder else None
+        root = str(folder.parent) if match and folder else "DATA_ROOT"
+        count = match.group(1) if match else "1600"
         return [
             "# t2v_metrics' legacy release for the papers' VQAScore model: pip install t2v-metrics==3.0, in a clone of",
-            "# github.com/linzhiqiu/t2v_metrics; DATA_ROOT holds GenAI-Image-1600/ (genai_image.json, genai_skills.json)",
-            f"python genai_bench/evaluate.py --model clip-flant5-xxl --root_dir DATA_ROOT --num_prompts 1600 "
+            f"# github.com/linzhiqiu/t2v_metrics; {root} holds GenAI-Image-{count}/ (genai_image.json, genai_skills.json)",
+            f'python -m genai_bench.evaluate --model clip-flant5-xxl --root_dir "{root}" --num_prompts {count} '
             f'--output_dir "{out}" --gen_model images --result_dir "{out}/{RESULTS_DIR}"',
         ]
 

@@ -298,17 +298,35 @@ class T2ICompBench(GenerationTask):
 
     def scorer_commands(self, output_dir: Path) -> list[str]:
         d = f"{output_dir.resolve()}/images"
-        return [
-            "# in a clone of github.com/Karine-Huang/T2I-CompBench with its weights (see its README); one run per category",
-            f'cd BLIPvqa_eval && for c in color shape texture complex; do python BLIP_vqa.py --out_dir="{d}/$c"; done; cd ..',
-            f'cd UniDet_eval && python 2D_spatial_eval.py --outpath="{d}/spatial"',
-            f'python 2D_spatial_eval.py --outpath="{d}/complex" --complex=True',
-            f'python 3D_spatial_eval.py --outpath="{d}/3d_spatial"',
-            f'python numeracy_eval.py --outpath="{d}/numeracy"; cd ..',
-            f'python CLIPScore_eval/CLIP_similarity.py --outpath="{d}/non_spatial"',
-            f'python CLIPScore_eval/CLIP_similarity.py --outpath="{d}/complex" --complex=True',
-            f'cd 3_in_1_eval && python 3_in_1.py --outpath="{d}/complex" --data_path=../examples/dataset',
+        present = list(dict.fromkeys(p.category for p in self.prompts())) if self.data else list(CATEGORIES)
+        dataset = (
+            _prompt_files(self.data)[present[0]].parent.resolve() if self.data else "../examples/dataset"
+        )
+        blip = [c for c in ("color", "shape", "texture", "complex") if c in present]
+        unidet = {
+            "spatial": f'python 2D_spatial_eval.py --outpath="{d}/spatial"',
+            "complex": f'python 2D_spatial_eval.py --outpath="{d}/complex" --complex=True',
+            "3d_spatial": f'python 3D_spatial_eval.py --outpath="{d}/3d_spatial"',
+            "numeracy": f'python numeracy_eval.py --outpath="{d}/numeracy"',
+        }
+        clip = {
+            "non_spatial": f'python CLIPScore_eval/CLIP_similarity.py --outpath="{d}/non_spatial"',
+            "complex": f'python CLIPScore_eval/CLIP_similarity.py --outpath="{d}/complex" --complex=True',
+        }
+        lines = [
+            "# in a clone of github.com/Karine-Huang/T2I-CompBench with its weights (its README), from its root"
         ]
+        if blip:
+            lines.append(
+                f'(cd BLIPvqa_eval && for c in {" ".join(blip)}; do python BLIP_vqa.py --out_dir="{d}/$c"; done)'
+            )
+        lines += [f"(cd UniDet_eval && {command})" for c, command in unidet.items() if c in present]
+        lines += [command for c, command in clip.items() if c in present]
+        if "complex" in present:  # 3-in-1 combines the three scores above
+            lines.append(
+                f'(cd 3_in_1_eval && python 3_in_1.py --outpath="{d}/complex" --data_path="{dataset}")'
+            )
+        return lines
 
     def format_scores(self, scores: dict[str, Any]) -> str:
         rows = [(c, f"{v['score']:.4f}", v["images"], v["scorer"]) for c, v in scores["per_category"].items()]
