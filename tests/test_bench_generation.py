@@ -413,6 +413,10 @@ def test_t2i_compbench_refuses_prompts_its_file_names_cannot_carry(tmp_path: Pat
     assert result["layout"]["problems"] == [
         "complex/: 3_in_1.py assumes 10 images per prompt, the folder has 2"
     ]
+    # the scorer commands of the categories given; 3-in-1 last, reading this dataset folder
+    commands = result["scorer"]["commands"]
+    assert sum("complex" in c for c in commands) == 4 and not any("numeracy" in c for c in commands)
+    assert commands[-1].endswith(f'--data_path="{folder.resolve()}")')
 
 
 # ------------------------------------------------------------------------------------------------ DPG-Bench
