@@ -221,7 +221,7 @@ def test_mmbench_image_reference_to_nothing_is_named(tmp_path: Path) -> None:
     rows = mmbench_rows()
     rows[2]["image"] = "7"
     data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
-    with pytest.raises(ValueError, match="names no row with an image"):
+    with pytest.raises(ValueError, match="names no row that holds an image"):
         get_task("mmbench-en", data=data).load(data)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.helpers import write_export
 from unified_mllm.config import Config
 from unified_mllm.eval.__main__ import evaluate
-from unified_mllm.eval.benchmark import UnderstandingTask
+from unified_mllm.eval.benchmark import TsvImages, UnderstandingTask
 from unified_mllm.eval.benchmarks.hallusionbench import hallusion_scores, read_yes_no, strip_punctuation
 from unified_mllm.eval.benchmarks.mathvista import (
     build_query,
@@ -27,7 +27,7 @@ from unified_mllm.eval.benchmarks.mathvista import (
     mathvista_scores,
     normalize_extracted,
 )
-from unified_mllm.eval.benchmarks.mme import mme_prompt, mme_scores, mme_yes_no, resolve_image_references
+from unified_mllm.eval.benchmarks.mme import mme_prompt, mme_scores, mme_yes_no
 from unified_mllm.eval.benchmarks.ocrbench import HME, ocrbench_match, ocrbench_scores
 from unified_mllm.eval.tasks import get_task
 from unified_mllm.layout import IMAGE_PLACEHOLDER
@@ -361,8 +361,8 @@ def test_mme_folder_and_tsv_through_run(tmp_path: Path) -> None:
 
 def test_tsv_image_reference_to_nothing_is_named() -> None:
     rows = [{"index": "0", "image": "7"}]
-    with pytest.raises(ValueError, match="refers to image '7'"):
-        resolve_image_references(rows, "MME.tsv")
+    with pytest.raises(ValueError, match="row 0: the image cell '7' names no row that holds an image"):
+        TsvImages(rows, Path("MME.tsv")).get("0")
 
 
 # -------------------------------------------------------------------------------------------------- MathVista

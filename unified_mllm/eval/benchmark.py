@@ -131,6 +131,74 @@ def decode_base64_image(text: str, where: str) -> bytes:
         raise ValueError(f"{where}: the image field is not base64 ({exc})") from exc
 
 
+IMAGE_REFERENCE_MAX = 64  # VLMEvalKit: an image cell this short holds the index of the row that has the image
+
+
+class TsvImages:
+    """The images of a VLMEvalKit-style TSV by row ``index``. An image several rows share is stored once: the
+    other rows' cell holds the ``index`` of the row that has it (a cell of at most 64 characters is such a
+    reference, VLMEvalKit's rule). Each image is decoded once; rows sharing it share the bytes."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], path: Path, column: str = "image") -> None:
+        self.cells = {
+            str(row.get("index", "")).strip(): "" if is_missing(row.get(column)) else str(row[column])
+            for row in rows
+        }
+        self.path = path
+        self.decoded: dict[str, bytes] = {}
+
+    def owner(self, index: str) -> str:
+        """The index of the row holding row ``index``'s image ("" when the row has none)."""
+        cell = self.cells[str(index).strip()]
+        if len(cell) > IMAGE_REFERENCE_MAX or not cell:
+            return str(index).strip() if cell else ""
+        owner = cell.strip()
+        if len(self.cells.get(owner, "")) <= IMAGE_REFERENCE_MAX:
+            raise ValueError(
+                f"{self.path}, row {index}: the image cell {cell!r} names no row that holds an image"
+            )
+        return owner
+
+    def get(self, index: str) -> bytes | None:
+        """The encoded image of row ``index`` (None when the row has no image)."""
+        owner = self.owner(index)
+        if not owner:
+            return None
+        if owner not in self.decoded:
+            self.decoded[owner] = decode_base64_image(self.cells[owner], f"{self.path}, row {owner}")
+        return self.decoded[owner]
+
+
+def image_bytes(cell: Any, where: str) -> bytes:
+    """The encoded image of a Parquet cell: raw bytes, or the ``{"bytes": ..., "path": ...}`` struct of Hugging
+    Face's Image feature."""
+    if isinstance(cell, Mapping):
+        cell = cell.get("bytes")
+    if isinstance(cell, bytes | bytearray) and cell:
+        return bytes(cell)
+    raise ValueError(f"{where}: no image bytes in the image cell")
+
+
+def image_first(text: str) -> str:
+    """The image, then the text on the next line: LLaVA's ``<image>\\n`` + question."""
+    return f"{IMAGE_PLACEHOLDER}\n{text}"
+
+
+def accuracy_by(
+    keys: Sequence[str], hits: Sequence[bool], *, name: str = "accuracy", order: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Per key: ``{name: correct / total, "correct", "total"}``; keys in ``order`` first, then the rest sorted
+    (as VLMEvalKit's reports list them)."""
+    if len(keys) != len(hits):
+        raise ValueError(f"got {len(keys)} keys but {len(hits)} verdicts")
+    present = set(keys)
+    out = {}
+    for key in [k for k in order if k in present] + sorted(present - set(order)):
+        verdicts = [bool(h) for k, h in zip(keys, hits) if k == key]
+        out[key] = {name: sum(verdicts) / len(verdicts), "correct": sum(verdicts), "total": len(verdicts)}
+    return out
+
+
 def is_missing(value: Any) -> bool:
     """An empty cell: None, NaN, or a blank / 'nan' string (TSV releases write missing options as 'nan')."""
     if value is None:
@@ -428,7 +496,7 @@ def show(value: Any, key: str = "") -> str:
     """A metric as shown in tables: fractions named like rates as percentages, other numbers as they are."""
     if isinstance(value, bool) or value is None or not isinstance(value, int | float):
         return "n/a" if value is None else str(value)
-    if isinstance(value, float) and any(word in key for word in RATE_WORDS):
+    if isinstance(value, float) and any(word in key.lower() for word in RATE_WORDS):
         return percent(value)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 

@@ -32,15 +32,17 @@ from unified_mllm.eval.benchmark import (
     MC_INSTRUCTION,
     OPTION_LETTERS,
     Sample,
+    TsvImages,
     UnderstandingTask,
+    accuracy_by,
     choice_prompt,
     find_path,
+    image_first,
     match_choice,
     options_of,
     read_records,
     require_columns,
 )
-from unified_mllm.eval.benchmarks.mmbench import Base64Images, accuracy_by, image_first
 from unified_mllm.eval.metrics import ratio
 from unified_mllm.eval.tasks import register_task
 
@@ -79,7 +81,7 @@ class AI2D(UnderstandingTask):
     )
     data_names = (TSV_NAME, f"**/{TSV_NAME}", "ai2d/questions")
     headline = "accuracy"
-    reported = ""  # the issue table's 7B figures: filled in by the merger
+    reported = "UniToken 68.7"
     max_new_tokens = 16
 
     def __init__(self, data: str | Path | None = None, restart: bool = False) -> None:
@@ -101,7 +103,7 @@ class AI2D(UnderstandingTask):
             raise FileNotFoundError(f"{self.name}: no {TSV_NAME} or ai2d/questions/ in {path} ({self.files})")
         rows = read_records(file)
         require_columns(rows, ["index", "question", "A", "B", "answer", "image"], file)
-        images = Base64Images(rows, file)
+        images = TsvImages(rows, file)
         return [
             self._sample(
                 str(row["index"]).strip(),

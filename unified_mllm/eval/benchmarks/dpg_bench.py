@@ -85,7 +85,7 @@ class DPGBench(GenerationTask):
     default_images_per_prompt = 4
     max_images_per_prompt = 4
     headline = "overall"
-    reported = "see the README table"
+    reported = "Janus-Pro-7B 84.19"
     scorer = "DPG-Bench's compute_dpg_bench.py (mPLUG-large VQA)"
 
     def load_prompts(self, data: Path) -> list[GenPrompt]:

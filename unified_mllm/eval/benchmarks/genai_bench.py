@@ -111,7 +111,7 @@ class GenAIBench(GenerationTask):
     max_images_per_prompt = 1
     image_format = "JPEG"
     headline = "advanced"
-    reported = "advanced-prompt overall: UniTok 0.67, DualToken-3B 0.68"
+    reported = "UniTok 0.67 (overall)"
     scorer = "t2v_metrics' genai_bench/evaluate.py (VQAScore, clip-flant5-xxl)"
 
     def load_prompts(self, data: Path) -> list[GenPrompt]:

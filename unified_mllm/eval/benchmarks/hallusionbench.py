@@ -38,15 +38,14 @@ from typing import Any, ClassVar
 
 from unified_mllm.eval.benchmark import (
     Sample,
+    TsvImages,
     UnderstandingTask,
-    decode_base64_image,
     find_path,
     is_missing,
     read_records,
     require_columns,
     show,
 )
-from unified_mllm.eval.benchmarks.mme import resolve_image_references
 from unified_mllm.eval.tasks import markdown_table, percent, register_task
 from unified_mllm.layout import IMAGE_PLACEHOLDER
 
@@ -152,7 +151,7 @@ class HallusionBench(UnderstandingTask):
     )
     max_new_tokens = 128
     headline = "aAcc"
-    reported: ClassVar[str] = "UniToken 57.8 (taken as aAcc)"
+    reported: ClassVar[str] = "UniToken 57.8 (read as aAcc; the paper does not say)"
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
@@ -199,10 +198,11 @@ class HallusionBench(UnderstandingTask):
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
         require_columns(rows, ("index", "question", "answer"), path)
-        images = resolve_image_references(rows, str(path)) if "image" in rows[0] else [("", "")] * len(rows)
+        images = TsvImages(rows, path)
         samples = []
-        for row, (_, image) in zip(rows, images, strict=True):
+        for row in rows:
             index = str(row["index"])
+            image = images.get(index)
             parts = index.split("_")
             if len(parts) < 6 and "set_id" not in row:
                 raise ValueError(
@@ -215,7 +215,7 @@ class HallusionBench(UnderstandingTask):
                 "figure_id": str(row.get("figure_id") or parts[4]),
                 "question_id": str(row.get("question_id") or parts[5]),
             }
-            pictures = (decode_base64_image(image, f"{path} row {index}"),) if image else ()
+            pictures = (image,) if image is not None else ()
             samples.append(
                 Sample(
                     id=index,

@@ -40,15 +40,14 @@ from typing import Any, ClassVar
 
 from unified_mllm.eval.benchmark import (
     Sample,
+    TsvImages,
     UnderstandingTask,
-    decode_base64_image,
     find_path,
     is_missing,
     match_choice,
     read_records,
     require_columns,
 )
-from unified_mllm.eval.benchmarks.mme import resolve_image_references
 from unified_mllm.eval.tasks import register_task
 from unified_mllm.layout import IMAGE_PLACEHOLDER
 
@@ -254,7 +253,7 @@ class MathVista(UnderstandingTask):
     )
     max_new_tokens = 256
     headline = "accuracy"
-    reported: ClassVar[str] = "DualToken-7B 57.6"
+    reported: ClassVar[str] = "UniToken 38.5 (official scorer: GPT-4 extraction)"
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
@@ -328,10 +327,11 @@ class MathVista(UnderstandingTask):
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
         require_columns(rows, ("index", "image", "question", "answer", "question_type", "answer_type"), path)
-        images = resolve_image_references(rows, str(path))
+        images = TsvImages(rows, path)
         samples = []
-        for row, (_, image) in zip(rows, images, strict=True):
+        for row in rows:
             index = str(row["index"])
+            image = images.get(index)
             meta = self._meta(row, {})
             question = str(row["question"]).strip()
             # VLMEvalKit's question is the official query; a bare question gets the query built around it.
@@ -353,7 +353,7 @@ class MathVista(UnderstandingTask):
                 Sample(
                     id=index,
                     prompt=IMAGE_PLACEHOLDER + query,
-                    images=(decode_base64_image(image, f"{path} row {index}"),),
+                    images=(image,),
                     answer=answer,
                     meta=meta,
                 )

@@ -24,15 +24,15 @@ is absent (``--limit``) adds nothing to its sum.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from unified_mllm.eval.benchmark import (
     SHORT_ANSWER,
     Sample,
+    TsvImages,
     UnderstandingTask,
-    decode_base64_image,
     is_missing,
     read_records,
     require_columns,
@@ -58,25 +58,6 @@ IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.?\s*$", re.IGNORECASE)
 # VLMEvalKit stores an image once: a later row's image field holds the index of the row carrying it (base64
 # images are far longer than this).
-IMAGE_REFERENCE_MAX_LEN = 64
-
-
-def resolve_image_references(rows: Sequence[Mapping[str, Any]], where: str) -> list[tuple[str, str]]:
-    """``(owner, base64)`` per TSV row: the image, following VLMEvalKit's references (an image field of at
-    most 64 characters is the ``index`` of the row that holds the image), and the index of the row holding it.
-    An empty image field gives ``("", "")`` (a question without an image)."""
-    by_index = {str(row.get("index", "")): str(row.get("image", "")) for row in rows}
-    images = []
-    for row in rows:
-        owner, image = str(row.get("index", "")), "" if is_missing(row.get("image")) else str(row["image"])
-        if 0 < len(image) <= IMAGE_REFERENCE_MAX_LEN:
-            owner, image = image.strip(), by_index.get(image.strip(), "")
-            if len(image) <= IMAGE_REFERENCE_MAX_LEN:
-                raise ValueError(
-                    f"{where}: row {row.get('index')} refers to image {owner!r}, which no row holds"
-                )
-        images.append((owner if image else "", image))
-    return images
 
 
 def _image_named(folder: Path, stem: str) -> Path | None:
@@ -159,7 +140,7 @@ class MME(UnderstandingTask):
     max_new_tokens = 16
     headline = "perception"
     headline_scale = "raw"
-    reported: ClassVar[str] = "DualToken-7B 1625.0"
+    reported: ClassVar[str] = "UniTok 1448, Janus-Pro-7B 1567.1 (perception)"
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_file():
@@ -172,11 +153,12 @@ class MME(UnderstandingTask):
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
         require_columns(rows, ("index", "image", "question", "answer", "category"), path)
-        images = resolve_image_references(rows, str(path))
+        images = TsvImages(rows, path)
         samples = []
-        for row, (owner, image) in zip(rows, images, strict=True):
+        for row in rows:
             index = str(row["index"])
-            if not image:
+            owner, image = images.owner(index), images.get(index)
+            if image is None:
                 raise ValueError(f"{path} row {index} has no image")
             # Questions of one image share its acc+: VLMEvalKit keys them by image_path, else by the image.
             key = str(row["image_path"]) if not is_missing(row.get("image_path")) else owner
@@ -184,7 +166,7 @@ class MME(UnderstandingTask):
                 Sample(
                     id=index,
                     prompt=mme_prompt(str(row["question"])),
-                    images=(decode_base64_image(image, f"{path} row {index}"),),
+                    images=(image,),
                     answer=str(row["answer"]).strip(),
                     meta={"subtask": str(row["category"]), "image": f"{row['category']}/{key}"},
                     group=f"{row['category']}/{key}",

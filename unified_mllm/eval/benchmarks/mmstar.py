@@ -34,14 +34,17 @@ from unified_mllm.eval.benchmark import (
     MC_INSTRUCTION,
     OPTION_LETTERS,
     Sample,
+    TsvImages,
     UnderstandingTask,
+    accuracy_by,
     find_path,
+    image_bytes,
+    image_first,
     match_choice,
     options_of,
     read_records,
     require_columns,
 )
-from unified_mllm.eval.benchmarks.mmbench import Base64Images, accuracy_by, image_first
 from unified_mllm.eval.metrics import ratio
 from unified_mllm.eval.tasks import register_task
 
@@ -94,16 +97,6 @@ def question_with_options(question: str, options: Mapping[str, str]) -> str:
     return f"{question.rstrip()}\n{OPTIONS_MARK} {listed}"
 
 
-def image_bytes(cell: Any, where: str) -> bytes:
-    """The encoded image of a parquet cell: raw bytes, or the ``{"bytes": ..., "path": ...}`` struct that
-    Hugging Face's Image feature stores."""
-    if isinstance(cell, Mapping):
-        cell = cell.get("bytes")
-    if isinstance(cell, bytes | bytearray) and cell:
-        return bytes(cell)
-    raise ValueError(f"{where}: no image bytes in the image cell")
-
-
 @register_task
 class MMStar(UnderstandingTask):
     """MMStar (see the module docstring)."""
@@ -116,7 +109,7 @@ class MMStar(UnderstandingTask):
     )
     data_names = ("mmstar.parquet", "**/mmstar.parquet", "MMStar.tsv", "**/MMStar.tsv")
     headline = "accuracy"
-    reported = ""  # the issue table's 7B figures: filled in by the merger
+    reported = "UniToken 46.1"
     max_new_tokens = 16
 
     def load(self, path: Path) -> list[Sample]:
@@ -126,7 +119,7 @@ class MMStar(UnderstandingTask):
         rows = read_records(file)
         require_columns(rows, ["index", "question", "answer", "image"], file)
         tsv = file.suffix.lower() != ".parquet"
-        images = Base64Images(rows, file) if tsv else None
+        images = TsvImages(rows, file) if tsv else None
         samples = []
         for row in rows:
             index = str(row["index"]).strip()

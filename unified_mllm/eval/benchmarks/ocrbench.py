@@ -31,14 +31,12 @@ from typing import Any, ClassVar
 
 from unified_mllm.eval.benchmark import (
     Sample,
+    TsvImages,
     UnderstandingTask,
-    decode_base64_image,
     find_path,
-    is_missing,
     read_records,
     require_columns,
 )
-from unified_mllm.eval.benchmarks.mme import resolve_image_references
 from unified_mllm.eval.tasks import register_task
 from unified_mllm.layout import IMAGE_PLACEHOLDER
 
@@ -133,7 +131,7 @@ class OCRBench(UnderstandingTask):
     max_new_tokens = 128
     headline = "final_score"
     headline_scale = "raw"
-    reported: ClassVar[str] = ""
+    reported: ClassVar[str] = "UniToken 757"
 
     def load(self, path: Path) -> list[Sample]:
         if path.is_dir():
@@ -172,17 +170,18 @@ class OCRBench(UnderstandingTask):
     def _load_tsv(self, path: Path) -> list[Sample]:
         rows = read_records(path)
         require_columns(rows, ("index", "image", "question", "answer", "category"), path)
-        images = resolve_image_references(rows, str(path))
+        images = TsvImages(rows, path)
         samples = []
-        for row, (_, image) in zip(rows, images, strict=True):
+        for row in rows:
             index = str(row["index"])
-            if is_missing(image):
+            image = images.get(index)
+            if image is None:
                 raise ValueError(f"{path} row {index} has no image")
             samples.append(
                 Sample(
                     id=index,
                     prompt=IMAGE_PLACEHOLDER + str(row["question"]).strip(),
-                    images=(decode_base64_image(image, f"{path} row {index}"),),
+                    images=(image,),
                     answer=_answer_list(row["answer"]),
                     meta={"type": str(row["category"])},
                 )

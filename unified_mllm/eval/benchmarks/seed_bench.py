@@ -33,15 +33,17 @@ from typing import Any
 from unified_mllm.eval.benchmark import (
     MC_INSTRUCTION,
     Sample,
+    TsvImages,
     UnderstandingTask,
+    accuracy_by,
     choice_prompt,
     find_path,
+    image_first,
     match_choice,
     options_of,
     read_records,
     require_columns,
 )
-from unified_mllm.eval.benchmarks.mmbench import Base64Images, accuracy_by, image_first
 from unified_mllm.eval.metrics import ratio
 from unified_mllm.eval.tasks import register_task
 
@@ -86,7 +88,7 @@ class SEEDBench(UnderstandingTask):
     )
     data_names = (JSON_NAME, f"**/{JSON_NAME}", TSV_NAME, f"**/{TSV_NAME}")
     headline = "accuracy"
-    reported = ""  # the issue table's 7B figures: filled in by the merger
+    reported = "UniToken 69.9, Janus-Pro-7B 72.1"
     max_new_tokens = 16
 
     def load(self, path: Path) -> list[Sample]:
@@ -99,7 +101,7 @@ class SEEDBench(UnderstandingTask):
             return self._load_json(file)
         rows = read_records(file)
         require_columns(rows, ["index", "question", "A", "B", "answer", "image"], file)
-        images = Base64Images(rows, file)
+        images = TsvImages(rows, file)
         return [
             self._sample(
                 str(row["index"]).strip(),

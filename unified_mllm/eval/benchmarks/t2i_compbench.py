@@ -103,7 +103,7 @@ class T2ICompBench(GenerationTask):
     files = "examples/dataset/<category>_val.txt of github.com/Karine-Huang/T2I-CompBench (8 categories)"
     default_images_per_prompt = 10
     headline = "mean"
-    reported = "per category (see the README table)"
+    reported = "UniToken colour 0.7833, shape 0.5847, texture 0.7315"
     scorer = "T2I-CompBench's BLIP-VQA / UniDet / CLIPScore / 3-in-1 scorers"
 
     def load_prompts(self, data: Path) -> list[GenPrompt]:

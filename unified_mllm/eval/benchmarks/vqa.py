@@ -61,8 +61,8 @@ from unified_mllm import io
 from unified_mllm.eval.benchmark import (
     SHORT_ANSWER,
     Sample,
+    TsvImages,
     UnderstandingTask,
-    decode_base64_image,
     find_path,
     read_records,
     require_columns,
@@ -74,7 +74,6 @@ from unified_mllm.layout import IMAGE_PLACEHOLDER
 VQA_ANSWER_TYPES = ("yes/no", "number", "other")
 GQA_OPEN_STRUCTURAL = "query"  # GQA's eval.py: a "query" question is open, every other structural type binary
 OCR_LINE = "Reference OCR token: "
-VLMEVAL_IMAGE_REF_LEN = 64  # VLMEvalKit: an image cell this short holds the index of the row with the image
 
 
 # ------------------------------------------------------------------------------------------ file helpers
@@ -88,27 +87,10 @@ def load_json(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable json file: {exc}") from exc
 
 
-def tsv_images(rows: Sequence[Mapping[str, Any]], path: Path) -> list[bytes]:
-    """The encoded image of each row of a VLMEvalKit TSV. VLMEvalKit stores an image that several rows share
-    once: the other rows' ``image`` cell holds the ``index`` of the row that has it (a cell of at most 64
-    characters is such a reference, by VLMEvalKit's own rule). Shared images are decoded once."""
-    cells = {str(row.get("index")): str(row.get("image", "")) for row in rows}
-    decoded: dict[str, bytes] = {}
-    images = []
-    for number, row in enumerate(rows):
-        where = f"{path} row {row.get('index', number)}"
-        key = str(row.get("index"))
-        cell = cells[key]
-        if len(cell) <= VLMEVAL_IMAGE_REF_LEN:
-            if len(cells.get(cell, "")) <= VLMEVAL_IMAGE_REF_LEN:
-                raise ValueError(
-                    f"{where}: the image cell {cell!r} is neither base64 nor the index of a row with one"
-                )
-            key = cell
-        if key not in decoded:
-            decoded[key] = decode_base64_image(cells[key], where)
-        images.append(decoded[key])
-    return images
+def tsv_images(rows: Sequence[Mapping[str, Any]], path: Path) -> list[bytes | None]:
+    """The encoded image of each row of a VLMEvalKit TSV (shared images decoded once: :class:`TsvImages`)."""
+    images = TsvImages(rows, path)
+    return [images.get(str(row.get("index", ""))) for row in rows]
 
 
 def find_image_dir(bases: Sequence[Path], folders: Sequence[str], probe: str) -> Path:
@@ -187,7 +169,7 @@ class VQAv2(UnderstandingTask):
     )
     data_names = ("vqav2", "VQAv2", "vqa_v2")
     headline = "accuracy"
-    reported = "UniTok 76.8, VILA-U 75.3, Liquid 71.3 (test-dev)"
+    reported = "UniTok 76.8 (test-dev)"
     max_new_tokens = 16
     QUESTION_FILES = (
         "v2_OpenEnded_mscoco_val2014_questions.json",
@@ -307,7 +289,7 @@ class GQA(UnderstandingTask):
     )
     data_names = ("gqa", "GQA", "GQA_TestDev_Balanced.tsv")
     headline = "accuracy"
-    reported = "UniTok 61.1, VILA-U 58.3, Liquid 58.4"
+    reported = "UniTok 61.1"
     max_new_tokens = 16
     QUESTION_FILES = (
         "testdev_balanced_questions.json",
@@ -397,7 +379,7 @@ class TextVQA(UnderstandingTask):
     )
     data_names = ("textvqa", "TextVQA", "TextVQA_VAL.tsv")
     headline = "accuracy"
-    reported = "UniTok 51.6, VILA-U 48.3, Liquid 42.4"
+    reported = "UniTok 51.6"
     max_new_tokens = 32
     QUESTION_FILES = (
         "TextVQA_0.5.1_val.json",
