@@ -39,6 +39,9 @@ CONFIG_YAML = "config.yaml"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALL_UNDERSTANDING = "all-understanding"
+ABLATIONS = ("features", "codes")  # InferenceSolver.ablation's kinds (the solver module is imported lazily)
+ABLATION_LABELS = {"features": "SigLIP features zeroed", "codes": "VQ codes random"}
+ABLATION_FILE = "ablation"
 SUMMARY_FILE = "summary"  # .json and .md of --task all-understanding
 
 
@@ -57,10 +60,12 @@ def evaluate(
     solver: Solver | None = None,
     data: str | Path | None = None,
     options: dict[str, Any] | None = None,
+    ablate: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run ``task_name`` on the export; every input is checked before the model loads.
 
-    ``data`` is the benchmark's files (``--data``); ``options`` go to the task's constructor (``restart``,
+    ``ablate`` (``--ablate``) reruns the understanding part under each named solver ablation and writes the
+    comparison table. ``data`` is the benchmark's files (``--data``); ``options`` go to the task's constructor (``restart``,
     ``images_per_prompt``, ``scores``: only those the user set). ``solver`` replaces the export's
     InferenceSolver (tests pass a fake); results go to ``output``, default ``export_dir/eval/<task>``.
     """
@@ -73,6 +78,9 @@ def evaluate(
             "is it a finished export of `python -m unified_mllm.train`?"
         )
     check_limit(limit, batch_size)
+    unknown = sorted(set(ablate) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"--ablate takes {', '.join(ABLATIONS)}, got {', '.join(unknown)}")
     options = {k: v for k, v in (options or {}).items() if v is not None}
     # The export's config.yaml, then config_files, then key=value overrides, validated.
     config = load_config([path / CONFIG_YAML, *config_files], overrides)
@@ -95,21 +103,55 @@ def evaluate(
     results = {}
     for task in tasks:
         output_dir = base / task.name if output is None or task_name == ALL_UNDERSTANDING else base
-        results[task.name] = result = task.run(
-            solver,
-            config,
-            limit=limit,
-            batch_size=batch_size,
-            output_dir=output_dir,
-            progress=progress,
-            model_name=str(path),
-        )
+        run_options = {
+            "limit": limit,
+            "batch_size": batch_size,
+            "progress": progress,
+            "model_name": str(path),
+        }
+        results[task.name] = result = task.run(solver, config, output_dir=output_dir, **run_options)
         print(task.format_table(result))
         for label, file in result.get("files", {}).items():
             print(f"{label}: {file}")
+        if ablate:
+            result["ablation"] = _ablation(task, result, solver, config, ablate, output_dir, run_options)
     if task_name != ALL_UNDERSTANDING:
         return results[tasks[0].name]
     return _write_summary(tasks, results, base, str(path))
+
+
+def _ablation(
+    task: Task,
+    result: dict[str, Any],
+    solver: Solver,
+    config: Any,
+    ablate: Sequence[str],
+    output_dir: Path,
+    run_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Run ``task``'s understanding part again under each solver ablation (``--ablate``) and write the table
+    of the normal run beside them (``ablation.md`` / ``ablation.json``); returns the rows."""
+    if not hasattr(solver, "ablation"):
+        raise ValueError("--ablate needs the export's InferenceSolver (this solver has no ablation())")
+    rows = {"as trained": task.understanding_row(result)}
+    for kind in ablate:
+        ablated = task.ablated()
+        with solver.ablation(kind, seed=config.generation.seed):
+            run = ablated.run(solver, config, output_dir=output_dir / f"ablate-{kind}", **run_options)
+        rows[ABLATION_LABELS[kind]] = ablated.understanding_row(run)
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    table = f"## {task.name}: ablation of the image span's branches\n\n" + markdown_table(
+        ("run", *columns),
+        [(label, *(_ratio_cell(row.get(c)) for c in columns)) for label, row in rows.items()],
+    )
+    io.write_json(output_dir / f"{ABLATION_FILE}.json", rows)
+    io.write_text(output_dir / f"{ABLATION_FILE}.md", table)
+    print(table)
+    return rows
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _make_task(name: str, data: str | Path | None, options: dict[str, Any]) -> Task:
@@ -199,6 +241,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scores", help="generation benchmarks: the results file of the benchmark's own scorer"
     )
+    parser.add_argument(
+        "--ablate",
+        nargs="+",
+        default=[],
+        choices=[*ABLATIONS, "all"],
+        metavar="BRANCH",
+        help="also run the understanding part with image-span branches removed: features (SigLIP features "
+        "zeroed), codes (VQ codes random) or all; writes ablation.md beside the results",
+    )
     parser.add_argument("--limit", type=_at_least_one, help="evaluate at most N samples of each part")
     parser.add_argument("--batch-size", type=_at_least_one, default=32, help="rows per solver call (32)")
     parser.add_argument("--output", help="results directory (default: MODEL/eval/<task>)")
@@ -232,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "images_per_prompt": args.images_per_prompt,
                 "scores": args.scores,
             },
+            ablate=[k for a in args.ablate for k in (ABLATIONS if a == "all" else (a,))],
         )
     except (FileNotFoundError, ConfigError, ValueError, ImportError) as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -475,6 +475,16 @@ class UnderstandingTask(Task):
             raise RuntimeError(f"the solver answered {len(answers)} of {len(batch)} questions")
         return [a.strip() for a in answers]
 
+    def understanding_row(self, result: dict[str, Any]) -> dict[str, float | None]:
+        """The headline metric, then the scalar metrics beside it."""
+        head = result["headline"]["metric"]
+        scalars = {
+            k: v
+            for k, v in result["metrics"].items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        return {head: result["headline"]["value"], **{k: v for k, v in scalars.items() if k != head}}
+
     def format_table(self, result: dict[str, Any]) -> str:
         """A heading with the sample counts, then one table of the scalar metrics and one per breakdown."""
         model = f" — `{result['model']}`" if result.get("model") else ""

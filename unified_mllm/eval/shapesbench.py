@@ -412,6 +412,22 @@ class ShapesBench(Task):
                 grid.save(tmp, format="PNG")
         return files
 
+    def ablated(self) -> ShapesBench:
+        """The same benchmark without its generation part (an ablation changes only what the model reads)."""
+        return ShapesBench(
+            num_prompts=self.num_prompts,
+            prompt_seed=self.prompt_seed,
+            grid_samples=self.grid_samples,
+            parts=("understanding",),
+            max_answer_tokens=self.max_answer_tokens,
+        )
+
+    def understanding_row(self, result: dict[str, Any]) -> dict[str, float | None]:
+        """VQA accuracy per question type, overall, and POPE's F1 (the issue-19 ablation table's columns)."""
+        vqa = result["understanding"]
+        row = {t: g["accuracy"] for t, g in vqa["per_type"].items()}
+        return {**row, "overall": vqa["overall"], "pope_f1": vqa["pope"]["f1"]}
+
     def format_table(self, result: dict[str, Any]) -> str:
         """Understanding, POPE and generation tables in markdown."""
         model = f" — `{result['model']}`" if result.get("model") else ""

@@ -85,6 +85,14 @@ class Task(ABC):
     def format_table(self, result: dict[str, Any]) -> str:
         """The result of :meth:`run` as a markdown table."""
 
+    def ablated(self) -> Task:
+        """The task to run under a solver ablation (``--ablate``): its understanding part only."""
+        return self
+
+    def understanding_row(self, result: dict[str, Any]) -> dict[str, float | None]:
+        """The understanding figures of a result, one row of the ablation table (``--ablate``)."""
+        raise ValueError(f"task {self.name!r} has no understanding figures to compare under --ablate")
+
 
 class UnknownTaskError(ValueError):
     """A task name that no benchmark registered; the message lists the known ones."""

@@ -33,8 +33,9 @@ Defaults for every knob come from the export's ``config.generation``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ from unified_mllm.vision.tokenizer_registry import load_visual_tokenizer
 from unified_mllm.vision.visual_tokenizer import VisualTokenizer
 
 Pair = Sequence[str | None]
+ABLATIONS = ("none", "features", "codes")
 Piece = str | Image.Image
 
 
@@ -138,6 +140,7 @@ class InferenceSolver:
         self.engine = Engine(model, self.tokens, cache=cache)
         # model.prompt_style unitoken: the ids UniToken's solvers put before <image-start> (by name).
         self.t2i_answer_prefix = t2i_answer_prefix_ids(config.model, tokenizer.token_to_id)
+        self._random_codes: np.random.Generator | None = None  # set by ablation("codes")
 
     @classmethod
     def from_pretrained(
@@ -164,6 +167,42 @@ class InferenceSolver:
         tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
         vq = load_visual_tokenizer(vq_path, config=config.model.vq, device=device).eval()
         return cls(config, model, tokenizer, vq)
+
+    # --------------------------------------------------------------------------------------- ablation
+
+    @contextlib.contextmanager
+    def ablation(self, kind: str, seed: int = 0) -> Iterator[None]:
+        """Understanding with one branch of the image span removed, for the block (UniToken's comparison of
+        discrete-only, continuous-only and both, on any export):
+
+        * ``"features"``: the projected SigLIP features are zeros (the slots stay, so every position is as in
+          training and only the continuous information is gone);
+        * ``"codes"``: every VQ code of the prompt's images is a uniformly random code (drawn from a generator
+          seeded with ``seed``; code stacks too);
+        * ``"none"``: nothing changes.
+
+        Drawn images inside answers are not affected (their codes are the model's own)."""
+        if kind not in ABLATIONS:
+            raise ValueError(f"unknown ablation {kind!r}; choose from {', '.join(ABLATIONS)}")
+        hook = None
+        if kind == "features":
+            hook = self.model.vision.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        if kind == "codes":
+            self._random_codes = np.random.default_rng(seed)
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            self._random_codes = None
+
+    def _ablate_codes(self, grid: np.ndarray) -> np.ndarray:
+        """``grid`` itself, or random codes of its shape under ``ablation("codes")``."""
+        if self._random_codes is None:
+            return grid
+        return self._random_codes.integers(0, self.vq.config.codebook_size, size=grid.shape).astype(
+            grid.dtype
+        )
 
     # --------------------------------------------------------------------------------------- settings
 
@@ -354,7 +393,7 @@ class InferenceSolver:
             self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else []
         )
         answers = [
-            self._prompt(row, [next(codes) for _ in row], conv, int(budget))
+            self._prompt(row, [self._ablate_codes(next(codes)) for _ in row], conv, int(budget))
             for row, conv in zip(pictures, conversations)
         ]
         processors = [
