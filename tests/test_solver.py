@@ -18,6 +18,7 @@ from unified_mllm.infer.processors import CFGProcessor, GridConstraint, Modality
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.layout import PlaceholderMismatchError, build_image_span
 from unified_mllm.model.export import CheckpointMismatchError
+from unified_mllm.vision.anyres import anyres_views
 
 QUESTION = "<|image|>how many objects?"
 
@@ -252,3 +253,121 @@ def test_default_answer_length_fits_a_batch_of_prompts_of_different_lengths(solv
         max_gen_len=10_000,
     )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+# ------------------------------------------------------------------------------------------- loglikelihood
+
+
+def hand_loglikelihood(
+    solver: InferenceSolver, pictures: list[Image.Image], question: str, continuation: list[int]
+) -> tuple[float, bool]:
+    """The score computed by hand: the training template's prompt + the continuation in one plain forward of
+    the model (no padding, no cache), log_softmax of the logits before each continuation id."""
+    tokens, encode = solver.tokens, solver.tokenizer.encode
+    codes = solver.vq.images_to_codes(pictures)
+    pieces = question.split("<|image|>")
+    ids = [tokens.bos, *encode(pieces[0])] if pieces[0] else [tokens.bos]
+    for grid, text in zip(codes, pieces[1:]):
+        ids += build_image_span(grid, tokens, solver.model.features_per_view)
+        ids += encode(text) if text else []
+    ids += [tokens.end_of_turn]
+    prompt = len(ids)
+    full = torch.tensor([ids + continuation])
+    views = [anyres_views(p, solver.config.model.vision)[0] for p in pictures]
+    with torch.no_grad():
+        logits = (
+            solver.model(
+                full,
+                pixel_values=torch.cat(views) if views else None,
+                feature_mask=full == tokens.feature,
+            )
+            .logits[0]
+            .float()
+        )
+    before = logits[prompt - 1 : prompt - 1 + len(continuation)]
+    logprobs = before.log_softmax(dim=-1)[torch.arange(len(continuation)), torch.tensor(continuation)]
+    return float(logprobs.sum()), bool((before.argmax(dim=-1) == torch.tensor(continuation)).all())
+
+
+def test_loglikelihood_is_the_models_log_probability_of_the_answer(solver: InferenceSolver) -> None:
+    continuation = solver.tokenizer.encode("two red circles")
+    logprob, greedy = solver.loglikelihood([picture(0)], [[QUESTION, None]], "two red circles")
+    expected, expected_greedy = hand_loglikelihood(solver, [picture(0)], QUESTION, continuation)
+    # Bit-exact on the CPU; the tolerance allows for another kernel's summation order.
+    assert logprob == pytest.approx(expected, rel=1e-6, abs=1e-5) and greedy == expected_greedy
+    assert logprob < 0
+    assert solver.loglikelihood([picture(0)], [[QUESTION, None]], continuation) == (logprob, greedy)
+    # Two images in one question, and no image at all.
+    two = "<|image|><|image|>same?"
+    assert solver.loglikelihood([picture(1), picture(2, (48, 64))], [[two, None]], "yes")[0] == pytest.approx(
+        hand_loglikelihood(solver, [picture(1), picture(2, (48, 64))], two, solver.tokenizer.encode("yes"))[
+            0
+        ],
+        abs=1e-4,
+    )
+    assert solver.loglikelihood([], [["what is a circle?", None]], "a shape")[0] == pytest.approx(
+        hand_loglikelihood(solver, [], "what is a circle?", solver.tokenizer.encode("a shape"))[0], abs=1e-4
+    )
+    assert solver.loglikelihood([picture(0)], [[QUESTION, None]], "") == (0.0, True)
+
+
+def test_batched_loglikelihood_equals_one_conversation_at_a_time(solver: InferenceSolver) -> None:
+    images = [[picture(0)], [picture(1), picture(2, (48, 64))], [], [picture(3)]]
+    qas = [
+        [[QUESTION, None]],
+        [["<|image|><|image|>same?", None]],
+        [["what is a circle?", None]],
+        [[QUESTION, None]],
+    ]
+    conts = ["two", [solver.tokens.end_of_turn], "a small green triangle left of the square", ""]
+    batch = solver.loglikelihood(images, qas, conts)
+    single = [solver.loglikelihood(i, q[0:1], c) for i, q, c in zip(images, qas, conts)]
+    assert [g for _, g in batch] == [g for _, g in single]
+    assert [lp for lp, _ in batch] == pytest.approx([lp for lp, _ in single], abs=1e-4)
+    assert batch[3] == (0.0, True)
+
+
+def test_the_greedy_answer_is_greedy_under_loglikelihood(
+    solver: InferenceSolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = []
+    generate = solver.engine.generate
+
+    def recording(*args, **kwargs):
+        results.append(generate(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(solver.engine, "generate", recording)
+    read_back = 0
+    for images, question in (([picture(0)], QUESTION), ([], "what is a circle?")):
+        results.clear()
+        answer = solver.generate(images, [[question, None]], max_gen_len=5)
+        ((ids, *_), (reason, *_)) = results[0].ids, results[0].finish
+        assert len(results) == 1 and reason in ("stop", "length")  # no picture drawn: one engine run
+        qas = [[question, None]]
+        assert solver.loglikelihood(images, qas, ids)[1]  # with the stop id when it stopped
+        answer_ids = ids[:-1] if reason == "stop" else ids
+        assert solver.tokenizer.decode(answer_ids) == answer and answer_ids
+        assert solver.loglikelihood(images, qas, answer_ids[:2])[1]  # a prefix of it too
+        changed = [*answer_ids[:-1], (answer_ids[-1] + 1) % solver.tokenizer.vocab_size]
+        assert not solver.loglikelihood(images, qas, changed)[1]
+        text_ids = solver.tokenizer.encode(answer)
+        if (
+            text_ids and answer_ids[: len(text_ids)] == text_ids
+        ):  # the text reads back as the ids it began with
+            assert solver.loglikelihood(images, qas, answer)[1]
+            read_back += 1
+    assert read_back  # the random export answers the text question in words ("large")
+
+
+def test_loglikelihood_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
+    with pytest.raises(ValueError, match="one per conversation"):
+        solver.loglikelihood([[picture(0)]], [[[QUESTION, None]]], "two")
+    with pytest.raises(ValueError, match="as many continuations"):
+        solver.loglikelihood([[picture(0)]], [[[QUESTION, None]]], ["two", "three"])
+    with pytest.raises(ValueError, match=r"must lie in \[0"):
+        solver.loglikelihood([picture(0)], [[QUESTION, None]], [10**9])
+    with pytest.raises(ValueError, match="positions"):
+        solver.loglikelihood(
+            [picture(0)], [[QUESTION, None]], [5] * solver.model.config.lm.max_position_embeddings
+        )

@@ -11,6 +11,10 @@ whose last answer is ``None`` (the one to generate); every image goes where its 
 the export's vision branch is on, the SigLIP feature slots (AnyRes views as in training). The answer is decoded
 greedily by default and ends at ``<end-of-turn>``.
 
+**Scoring.** :meth:`InferenceSolver.loglikelihood` gives the log-probability of a continuation as the start of
+the answer (the prompt rendered exactly as :meth:`InferenceSolver.generate` renders it) and whether greedy
+decoding would write it: what lmms-eval's ``loglikelihood`` requests need.
+
 **Interleaved answers.** When the model opens an image inside an answer, the grid constraint keeps it well formed
 (size tokens fixed to ``generation.image_size``); once its last row is complete the engine stops that row, the
 solver decodes the codes into a picture, closes the span the way training wrote it (``<sep>`` + feature slots of
@@ -369,6 +373,101 @@ class InferenceSolver:
         answers, single = self._answer(images, qas, max_gen_len, temperature, top_k, seed)
         return answers[0] if single else answers
 
+    def loglikelihood(
+        self,
+        images: Sequence[ImageSource] | Sequence[Sequence[ImageSource]],
+        qas: Sequence[Pair] | Sequence[Sequence[Pair]],
+        continuations: str | Sequence[int] | Sequence[str | Sequence[int]],
+    ) -> tuple[float, bool] | list[tuple[float, bool]]:
+        """``(log-probability, is_greedy)`` of a continuation as the start of the answer to the last question of
+        one conversation, or of each conversation of a batch (``continuations``: one per conversation).
+
+        The prompt is exactly :meth:`generate`'s (the training template, images where their ``<|image|>``
+        stand); the continuation is a string (encoded as training encodes an answer, no ``<end-of-turn>``
+        added) or its ids. The log-probability is the sum over the continuation's ids of ``log_softmax`` of
+        the model's logits; ``is_greedy`` says whether every id is the arg-max there, i.e. whether greedy
+        decoding (:meth:`generate` at temperature 0) writes these ids first. An empty continuation scores
+        ``(0.0, True)``. This is what lmms-eval's ``loglikelihood`` requests ask.
+
+        The batch runs as :meth:`generate` runs it: the prompts left-padded in one prefill (feature slots
+        filled from the images), then the continuations' ids, right-padded, in one forward over the KV cache.
+        A code-stack tokenizer's model (UniTok, DualToken) scores text continuations only.
+        """
+        image_lists, conversations, single = _as_batch(images, qas)
+        if not single and isinstance(continuations, str):
+            raise ValueError("a batch of conversations takes a list of continuations, one per conversation")
+        wanted = [continuations] if single else list(continuations)
+        if single and not isinstance(continuations, str) and not _is_id_list(continuations):
+            raise ValueError("one conversation takes one continuation: a string or a list of ids")
+        if len(wanted) != len(conversations):
+            raise ValueError(
+                f"{len(conversations)} conversation(s) need as many continuations, got {len(wanted)}"
+            )
+        conts = [self._continuation_ids(c) for c in wanted]
+        answers = self._prompts(image_lists, conversations, 1)
+        for row, (answer, ids) in enumerate(zip(answers, conts)):
+            if len(ids) > self._room(answer.ids):
+                raise ValueError(
+                    f"conversation {row}: the prompt ({len(answer.ids)} ids) and the continuation ({len(ids)}) "
+                    f"need more than the model's {self.model.config.lm.max_position_embeddings} positions"
+                )
+        scores: list[tuple[float, bool]] = [(0.0, True)] * len(conts)
+        rows = [i for i, ids in enumerate(conts) if ids]
+        if rows:
+            for i, score in zip(rows, self._score([answers[i] for i in rows], [conts[i] for i in rows])):
+                scores[i] = score
+        return scores[0] if single else scores
+
+    def _continuation_ids(self, continuation: str | Sequence[int]) -> list[int]:
+        if isinstance(continuation, str):
+            return self.tokenizer.encode(continuation)
+        if not _is_id_list(continuation):
+            raise ValueError(f"a continuation is a string or a list of ids, got {continuation!r}")
+        ids = [int(i) for i in continuation]
+        vocab = self.model.config.lm.vocab_size
+        if any(i < 0 or i >= vocab for i in ids):
+            raise ValueError(f"continuation ids must lie in [0, {vocab}), got {ids}")
+        return ids
+
+    @torch.inference_mode()
+    def _score(self, answers: Sequence[_Answer], conts: Sequence[list[int]]) -> list[tuple[float, bool]]:
+        """Log-probability and greediness of each non-empty continuation after its prompt (one batch)."""
+        engine, longest = self.engine, max(len(c) for c in conts)
+        if self.model.training:
+            raise ValueError("the model is in training mode (dropout on): call model.eval() before scoring")
+        if self.model.code_heads is not None and any(
+            engine.spans.is_code(torch.tensor(c)).any() for c in conts
+        ):
+            raise ValueError(
+                "continuations with image codes cannot be scored for a code-stack tokenizer's model"
+            )
+        views = [v for a in answers for v in a.views]
+        stacks = [s for a in answers for s in a.stacks]
+        batch = engine.new_batch([a.ids for a in answers], longest)
+        cache = engine.new_cache(batch.capacity, fixed_length=False)
+        first = engine.prefill(
+            batch,
+            cache,
+            torch.cat(views) if views else None,
+            torch.from_numpy(np.concatenate(stacks)) if stacks else None,
+            _feature_index(answers, self.model.features_per_view),
+        ).logits  # [R, 1, V]: predicts each continuation's first id
+        # Right-padded continuations: padding comes after a row's last id, so causal attention never reads it.
+        targets = torch.full((len(conts), longest), self.tokens.pad, dtype=torch.long)
+        for row, ids in enumerate(conts):
+            targets[row, : len(ids)] = torch.tensor(ids)
+        targets = targets.to(first.device)
+        logits = first
+        if longest > 1:  # feed every id but the last: the logits after id j predict id j + 1
+            batch.extend(targets[:, :-1])
+            logits = torch.cat([first, engine.step(batch, cache, count=longest - 1).logits], dim=1)
+        logprobs = logits.log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]  # [R, longest]
+        greedy = logits.argmax(dim=-1) == targets
+        return [
+            (float(logprobs[row, : len(ids)].sum()), bool(greedy[row, : len(ids)].all()))
+            for row, ids in enumerate(conts)
+        ]
+
     def _answer(
         self,
         images: Sequence[Any],
@@ -386,16 +485,7 @@ class InferenceSolver:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
         temperature = check_non_negative("temperature", temperature)
         top_k = check_top_k("top_k", gen.text_top_k if top_k is None else top_k)
-        pictures = [[load_image(i) for i in images] for images in image_lists]
-        flat = [p for row in pictures for p in row]
-        # One VQ pass for the whole batch, with the LM's VQ preprocessing (model.vq.preprocess).
-        codes = iter(
-            self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else []
-        )
-        answers = [
-            self._prompt(row, [self._ablate_codes(next(codes)) for _ in row], conv, int(budget))
-            for row, conv in zip(pictures, conversations)
-        ]
+        answers = self._prompts(image_lists, conversations, int(budget))
         processors = [
             GridConstraint(self.tokens, size=self.grid_size(), with_features=self.with_features),
             *sampling_processors(
@@ -420,6 +510,24 @@ class InferenceSolver:
             )
             self._continue(pending, processors, greedy, generator, stack_choice)
         return [a.pieces for a in answers], single
+
+    def _prompts(
+        self,
+        image_lists: Sequence[Sequence[ImageSource]],
+        conversations: Sequence[Sequence[Pair]],
+        budget: int,
+    ) -> list[_Answer]:
+        """The prompt of every conversation of a batch (:meth:`_prompt`)."""
+        pictures = [[load_image(i) for i in images] for images in image_lists]
+        flat = [p for row in pictures for p in row]
+        # One VQ pass for the whole batch, with the LM's VQ preprocessing (model.vq.preprocess).
+        codes = iter(
+            self.vq.images_to_codes(flat, preprocess=self.config.model.vq.preprocess) if flat else []
+        )
+        return [
+            self._prompt(row, [self._ablate_codes(next(codes)) for _ in row], conv, budget)
+            for row, conv in zip(pictures, conversations)
+        ]
 
     def _prompt(
         self, pictures: Sequence[Image.Image], codes: Sequence[np.ndarray], qas: Sequence[Pair], budget: int
@@ -538,6 +646,17 @@ def _feature_index(answers: Sequence[_Answer], per_view: int) -> torch.Tensor | 
             rows.append(index + np.array([views_before, 0]))
             views_before += pixels.shape[0]
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def _is_id_list(value: Any) -> bool:
+    """Whether ``value`` is a sequence of integer ids (a continuation given as ids)."""
+    return (
+        isinstance(value, Sequence | np.ndarray | torch.Tensor)
+        and not isinstance(value, str)
+        and all(
+            isinstance(i, int | np.integer) or (isinstance(i, torch.Tensor) and i.ndim == 0) for i in value
+        )
+    )
 
 
 def _as_batch(
