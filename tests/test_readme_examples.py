@@ -165,3 +165,13 @@ def test_bash_module_answers_help(module: str, monkeypatch: pytest.MonkeyPatch) 
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert stop.value.code in (0, None), f"`python -m {module} --help` exited with {stop.value.code}"
     assert "usage" in out.getvalue().lower(), f"`python -m {module} --help` printed no usage"
+
+
+_REPO_FILE = re.compile(r"(?<![\w/.-])((?:scripts|configs)/[\w./-]+\w)")
+
+
+def test_bash_blocks_name_existing_scripts_and_configs() -> None:
+    named = {m for _, _, code in _blocks("bash") for m in _REPO_FILE.findall(code)}
+    assert named, "no scripts/ or configs/ path found in the documents' bash blocks"
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"the documents' bash blocks name files that do not exist: {missing}"
