@@ -410,7 +410,21 @@ class Dinov2Features(nn.Module):
         directory = Path(path).expanduser()
         if not directory.is_dir():
             raise FileNotFoundError(f"DINOv2 directory not found: {directory} (nothing is downloaded)")
-        return cls(transformers.Dinov2Model.from_pretrained(str(directory), local_files_only=True), layers)
+        model, info = transformers.Dinov2Model.from_pretrained(
+            str(directory), local_files_only=True, output_loading_info=True
+        )
+        # transformers would train against randomly filled (missing) tensors and only log it; refuse instead.
+        # A published DINOv2 checkpoint holds exactly Dinov2Model's tensors (a classifier head would show here).
+        problems = [
+            f"{title}: {', '.join(sorted(info[key]))}"
+            for title, key in (("missing keys", "missing_keys"), ("unexpected keys", "unexpected_keys"))
+            if info[key]
+        ]
+        if problems:
+            raise ValueError(
+                f"DINOv2 directory {directory} does not match its config.json: " + " | ".join(problems)
+            )
+        return cls(model, layers)
 
     @property
     def channels(self) -> list[int]:

@@ -117,4 +117,15 @@ def image_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 def load_contrastive(out_dir: str | Path) -> SiglipModel:
     """The full pre-trained ``SiglipModel`` (both towers) saved by
     :func:`unified_mllm.train.contrastive.save_contrastive`, in fp32."""
-    return SiglipModel.from_pretrained(str(Path(out_dir).expanduser()), dtype=torch.float32)
+    directory = Path(out_dir).expanduser()
+    model, info = SiglipModel.from_pretrained(str(directory), dtype=torch.float32, output_loading_info=True)
+    # transformers fills a missing tensor with random values and drops an unexpected one, logging both only;
+    # an export is written by save_contrastive from exactly this architecture, so either means a wrong file.
+    problems = [
+        f"{title}: {', '.join(sorted(info[key]))}"
+        for title, key in (("missing keys", "missing_keys"), ("unexpected keys", "unexpected_keys"))
+        if info[key]
+    ]
+    if problems:
+        raise ValueError(f"SigLIP export {directory} does not match its config.json: " + " | ".join(problems))
+    return model

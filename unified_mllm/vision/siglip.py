@@ -98,12 +98,21 @@ def load_siglip_pretrained(
         str(path), config=config, dtype=dtype, output_loading_info=True
     )
     # transformers fills a tensor the files lack with random values and only logs it; a tower is all or nothing.
+    # A tensor of the vision tower's namespace that no parameter takes is as wrong (a renamed or extra layer):
+    # only the text tower, the contrastive scale/bias and (without use_head) the pooling head may be left over.
     missing = sorted(info["missing_keys"])
-    if missing:
-        raise ConfigError(
-            f"SigLIP checkpoint {path} lacks {len(missing)} tensor(s) of the vision tower: {'; '.join(missing[:20])}"
-            + (f"; ... and {len(missing) - 20} more" if len(missing) > 20 else "")
-        )
+    left_over = ("text_model.", "logit_scale", "logit_bias", *(() if use_head else ("head.",)))
+    unexpected = sorted(
+        k for k in info["unexpected_keys"] if not k.removeprefix("vision_model.").startswith(left_over)
+    )
+    problems = [
+        f"{title} {len(keys)} tensor(s) of the vision tower: {'; '.join(keys[:20])}"
+        + (f"; ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+        for title, keys in (("lacks", missing), ("has unexpected", unexpected))
+        if keys
+    ]
+    if problems:
+        raise ConfigError(f"SigLIP checkpoint {path} " + " | ".join(problems))
     return model
 
 
