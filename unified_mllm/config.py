@@ -1161,26 +1161,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from unified_mllm.cli import add_debug_argument, one_line_errors  # only the command line needs it
+
     parser = argparse.ArgumentParser(description="Print the resolved config, or document every key.")
     add_config_arguments(parser)
     parser.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
     parser.add_argument(
         "--get", metavar="KEY", help="print only this resolved value (e.g. checkpoint.export_dir)"
     )
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if args.docs:
         for key, doc, default in iter_docs():
             print(f"{key} = {default!r}\n    {doc}")
         return
-    config = config_from_args(args)
-    if args.get:
-        value: Any = config
-        for part in args.get.split("."):
-            if not dataclasses.is_dataclass(value) or not hasattr(value, part):
-                raise SystemExit(f"error: no config key {args.get!r}")
-            value = getattr(value, part)
-        print(value)
-        return
+    with one_line_errors((ConfigError,), debug=args.debug):
+        config = config_from_args(args)
+        if args.get:
+            value: Any = config
+            for part in args.get.split("."):
+                if not dataclasses.is_dataclass(value) or not hasattr(value, part):
+                    raise ConfigError(f"no config key {args.get!r}")
+                value = getattr(value, part)
+            print(value)
+            return
     print(to_yaml(config), end="")
 
 

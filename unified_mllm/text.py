@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from unified_mllm.config import TextTokenizerConfig, add_config_arguments, config_from_args
+from unified_mllm.cli import one_line_errors
+from unified_mllm.config import ConfigError, TextTokenizerConfig, add_config_arguments, config_from_args
 from unified_mllm.io import write_bytes
 from unified_mllm.layout import SpecialTokens
 
@@ -299,11 +300,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="retrain even when the model file exists")
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # the command and key=value overrides are both positional
+    with one_line_errors((ConfigError, TokenizerError)):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     tok_cfg = config.tokenizer
     if args.command == "train":
         if tok_cfg.kind != "sentencepiece":
-            raise SystemExit(
+            raise TokenizerError(
                 "only sentencepiece tokenizers are trained here; Chameleon's is loaded from its file"
             )
         if Path(tok_cfg.path).is_file() and not args.force:

@@ -8,16 +8,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from unified_mllm.cli import add_debug_argument, one_line_errors
 from unified_mllm.convert import KINDS
 from unified_mllm.convert.common import ConversionError
 
 
-def convert(argv: Sequence[str] | None = None) -> Path:
-    """Parse ``argv`` (``KIND SRC DST [options]``) and run that converter; returns what it wrote."""
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m unified_mllm.convert",
         description="Convert a published checkpoint into this codebase's format (or back).",
     )
+    add_debug_argument(parser)
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, module_name in KINDS.items():
         module = importlib.import_module(f"unified_mllm.convert.{module_name}")
@@ -26,16 +27,19 @@ def convert(argv: Sequence[str] | None = None) -> Path:
         sub.add_argument("dst", help="where the converted directory is written (atomically)")
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def convert(argv: Sequence[str] | None = None) -> Path:
+    """Parse ``argv`` (``[--debug] KIND SRC DST [options]``) and run that converter; returns what it wrote."""
+    args = _parse(argv)
     return args.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        written = convert(argv)
-    except (ConversionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = _parse(argv)
+    with one_line_errors((ConversionError,), debug=args.debug):
+        written = args.run(args)
     print(f"wrote {written}")
     return 0
 

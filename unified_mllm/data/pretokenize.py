@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unified_mllm.cli import one_line_errors
 from unified_mllm.config import Config, TextTokenizerConfig, add_config_arguments, config_from_args
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
@@ -285,12 +286,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_intermixed_args(argv)
-    try:
+    with one_line_errors((ValueError,)):  # ConfigError, CorruptShardError, ... name their cause
         reports = pretokenize(
             config_from_args(args), args.split, device=args.device, progress=not args.no_progress
         )
-    except (FileNotFoundError, ValueError) as exc:  # ConfigError, CorruptShardError, ... name their cause
-        raise SystemExit(f"error: {exc}") from exc
     for report in reports:
         print(
             f"{report.split}: {report.samples} samples in {report.written + report.reused} shard(s) "

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from unified_mllm import io
+from unified_mllm.cli import one_line_errors
 from unified_mllm.config import Config, WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shards import ShardWriter
 from unified_mllm.progress import progress as progress_bar
@@ -930,12 +931,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stats", action="store_true", help="print a summary table of each split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_intermixed_args(argv)
-    config = config_from_args(args)
-    try:
+    # check_world's ValueError names the bad data.world key; ConfigError is a ValueError too
+    with one_line_errors((ValueError,)):
+        config = config_from_args(args)
         check_world(config.data.world)
-    except ValueError as exc:
-        parser.error(str(exc))
-    results = generate(config, args.splits, progress=not args.no_progress)
+        results = generate(config, args.splits, progress=not args.no_progress)
     if args.stats:
         for stats in results.values():
             print(format_stats(stats))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from unified_mllm import io
+from unified_mllm.cli import add_debug_argument, one_line_errors
 from unified_mllm.config import ConfigError, load_config
 from unified_mllm.eval.tasks import Solver, Task, check_limit, get_task, markdown_table, task_names
 
@@ -257,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the solver's)")
     parser.add_argument("--config", action="append", default=[], help="YAML merged over the export's config")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_debug_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"
     )
@@ -265,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)
-    try:
+    # ImportError: an optional dependency of a benchmark (its message says what to install)
+    with one_line_errors((ConfigError, ValueError, ImportError), debug=args.debug):
         evaluate(
             args.task,
             args.model,
@@ -285,8 +288,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             },
             ablate=[k for a in args.ablate for k in (ABLATIONS if a == "all" else (a,))],
         )
-    except (FileNotFoundError, ConfigError, ValueError, ImportError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

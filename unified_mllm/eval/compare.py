@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unified_mllm import io
+from unified_mllm.cli import one_line_errors
 from unified_mllm.eval.tasks import markdown_table
 
 TOKENIZER_RESULT = "eval_test.json"
@@ -89,10 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--output", required=True, help="directory for tokenizers.json and tokenizers.md")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():  # a results file that is not there
         rows = [table_row(name, Path(tok), Path(export)) for name, tok, export in args.row]
-    except FileNotFoundError as exc:
-        raise SystemExit(f"error: {exc}") from exc
     out, markdown = Path(args.output), format_table(rows)
     io.write_json(out / "tokenizers.json", rows)
     io.write_text(out / "tokenizers.md", markdown)

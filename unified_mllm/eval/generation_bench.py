@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 from PIL import Image, ImageDraw, ImageFont
 
 from unified_mllm import io
+from unified_mllm.cli import add_debug_argument, one_line_errors
 from unified_mllm.config import Config, GenerationConfig
 from unified_mllm.eval.tasks import Solver, Task, check_limit, markdown_table
 from unified_mllm.progress import progress as progress_bar
@@ -618,8 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check.add_argument("--images-per-prompt", type=int, help="how many images each prompt must have")
     check.add_argument("--partial", action="store_true", help="allow prompts with no image (a --limit run)")
+    add_debug_argument(check)
     args = parser.parse_args(argv)
-    try:
+    # exit code 1 like a layout with problems (both: not usable as is); the error line tells them apart
+    with one_line_errors((ValueError,), debug=args.debug):
         problems = check_layout(
             args.task,
             args.path,
@@ -627,9 +630,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             images_per_prompt=args.images_per_prompt,
             partial=args.partial,
         )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     for problem in problems:
         print(problem)
     print(f"{args.task}: {'OK' if not problems else f'{len(problems)} problem(s)'}: {args.path}")

@@ -32,9 +32,10 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from scipy import ndimage
 
+from unified_mllm.cli import one_line_errors
 from unified_mllm.config import WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shapes import (
     PALETTE,
@@ -510,18 +511,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the self-check scenes")
     parser.add_argument("--read", nargs="+", metavar="IMAGE", help="print the objects read from image files")
     args = parser.parse_intermixed_args(argv)
-    world = config_from_args(args).data.world
-    try:
+    # ConfigError and check_world's errors are ValueErrors; PIL's UnidentifiedImageError is an OSError
+    with one_line_errors((ValueError, UnidentifiedImageError)):
+        world = config_from_args(args).data.world
         check_world(world)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.read:
-        for path in args.read:
-            with Image.open(path) as image:
-                objects = read_scene(image, world)
-            print(f"{path}: " + ("; ".join(" ".join(map(str, o.key)) for o in objects) or "no objects"))
-    if args.self_check:
-        print(format_self_check(self_check(world, args.self_check, seed=args.seed, progress=True)))
+        if args.read:
+            for path in args.read:
+                with Image.open(path) as image:
+                    objects = read_scene(image, world)
+                print(f"{path}: " + ("; ".join(" ".join(map(str, o.key)) for o in objects) or "no objects"))
+        if args.self_check:
+            print(format_self_check(self_check(world, args.self_check, seed=args.seed, progress=True)))
     if not args.read and not args.self_check:
         parser.error("nothing to do: pass --self-check N and/or --read IMAGE ...")
 

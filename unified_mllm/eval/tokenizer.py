@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from unified_mllm import io
+from unified_mllm.cli import add_debug_argument, one_line_errors
 from unified_mllm.config import Config, ConfigError, WorldConfig, add_config_arguments, config_from_args
 from unified_mllm.data.shards import Sample, iter_samples
 from unified_mllm.eval.image_metrics import (
@@ -340,6 +341,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="directory for the results (default: next to the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_debug_argument(parser)
     return parser
 
 
@@ -377,10 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_intermixed_args(argv)
-    try:
+    with one_line_errors((ConfigError, ValueError), debug=args.debug):
         run(args)
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

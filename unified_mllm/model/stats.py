@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from unified_mllm.cli import one_line_errors
 from unified_mllm.config import ConfigError, ModelConfig, describe_preset, get_preset, list_presets
 from unified_mllm.model.backbone import build_lm_backbone, build_lm_head
 from unified_mllm.vision.siglip import build_siglip_tower
@@ -71,10 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     for name in args.names or list_presets():
-        try:
+        with one_line_errors((ConfigError,)):
             config = get_preset(name)
-        except ConfigError as exc:
-            parser.error(str(exc))
         counts = parameter_counts(config)
         print(f"{name}: {describe_preset(name)}")
         for part, n in [*counts.items(), ("total", sum(counts.values()))]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from unified_mllm.cli import one_line_errors
 from unified_mllm.config import Config
 from unified_mllm.layout import LayoutError
 from unified_mllm.train import distributed
@@ -21,10 +22,8 @@ def _train(config: Config, args: argparse.Namespace) -> None:
     from unified_mllm.model.export import CheckpointMismatchError
     from unified_mllm.train.trainer import train
 
-    try:
-        train(config, progress=not args.no_progress)
-    except (DataError, CorruptShardError, CheckpointMismatchError) as exc:  # bad data or weights: one line
-        raise SystemExit(f"error: {exc}") from exc
+    with one_line_errors((DataError, CorruptShardError, CheckpointMismatchError), debug=args.debug):
+        train(config, progress=not args.no_progress)  # bad data or weights: one line, as run_cli's
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -36,6 +36,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from unified_mllm import io
+from unified_mllm.cli import add_debug_argument, one_line_errors
 from unified_mllm.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from unified_mllm.pickles import UnsafePickleError
 from unified_mllm.train import distributed
@@ -161,18 +162,18 @@ def run_cli(
     prog: str | None = None,
 ) -> None:
     """A trainer's command line: ``--config`` files and ``key=value`` overrides, ``--no-progress``, the
-    trainer's own ``flags`` (``{"--force": help}``, booleans); :data:`RUN_ERRORS` and ``errors`` end it with a
-    one-line message."""
+    trainer's own ``flags`` (``{"--force": help}``, booleans), ``--debug``; :data:`RUN_ERRORS` and ``errors``
+    end it with a one-line message (:func:`unified_mllm.cli.one_line_errors`; every failing rank prints its own)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     for flag, text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=text)
+    add_debug_argument(parser)
     args = parser.parse_intermixed_args(argv)
     try:
-        train(config_from_args(args), args)
-    except (*RUN_ERRORS, *errors) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        with one_line_errors((*RUN_ERRORS, *errors), debug=args.debug):
+            train(config_from_args(args), args)
     finally:
         distributed.shutdown()
 
