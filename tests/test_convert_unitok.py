@@ -453,7 +453,8 @@ def test_clear_errors(tmp_path: Path) -> None:
             text_heads=TEXT_HEADS,
             resolution=RESOLUTION,
         )
-    assert main(["unitok", str(tmp_path / "text.pth"), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match=r"^error: "):
+        main(["unitok", str(tmp_path / "text.pth"), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
