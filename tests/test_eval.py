@@ -414,7 +414,7 @@ def test_driver_bad_inputs_name_the_problem(
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"has no config\.yaml"):
         main(["--task", "shapesbench", "--model", str(tmp_path / "empty")])
-    with pytest.raises(SystemExit, match="unknown task 'nope'; available tasks: .*shapesbench"):
+    with pytest.raises(SystemExit, match=r"unknown task 'nope'; available tasks: .*shapesbench"):
         main(["--task", "nope", "--model", str(export_dir)])
     elsewhere = tmp_path / "no-data"
     with pytest.raises(
