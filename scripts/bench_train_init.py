@@ -155,8 +155,12 @@ def main() -> int:
     old, new = results["cpu build"], results["meta start"]
     for rank in range(2):
         ratio = new[rank]["peak_rss_mib"] / old[rank]["peak_rss_mib"]
-        growth = (new[rank]["peak_rss_mib"] - new[rank]["before"]) / (old[rank]["peak_rss_mib"] - old[rank]["before"])
-        print(f"rank {rank}: peak RSS meta start / cpu build = {ratio:.2f} (above the RSS before: {growth:.2f})")
+        growth = (new[rank]["peak_rss_mib"] - new[rank]["before"]) / (
+            old[rank]["peak_rss_mib"] - old[rank]["before"]
+        )
+        print(
+            f"rank {rank}: peak RSS meta start / cpu build = {ratio:.2f} (above the RSS before: {growth:.2f})"
+        )
     same = all(old[r]["checksum"] == new[r]["checksum"] for r in range(2))
     print("shards identical in both ways" if same else "SHARDS DIFFER between the two ways")
     return 0 if same else 1

@@ -304,7 +304,10 @@ def test_evaluation_without_captions_reports_no_retrieval(
     config.contrastive = small_contrastive()
     model = build_contrastive_model(vision, config.contrastive, sp_tokenizer.vocab_size, 3)
     samples = [Sample(f"k{i}", Image.new("RGB", (64, 64)), {"vqa": []}, "shard") for i in range(3)]
-    assert C.evaluate_contrastive(model, sp_tokenizer, samples, config) == {"split": "test", "retrieval": None}
+    assert C.evaluate_contrastive(model, sp_tokenizer, samples, config) == {
+        "split": "test",
+        "retrieval": None,
+    }
     assert capsys.readouterr().out == "retrieval on test: no captioned images\n"
 
 

@@ -44,7 +44,9 @@ def test_metric_window_sums_and_means() -> None:
 
 def _toy_run(directory: Path, total: int, fingerprint: Any = None) -> tuple[list[float], list[int]]:
     """A trainer on the harness: a weight pulled by noise from torch's RNG; returns (weights, logged steps)."""
-    harness = Run(directory, ONE, CheckpointPolicy(every=2, keep_last=2), "toy.steps", fingerprint=fingerprint)
+    harness = Run(
+        directory, ONE, CheckpointPolicy(every=2, keep_last=2), "toy.steps", fingerprint=fingerprint
+    )
     run, state = harness.resume(total)
     weights: list[float] = list(state.get("weights", []))
     harness.snapshot_config(Config())
@@ -81,7 +83,12 @@ def test_the_loop_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path: Path)
     assert [s for s, _ in list_checkpoints(tmp_path / "straight" / CHECKPOINT_DIR)] == [6, 7]  # keep_last=2
     assert (tmp_path / "straight" / CONFIG_FILE).is_file()
     state = load_checkpoint(tmp_path / "straight" / CHECKPOINT_DIR / "step-00000007")
-    assert state["step"] == 7 and state["data_state"] == 7 and state["world_size"] == 1 and len(state["rng"]) == 1
+    assert (
+        state["step"] == 7
+        and state["data_state"] == 7
+        and state["world_size"] == 1
+        and len(state["rng"]) == 1
+    )
 
     torch.manual_seed(0)
     first, _ = _toy_run(tmp_path / "resumed", 4)

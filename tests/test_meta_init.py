@@ -106,9 +106,13 @@ def test_covered_checkpoints_start_on_meta_and_load_exactly(checkpoints: tuple[P
     model, materialize = build_model(config, distributed.DistInfo(0, 1, 0, torch.device("cpu")))
     assert materialize is not None and all(p.is_meta for p in model.state_dict().values())
     assert torch.equal(torch.get_rng_state(), reference_rng)
-    build_backend(model, apply_param_rules(model, config_rules(config)), config, distributed.DistInfo(
-        0, 1, 0, torch.device("cpu")
-    ), materialize=materialize)
+    build_backend(
+        model,
+        apply_param_rules(model, config_rules(config)),
+        config,
+        distributed.DistInfo(0, 1, 0, torch.device("cpu")),
+        materialize=materialize,
+    )
     loaded = unique_state_dict(model)
     assert loaded.keys() == reference.keys()
     assert [k for k in reference if not torch.equal(loaded[k], reference[k])] == []
@@ -154,7 +158,9 @@ def _rank(
     backend_module.apply_fsdp = spy
     model, materialize = build_model(config, info)
     seen["rng"] = torch.get_rng_state()
-    build_backend(model, apply_param_rules(model, config_rules(config)), config, info, materialize=materialize)
+    build_backend(
+        model, apply_param_rules(model, config_rules(config)), config, info, materialize=materialize
+    )
     expected = expected_start(checkpoints)
     seen["regions"] = {}
     seen["mismatches"] = []
@@ -172,7 +178,9 @@ def _rank(
     torch.distributed.destroy_process_group()
 
 
-def test_fsdp_ranks_shard_on_meta_and_read_their_slices(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+def test_fsdp_ranks_shard_on_meta_and_read_their_slices(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
     extra = ("train.parallel.backend=fsdp",)
     mp.spawn(_rank, args=(2, _free_port(), checkpoints, tmp_path, extra), nprocs=2, join=True)
     _, reference_rng = cpu_start(start_config(checkpoints))
@@ -189,7 +197,10 @@ def test_fsdp_ranks_shard_on_meta_and_read_their_slices(checkpoints: tuple[Path,
 def test_deepspeed_ranks_start_from_the_checkpoint(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
     """DeepSpeed partitions materialised parameters: the meta model is allocated whole before it initialises."""
     pytest.importorskip("deepspeed")
-    extra = ("train.parallel.backend=deepspeed", f"train.parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json")
+    extra = (
+        "train.parallel.backend=deepspeed",
+        f"train.parallel.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+    )
     mp.spawn(_rank, args=(2, _free_port(), checkpoints, tmp_path, extra), nprocs=2, join=True)
     _, reference_rng = cpu_start(start_config(checkpoints))
     for rank in range(2):

@@ -194,14 +194,25 @@ def test_unitok_trains_and_evaluates_on_shards_without_objects(
 ) -> None:
     """A user's captioned shards (no world ``objects``): training and its PSNR / SSIM / usage evaluation work,
     and the evaluation CLI reports the reconstruction figures only: no judge, no zero-shot, no NaN."""
-    overrides = _overrides("unitok", user_shards, tmp_path, sp_model, "vq_train.steps=2", "vq_train.gan_weight=0")
+    overrides = _overrides(
+        "unitok", user_shards, tmp_path, sp_model, "vq_train.steps=2", "vq_train.gan_weight=0"
+    )
     config = load_config([_recipe("unitok")], overrides)
     summary = train_tokenizer(config, progress=False)
     final = summary["final_eval"]
     assert summary["steps"] == 2 and 0 < final["psnr"] < 100 and -1 <= final["ssim"] <= 1
     assert 0 < final["usage"] <= 1
     out = Path(config.vq_train.output_dir)
-    argv = ["--config", _recipe("unitok"), *overrides, "--checkpoint", str(out), "--no-progress", "--device", "cpu"]
+    argv = [
+        "--config",
+        _recipe("unitok"),
+        *overrides,
+        "--checkpoint",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     capsys.readouterr()
     result = eval_tokenizer.run(eval_tokenizer._parser().parse_intermixed_args(argv))
     assert result["num_images"] == 10 and result["judge"] is None and result["zero_shot"] is None

@@ -265,7 +265,10 @@ def test_lightning_metadata_loads_safely_and_crafted_pickles_are_refused(tmp_pat
     marker = tmp_path / "marker"
     (tmp_path / "crafted").mkdir()
     crafted = write_chameleon_checkpoint(tmp_path / "crafted", model, callbacks=WritesAMarker(marker))
-    with pytest.raises(VQCheckpointError, match=r"names __builtin__\.getattr, which a data file never needs.*model\.vq\.trust_pickle=true"):
+    with pytest.raises(
+        VQCheckpointError,
+        match=r"names __builtin__\.getattr, which a data file never needs.*model\.vq\.trust_pickle=true",
+    ):
         VQGAN.from_checkpoint(crafted)
     assert not marker.exists()
     # The explicit opt-in unpickles in full (and so runs it).
