@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -55,6 +55,9 @@ def load_image(source: ImageSource) -> Image.Image:
         return to_rgb(source)
     if isinstance(source, str | Path) and not Path(source).is_file():
         raise ImageLoadError(f"image not found: {source}")
+    # Some libraries (lmms-eval, via its imports) set PIL's process-wide LOAD_TRUNCATED_IMAGES, which would
+    # turn a cut-short file into a silently grey image: refuse it here whatever they set.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
         with handle, Image.open(handle) as image:
@@ -62,6 +65,8 @@ def load_image(source: ImageSource) -> Image.Image:
             return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"unreadable image {_describe(source)}: {exc}") from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def resize_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
