@@ -267,6 +267,29 @@ class GenerationTask(Task):
             "batch_size": batch_size,
         }
 
+    def _write_outputs(
+        self,
+        result: dict[str, Any],
+        output_dir: Path,
+        images_dir: Path,
+        prompts: Sequence[GenPrompt],
+        files: Sequence[ImageFile],
+    ) -> None:
+        """The sample grid, ``<task>.json`` and ``<task>.md``; records their paths in ``result["files"]``."""
+        paths = {
+            "json": output_dir / f"{self.name}.json",
+            "markdown": output_dir / f"{self.name}.md",
+            "images": images_dir,
+        }
+        grid = self._grid(images_dir, prompts, files)
+        if grid is not None:
+            paths["grid"] = output_dir / f"{self.name}_samples.png"
+            with io.atomic_path(paths["grid"]) as tmp:
+                grid.save(tmp, format="PNG")
+        result["files"] = {label: str(path) for label, path in paths.items()}
+        io.write_json(paths["json"], result)
+        io.write_text(paths["markdown"], self.format_table(result))
+
     def run(
         self,
         solver: Solver,
@@ -331,19 +354,7 @@ class GenerationTask(Task):
             ],
         }
         result.update(self._scores(output_dir, images_dir, all_prompts))
-        paths = {
-            "json": output_dir / f"{self.name}.json",
-            "markdown": output_dir / f"{self.name}.md",
-            "images": images_dir,
-        }
-        grid = self._grid(images_dir, prompts, files)
-        if grid is not None:
-            paths["grid"] = output_dir / f"{self.name}_samples.png"
-            with io.atomic_path(paths["grid"]) as tmp:
-                grid.save(tmp, format="PNG")
-        result["files"] = {label: str(path) for label, path in paths.items()}
-        io.write_json(paths["json"], result)
-        io.write_text(paths["markdown"], self.format_table(result))
+        self._write_outputs(result, output_dir, images_dir, prompts, files)
         if problems:
             print(f"warning: {self.name}: the image folder is not what the scorer reads:", file=sys.stderr)
             for problem in problems[:20]:
