@@ -49,7 +49,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 def load_image(source: ImageSource) -> Image.Image:
     """Read a path, encoded bytes or a PIL image into a fully decoded RGB image.
 
-    Raises :class:`ImageLoadError` naming the source when the file is missing, empty, truncated or not an image.
+    Raises :class:`ImageLoadError` naming the source when the file is missing, empty, truncated, not an image,
+    or larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice of which is refused).
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
@@ -63,7 +64,7 @@ def load_image(source: ImageSource) -> Image.Image:
         with handle, Image.open(handle) as image:
             image.load()  # decode now, so a truncated file fails here and not deep inside a batch
             return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"unreadable image {_describe(source)}: {exc}") from exc
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
