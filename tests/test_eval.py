@@ -453,9 +453,18 @@ def test_shapesbench_on_a_tiny_export_with_the_real_solver(
     export_dir = config.checkpoint.export_dir
     main(
         ["--task", "shapesbench", "--model", export_dir, "--limit", "2", "--batch-size", "8", "--no-progress"]
+        + ["--ablate", "all"]
     )
     out = Path(config.checkpoint.export_dir) / "eval" / "shapesbench"
     data = json.loads((out / JSON_FILE).read_text())
+    # --ablate all: the understanding part again with each branch removed, as a table beside the normal run.
+    rows = json.loads((out / "ablation.json").read_text())
+    assert list(rows) == ["as trained", "SigLIP features zeroed", "VQ codes random"]
+    assert rows["as trained"]["overall"] == pytest.approx(data["understanding"]["overall"])
+    for kind in ("features", "codes"):
+        ablated = json.loads((out / f"ablate-{kind}" / JSON_FILE).read_text())
+        assert "generation" not in ablated and ablated["understanding"]["total"] == data["understanding"]["total"]
+    assert "| VQ codes random |" in (out / "ablation.md").read_text()
     questions = [qa for s in iter_samples(Path(world.data.root) / "test") for qa in s.meta["vqa"]]
     vqa, gen = data["understanding"], data["generation"]
     assert vqa["total"] == len(questions) and vqa["scenes"] == 2

@@ -4,6 +4,7 @@ them, and a clear error for each kind of bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -358,6 +359,32 @@ def test_the_greedy_answer_is_greedy_under_loglikelihood(
             assert solver.loglikelihood(images, qas, answer)[1]
             read_back += 1
     assert read_back  # the random export answers the text question in words ("large")
+
+
+def test_ablations_remove_exactly_their_branch_of_the_image_span(solver: InferenceSolver) -> None:
+    """With both branches ablated the answer cannot depend on the image at all; with one ablated, the other
+    branch still carries it; the codes' random draws follow the seed; leaving the block restores everything."""
+
+    def score(image: Image.Image, *kinds: str, seed: int = 0) -> float:
+        with contextlib.ExitStack() as stack:
+            for kind in kinds:
+                stack.enter_context(solver.ablation(kind, seed=seed))
+            return solver.loglikelihood([image], [[QUESTION, None]], "two red circles")[0]
+
+    a, b = picture(10), picture(11)
+    assert score(a) != score(b)
+    assert score(a, "features", "codes") == score(b, "features", "codes")  # nothing of the image is left
+    assert score(a, "features") != score(b, "features")  # the codes still differ
+    assert score(a, "codes") != score(b, "codes")  # the features still differ
+    assert score(a, "features", "codes", seed=1) != score(a, "features", "codes", seed=0)
+    assert score(a, "none") == score(a)
+    with solver.ablation("features"):
+        zeros = solver.model.vision(torch.rand(1, 3, 64, 64))
+    assert not zeros.any()
+    assert score(a) == solver.loglikelihood([a], [[QUESTION, None]], "two red circles")[0]  # restored
+    with pytest.raises(ValueError, match="unknown ablation 'pixels'"):
+        with solver.ablation("pixels"):
+            pass
 
 
 def test_loglikelihood_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
