@@ -452,8 +452,19 @@ def test_shapesbench_on_a_tiny_export_with_the_real_solver(
     train(config, progress=False)
     export_dir = config.checkpoint.export_dir
     main(
-        ["--task", "shapesbench", "--model", export_dir, "--limit", "2", "--batch-size", "8", "--no-progress"]
-        + ["--ablate", "all"]
+        [
+            "--task",
+            "shapesbench",
+            "--model",
+            export_dir,
+            "--limit",
+            "2",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--ablate",
+            "all",
+        ]
     )
     out = Path(config.checkpoint.export_dir) / "eval" / "shapesbench"
     data = json.loads((out / JSON_FILE).read_text())
@@ -463,7 +474,10 @@ def test_shapesbench_on_a_tiny_export_with_the_real_solver(
     assert rows["as trained"]["overall"] == pytest.approx(data["understanding"]["overall"])
     for kind in ("features", "codes"):
         ablated = json.loads((out / f"ablate-{kind}" / JSON_FILE).read_text())
-        assert "generation" not in ablated and ablated["understanding"]["total"] == data["understanding"]["total"]
+        assert (
+            "generation" not in ablated
+            and ablated["understanding"]["total"] == data["understanding"]["total"]
+        )
     assert "| VQ codes random |" in (out / "ablation.md").read_text()
     questions = [qa for s in iter_samples(Path(world.data.root) / "test") for qa in s.meta["vqa"]]
     vqa, gen = data["understanding"], data["generation"]

@@ -382,9 +382,8 @@ def test_ablations_remove_exactly_their_branch_of_the_image_span(solver: Inferen
         zeros = solver.model.vision(torch.rand(1, 3, 64, 64))
     assert not zeros.any()
     assert score(a) == solver.loglikelihood([a], [[QUESTION, None]], "two red circles")[0]  # restored
-    with pytest.raises(ValueError, match="unknown ablation 'pixels'"):
-        with solver.ablation("pixels"):
-            pass
+    with pytest.raises(ValueError, match="unknown ablation 'pixels'"), solver.ablation("pixels"):
+        pass
 
 
 def test_loglikelihood_bad_input_gets_a_clear_error(solver: InferenceSolver) -> None:
