@@ -7,8 +7,8 @@ int4-unpacked). Columns:
 
 * ``LM linears`` / ``model``: bytes of the quantized layers' weights (values + scales + zero points) and of
   every parameter and buffer of the model, with the ratio to the float32 model;
-* ``tok/s``: new ids per second over the whole batch (prefill included; median of ``--repeats`` runs after a
-  warm-up), with the ratio to float32;
+* ``tok/s``: new ids per second over the whole batch (prefill included; after a warm-up, the median of
+  ``--repeats`` rounds, each of which times every row once in turn), with the ratio to float32;
 * ``same ids``: the share of new ids equal to float32's at the same position (free-running greedy decoding,
   so one early difference changes everything after it); ``prefix``: the mean share of each row's ids before its
   first difference; ``top-1``: teacher-forced agreement, the share of positions where the row's arg-max over
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import tempfile
 import time
@@ -87,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="config overrides of the random model (after --lm's)")
     parser.add_argument("--tokens", type=int, default=32, help="new ids per prompt (default 32)")
     parser.add_argument("--prompts", type=int, default=2, help="prompts decoded together (default 2)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (median; default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median per row; default 3)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--modes", nargs="+", choices=QUANT_MODES, default=list(QUANT_MODES))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -143,22 +142,29 @@ def teacher_forced_top1(model: UnifiedModel, prompts: list[list[int]], reference
     return hits / total
 
 
-def measure(
-    label: str,
-    model: UnifiedModel,
+def time_rounds(
+    models: dict[str, UnifiedModel],
     tokens: SpecialTokens,
     prompts: list[list[int]],
     args: argparse.Namespace,
-) -> Row:
-    row = Row(label, lm_linear_bytes(model), weight_bytes(model))
-    decode(model, tokens, prompts, 2)  # warm-up: first-call allocations, kernel selection
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        row.ids = decode(model, tokens, prompts, args.tokens)
-        times.append(time.perf_counter() - start)
-    row.tokens_per_s = len(prompts) * args.tokens / statistics.median(times)
-    return row
+) -> dict[str, Row]:
+    """A row per model: its bytes, its new ids and its median tokens/s.
+
+    One warm-up decode per model first (first-call allocations, kernel selection); then each round times every
+    model once, in turn, so a load that comes and goes on a shared machine weighs on all rows alike.
+    """
+    rows = {label: Row(label, lm_linear_bytes(m), weight_bytes(m)) for label, m in models.items()}
+    for model in models.values():
+        decode(model, tokens, prompts, 2)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in tqdm(range(args.repeats), desc="timed rounds", unit="round"):
+        for label, model in models.items():
+            start = time.perf_counter()
+            rows[label].ids = decode(model, tokens, prompts, args.tokens)
+            times[label].append(time.perf_counter() - start)
+    for label, row in rows.items():
+        row.tokens_per_s = len(prompts) * args.tokens / statistics.median(times[label])
+    return rows
 
 
 def compare(row: Row, reference: Row, model: UnifiedModel, prompts: list[list[int]]) -> None:
@@ -207,23 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     if ("float32", None) in plan:  # float32 as stored is the reference: measured first
         plan.remove(("float32", None))
     plan.insert(0, ("float32", None))
-    rows: list[Row] = []
+    models: dict[str, UnifiedModel] = {}
     skipped: list[str] = []
-    for dtype, mode in tqdm(plan, desc="rows", unit="row"):
+    for dtype, mode in tqdm(plan, desc="quantizing", unit="model"):
         label = dtype if mode is None else f"{dtype} + {mode}"
         model = copy.deepcopy(base).to(DTYPES[dtype])
         try:
             if mode is not None:
                 quantize_model(model, mode, device=args.device)
-            model.to(args.device)
+            models[label] = model.to(args.device)
         except QuantizationUnsupported as error:
             skipped.append(f"{label}: {error}")
-            continue
-        row = measure(label, model, tokens, prompts, args)
-        compare(row, rows[0] if rows else row, model, prompts)
-        rows.append(row)
-        del model
-        gc.collect()
+    del base
+    by_label = time_rounds(models, tokens, prompts, args)
+    rows = list(by_label.values())
+    for row in rows:
+        compare(row, rows[0], models[row.label], prompts)
     print_table(rows)
     for line in skipped:
         print(f"not run: {line}")
