@@ -16,9 +16,12 @@ from torch import nn
 
 from tests.helpers import REPO, write_export
 from unified_mllm.config import get_preset
+from unified_mllm.eval.__main__ import QUANT_MODES as DRIVER_MODES
+from unified_mllm.eval.__main__ import evaluate, main
 from unified_mllm.infer.engine import Engine
 from unified_mllm.infer.quantize import (
     INT4_UNPACKED_GROUP_SIZE,
+    QUANT_MODES,
     QuantizationUnsupported,
     quantize_model,
     tensor_bytes,
@@ -207,3 +210,14 @@ def test_the_benchmark_prints_the_table_and_why_int4_did_not_run() -> None:
     assert rows["float32 + int8"][1] == "0.25x"  # LM linears: a quarter of float32
     if not torch.cuda.is_available():
         assert any(line.startswith("not run: float32 + int4: int4 on device 'cpu'") for line in lines)
+
+
+def test_the_eval_driver_checks_quantize_before_the_model_loads(
+    export: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert DRIVER_MODES == QUANT_MODES  # the driver names them without importing the model code
+    with pytest.raises(ValueError, match=r"--quantize takes int8, int4, int4-unpacked, got 'fp8'"):
+        evaluate("shapesbench", export, quantize="fp8")
+    with pytest.raises(SystemExit) as exc:
+        main(["--task", "shapesbench", "--model", str(export), "--quantize", "int2"])
+    assert exc.value.code == 2 and "argument --quantize: invalid choice: 'int2'" in capsys.readouterr().err

@@ -59,8 +59,10 @@ QUANTIZED_PART = "lm"
 """The submodule of :class:`~unified_mllm.model.unified.UnifiedModel` whose linear layers are quantized."""
 
 
-class QuantizationUnsupported(RuntimeError):
-    """The requested mode has no kernel for this device, dtype or torchao build (the message says which)."""
+class QuantizationUnsupported(ValueError):
+    """The requested mode has no kernel for this device, dtype or torchao build (the message says which).
+
+    A ValueError: the command-line drivers print it as one line, like any other bad argument."""
 
 
 @dataclass
