@@ -19,7 +19,7 @@
   outputs where no packed int4 kernel runs (this repository's CPU benchmark), not to save memory.
 
 **What is quantized.** Only the ``nn.Linear`` layers inside the LM backbone (``model.lm``: attention
-q/k/v/o and the MLP's gate/up/down projections): at 7B they are ~96% of the weights and every decoding step
+q/k/v/o and the MLP's gate/up/down projections): at 7B they are ~92% of the weights and every decoding step
 reads all of them, so they are where memory and bandwidth go. Kept in the model's dtype, on purpose:
 
 * the LM head (``lm_head``): its logits pick every token directly, and classifier-free guidance multiplies the
