@@ -1,7 +1,8 @@
 """The benchmark driver: run one registered task on an exported model.
 
     python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--limit N] [--batch-size B] \\
-        [--output DIR] [--device cuda] [--dtype bfloat16] [--config EXTRA.yaml] [key.sub=value ...]
+        [--output DIR] [--device cuda] [--dtype bfloat16] [--quantize int8] [--config EXTRA.yaml] \\
+        [key.sub=value ...]
     python -m unified_mllm.eval --task mmbench-en --model EXPORT_DIR --data MMBench_DEV_EN.tsv [--restart]
     python -m unified_mllm.eval --task all-understanding --model EXPORT_DIR --data BENCHMARKS_ROOT
 
@@ -41,6 +42,9 @@ CONFIG_YAML = "config.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALL_UNDERSTANDING = "all-understanding"
 ABLATIONS = ("features", "codes")  # InferenceSolver.ablation's kinds (the solver module is imported lazily)
+# InferenceSolver.from_pretrained's quantize modes (unified_mllm.infer.quantize.QUANT_MODES), named here too so
+# that --quantize is checked before the model loads.
+QUANT_MODES = ("int8", "int4", "int4-unpacked")
 ABLATION_LABELS = {"features": "SigLIP features zeroed", "codes": "VQ codes random"}
 ABLATION_FILE = "ablation"
 SUMMARY_FILE = "summary"  # .json and .md of --task all-understanding
@@ -62,6 +66,7 @@ def evaluate(
     data: str | Path | None = None,
     options: dict[str, Any] | None = None,
     ablate: Sequence[str] = (),
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Run ``task_name`` on the export; every input is checked before the model loads.
 
@@ -69,6 +74,7 @@ def evaluate(
     comparison table. ``data`` is the benchmark's files (``--data``); ``options`` go to the task's constructor (``restart``,
     ``images_per_prompt``, ``scores``: only those the user set). ``solver`` replaces the export's
     InferenceSolver (tests pass a fake); results go to ``output``, default ``export_dir/eval/<task>``.
+    ``quantize`` (``--quantize``): the LM's linear layers in int8 / int4 (:mod:`unified_mllm.infer.quantize`).
     """
     path = Path(export_dir).expanduser()
     if not path.is_dir():
@@ -79,6 +85,8 @@ def evaluate(
             "is it a finished export of `python -m unified_mllm.train`?"
         )
     check_limit(limit, batch_size)
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ValueError(f"--quantize takes {', '.join(QUANT_MODES)}, got {quantize!r}")
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"--ablate takes {', '.join(ABLATIONS)}, got {', '.join(unknown)}")
@@ -99,7 +107,7 @@ def evaluate(
         # Imported here: the driver's checks need no model code.
         from unified_mllm.infer.solver import InferenceSolver
 
-        solver = InferenceSolver.from_pretrained(path, device=device, dtype=dtype)
+        solver = InferenceSolver.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
     base = Path(output).expanduser() if output is not None else path / "eval"
     results = {}
     for task in tasks:
@@ -256,6 +264,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="results directory (default: MODEL/eval/<task>)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the solver's)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANT_MODES,
+        help="LM linear layers in int8, or int4 (CUDA, --dtype bfloat16); needs torchao (the adapt extra)",
+    )
     parser.add_argument("--config", action="append", default=[], help="YAML merged over the export's config")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_debug_argument(parser)
@@ -287,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "scores": args.scores,
             },
             ablate=[k for a in args.ablate for k in (ABLATIONS if a == "all" else (a,))],
+            quantize=args.quantize,
         )
 
 

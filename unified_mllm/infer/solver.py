@@ -65,6 +65,7 @@ from unified_mllm.infer.processors import (
     create_logits_processor,
     sampling_processors,
 )
+from unified_mllm.infer.quantize import check_mode, quantize_model
 from unified_mllm.layout import (
     IMAGE_PLACEHOLDER,
     SpecialTokens,
@@ -152,10 +153,12 @@ class InferenceSolver:
         export_dir: str | os.PathLike[str],
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
     ) -> InferenceSolver:
         """Load an export written by the trainer (``config.yaml``, ``config.json`` + ``model.safetensors``,
         ``text.model``, ``vq/``). ``dtype`` applies to the LM and SigLIP (default: as stored); the VQ-GAN keeps
-        its own. A missing file raises FileNotFoundError naming it."""
+        its own. ``quantize`` (``"int8"``, ``"int4"``, ``"int4-unpacked"``; needs torchao) quantizes the LM's
+        linear layers (:mod:`unified_mllm.infer.quantize`). A missing file raises FileNotFoundError naming it."""
         export = Path(export_dir).expanduser()
         if not export.is_dir():
             raise FileNotFoundError(f"export directory not found: {export}")
@@ -167,7 +170,14 @@ class InferenceSolver:
         )
         vq_path = _resolve(export, config.model.vq.checkpoint, "VQ tokenizer (model.vq.checkpoint)")
         config.model.vq.checkpoint = str(vq_path)
-        model = UnifiedModel.from_pretrained(export, device=device, dtype=dtype)
+        if quantize is None:
+            model = UnifiedModel.from_pretrained(export, device=device, dtype=dtype)
+        else:
+            check_mode(quantize)  # before the weights load
+            # Loaded on the CPU, each layer moved to `device` as it is quantized: the device never holds the
+            # full-precision LM.
+            model = UnifiedModel.from_pretrained(export, device="cpu", dtype=dtype)
+            quantize_model(model, quantize, device=device)
         tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
         vq = load_visual_tokenizer(vq_path, config=config.model.vq, device=device).eval()
         return cls(config, model, tokenizer, vq)
