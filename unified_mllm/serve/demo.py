@@ -263,7 +263,12 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
                         label="cfg scale (1: none)",
                     )
                     top_k = gr.Slider(
-                        0, codebook, value=gen.image_top_k or 0, step=1, label="image top-k (0: every code)"
+                        0,
+                        codebook,
+                        # k beyond the codebook keeps every code, as the whole codebook does
+                        value=min(gen.image_top_k or 0, codebook),
+                        step=1,
+                        label="image top-k (0: every code)",
                     )
                 with gr.Row():
                     temperature = gr.Slider(
