@@ -135,7 +135,10 @@ def chat_messages(question: str, uploads: Sequence[str], pieces: Sequence[Piece]
     then the answer's text and pictures in order."""
     import gradio as gr
 
-    messages: list[dict[str, Any]] = [{"role": "user", "content": {"path": path}} for path in uploads]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": gr.Image(value=path, type="filepath", buttons=["download"])}
+        for path in uploads
+    ]
     messages.append({"role": "user", "content": question})
     for piece in pieces:
         content = (
