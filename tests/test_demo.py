@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from unified_mllm.serve.demo import Conversation, ask, draw, main
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page, Route
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # the OS package's browser
 PROMPT = "a red circle above a blue square"
 
 
@@ -167,6 +168,8 @@ def page_export(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Pat
 @pytest.fixture
 def page_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """The demo's command line serving the export under test on a free loopback port: ``(url, export)``."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: install the OS package (apt-get install chromium) for the UI test")
     chosen = os.environ.get("UMLLM_DEMO_EXPORT")
     model = Path(chosen) if chosen else request.getfixturevalue("page_export")
     port = free_port()
@@ -225,8 +228,6 @@ def shown(page: Page, locator: Locator) -> None:
 
 @pytest.mark.slow
 def test_the_page_answers_and_draws_in_a_browser(page_url: tuple[str, Path], tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install the OS package (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     url, model = page_url
