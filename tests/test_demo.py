@@ -149,6 +149,16 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
         main(["--model", str(tmp_path), "--port", "70000"])
 
 
+@pytest.mark.slow  # imports Gradio and builds the page (~8 s)
+def test_a_taken_port_is_one_error_line(export: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"^error: cannot serve on 127\.0\.0\.1:{port} \(taken"):
+            main(["--model", str(export), "--port", str(port)])
+
+
 # --------------------------------------------------------------------------------------- in the browser
 
 

@@ -301,16 +301,21 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
 
 def launch(demo: gradio.Blocks, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve ``demo`` on ``host:port`` until interrupted: local only (no share link, no SSR, no MCP)."""
-    demo.queue(max_size=32).launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        ssr_mode=False,
-        mcp_server=False,
-        show_error=True,
-        footer_links=[],
-        css=CSS,
-    )
+    try:
+        demo.queue(max_size=32).launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            ssr_mode=False,
+            mcp_server=False,
+            show_error=True,
+            footer_links=[],
+            css=CSS,
+        )
+    except OSError as exc:  # Gradio's own text speaks of launch() arguments: name the command's options
+        raise OSError(
+            f"cannot serve on {host}:{port} (taken or not allowed): choose another --port or --host"
+        ) from exc
 
 
 def _gradio() -> Any:
