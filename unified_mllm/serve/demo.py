@@ -32,7 +32,7 @@ from unified_mllm.vision.image import ImageSource, load_image
 if TYPE_CHECKING:
     import gradio
 
-# Every event that runs the model shares this queue: the solver is one model, not thread-safe to share.
+# Every event that runs the model shares this queue: one model on one device, requests take turns on it.
 MODEL_QUEUE = "model"
 # Small pictures (64 px on the tiny preset) are shown scaled up, with square pixels rather than a blur.
 CSS = """
