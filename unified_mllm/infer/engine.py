@@ -46,6 +46,8 @@ from unified_mllm.layout import generation_prompt, unconditional_prompt
 
 # (logits [R, V] of one code slot for all R rows, slot index) -> the chosen code of every row [R].
 StackChoice = Callable[[torch.Tensor, int], torch.Tensor]
+# (ids decoded so far, ids to decode in all): called as decoding advances, e.g. to feed a progress bar.
+Progress = Callable[[int, int], None]
 FINISH_REASONS = ("running", "stop", "length", "image")
 
 
@@ -115,6 +117,7 @@ class Engine(Decoder):
         stack_choice: StackChoice | None = None,
         sampled_rows: int | None = None,
         fixed_length: bool = False,
+        progress: Progress | None = None,
     ) -> Generation:
         """Continue each prompt (a list of ids) for at most ``max_new_tokens`` ids (one budget, or one per row).
 
@@ -132,7 +135,8 @@ class Engine(Decoder):
 
         Ids are picked for the first ``sampled_rows`` (``B``, default: every row) and fed to every row
         ``i + k * B`` as well (``2B`` rows for ``[cond; uncond]`` guidance). ``fixed_length``: every row runs its
-        whole budget (images), which is where the ``"auto"`` cache picks the static one.
+        whole budget (images), which is where the ``"auto"`` cache picks the static one. ``progress`` is called
+        with ``(steps taken, largest budget)`` after every step.
         """
         sampled_rows = len(prompts) if sampled_rows is None else sampled_rows
         stop_ids = (self.tokens.end_of_turn, self.tokens.eos) if stop_ids is None else tuple(stop_ids)
@@ -148,7 +152,7 @@ class Engine(Decoder):
         logits, hidden = out.logits[:, -1], out.hidden[:, -1]
         state = _RowState(sampled_rows, limits.to(batch.ids.device), stop_ids, batch.ids.device)
         repeats = len(prompts) // sampled_rows
-        for _ in range(int(limits.max())):
+        for step in range(int(limits.max())):
             scores = logits
             for processor in processors:
                 scores = processor(batch.view(), scores)
@@ -166,7 +170,10 @@ class Engine(Decoder):
             grid_done = (
                 self.spans.state(batch.view()[:sampled_rows]).grid_done if stop_at_image_grid else None
             )
-            if state.update(picked, grid_done, stacks):
+            finished = state.update(picked, grid_done, stacks)
+            if progress is not None:
+                progress(step + 1, int(limits.max()))
+            if finished:
                 break
             fed_stacks = None if stacks is None else stacks.repeat(repeats, 1)[self.spans.is_code(fed)]
             out = self.step(batch, cache, code_stacks=fed_stacks)
@@ -187,6 +194,7 @@ class Engine(Decoder):
         jacobi_window: int = 0,
         prompt_style: str = "native",
         answer_prefix: Sequence[int] = (),
+        progress: Progress | None = None,
     ) -> list[np.ndarray]:
         """Sample one ``height x width`` code grid per tokenized text condition; returns ``[h, w]`` VQ codes
         (``[h, w, D]`` stacks for code-stack tokenizers, sampled by the depth heads through ``stack_choice``,
@@ -199,7 +207,8 @@ class Engine(Decoder):
         :func:`~unified_mllm.layout.unconditional_prompt` rows of ``prompt_style`` (``model.prompt_style``;
         unitoken: the rows start at ``<image-start>``) and guided by :class:`CFGProcessor`. The grid constraint
         comes next, then ``processors`` (temperature, top-k, ...).
-        Decoding stops after exactly ``height * (width + 1)`` ids: the last ``<row-end>``.
+        Decoding stops after exactly ``height * (width + 1)`` ids: the last ``<row-end>``. ``progress`` hears
+        ``(ids of the grid decoded, height * (width + 1))`` after every forward.
         """
         check_non_negative("cfg scale", cfg_scale)
         if jacobi_window < 0:
@@ -214,7 +223,13 @@ class Engine(Decoder):
         decoding = {"sampled_rows": len(conditions), "greedy": greedy, "generator": generator}
         if jacobi_window > 0:
             ids, _ = decode_grid(
-                self, prompts, length=length, processors=guided, window=jacobi_window, **decoding
+                self,
+                prompts,
+                length=length,
+                processors=guided,
+                window=jacobi_window,
+                progress=progress,
+                **decoding,
             )
             rows = ids.tolist()
         else:
@@ -229,6 +244,7 @@ class Engine(Decoder):
                 stop_ids=(),
                 fixed_length=True,
                 stack_choice=stack_choice,
+                progress=progress,
                 **decoding,
             )
             if result.stacks is not None:

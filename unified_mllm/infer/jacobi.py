@@ -23,7 +23,7 @@ KV cache is transformers' ``DynamicCache``, cropped back to the shortest accepte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,13 +149,15 @@ def decode_grid(
     window: int,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, JacobiStats]:
     """Decode ``length`` ids after each prompt with speculative Jacobi decoding (module docstring).
 
     ``decoder`` runs the forwards (its public prefill / step; the :class:`~unified_mllm.infer.engine.Engine`
     passes itself). ``prompts``: ``R`` rows, the first ``sampled_rows`` (``B``) sampled, the ids fed to every
     row ``i + k * B`` as well (``[cond; uncond]`` guidance). ``window``: draft ids checked per forward
-    (``L >= 1``; 1 is sequential decoding). Returns the ids ``[B, length]`` (on the model's device) and the
+    (``L >= 1``; 1 is sequential decoding). ``progress`` hears ``(ids accepted in every row, length)`` after
+    each forward. Returns the ids ``[B, length]`` (on the model's device) and the
     stats.
     """
     if window < 1:
@@ -188,4 +190,6 @@ def decode_grid(
             _distributions(logits[:, k], views[k], processors, sampled_rows, greedy) for k in range(count)
         ]
         drafts.advance(torch.stack(target, dim=1))
+        if progress is not None:
+            progress(min(drafts.low, length), length)
     return drafts.ids[:, :length], JacobiStats(ids=length, forwards=forwards)

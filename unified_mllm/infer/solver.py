@@ -57,7 +57,7 @@ from unified_mllm.data.conversation import (
     turns_from_qas,
 )
 from unified_mllm.infer.decoding import CacheKind
-from unified_mllm.infer.engine import Engine, StackChoice, guided_stack_choice
+from unified_mllm.infer.engine import Engine, Progress, StackChoice, guided_stack_choice
 from unified_mllm.infer.processors import (
     GridConstraint,
     check_non_negative,
@@ -303,12 +303,14 @@ class InferenceSolver:
         size: int | tuple[int, int] | None = None,
         seed: int | None = None,
         jacobi_window: int | None = None,
+        progress: Progress | None = None,
     ) -> list[Image.Image]:
         """One image per prompt, ``size`` pixels (a side or ``(height, width)``), all prompts in one batch.
 
         ``cfg`` is the guidance scale (1: none), ``temperature`` 0 decodes greedily, ``jacobi_window > 0``
         decodes with speculative Jacobi decoding (the same distribution in fewer forwards; VQ-GAN codes only);
         ``None`` takes the export's ``config.generation`` value. The same seed gives the same images.
+        ``progress(done, total)`` hears how many ids of the code grid are decoded (a UI's progress bar).
         """
         gen = self.config.generation
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -345,6 +347,7 @@ class InferenceSolver:
             jacobi_window=gen.jacobi_window if jacobi_window is None else jacobi_window,
             prompt_style=self.config.model.prompt_style,
             answer_prefix=self.t2i_answer_prefix,
+            progress=progress,
         )
         return self.vq.codes_to_images(codes)
 
