@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,7 +52,7 @@ class ServerOptions:
     max_queue: int = 64
     timeout: float = 300.0
     """Seconds a request may take, queueing included."""
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
 
 
 def _error(exc: ApiError) -> JSONResponse:
