@@ -20,7 +20,9 @@ QUESTIONS = ["<|image|>how many objects?", "<|image|>what colour is it?", "<|ima
 
 @pytest.fixture(scope="module")
 def solver(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> InferenceSolver:
-    return InferenceSolver.from_pretrained(write_export(tmp_path_factory.mktemp("export") / "export", sp_model))
+    return InferenceSolver.from_pretrained(
+        write_export(tmp_path_factory.mktemp("export") / "export", sp_model)
+    )
 
 
 def picture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
