@@ -274,19 +274,27 @@ class ContinuousBatcher:
         return stepped
 
     def _pick(self) -> torch.Tensor:
-        """``[R]`` the next id of every active row."""
+        """``[R]`` the next id of every active row. Sampled rows sharing a setting run their warpers together
+        (each warper treats rows independently); each row then draws from its own generator."""
         assert self._batch is not None and self._logits is not None
         view = self._batch.view()
         scores = self.grid(view, self._logits)
         picked = scores.argmax(dim=-1)
+        groups: dict[int, list[int]] = {}
         for index, row in enumerate(self.rows):
-            if row.greedy:
-                continue
-            mine = scores[index : index + 1]
-            for warper in row.warpers:
-                mine = warper(view[index : index + 1], mine)
-            drawn = torch.multinomial(next_id_probabilities(mine), 1, generator=row.generator)
-            picked[index] = drawn[0, 0]
+            if not row.greedy:
+                groups.setdefault(id(row.warpers), []).append(index)
+        for indices in groups.values():
+            rows = torch.tensor(indices, device=scores.device)
+            mine, ids = scores[rows], view[rows]
+            for warper in self.rows[indices[0]].warpers:
+                mine = warper(ids, mine)
+            probabilities = next_id_probabilities(mine)
+            for offset, index in enumerate(indices):
+                drawn = torch.multinomial(
+                    probabilities[offset : offset + 1], 1, generator=self.rows[index].generator
+                )
+                picked[index] = drawn[0, 0]
         return picked
 
     def _close_image(self, row: Row) -> None:
