@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from unified_mllm.infer.decoding import Cache, DecodeBatch
 from unified_mllm.infer.processors import (
@@ -124,6 +125,44 @@ def _right_aligned(
     ids[:, offset:length] = batch.ids[:, : batch.length]
     mask[:, offset:length] = batch.mask[:, : batch.length]
     return ids, mask
+
+
+class _RoomyLayer(DynamicLayer):
+    """A dynamic cache layer that writes each step into spare columns of a buffer instead of concatenating
+    (transformers' ``DynamicLayer`` copies the whole cache at every step: at 32 rows, most of a step's time).
+    ``keys`` / ``values`` are views of the first ``length`` columns; code that replaces them (join, leave)
+    makes the next update move them into a fresh buffer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        length, count = self.keys.shape[-2], key_states.shape[-2]
+        buffers = self._buffers
+        if (
+            buffers is None
+            or buffers[0].data_ptr() != self.keys.data_ptr()
+            or buffers[0].shape[0] != self.keys.shape[0]
+            or length + count > buffers[0].shape[-2]
+        ):
+            buffers = tuple(F.pad(old, (0, 0, 0, count + GROW)) for old in (self.keys, self.values))  # type: ignore[assignment]
+            assert buffers is not None
+            self._buffers = buffers
+        buffers[0][:, :, length : length + count] = key_states
+        buffers[1][:, :, length : length + count] = value_states
+        self.keys = buffers[0][:, :, : length + count]
+        self.values = buffers[1][:, :, : length + count]
+        return self.keys, self.values
+
+
+def _roomy(cache: Cache) -> None:
+    """Give ``cache`` (a prefilled ``DynamicCache``) layers that grow in place."""
+    cache.layers = [_RoomyLayer(layer.keys, layer.values) for layer in _cache_layers(cache)]
 
 
 def _cache_layers(cache: Cache) -> list[Any]:
@@ -329,6 +368,7 @@ class ContinuousBatcher:
         if self._batch is None or self._cache is None or self._logits is None:
             self._batch = LiveBatch(batch.ids, batch.mask, batch.length, self.tokens.pad, dtype)
             self._cache, self._logits = cache, logits
+            _roomy(cache)
         else:
             length = max(self._batch.length, batch.length)
             width = length + GROW
