@@ -70,7 +70,9 @@ def client(url: str) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def url(export: Path) -> Iterator[str]:
-    limits = Limits(max_image_pixels=128 * 128, max_prompt_tokens=200, max_tokens=64, max_n=4)
+    limits = Limits(
+        max_image_pixels=128 * 128, max_prompt_tokens=200, max_tokens=64, max_n=4, max_body_bytes=2**20
+    )
     with serving(export, max_batch=8, limits=limits) as base:
         yield base
 
@@ -302,6 +304,9 @@ def test_malformed_bodies_and_routes_get_openai_errors(url: str) -> None:
         assert reply.status_code == 400, reply.text
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
         assert param is None or reply.json()["error"]["param"] == param
+    huge = {"model": NAME, "messages": [{"role": "user", "content": "x" * 2**20}]}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=huge)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
     for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)]:
         reply = httpx.request(method, f"{url}{path}")
         assert reply.status_code == status and reply.json()["error"]["message"]

@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
         "--max-prompt-tokens", type=int, help="longest prompt in ids, images included (default: model)"
     )
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest input or output image")
+    p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB; then 413")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices or images) per request")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_debug_argument(p)
@@ -54,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag in ("max_batch", "max_tokens", "max_n", "max_image_pixels"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        if args.max_queue < 0 or args.timeout <= 0:
-            raise ValueError("--max-queue must be >= 0 and --timeout > 0")
+        if args.max_queue < 0 or args.timeout <= 0 or args.max_body_mb <= 0:
+            raise ValueError("--max-queue must be >= 0, --timeout and --max-body-mb > 0")
         import uvicorn  # the serve extra; imported late so --help works without it
 
         from unified_mllm.infer.solver import InferenceSolver
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_tokens=args.max_tokens,
                 max_n=args.max_n,
+                max_body_bytes=int(args.max_body_mb * 2**20),
             ),
         )
         app = create_app(solver, options)

@@ -76,6 +76,20 @@ def create_app(solver: InferenceSolver, options: ServerOptions) -> FastAPI:
     app = FastAPI(title="unified_mllm", lifespan=lifespan)
     app.state.worker = worker
 
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > limits.max_body_bytes:
+            return _error(
+                ApiError(
+                    413,
+                    f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes} "
+                    "(--max-body-mb)",
+                    code="request_too_large",
+                )
+            )
+        return await call_next(request)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc)

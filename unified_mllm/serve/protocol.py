@@ -91,6 +91,8 @@ class Limits:
     max_tokens: int = 512
     max_n: int = 8
     max_stop: int = 4
+    max_body_bytes: int = 64 * 2**20
+    """Largest request body (Content-Length); more is a 413 before the body is read."""
 
 
 _DATA_URL = re.compile(

@@ -192,6 +192,7 @@ class EngineWorker:
 
     def _start_chat(self, job: ChatJob) -> None:
         if job.cancelled:
+            job.ended = True
             self._release()
             return
         for index in range(job.n):
