@@ -338,11 +338,11 @@ def test_a_full_queue_is_a_429_and_frees_up(one_at_a_time: str) -> None:
 
 
 def test_a_request_over_its_time_is_a_408(export: Path) -> None:
-    with serving(export, timeout=0.3, limits=Limits(max_tokens=480)) as base:
+    with serving(export, timeout=0.1, limits=Limits(max_tokens=480)) as base:
         status, body = error_of(
             lambda: chat(base, messages=TEXT, max_tokens=480, extra_body={"ignore_eos": True})
         )
-        assert (status, body["code"]) == (408, "timeout") and "0.3 s" in body["message"]
+        assert (status, body["code"]) == (408, "timeout") and "0.1 s" in body["message"]
         wait_until_idle(base)  # the cancelled request left the batch and freed its place
         assert chat(base, messages=TEXT, max_tokens=2).choices[0].finish_reason in ("stop", "length")
 

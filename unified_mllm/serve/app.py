@@ -209,6 +209,7 @@ def create_app(solver: InferenceSolver, options: ServerOptions) -> FastAPI:
             sampling=sampling,
             stop=stops,
             post=poster(asyncio.get_running_loop(), events),
+            stream=body.stream,
         )
         submit(job)
         ident = f"chatcmpl-{secrets.token_hex(12)}"

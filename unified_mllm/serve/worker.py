@@ -68,6 +68,8 @@ class ChatJob:
     sampling: list[Sampling]
     stop: list[str]
     post: Callable[[Any], None]
+    stream: bool = True
+    """False: the client wants the whole answer; no text is decoded or posted before a choice ends."""
     rows: list[Row] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     open_rows: int = 0
@@ -211,6 +213,8 @@ class EngineWorker:
 
     def _progress(self, row: Row) -> None:
         job, index = row.key
+        if row.finish is None and not job.stream and not job.stop:
+            return  # nothing to send or check yet: spare the event loop a wake-up per token
         text = self.batcher.text(row)
         finish = row.finish
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
