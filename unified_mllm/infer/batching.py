@@ -130,39 +130,45 @@ def _right_aligned(
 class _RoomyLayer(DynamicLayer):
     """A dynamic cache layer that writes each step into spare columns of a buffer instead of concatenating
     (transformers' ``DynamicLayer`` copies the whole cache at every step: at 32 rows, most of a step's time).
-    ``keys`` / ``values`` are views of the first ``length`` columns; code that replaces them (join, leave)
-    makes the next update move them into a fresh buffer."""
+    ``keys`` / ``values`` are views of the buffer's first ``length`` columns."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.lazy_initialization(keys, values)
+        self.buffers = (keys, values)
         self.keys, self.values = keys, values
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def room_for(cls, like: torch.Tensor, rows: int, length: int) -> _RoomyLayer:
+        """An all-zero layer of ``rows`` x ``length`` columns with room to grow (filled by the caller)."""
+        shape = (rows, like.shape[1], length + GROW, like.shape[3])
+        buffers = [like.new_zeros(shape) for _ in range(2)]
+        layer = cls(*buffers)
+        layer.keys, layer.values = (b[:, :, :length] for b in buffers)
+        return layer
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         length, count = self.keys.shape[-2], key_states.shape[-2]
-        buffers = self._buffers
-        if (
-            buffers is None
-            or buffers[0].data_ptr() != self.keys.data_ptr()
-            or buffers[0].shape[0] != self.keys.shape[0]
-            or length + count > buffers[0].shape[-2]
-        ):
-            buffers = tuple(F.pad(old, (0, 0, 0, count + GROW)) for old in (self.keys, self.values))  # type: ignore[assignment]
-            assert buffers is not None
-            self._buffers = buffers
-        buffers[0][:, :, length : length + count] = key_states
-        buffers[1][:, :, length : length + count] = value_states
-        self.keys = buffers[0][:, :, : length + count]
-        self.values = buffers[1][:, :, : length + count]
+        if length + count > self.buffers[0].shape[-2]:
+            self.buffers = tuple(F.pad(old, (0, 0, 0, count + GROW)) for old in (self.keys, self.values))  # type: ignore[assignment]
+        keys, values = self.buffers
+        keys[:, :, length : length + count] = key_states
+        values[:, :, length : length + count] = value_states
+        self.keys, self.values = keys[:, :, : length + count], values[:, :, : length + count]
         return self.keys, self.values
 
 
 def _roomy(cache: Cache) -> None:
     """Give ``cache`` (a prefilled ``DynamicCache``) layers that grow in place."""
-    cache.layers = [_RoomyLayer(layer.keys, layer.values) for layer in _cache_layers(cache)]
+    layers = []
+    for layer in _cache_layers(cache):
+        roomy = _RoomyLayer.room_for(layer.keys, layer.keys.shape[0], layer.keys.shape[2])
+        roomy.keys.copy_(layer.keys)
+        roomy.values.copy_(layer.values)
+        layers.append(roomy)
+    cache.layers = layers
 
 
 def _cache_layers(cache: Cache) -> list[Any]:
@@ -173,19 +179,31 @@ def _cache_layers(cache: Cache) -> list[Any]:
 
 
 def _merge_caches(active: Cache, joining: Cache, active_len: int, joining_len: int) -> None:
-    """Stack ``joining``'s rows under ``active``'s (in place), both right-aligned at the longer length."""
+    """Stack ``joining``'s rows under ``active``'s (one copy into a new buffer), both right-aligned at the
+    longer length."""
     length = max(active_len, joining_len)
+    merged = []
     for mine, theirs in zip(_cache_layers(active), _cache_layers(joining)):
+        rows = mine.keys.shape[0]
+        layer = _RoomyLayer.room_for(mine.keys, rows + theirs.keys.shape[0], length)
         for name in ("keys", "values"):
-            a = F.pad(getattr(mine, name), (0, 0, length - active_len, 0))
-            b = F.pad(getattr(theirs, name), (0, 0, length - joining_len, 0))
-            setattr(mine, name, torch.cat([a, b]))
+            target = getattr(layer, name)
+            target[:rows, :, length - active_len :] = getattr(mine, name)
+            target[rows:, :, length - joining_len :] = getattr(theirs, name)
+        merged.append(layer)
+    active.layers = merged
 
 
 def _keep_cache(cache: Cache, rows: torch.Tensor, start: int) -> None:
+    """Keep ``rows`` and the columns from ``start`` on (one copy into a new buffer)."""
+    kept = []
     for layer in _cache_layers(cache):
-        layer.keys = layer.keys[rows, :, start:]
-        layer.values = layer.values[rows, :, start:]
+        length = layer.keys.shape[2] - start
+        roomy = _RoomyLayer.room_for(layer.keys, rows.numel(), length)
+        torch.index_select(layer.keys[:, :, start:], 0, rows, out=roomy.keys)
+        torch.index_select(layer.values[:, :, start:], 0, rows, out=roomy.values)
+        kept.append(roomy)
+    cache.layers = kept
 
 
 class ContinuousBatcher:
