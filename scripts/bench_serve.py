@@ -38,7 +38,9 @@ TARGET = 3.0  # issue 18: batching at least 3x the throughput of one request at 
 CAPTION = "Describe the image."  # one of the training caption instructions (data/samples.py)
 
 
-def requests_for(export: Path, count: int, max_tokens: int, task: str) -> list[dict[str, Any]]:
+def requests_for(
+    export: Path, count: int, max_tokens: int, task: str, ignore_eos: bool = False
+) -> list[dict[str, Any]]:
     """``count`` chat requests about rendered test scenes of the export's world: ``caption`` asks to describe
     the scene (answers of a sentence), ``vqa`` asks one of its questions (answers of a word or two), ``mix``
     alternates."""
@@ -134,6 +136,11 @@ def main() -> None:
     parser.add_argument(
         "--task", choices=["caption", "vqa", "mix"], default="caption", help="what the clients ask"
     )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every answer runs its whole max_tokens (a decode-bound load)",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="--max-batch of the batching server")
     parser.add_argument(
         "--time-limit", type=float, default=300.0, help="seconds of load per server and round"
@@ -145,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.export / "config.yaml").is_file():
         sys.exit(f"error: no export at {args.export} (config.yaml missing); run scripts/quickstart.sh first")
-    requests = requests_for(args.export, args.requests, args.max_tokens, args.task)
+    requests = requests_for(args.export, args.requests, args.max_tokens, args.task, args.ignore_eos)
     name = "bench"
     labels = {"off (--max-batch 1)": 1, f"on (--max-batch {args.max_batch})": args.max_batch}
     servers = {
@@ -171,7 +178,8 @@ def main() -> None:
             process.wait(timeout=30)
     print(
         f"\nexport {args.export}, task {args.task}, {args.clients} clients, {len(requests)} requests x "
-        f"{args.rounds} rounds, max_tokens {args.max_tokens}, torch threads {args.threads}\n"
+        f"{args.rounds} rounds, max_tokens {args.max_tokens}{' (ignore_eos)' if args.ignore_eos else ''}, "
+        f"torch threads {args.threads}\n"
     )
     print("| batching | requests/s | tokens/s | p50 latency s | p95 latency s |")
     print("|---|---|---|---|---|")

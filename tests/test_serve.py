@@ -255,6 +255,8 @@ BAD_CHATS = {
     ),
     "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, None, "tool"),
     "negative temperature": ({"messages": TEXT, "temperature": -1}, 400, None, "temperature"),
+    "top_k zero": ({"messages": TEXT, "extra_body": {"top_k": 0}}, 400, None, "top_k"),
+    "seed out of range": ({"messages": TEXT, "seed": 2**64}, 400, None, "seed"),
     "too many stops": ({"messages": TEXT, "stop": list("abcde")}, 400, None, "stop"),
     "placeholder without image": (
         {"messages": [{"role": "user", "content": "<|image|>hi"}]},

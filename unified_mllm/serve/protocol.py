@@ -59,12 +59,12 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**62), le=2**62)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1)
     ignore_eos: bool = False
 
 
@@ -76,9 +76,9 @@ class ImageRequest(BaseModel):
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     cfg: float | None = Field(None, ge=0)
-    image_top_k: int | None = Field(None, ge=0)
+    image_top_k: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**62), le=2**62)
 
 
 @dataclass(frozen=True)

@@ -185,18 +185,33 @@ class EngineWorker:
             command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        command()
+        self._do(command)
         while True:
             try:
-                self._inbox.get_nowait()()
+                self._do(self._inbox.get_nowait())
             except queue.Empty:
                 return
+
+    def _do(self, command: Callable[[], None]) -> None:
+        try:
+            command()
+        except Exception:  # a bad command must not take the worker (and every later request) down
+            log.exception("engine worker command failed")
 
     def _start_chat(self, job: ChatJob) -> None:
         if job.cancelled:
             job.ended = True
             self._release()
             return
+        try:
+            self._add_rows(job)
+        except Exception as exc:
+            log.exception("could not start a chat job")
+            for row in job.rows:
+                self.batcher.cancel(row)
+            self._finish(job, Done(0, error=f"could not start the request: {type(exc).__name__}: {exc}"))
+
+    def _add_rows(self, job: ChatJob) -> None:
         for index in range(job.n):
             # Every choice decodes its own copy of the prompt state (ids grow, images may be drawn).
             answer = dataclasses.replace(
