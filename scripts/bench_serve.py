@@ -55,9 +55,12 @@ def requests_for(
         render(scene).save(buffer, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
         parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": qa["question"]}]
-        out.append(
-            {"messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens, "temperature": 0}
-        )
+        request = {
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        out.append({**request, "ignore_eos": True} if ignore_eos else request)
     return out
 
 
