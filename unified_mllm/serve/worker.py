@@ -3,8 +3,9 @@
 Handlers (on the event loop) submit *jobs* and read their events from an ``asyncio.Queue``; the worker posts
 to that queue with ``call_soon_threadsafe``. A chat job is ``n`` rows of the
 :class:`~unified_mllm.infer.batching.ContinuousBatcher`, decoded together with every other active row; after each
-step the worker turns the rows' new ids into text deltas (holding back text that may be the start of a stop
-string) and ends a row at a stop string. An image job is one ``generate_img`` call (its ``n`` images in one
+step the worker turns a streamed request's new ids into text deltas (holding back text that may be the start
+of a stop string) and ends a row at a stop string; a request that is not streamed gets each choice's text
+once, when it ends (no event-loop wake-up per token). An image job is one ``generate_img`` call (its ``n`` images in one
 batch), run between two chat steps.
 
 Admission is bounded: at most ``max_batch + max_queue`` jobs are in flight; one more is refused
