@@ -324,7 +324,8 @@ def wait_until_idle(url: str) -> None:
 @pytest.mark.slow
 def test_a_full_queue_is_a_429_and_frees_up(one_at_a_time: str) -> None:
     long = {"messages": TEXT, "max_tokens": 200, "extra_body": {"ignore_eos": True}}
-    stream = chat(one_at_a_time, stream=True, **long)  # decoding: the batch of 1 is full
+    # decoding for a while (480 steps): the batch of 1 is full
+    stream = chat(one_at_a_time, stream=True, **{**long, "max_tokens": 480})
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(chat, one_at_a_time, **long)  # the one place in the queue
         deadline = time.monotonic() + 10
