@@ -13,8 +13,12 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -337,3 +341,28 @@ def write_export(directory: Path, sp_model: Path, *overrides: str) -> Path:
     from unified_mllm.train.export import export_run  # the training stack, only for the tests that need it
 
     return export_run(unique_state_dict(model), config, directory, summary={"steps": 0})
+
+
+@contextmanager
+def serving(export: Path, **options: Any) -> Iterator[str]:
+    """A real uvicorn server (`python -m unified_mllm.serve`'s app) on a free loopback port, with its own
+    solver and engine worker; yields its base URL."""
+    import uvicorn
+
+    from unified_mllm.infer.solver import InferenceSolver
+    from unified_mllm.serve.app import ServerOptions, create_app
+
+    app = create_app(InferenceSolver.from_pretrained(export), ServerOptions(**options))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, write_export
+from tests.helpers import REPO, serving, write_export
 
 DOCS = ("README.md", "TRAIN.md", "INSTALL.md", "BENCHMARKS.md")
 
@@ -34,6 +34,11 @@ PATHS: dict[str, str] = {
     "/models/unitoken-base-stage2-converted": "export",
     "my_data/train": "dir:my_data/train",
 }
+
+# The server the serving examples talk to (the default of `python -m unified_mllm.serve`) and the model id they
+# name (the quickstart's run name); the test serves its own export there on a free port.
+SERVER_URL = "http://127.0.0.1:8000"
+SERVED_MODEL_NAME = "quickstart-stage2"
 
 # Plain text substitutions: the examples run on CPU in float32.
 SUBSTITUTIONS: dict[str, str] = {
@@ -125,8 +130,12 @@ def test_python_example_runs(doc: str, heading: str, code: str, export: Path, tm
     source = prepare(code, export, tmp_path)
     namespace: dict[str, Any] = {"__name__": "__readme_example__"}
     namespace.update({name: make() for name, make in GIVEN.items() if re.search(rf"\b{name}\b", source)})
-    compiled = compile(source, f"<{doc}: {heading}>", "exec")
-    exec(compiled, namespace)  # the project's own documentation: running it is the point
+    with contextlib.ExitStack() as stack:
+        if SERVER_URL in source:  # a client of `python -m unified_mllm.serve`: serve the test's export there
+            url = stack.enter_context(serving(export, model_name=SERVED_MODEL_NAME))
+            source = source.replace(SERVER_URL, url)
+        compiled = compile(source, f"<{doc}: {heading}>", "exec")
+        exec(compiled, namespace)  # the project's own documentation: running it is the point
 
 
 def test_unknown_path_is_refused(export: Path, tmp_path: Path) -> None:

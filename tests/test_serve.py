@@ -9,11 +9,9 @@ import base64
 import io
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +19,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
+from tests.helpers import serving as serve_export
 from tests.helpers import write_export
 from unified_mllm.infer.solver import InferenceSolver
 from unified_mllm.serve.__main__ import main
-from unified_mllm.serve.app import ServerOptions, create_app
 from unified_mllm.serve.protocol import Limits
 
 NAME = "tiny-test"
@@ -45,23 +42,8 @@ def solver(export: Path) -> InferenceSolver:
     return InferenceSolver.from_pretrained(export)
 
 
-@contextmanager
-def serving(export: Path, **options: Any) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port (its own solver and engine worker); yields its base URL."""
-    app = create_app(InferenceSolver.from_pretrained(export), ServerOptions(model_name=NAME, **options))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def serving(export: Path, **options: Any) -> Any:
+    return serve_export(export, model_name=NAME, **options)
 
 
 def client(url: str) -> openai.OpenAI:
