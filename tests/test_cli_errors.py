@@ -74,6 +74,12 @@ CASES = [
         id="data.pretokenize",
         marks=pytest.mark.slow,
     ),
+    pytest.param(
+        "unified_mllm.serve", ["--model", "{tmp}/nowhere"], "export directory not found", id="serve"
+    ),
+    pytest.param(
+        "unified_mllm.serve.demo", ["--model", "{tmp}/nowhere"], "export directory not found", id="serve.demo"
+    ),
     pytest.param("unified_mllm.config", ["--get", "no.such"], "no config key 'no.such'", id="config"),
     pytest.param(
         "unified_mllm.text", ["info", "--config", "{tmp}/missing.yaml"], "config file not found", id="text"
