@@ -102,8 +102,10 @@ def test_the_export_is_the_adapter_alone_in_peft_format(run: Config, base: Path)
     assert sorted(p.name for p in export.iterdir()) == [
         lora.ADAPTER_CONFIG,
         lora.ADAPTER_WEIGHTS,
+        "config.yaml",
         SUMMARY_FILE,
     ]
+    assert load_config([export / "config.yaml"]).train.lora == run.train.lora
     adapter_config = json.loads((export / lora.ADAPTER_CONFIG).read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
     assert adapter_config["lora_alpha"] == 8 and adapter_config["base_model_name_or_path"] == str(base)

@@ -11,6 +11,8 @@ names back, so the starting weights load from an ordinary export whole or shard 
 
     adapter_config.json          peft's LoraConfig; base_model_name_or_path = the base export (absolute path)
     adapter_model.safetensors    base_model.model.<layer>.lora_A.weight / .lora_B.weight, nothing else
+    config.yaml                  the LoRA run's resolved config (what was trained; tools read an export's
+                                 config from here), while the tokenizers and their config stay in the base
 
 :func:`load_model` turns an adapter export into the merged model (base + scale * B @ A, computed in the base's
 stored dtype before any cast), which is what ``InferenceSolver.from_pretrained`` and
@@ -33,9 +35,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unified_mllm.config import LoRAConfig
+from unified_mllm.config import Config, LoRAConfig, save_config
 from unified_mllm.io import atomic_directory
-from unified_mllm.model.export import ShardRegion, copy_into, held_whole, unique_state_dict
+from unified_mllm.model.export import CONFIG_YAML, ShardRegion, copy_into, held_whole, unique_state_dict
 from unified_mllm.model.unified import UnifiedModel
 
 ADAPTER_NAME = "default"  # peft's name for a model's single adapter
@@ -158,10 +160,14 @@ def adapter_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_export(
-    directory: str | os.PathLike[str], config: peft.LoraConfig, state: Mapping[str, torch.Tensor]
+    directory: str | os.PathLike[str],
+    config: peft.LoraConfig,
+    state: Mapping[str, torch.Tensor],
+    run_config: Config | None = None,
 ) -> Path:
-    """Write the adapter export (peft's ``adapter_config.json`` + ``adapter_model.safetensors``) atomically;
-    ``state``: the injected model's state dict (its adapter tensors are kept, nothing else)."""
+    """Write the adapter export (peft's ``adapter_config.json`` + ``adapter_model.safetensors``, and the
+    run's resolved ``config.yaml`` when given) atomically; ``state``: the injected model's state dict (its
+    adapter tensors are kept, nothing else)."""
     if not config.base_model_name_or_path:
         raise ValueError("an adapter export needs the path of its base export (base_model_name_or_path)")
     tensors = adapter_state(state)
@@ -171,6 +177,8 @@ def write_adapter_export(
     with atomic_directory(directory) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if run_config is not None:
+            save_config(run_config, tmp / CONFIG_YAML)
     return directory
 
 

@@ -7,8 +7,8 @@ VQ tokenizer (``vq/``), the resolved ``config.yaml`` with those paths relative t
 the same fingerprint is reused). A directory without it is an unfinished export, never mistaken for a finished one.
 
 A LoRA run (``train.lora.rank > 0``) exports its adapter only, in peft's format (``adapter_config.json``, whose
-``base_model_name_or_path`` is the ``checkpoint.init_from`` export, and ``adapter_model.safetensors``), then the
-summary; :mod:`unified_mllm.model.lora` reads it, ``python -m unified_mllm.convert merge-lora`` merges it.
+``base_model_name_or_path`` is the ``checkpoint.init_from`` export, and ``adapter_model.safetensors``) and the
+resolved ``config.yaml`` (tokenizers stay in the base export), then the summary; :mod:`unified_mllm.model.lora` reads it, ``python -m unified_mllm.convert merge-lora`` merges it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def export_run(
     """Write the export of a finished run (rank 0): weights, tokenizers, config, then the summary; with
     ``adapter`` (a LoRA run's peft config) only the adapter tensors of ``state_dict``, in peft's format."""
     if adapter is not None:
-        lora.write_adapter_export(export_dir, adapter, state_dict)
+        lora.write_adapter_export(export_dir, adapter, state_dict, config)
     else:
         write_inference_export(export_dir, config, state_dict)
     io.write_json(export_dir / SUMMARY_FILE, summary)
