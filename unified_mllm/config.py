@@ -500,6 +500,26 @@ class WandbConfig:
     project: str = opt("unified_mllm", "wandb project.")
 
 
+# The LM decoder's linear layers by their leaf names (the same in transformers' Chameleon and Llama blocks).
+LORA_LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = opt(
+        0,
+        "LoRA rank; 0 turns LoRA off. Above 0 every base weight is frozen, only the adapters train (and sit in "
+        "the optimizer), and the export holds only the adapter plus the path of checkpoint.init_from.",
+    )
+    alpha: float = opt(16.0, "LoRA scale numerator: the adapters' update is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the adapters' input (training only).")
+    target_modules: list[str] = opt(
+        list(LORA_LM_TARGETS),
+        f"LM decoder linears adapted in every layer, by leaf name: any of {', '.join(LORA_LM_TARGETS)}.",
+    )
+    projector: bool = opt(False, "Also adapt the projector's linear layers (vision.projector).")
+
+
 @dataclass
 class TrainConfig:
     stage: int = opt(2, "Training stage: 0 discrete-only LM, 1 align SigLIP+projector, 2 all, 3 curated.")
@@ -519,6 +539,7 @@ class TrainConfig:
     )
     parallel: ParallelConfig = section(ParallelConfig, "Distribution.")
     wandb: WandbConfig = section(WandbConfig, "Experiment tracking.")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft) instead of full fine-tuning.")
 
 
 @dataclass
@@ -1000,6 +1021,7 @@ def validate(config: Config) -> Config:
         "must be 0 with backend deepspeed (its engine applies the update before the norm can be checked)",
     )
     _require_min(config.checkpoint, "checkpoint", 1, "keep_last")
+    _validate_lora(config)
 
     gen = config.generation
     _require(gen.cfg_scale >= 0, "generation.cfg_scale", "must be >= 0")
@@ -1008,6 +1030,50 @@ def validate(config: Config) -> Config:
     _require_min(gen, "generation", 0, "jacobi_window", note=" (0: sequential decoding)")
     _validate_vq_train(config.vq_train)
     return config
+
+
+def _validate_lora(config: Config) -> None:
+    """Checks of ``train.lora``: a positive rank needs a base export to adapt and known target modules."""
+    lora = config.train.lora
+    _require_min(lora, "train.lora", 0, "rank", note=" (0: off)")
+    if lora.rank == 0:
+        return
+    _require(lora.alpha > 0, "train.lora.alpha", f"must be positive, got {lora.alpha}")
+    _require(0.0 <= lora.dropout < 1.0, "train.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    unknown = [name for name in lora.target_modules if name not in LORA_LM_TARGETS]
+    _require(
+        not unknown,
+        "train.lora.target_modules",
+        f"unknown module(s) {', '.join(map(repr, unknown))}; the LM's linear layers are {', '.join(LORA_LM_TARGETS)}",
+    )
+    _require(
+        len(set(lora.target_modules)) == len(lora.target_modules),
+        "train.lora.target_modules",
+        f"lists a module twice: {list(lora.target_modules)}",
+    )
+    _require(
+        bool(lora.target_modules) or lora.projector,
+        "train.lora.target_modules",
+        "is empty and train.lora.projector is false: nothing to adapt",
+    )
+    _require(
+        config.checkpoint.init_from is not None,
+        "checkpoint.init_from",
+        "LoRA (train.lora.rank > 0) adapts an existing export: set checkpoint.init_from (a published "
+        "checkpoint becomes one through python -m unified_mllm.convert)",
+    )
+    for key, value in (("lm", config.model.lm.pretrained), ("vision", config.model.vision.pretrained)):
+        _require(
+            value is None,
+            f"model.{key}.pretrained",
+            "must be null with LoRA: the base weights come from checkpoint.init_from alone (the adapter "
+            "export points at that one directory)",
+        )
+    _require(
+        config.train.parallel.backend != "deepspeed",
+        "train.parallel.backend",
+        "LoRA runs on the fsdp (or none) backend; deepspeed is not supported with train.lora.rank > 0",
+    )
 
 
 def _validate_lm(lm: LMConfig) -> None:

@@ -1,4 +1,4 @@
-"""``python -m unified_mllm.convert KIND SRC DST``: see :mod:`unified_mllm.convert`."""
+"""``python -m unified_mllm.convert KIND SRC DST`` (``merge-lora --adapter A --output B``): see :mod:`unified_mllm.convert`."""
 
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for kind, module_name in KINDS.items():
         module = importlib.import_module(f"unified_mllm.convert.{module_name}")
         sub = kinds.add_parser(kind, help=module.HELP, description=module.HELP)
-        sub.add_argument("src", help="the published checkpoint (directory or file)")
-        sub.add_argument("dst", help="where the converted directory is written (atomically)")
+        if not getattr(module, "OWN_ARGUMENTS", False):
+            sub.add_argument("src", help="the published checkpoint (directory or file)")
+            sub.add_argument("dst", help="where the converted directory is written (atomically)")
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser.parse_args(argv)
 
 
 def convert(argv: Sequence[str] | None = None) -> Path:
-    """Parse ``argv`` (``[--debug] KIND SRC DST [options]``) and run that converter; returns what it wrote."""
+    """Parse ``argv`` (``[--debug] KIND SRC DST [options]``, or that kind's own arguments) and run that
+    converter; returns what it wrote."""
     args = _parse(argv)
     return args.run(args)
 

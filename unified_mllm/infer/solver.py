@@ -72,6 +72,7 @@ from unified_mllm.layout import (
     build_image_span,
     parse_image_span,
 )
+from unified_mllm.model import lora
 from unified_mllm.model.export import CONFIG_YAML
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
@@ -158,10 +159,13 @@ class InferenceSolver:
         """Load an export written by the trainer (``config.yaml``, ``config.json`` + ``model.safetensors``,
         ``text.model``, ``vq/``). ``dtype`` applies to the LM and SigLIP (default: as stored); the VQ-GAN keeps
         its own. ``quantize`` (``"int8"``, ``"int4"``, ``"int4-unpacked"``; needs torchao) quantizes the LM's
-        linear layers (:mod:`unified_mllm.infer.quantize`). A missing file raises FileNotFoundError naming it."""
+        linear layers (:mod:`unified_mllm.infer.quantize`). A LoRA run's adapter export loads as its base export
+        with the adapter merged in (:func:`unified_mllm.model.lora.load_model`), before any quantization. A
+        missing file raises FileNotFoundError naming it."""
         export = Path(export_dir).expanduser()
         if not export.is_dir():
             raise FileNotFoundError(f"export directory not found: {export}")
+        weights, export = export, lora.base_export(export)  # an adapter's tokenizers and config: its base's
         if not (export / CONFIG_YAML).is_file():
             raise FileNotFoundError(f"{CONFIG_YAML} not found in export directory {export}")
         config = load_config([export / CONFIG_YAML])
@@ -171,12 +175,12 @@ class InferenceSolver:
         vq_path = _resolve(export, config.model.vq.checkpoint, "VQ tokenizer (model.vq.checkpoint)")
         config.model.vq.checkpoint = str(vq_path)
         if quantize is None:
-            model = UnifiedModel.from_pretrained(export, device=device, dtype=dtype)
+            model = lora.load_model(weights, device=device, dtype=dtype)
         else:
             check_mode(quantize)  # before the weights load
             # Loaded on the CPU, each layer moved to `device` as it is quantized: the device never holds the
             # full-precision LM.
-            model = UnifiedModel.from_pretrained(export, device="cpu", dtype=dtype)
+            model = lora.load_model(weights, device="cpu", dtype=dtype)
             quantize_model(model, quantize, device=device)
         tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
         vq = load_visual_tokenizer(vq_path, config=config.model.vq, device=device).eval()

@@ -17,6 +17,12 @@ then loaded, and so must the CPU generator's state afterwards (training draws it
   with a fresh projector), and those values exist only through the CPU build: the model is built on CPU as
   before and loaded there, then sharded. A follow-up can remove this case by initialising each uncovered part
   on its own from a per-part seed (this changes the random values, so the README figures would be re-measured).
+
+With ``train.lora.rank > 0`` the LoRA adapters are added right after the build (on ``meta`` or on CPU, before
+any sharding, so FSDP2 shards them with their blocks); the export's weights load into the base layers under
+their base names (:func:`unified_mllm.model.lora.base_state_dict`) and the adapters take their starting values
+from their own generator (:func:`unified_mllm.model.lora.init_adapter`), whole and then sliced per rank, so
+they are the same at every world size and the CPU generator's state is what it would be without LoRA.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from unified_mllm.config import Config
+from unified_mllm.model import lora
 from unified_mllm.model.export import (
     copy_into,
     lm_checkpoint_key,
@@ -76,10 +83,24 @@ def build_model(config: Config) -> tuple[UnifiedModel, bool]:
     covered = checkpoint_names(config, names) == names
     torch.manual_seed(config.train.seed)  # identical random init (and draws) on every rank
     if covered:
-        return build_meta_model(config.model), True
+        model = build_meta_model(config.model)
+        add_lora(model, config)
+        return model, True
     model = UnifiedModel(config.model, device="cpu")
     load_starting_weights(model, config)
+    if add_lora(model, config):
+        lora.init_adapter(model, config.train.seed)
     return model, False
+
+
+def add_lora(model: UnifiedModel, config: Config) -> bool:
+    """Add the adapters ``train.lora`` asks for (none at rank 0); returns whether it added any."""
+    if not lora.enabled(config.train.lora):
+        return False
+    assert config.checkpoint.init_from is not None  # validate() requires the base export with LoRA
+    base = str(Path(config.checkpoint.init_from).expanduser().absolute())
+    lora.add_adapter(model, config.train.lora, base)
+    return True
 
 
 def materialize(model: nn.Module, device: torch.device, config: Config) -> None:
@@ -90,14 +111,17 @@ def materialize(model: nn.Module, device: torch.device, config: Config) -> None:
     model.tie_weights()
     model.init_non_persistent_buffers()
     load_starting_weights(model, config)
+    if lora.enabled(config.train.lora):
+        lora.init_adapter(model, config.train.seed, shard_region)
 
 
 def load_starting_weights(model: UnifiedModel, config: Config) -> None:
     """Read ``checkpoint.init_from``, then the published LM, then SigLIP into ``model`` (whole or sharded)."""
     if config.checkpoint.init_from:
         init = Path(config.checkpoint.init_from).expanduser()
+        # The base weights under their base names (the same as unique_state_dict without LoRA adapters).
         load_safetensors_into(
-            unique_state_dict(model), safetensors_files(init), f"export {init}", shard=shard_region
+            lora.base_state_dict(model), safetensors_files(init), f"export {init}", shard=shard_region
         )
     if config.model.lm.pretrained:
         model.load_pretrained(lm=config.model.lm.pretrained, shard=shard_region)

@@ -32,16 +32,17 @@ from unified_mllm.config import Config
 from unified_mllm.data.collate import Batch
 from unified_mllm.data.conversation import IGNORE_INDEX
 from unified_mllm.data.dataset import batch_stream, source_names
+from unified_mllm.model import lora
 from unified_mllm.model.unified import UnifiedModel
 from unified_mllm.text import TextTokenizer
 from unified_mllm.train import distributed, model_init
 from unified_mllm.train.backend import Materialize, TrainingBackend, build_backend
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.divergence import check_finite, injected_fault
-from unified_mllm.train.export import EXPORT_FILES, SUMMARY_FILE, export_run, fingerprint
+from unified_mllm.train.export import SUMMARY_FILE, export_files, export_run, fingerprint
 from unified_mllm.train.harness import CheckpointPolicy, MetricWindow, Run, RunState, reuse_finished
 from unified_mllm.train.losses import LossParts, causal_lm_loss
-from unified_mllm.train.optim import apply_param_rules, config_rules, trainable_summary
+from unified_mllm.train.optim import ParamRule, apply_param_rules, config_rules, trainable_summary
 
 
 def curve_panels(config: Config) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -63,6 +64,17 @@ def build_model(config: Config, info: DistInfo) -> tuple[UnifiedModel, Materiali
     if on_meta:
         return model, functools.partial(model_init.materialize, device=info.device, config=config)
     return model.to(info.device), None
+
+
+def adapter_only(model: UnifiedModel, resolved: dict[str, ParamRule]) -> dict[str, ParamRule]:
+    """LoRA: the adapters train (each with its layer's LR scale and weight decay), every base weight is
+    frozen whatever ``optim.param_groups`` says (the rules still apply, so a typo in them stays an error)."""
+    out = {}
+    for name, param in model.named_parameters():
+        trains = lora.is_adapter_name(name)
+        param.requires_grad_(trains)
+        out[name] = dataclasses.replace(resolved[name], trainable=trains)
+    return out
 
 
 def supervised_tokens(batch: Batch) -> float:
@@ -228,13 +240,17 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     info = distributed.init_distributed(config.train.device)
     export_dir = Path(config.checkpoint.export_dir).expanduser()
     summary = reuse_finished(
-        export_dir / SUMMARY_FILE, fingerprint(config), EXPORT_FILES, info, f"export in {export_dir}"
+        export_dir / SUMMARY_FILE, fingerprint(config), export_files(config), info, f"export in {export_dir}"
     )
     if summary is not None:
         return summary
     tokenizer = TextTokenizer.from_config(config.tokenizer, num_image_codes=config.model.vq.codebook_size)
     model, materialize = build_model(config, info)
     resolved = apply_param_rules(model, config_rules(config))
+    adapter = None
+    if lora.enabled(config.train.lora):
+        resolved = adapter_only(model, resolved)
+        adapter = lora.injected_config(model)
     _report_start(model, resolved, config, info)
     backend = build_backend(model, resolved, config, info, materialize=materialize)
     ckpt = config.checkpoint
@@ -281,7 +297,7 @@ def train(config: Config, *, progress: bool = True) -> dict[str, Any]:
                 "train_seconds": round(run.elapsed, 2),
                 "final_train": last,
             }
-            export_run(state, config, export_dir, summary)
+            export_run(state, config, export_dir, summary, adapter)
             print(
                 f"stage {config.train.stage}: {run.step} steps in {run.elapsed:.0f} s; export in {export_dir}"
             )
