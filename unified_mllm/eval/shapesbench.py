@@ -4,8 +4,9 @@
         [key=value ...]
 
 **Splits.** The benchmark is the world's test split (the default). ``split="val"`` (``--split val``) measures
-the same way on the validation split and an independent set of generation prompts: what settings are chosen
-on (:mod:`unified_mllm.eval.sweep`), so that the test figures stay unseen until the choice is made.
+the same way on the validation split and an independent set of generation prompts, sampled with seeds
+``VAL_SEED_OFFSET`` above test's: what settings are chosen on (:mod:`unified_mllm.eval.sweep`), so that the
+test figures stay unseen until the choice is made.
 
 **Understanding.** Every question of the first ``limit`` scenes (all by default) of the world's split
 (``data.root/<split>``, written by ``python -m unified_mllm.data.shapes``) is asked on its own, as
@@ -36,6 +37,7 @@ under them) and ``images/`` (every generated image).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -66,6 +68,9 @@ from unified_mllm.progress import progress as progress_bar
 
 PARTS = ("understanding", "generation")
 SPLITS = ("val", "test")  # the world's evaluation splits (train is what the model saw)
+# Added to generation.seed on val: the small prompt space repeats some test prompts in the val set, and the
+# same prompt at the same index with the same seed would draw the test image again.
+VAL_SEED_OFFSET = 1_000_000
 DEFAULT_PROMPTS = 600  # 100 per GenEval category (GenEval itself has 553 prompts)
 MAX_ANSWER_TOKENS = 16  # the world's answers are single words; this bounds a rambling model's cost
 # The sample grid: fixed tile and caption sizes, so its pixel size depends only on the number of samples.
@@ -380,6 +385,9 @@ class ShapesBench(Task):
             "batch_size": batch_size,
         }
         result["world"] = {"seed": config.data.world.seed, "split": str(split)}
+        generation = config.generation
+        if self.split == "val":
+            generation = dataclasses.replace(generation, seed=generation.seed + VAL_SEED_OFFSET)
         if "understanding" in self.parts:
             questions, scenes = load_questions(split, limit)
             if not questions:
@@ -388,10 +396,10 @@ class ShapesBench(Task):
                 solver,
                 questions,
                 batch_size=batch_size,
-                seed=config.generation.seed,
+                seed=generation.seed,
                 max_answer_tokens=self.max_answer_tokens,
-                temperature=config.generation.text_temperature,
-                top_k=config.generation.text_top_k,
+                temperature=generation.text_temperature,
+                top_k=generation.text_top_k,
                 progress=progress,
             )
             result["understanding"]["scenes"] = scenes
@@ -403,7 +411,7 @@ class ShapesBench(Task):
                 solver,
                 prompts,
                 config.data.world,
-                config.generation,
+                generation,
                 batch_size=batch_size,
                 progress=progress,
             )
