@@ -371,15 +371,21 @@ def test_val_split_reads_val_scenes_its_own_prompts_and_the_decoding_settings(
     solver = oracle(world)
     config = load_config(
         [],
-        [f"data.root={world.data.root}", f"data.world.num_val={NUM_VAL}", "data.world.samples_per_shard=3"]
-        + ["generation.temperature=0.7", "generation.text_temperature=0.5", "generation.text_top_k=3"],
+        [
+            f"data.root={world.data.root}",
+            f"data.world.num_val={NUM_VAL}",
+            "data.world.samples_per_shard=3",
+            "generation.temperature=0.7",
+            "generation.text_temperature=0.5",
+            "generation.text_top_k=3",
+        ],
     )
     result = run_bench(solver, config, tmp_path, split="val")
     val = [qa for s in iter_samples(Path(world.data.root) / "val") for qa in s.meta["vqa"]]
     vqa, gen = result["understanding"], result["generation"]
     assert result["split"] == "val" and vqa["scenes"] == NUM_VAL
     assert [r["question"] for r in vqa["records"]] == [qa["question"] for qa in val]
-    assert [r["key"] for r in vqa["records"]][0].startswith("shapes-val-")
+    assert all(r["key"].startswith("shapes-val-") for r in vqa["records"])
     test_prompts = [p["prompt"] for p in geneval_prompts(world.data.world, NUM_PROMPTS)]
     val_prompts = [r["prompt"] for r in gen["records"]]
     assert val_prompts == [p["prompt"] for p in geneval_prompts(world.data.world, NUM_PROMPTS, split="val")]
