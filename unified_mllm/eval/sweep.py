@@ -58,6 +58,14 @@ AXES = {
     "generation": ("cfg_scale", "image_top_k", "temperature"),
     "understanding": ("text_temperature", "text_top_k"),
 }
+# The command-line flag of each axis, and what it sets.
+FLAGS = {
+    "cfg_scale": ("--cfg", "guidance scales (generation.cfg_scale)"),
+    "image_top_k": ("--top-k", "top-k over image codes (generation.image_top_k; 0 disables)"),
+    "temperature": ("--temperature", "image code temperatures (generation.temperature; 0 greedy)"),
+    "text_temperature": ("--text-temperature", "answer temperatures (generation.text_temperature; 0 greedy)"),
+    "text_top_k": ("--text-top-k", "top-k over answer tokens when sampling (generation.text_top_k)"),
+}
 GREEDY = {"generation": ("temperature", "image_top_k"), "understanding": ("text_temperature", "text_top_k")}
 CHOICE_SPLIT = "val"
 DEFAULT_OUTPUT = "eval/sweep"  # under the export
@@ -100,7 +108,7 @@ def check_axis(name: str, values: Sequence[float], *, integer: bool = False) -> 
     bad = [v for v in values if not math.isfinite(v) or v < 0 or (integer and int(v) != v)]
     if bad or not values:
         kind = "whole numbers >= 0" if integer else "finite numbers >= 0"
-        raise ValueError(f"--{name.replace('_', '-')} takes {kind}, got {list(values)}")
+        raise ValueError(f"{FLAGS[name][0]} takes {kind}, got {list(values)}")
     return [int(v) for v in values] if integer else [float(v) for v in values]
 
 
@@ -315,18 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="export directory of a trained model")
     parser.add_argument("--split", default=CHOICE_SPLIT, help="the split settings are chosen on: val (only)")
-    axes = (
-        ("--cfg", "cfg_scale", "guidance scales (generation.cfg_scale)"),
-        ("--top-k", "image_top_k", "top-k over image codes (generation.image_top_k; 0 disables)"),
-        ("--temperature", "temperature", "image code temperatures (generation.temperature; 0 greedy)"),
-        (
-            "--text-temperature",
-            "text_temperature",
-            "answer temperatures (generation.text_temperature; 0 greedy)",
-        ),
-        ("--text-top-k", "text_top_k", "top-k over answer tokens when sampling (generation.text_top_k)"),
-    )
-    for flag, dest, text in axes:
+    for dest, (flag, text) in FLAGS.items():
         parser.add_argument(flag, dest=dest, nargs="+", type=_floats, help=f"{text}; default: the config's")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to sweep (both)")
     parser.add_argument("--limit", type=_at_least_one, help="val prompts and val scenes per setting")
