@@ -37,6 +37,7 @@ from unified_mllm.eval.shapesbench import (
     JSON_FILE,
     MARKDOWN_FILE,
     TILE,
+    VAL_SEED_OFFSET,
     ShapesBench,
     _wrap,
     grid_shape,
@@ -47,6 +48,7 @@ from unified_mllm.eval.tasks import TASKS, Solver, Task, UnknownTaskError, get_t
 from unified_mllm.layout import IMAGE_PLACEHOLDER
 
 NUM_TEST = 4
+NUM_VAL = 2
 NUM_PROMPTS = 12  # two per GenEval category
 
 
@@ -160,12 +162,19 @@ def test_registry_refuses_a_taken_name_and_a_missing_one() -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    """A 4-scene test split of the default world."""
+    """A 4-scene test split and a 2-scene val split of the default world."""
     root = tmp_path_factory.mktemp("shapes")
     config = load_config(
-        [], [f"data.root={root}", f"data.world.num_test={NUM_TEST}", "data.world.samples_per_shard=3"]
+        [],
+        [
+            f"data.root={root}",
+            f"data.world.num_test={NUM_TEST}",
+            f"data.world.num_val={NUM_VAL}",
+            "data.world.samples_per_shard=3",
+        ],
     )
     write_split(config.data.world, root, "test", progress=False)
+    write_split(config.data.world, root, "val", progress=False)
     return config
 
 
@@ -184,7 +193,13 @@ class FakeSolver:
         self.image_calls: list[dict] = []
 
     def generate(
-        self, images: list, qas: list, max_gen_len: int = 16, temperature: float = 0.0, seed: int = 0
+        self,
+        images: list,
+        qas: list,
+        max_gen_len: int = 16,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
     ) -> list[str]:
         assert len(images) == len(qas) and all(len(row) == 1 for row in images)
         out = []
@@ -193,7 +208,9 @@ class FakeSolver:
             assert question.startswith(IMAGE_PLACEHOLDER) and answer is None
             key = (row[0].tobytes(), question.removeprefix(IMAGE_PLACEHOLDER))
             out.append(self.answers.get(key, self.default_answer))
-        self.text_calls.append({"rows": len(qas), "max_gen_len": max_gen_len, "temperature": temperature})
+        self.text_calls.append(
+            {"rows": len(qas), "max_gen_len": max_gen_len, "temperature": temperature, "top_k": top_k}
+        )
         return out
 
     def generate_img(
@@ -202,13 +219,14 @@ class FakeSolver:
         *,
         cfg: float | None = None,
         image_top_k: int | None = None,
+        temperature: float | None = None,
         size: int | None = None,
         seed: int | None = None,
         jacobi_window: int | None = None,
     ) -> list[Image.Image]:
         self.image_calls.append(
             {"rows": len(prompts), "cfg": cfg, "top_k": image_top_k, "size": size, "seed": seed}
-            | {"jacobi_window": jacobi_window}
+            | {"jacobi_window": jacobi_window, "temperature": temperature}
         )
         return [self.draw(p) for p in prompts]
 
@@ -217,10 +235,15 @@ def oracle(config: Config) -> FakeSolver:
     """Right about everything: ground-truth answers, and the rendered scene of each prompt's spec."""
     answers = {
         (s.image.convert("RGB").tobytes(), qa["question"]): qa["answer"]
-        for s in iter_samples(Path(config.data.root) / "test")
+        for split in ("test", "val")
+        for s in iter_samples(Path(config.data.root) / split)
         for qa in s.meta["vqa"]
     }
-    specs = {p["prompt"]: p["spec"] for p in geneval_prompts(config.data.world, NUM_PROMPTS)}
+    specs = {
+        p["prompt"]: p["spec"]
+        for split in ("test", "val")
+        for p in geneval_prompts(config.data.world, NUM_PROMPTS, split=split)
+    }
 
     def draw(prompt: str) -> Image.Image:
         return render(scene_for_prompt(specs[prompt], 0, config.data.world))
@@ -267,6 +290,7 @@ def test_oracle_solver_scores_everything(world: Config, tmp_path: Path) -> None:
         "size": g.image_size,
         "seed": g.seed + 5,
         "jacobi_window": g.jacobi_window,
+        "temperature": g.temperature,
     }
     assert all(c["temperature"] == 0.0 and c["max_gen_len"] == 16 for c in solver.text_calls)
     assert sum(c["rows"] for c in solver.text_calls) == vqa["total"]
@@ -339,6 +363,48 @@ def test_outputs_json_markdown_and_grid(world: Config, tmp_path: Path) -> None:
         # 12 samples: 6 columns x 2 rows of 136 x 188 px cells (128 px tile, 4 px pad, 4 caption lines)
         assert grid.size == (6 * 136, 2 * 188)
         assert grid.getpixel((4, 4)) == (30, 160, 60)  # the first sample's frame: the judge accepted it
+
+
+def test_val_split_reads_val_scenes_its_own_prompts_and_the_decoding_settings(
+    world: Config, tmp_path: Path
+) -> None:
+    solver = oracle(world)
+    config = load_config(
+        [],
+        [
+            f"data.root={world.data.root}",
+            f"data.world.num_val={NUM_VAL}",
+            "data.world.samples_per_shard=3",
+            "generation.temperature=0.7",
+            "generation.text_temperature=0.5",
+            "generation.text_top_k=3",
+        ],
+    )
+    result = run_bench(solver, config, tmp_path, split="val")
+    val = [qa for s in iter_samples(Path(world.data.root) / "val") for qa in s.meta["vqa"]]
+    vqa, gen = result["understanding"], result["generation"]
+    assert result["split"] == "val" and vqa["scenes"] == NUM_VAL
+    assert [r["question"] for r in vqa["records"]] == [qa["question"] for qa in val]
+    assert all(r["key"].startswith("shapes-val-") for r in vqa["records"])
+    test_prompts = [p["prompt"] for p in geneval_prompts(world.data.world, NUM_PROMPTS)]
+    val_prompts = [r["prompt"] for r in gen["records"]]
+    assert val_prompts == [p["prompt"] for p in geneval_prompts(world.data.world, NUM_PROMPTS, split="val")]
+    assert val_prompts != test_prompts and gen["overall"] == 1.0
+    # seeds step from generation.seed + VAL_SEED_OFFSET: a prompt that is also a test prompt is drawn anew
+    assert [c["seed"] for c in solver.image_calls] == [
+        VAL_SEED_OFFSET,
+        VAL_SEED_OFFSET + 5,
+        VAL_SEED_OFFSET + 10,
+    ]
+    # the config's decoding settings reach the solver and the results
+    assert {c["temperature"] for c in solver.image_calls} == {0.7} and gen["settings"]["temperature"] == 0.7
+    assert {(c["temperature"], c["top_k"]) for c in solver.text_calls} == {(0.5, 3)}
+    assert vqa["settings"] == {"temperature": 0.5, "top_k": 3, "max_answer_tokens": 16}
+    table = (tmp_path / MARKDOWN_FILE).read_text()
+    assert "## ShapesBench (val split)" in table and f"{NUM_VAL} val scenes" in table
+    assert f"temperature 0.7, {config.generation.image_size} px" in table
+    with pytest.raises(ValueError, match="val or test split, got 'train'"):
+        ShapesBench(split="train")
 
 
 def test_parts_can_be_chosen(world: Config, tmp_path: Path) -> None:

@@ -264,6 +264,13 @@ def test_geneval_prompts_are_balanced_and_deterministic() -> None:
     assert S.geneval_prompts(WORLD, 60, seed=0) == prompts
     assert S.geneval_prompts(WORLD, 12, seed=0) == prompts[:12]
     assert S.geneval_prompts(WORLD, 60, seed=1) != prompts
+    assert S.geneval_prompts(WORLD, 60, seed=0, split="test") == prompts  # test is the default set
+    val = S.geneval_prompts(WORLD, 60, seed=0, split="val")  # an independent set, for choosing settings
+    assert Counter(p["category"] for p in val) == {c: 10 for c in S.CATEGORIES}
+    # the prompt space is small (a single-object prompt names one of 3 shapes), so only most prompts differ
+    assert sum(v != t for v, t in zip(val, prompts, strict=True)) > 40
+    with pytest.raises(ValueError, match="'val' or a 'test' set, got split 'train'"):
+        S.geneval_prompts(WORLD, 6, split="train")
     for p in prompts:
         S.validate_spec(p["spec"], WORLD)
         assert p["prompt"].startswith("a photo of ")

@@ -670,13 +670,20 @@ def _random_spec(category: str, world: WorldConfig, rng: np.random.Generator) ->
     raise SpecError(f"unknown category {category!r}; valid categories: {list(CATEGORIES)}")
 
 
-def geneval_prompts(world: WorldLike, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """A GenEval-style evaluation set: ``n`` prompts cycling through the six categories (balanced to ±1)."""
+def geneval_prompts(world: WorldLike, n: int, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+    """A GenEval-style evaluation set: ``n`` prompts cycling through the six categories (balanced to ±1).
+
+    ``split`` "test" is the benchmark's set; "val" draws an independent set from its own random stream, for
+    choosing settings (ShapesBench's sweep) without looking at the test prompts."""
     world = check_world(world)
     if world.grid_size < 2:
         raise ValueError("geneval_prompts needs grid_size >= 2 (counting and position place several objects)")
+    if split not in ("val", "test"):
+        raise ValueError(f"geneval_prompts draws a 'val' or a 'test' set, got split {split!r}")
+    # The test set's stream keeps its original name, so its prompts are those every earlier run scored.
+    stream = "geneval" if split == "test" else f"geneval-{split}"
     # One generator per prompt, so the first k prompts of a longer set are the same k prompts.
-    rngs = (world_rng(seed, "geneval", i, "prompt") for i in range(n))
+    rngs = (world_rng(seed, stream, i, "prompt") for i in range(n))
     return [
         t2i_entry(_random_spec(CATEGORIES[i % len(CATEGORIES)], world, rng)) for i, rng in enumerate(rngs)
     ]

@@ -1,6 +1,6 @@
 """The benchmark driver: run one registered task on an exported model.
 
-    python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--limit N] [--batch-size B] \\
+    python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--split val] [--limit N] [--batch-size B] \\
         [--output DIR] [--device cuda] [--dtype bfloat16] [--quantize int8] [--config EXTRA.yaml] \\
         [key.sub=value ...]
     python -m unified_mllm.eval --task mmbench-en --model EXPORT_DIR --data MMBench_DEV_EN.tsv [--restart]
@@ -10,8 +10,10 @@
 resolved training config (``config.yaml`` in it), then any ``--config`` files, then the ``key=value``
 overrides — so ``data.root=...`` points at the data and ``generation.cfg_scale=5.5`` changes the decoding.
 ``--limit N`` caps what each part of the task evaluates (ShapesBench: N test scenes and N prompts; a paper
-benchmark: its first N questions). ``--data`` is the benchmark's released file or folder (paper benchmarks
-read nothing else; see the README's benchmark table for what to download); ``--restart`` discards the
+benchmark: its first N questions). ``--split val`` runs ShapesBench on the world's validation split (what
+settings are chosen on, see ``python -m unified_mllm.eval.sweep``; the default is test). ``--data`` is the
+benchmark's released file or folder (paper benchmarks read nothing else; see the README's benchmark table for
+what to download); ``--restart`` discards the
 predictions a killed run cached (by default a rerun continues from them). ``--images-per-prompt`` and
 ``--scores`` are for the generation benchmarks (how many images to draw per prompt; the results file of the
 benchmark's own scorer to summarise). ``--task all-understanding`` runs every understanding benchmark whose
@@ -72,7 +74,7 @@ def evaluate(
 
     ``ablate`` (``--ablate``) reruns the understanding part under each named solver ablation and writes the
     comparison table. ``data`` is the benchmark's files (``--data``); ``options`` go to the task's constructor (``restart``,
-    ``images_per_prompt``, ``scores``: only those the user set). ``solver`` replaces the export's
+    ``images_per_prompt``, ``scores``, ``split``: only those the user set). ``solver`` replaces the export's
     InferenceSolver (tests pass a fake); results go to ``output``, default ``export_dir/eval/<task>``.
     ``quantize`` (``--quantize``): the LM's linear layers in int8 / int4 (:mod:`unified_mllm.infer.quantize`).
     """
@@ -245,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--restart", action="store_true", default=None, help="discard cached predictions")
     parser.add_argument(
+        "--split", choices=("val", "test"), help="shapesbench: the world's split to measure on (default test)"
+    )
+    parser.add_argument(
         "--images-per-prompt", type=_at_least_one, help="generation benchmarks: images per prompt"
     )
     parser.add_argument(
@@ -296,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             data=args.data,
             options={
                 "restart": args.restart,
+                "split": args.split,
                 "images_per_prompt": args.images_per_prompt,
                 "scores": args.scores,
             },

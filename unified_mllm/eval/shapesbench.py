@@ -1,10 +1,17 @@
 """ShapesBench: the embedded benchmark on the synthetic shapes world, understanding and generation.
 
-    python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--limit N] [--batch-size B] [key=value ...]
+    python -m unified_mllm.eval --task shapesbench --model EXPORT_DIR [--split val] [--limit N] [--batch-size B] \
+        [key=value ...]
 
-**Understanding.** Every question of the first ``limit`` scenes (all by default) of the world's test split
-(``data.root/test``, written by ``python -m unified_mllm.data.shapes``) is asked on its own, as
-``"<|image|>" + question`` with the scene's image, greedy decoding, at most ``max_answer_tokens`` tokens.
+**Splits.** The benchmark is the world's test split (the default). ``split="val"`` (``--split val``) measures
+the same way on the validation split and an independent set of generation prompts, sampled with seeds
+``VAL_SEED_OFFSET`` above test's: what settings are chosen on (:mod:`unified_mllm.eval.sweep`), so that the
+test figures stay unseen until the choice is made.
+
+**Understanding.** Every question of the first ``limit`` scenes (all by default) of the world's split
+(``data.root/<split>``, written by ``python -m unified_mllm.data.shapes``) is asked on its own, as
+``"<|image|>" + question`` with the scene's image, decoded with the config's ``generation.text_temperature``
+(0, the default, is greedy) and ``text_top_k``, at most ``max_answer_tokens`` tokens.
 Reported (:mod:`unified_mllm.eval.metrics`): exact-match accuracy after normalisation per question type
 (color, shape, size, count, existence, spatial) and overall, and POPE's yes/no figures (accuracy, precision,
 recall, F1, yes-ratio) on the existence questions, which the world balances (every "yes" question about a
@@ -12,8 +19,8 @@ present object has a "no" twin about an absent one, adversarial when it can be).
 
 **Generation.** ``num_prompts`` GenEval-style prompts (``limit`` caps them too) from
 :func:`unified_mllm.data.shapes.geneval_prompts` — the six GenEval categories in turn — are drawn with the
-config's ``generation`` settings (``cfg_scale``, ``image_top_k``, ``image_size``, ``seed``, ``jacobi_window``;
-override them on the command line), and the programmatic judge (:func:`unified_mllm.eval.judge.score`) scores each image
+config's ``generation`` settings (``cfg_scale``, ``image_top_k``, ``temperature``, ``image_size``, ``seed``,
+``jacobi_window``: the export's recorded defaults, or overrides on the command line; the results record them), and the programmatic judge (:func:`unified_mllm.eval.judge.score`) scores each image
 against its prompt's spec with GenEval's rules — except that an image the judge reads as more objects than
 the grid has cells is wrong (:func:`judge_image`: GenEval's rules only ask for the prompt's objects, and the
 judge reads noise as a dozen blobs of every kind). Reported: accuracy per category and overall (GenEval's:
@@ -30,6 +37,7 @@ under them) and ``images/`` (every generated image).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -59,6 +67,10 @@ from unified_mllm.layout import IMAGE_PLACEHOLDER
 from unified_mllm.progress import progress as progress_bar
 
 PARTS = ("understanding", "generation")
+SPLITS = ("val", "test")  # the world's evaluation splits (train is what the model saw)
+# Added to generation.seed on val: the small prompt space repeats some test prompts in the val set, and the
+# same prompt at the same index with the same seed would draw the test image again.
+VAL_SEED_OFFSET = 1_000_000
 DEFAULT_PROMPTS = 600  # 100 per GenEval category (GenEval itself has 553 prompts)
 MAX_ANSWER_TOKENS = 16  # the world's answers are single words; this bounds a rambling model's cost
 # The sample grid: fixed tile and caption sizes, so its pixel size depends only on the number of samples.
@@ -88,8 +100,8 @@ class Question:
     type: str
 
 
-def test_split_dir(config: Config) -> Path:
-    return Path(config.data.root).expanduser() / "test"
+def split_dir(config: Config, split: str = "test") -> Path:
+    return Path(config.data.root).expanduser() / split
 
 
 def load_questions(split_dir: Path, limit: int | None) -> tuple[list[Question], int]:
@@ -111,9 +123,13 @@ def evaluate_understanding(
     batch_size: int,
     seed: int = 0,
     max_answer_tokens: int = MAX_ANSWER_TOKENS,
+    temperature: float = 0.0,
+    top_k: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Ask every question (one conversation per row, ``batch_size`` rows per call) and score the answers."""
+    """Ask every question (one conversation per row, ``batch_size`` rows per call) and score the answers.
+
+    ``temperature`` 0 decodes greedily; ``top_k`` applies only when sampling."""
     predictions: list[str] = []
     start = time.perf_counter()
     steps = math.ceil(len(questions) / batch_size)
@@ -122,7 +138,8 @@ def evaluate_understanding(
             [[q.image] for q in batch],
             [[[IMAGE_PLACEHOLDER + q.question, None]] for q in batch],
             max_gen_len=max_answer_tokens,
-            temperature=0.0,
+            temperature=temperature,
+            top_k=top_k,
             seed=seed,
         )
         if len(answers) != len(batch):
@@ -135,6 +152,7 @@ def evaluate_understanding(
         [questions[i].answer for i in existence], [predictions[i] for i in existence]
     )
     result["seconds"] = round(seconds, 3)
+    result["settings"] = {"temperature": temperature, "top_k": top_k, "max_answer_tokens": max_answer_tokens}
     result["records"] = [
         {
             "key": q.key,
@@ -187,6 +205,7 @@ def evaluate_generation(
             [p["prompt"] for p in batch],
             cfg=generation.cfg_scale,
             image_top_k=generation.image_top_k,
+            temperature=generation.temperature,
             size=generation.image_size,
             seed=generation.seed + i * batch_size,
             jacobi_window=generation.jacobi_window,
@@ -200,7 +219,7 @@ def evaluate_generation(
     result["cluttered"] = sum(len(v.objects) > world.grid_size**2 for v in verdicts)
     result["mean_objects_read"] = sum(len(v.objects) for v in verdicts) / len(verdicts)
     result["seconds"] = round(seconds, 3)
-    settings = ("cfg_scale", "image_top_k", "image_size", "seed", "jacobi_window")
+    settings = ("cfg_scale", "image_top_k", "temperature", "image_size", "seed", "jacobi_window")
     result["settings"] = {name: getattr(generation, name) for name in settings}
     result["records"] = [
         {
@@ -308,7 +327,10 @@ class ShapesBench(Task):
         grid_samples: int = GRID_SAMPLES,
         parts: Sequence[str] = PARTS,
         max_answer_tokens: int = MAX_ANSWER_TOKENS,
+        split: str = "test",
     ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"ShapesBench runs on the world's {' or '.join(SPLITS)} split, got {split!r}")
         unknown = sorted(set(parts) - set(PARTS))
         if unknown or not parts:
             raise ValueError(
@@ -324,18 +346,19 @@ class ShapesBench(Task):
         self.grid_samples = grid_samples
         self.parts = tuple(p for p in PARTS if p in parts)
         self.max_answer_tokens = max_answer_tokens
+        self.split = split
 
     def check(self, config: Config) -> None:
-        """The world must be valid, and the test split present when understanding is measured."""
+        """The world must be valid, and the split present when understanding is measured."""
         world = check_world(config.data.world)
         if "generation" in self.parts and world.grid_size < 2:
             raise ValueError("ShapesBench generation needs data.world.grid_size >= 2 (counting and position)")
-        split = test_split_dir(config)
+        split = split_dir(config, self.split)
         if "understanding" in self.parts and not (split.is_dir() and any(split.glob("*.tar"))):
             raise FileNotFoundError(
-                f"ShapesBench reads the world's test split from {split}, which has no shards (*.tar); write it "
-                "with `python -m unified_mllm.data.shapes --splits test` and the same config, or point "
-                "data.root=... at the world's data"
+                f"ShapesBench reads the world's {self.split} split from {split}, which has no shards (*.tar); "
+                f"write it with `python -m unified_mllm.data.shapes --splits {self.split}` and the same config, "
+                "or point data.root=... at the world's data"
             )
 
     def run(
@@ -353,36 +376,42 @@ class ShapesBench(Task):
         check_limit(limit, batch_size)
         self.check(config)
         output_dir = Path(output_dir)
-        split = test_split_dir(config)
+        split = split_dir(config, self.split)
         result: dict[str, Any] = {
             "task": self.name,
             "model": model_name,
+            "split": self.split,
             "limit": limit,
             "batch_size": batch_size,
         }
         result["world"] = {"seed": config.data.world.seed, "split": str(split)}
+        generation = config.generation
+        if self.split == "val":
+            generation = dataclasses.replace(generation, seed=generation.seed + VAL_SEED_OFFSET)
         if "understanding" in self.parts:
             questions, scenes = load_questions(split, limit)
             if not questions:
-                raise ValueError(f"the test split at {split} holds no VQA questions")
+                raise ValueError(f"the {self.split} split at {split} holds no VQA questions")
             result["understanding"] = evaluate_understanding(
                 solver,
                 questions,
                 batch_size=batch_size,
-                seed=config.generation.seed,
+                seed=generation.seed,
                 max_answer_tokens=self.max_answer_tokens,
+                temperature=generation.text_temperature,
+                top_k=generation.text_top_k,
                 progress=progress,
             )
             result["understanding"]["scenes"] = scenes
         files = {"json": output_dir / JSON_FILE, "markdown": output_dir / MARKDOWN_FILE}
         if "generation" in self.parts:
             count = min(self.num_prompts, limit) if limit is not None else self.num_prompts
-            prompts = geneval_prompts(config.data.world, count, seed=self.prompt_seed)
+            prompts = geneval_prompts(config.data.world, count, seed=self.prompt_seed, split=self.split)
             result["generation"], images = evaluate_generation(
                 solver,
                 prompts,
                 config.data.world,
-                config.generation,
+                generation,
                 batch_size=batch_size,
                 progress=progress,
             )
@@ -420,6 +449,7 @@ class ShapesBench(Task):
             grid_samples=self.grid_samples,
             parts=("understanding",),
             max_answer_tokens=self.max_answer_tokens,
+            split=self.split,
         )
 
     def understanding_row(self, result: dict[str, Any]) -> dict[str, float | None]:
@@ -431,12 +461,19 @@ class ShapesBench(Task):
     def format_table(self, result: dict[str, Any]) -> str:
         """Understanding, POPE and generation tables in markdown."""
         model = f" — `{result['model']}`" if result.get("model") else ""
-        out = [f"## ShapesBench{model}\n"]
+        split = result.get("split", "test")
+        out = [f"## ShapesBench{model}" + ("" if split == "test" else f" ({split} split)") + "\n"]
         vqa = result.get("understanding")
         if vqa:
+            temperature = vqa.get("settings", {}).get("temperature", 0.0)
+            decoding = (
+                "greedy"
+                if not temperature
+                else f"temperature {temperature}, top-k {vqa['settings']['top_k']}"
+            )
             out.append(
-                f"\nUnderstanding: {vqa['total']} questions on {vqa['scenes']} test scenes, exact match "
-                f"({vqa['seconds']:.1f} s)\n\n"
+                f"\nUnderstanding: {vqa['total']} questions on {vqa['scenes']} {split} scenes, exact match "
+                f"({decoding}; {vqa['seconds']:.1f} s)\n\n"
             )
             out.append(_accuracy_table("question type", vqa["per_type"], "**overall**", vqa))
             pope = vqa["pope"]
@@ -448,8 +485,9 @@ class ShapesBench(Task):
         if gen:
             settings = gen["settings"]
             out.append(
-                f"\nGeneration: {gen['total']} GenEval-style prompts, judged (cfg {settings['cfg_scale']}, "
-                f"top-k {settings['image_top_k']}, {settings['image_size']} px; {gen['seconds']:.1f} s)\n\n"
+                f"\nGeneration: {gen['total']} GenEval-style {split} prompts, judged (cfg {settings['cfg_scale']}, "
+                f"top-k {settings['image_top_k']}, temperature {settings.get('temperature', 'n/a')}, "
+                f"{settings['image_size']} px, seed {settings['seed']}; {gen['seconds']:.1f} s)\n\n"
             )
             out.append(
                 _accuracy_table("category", gen["per_category"], "**overall** (mean of categories)", gen)

@@ -38,6 +38,7 @@ class Solver(Protocol):
         qas: list[list[list[str | None]]],
         max_gen_len: int = ...,
         temperature: float = ...,
+        top_k: int | None = ...,
         seed: int = ...,
     ) -> list[str]:
         """One answer per conversation row: the reply to its last question (whose answer is None)."""
@@ -48,6 +49,7 @@ class Solver(Protocol):
         *,
         cfg: float | None = None,
         image_top_k: int | None = None,
+        temperature: float | None = None,
         size: int | None = None,
         seed: int | None = None,
         jacobi_window: int | None = None,
