@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,11 +40,13 @@ from transformers import SiglipModel
 from transformers.utils import logging as hf_logging
 
 from unified_mllm import io
-from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig
+from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig, WorldConfig
+from unified_mllm.data.contrastive_views import hard_negative, object_view, scene_of, scene_pair
 from unified_mllm.data.images import buffered_shuffle
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
+from unified_mllm.train.contrastive_probes import format_probes, probe_eval
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.divergence import check_finite, injected_fault
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
@@ -64,6 +67,7 @@ _NOT_TRAINING_FIELDS = (
     "output_dir",
     "eval_split",
     "prompt_template",
+    "probe_train_scenes",
     "log_every",
     "checkpoint_every",
     "keep_last",
@@ -80,13 +84,31 @@ def sigmoid_loss(
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss for ``B`` matching pairs (row i of each input belongs together).
 
-    ``image_embeds``, ``text_embeds``: ``(B, D)``, L2-normalised. ``logit_scale`` is t' (the temperature is
+    ``image_embeds``: ``(B, D)``, ``text_embeds``: ``(B + K, D)``, L2-normalised; texts past the first ``B``
+    are extra negatives that match no image (hard negatives). ``logit_scale`` is t' (the temperature is
     ``exp(t')``), ``logit_bias`` is b. Every pair is a binary problem (+1 on the diagonal, -1 elsewhere); the
-    negative log-likelihoods are summed over all ``B * B`` pairs and divided by ``B``, as in the paper.
+    negative log-likelihoods are summed over all ``B * (B + K)`` pairs and divided by ``B``, as in the paper.
     """
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
-    labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
+    labels = 2.0 * torch.eye(*logits.shape, device=logits.device, dtype=logits.dtype) - 1.0
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def contrastive_pair(
+    sample: Sample, world: WorldConfig, contrastive: ContrastiveConfig, rng: np.random.Generator
+) -> tuple[Image.Image, str, str | None]:
+    """``(image, caption, hard negative or None)`` of one captioned sample, with the extra views of
+    :mod:`unified_mllm.data.contrastive_views` drawn from ``rng`` where the record carries the world's scene."""
+    image, text = sample.image, sample.meta["caption"]
+    scene = scene_of(sample.meta) if contrastive.object_views or contrastive.hard_negatives else None
+    if scene is None:
+        return image, text, None
+    if contrastive.object_views and rng.random() < contrastive.object_views:
+        scene = object_view(scene, rng)
+        image, text = scene_pair(scene)
+    if not contrastive.hard_negatives:
+        return image, text, None
+    return image, text, hard_negative(scene, world, contrastive.hard_negatives, rng)
 
 
 def caption_batches(
@@ -95,31 +117,41 @@ def caption_batches(
     vision: VisionConfig,
     contrastive: ContrastiveConfig,
     *,
+    world: WorldConfig | None = None,
     skip: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L))`` batches of (image, caption) pairs.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L), negative_ids (K, L))`` batches of (image,
+    caption) pairs and the hard-negative captions of :func:`contrastive_pair` (``K = 0`` without them).
 
     Each pass visits the shards in a new seeded order through a shuffle buffer; samples without a caption
-    are skipped. ``skip``: the number of batches a resumed run has already trained on; they are drawn in the
-    same order (the stream is a function of the seed alone) but not turned into tensors.
+    are skipped. ``world``: the vocabularies hard negatives draw from (default: the world's defaults).
+    ``skip``: the number of batches a resumed run has already trained on; they are drawn in the same order
+    (the stream is a function of the seed alone) but not turned into tensors.
     """
+    world = WorldConfig() if world is None else world
     rng = np.random.default_rng(contrastive.seed)
+    # The extra views draw from their own stream, so turning them on leaves the order of the samples alone.
+    views_rng = np.random.default_rng([contrastive.seed, 1])
     while True:
         order = [shards[int(i)] for i in rng.permutation(len(shards))]
-        pairs = ((s.image, s.meta["caption"]) for s in iter_samples(order) if s.meta.get("caption"))
-        batch: list[tuple[Image.Image, str]] = []
+        captioned = (s for s in iter_samples(order) if s.meta.get("caption"))
+        batch: list[tuple[Image.Image, str, str | None]] = []
         seen = 0
-        for pair in buffered_shuffle(pairs, contrastive.shuffle_buffer, rng):
+        for sample in buffered_shuffle(captioned, contrastive.shuffle_buffer, rng):
             seen += 1
-            batch.append(pair)
+            batch.append(contrastive_pair(sample, world, contrastive, views_rng))
             if len(batch) == contrastive.batch_size:
                 if skip:
                     skip -= 1
                 else:
-                    images, texts = zip(*batch)
+                    images, texts, negatives = zip(*batch)
+                    extra = [text for text in negatives if text is not None]
                     yield (
                         image_pixels(images, vision.image_size),
                         tokenize(tokenizer, texts, contrastive.text_max_length),
+                        tokenize(tokenizer, extra, contrastive.text_max_length).view(
+                            len(extra), contrastive.text_max_length
+                        ),
                     )
                 batch = []
         if seen == 0:
@@ -149,15 +181,16 @@ def train_step(
     model: SiglipModel,
     optimizer: torch.optim.Optimizer,
     schedule: LambdaLR,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor, ...],
     contrastive: ContrastiveConfig,
     accept: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
     fault: float = 1.0,
 ) -> float:
-    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids), unless ``accept(loss, norm)``
-    (the divergence guard) refuses it; returns the step's loss. ``fault`` multiplies the loss (fault drills)."""
+    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids[, hard-negative ids]), unless
+    ``accept(loss, norm)`` (the divergence guard) refuses it; returns the step's loss. ``fault`` multiplies the
+    loss (fault drills)."""
     device = model.logit_scale.device
-    pixels, ids = batch
+    pixels, ids = batch[0], torch.cat(batch[1:])
     image_embeds = embed_images(model, pixels.to(device))
     text_embeds = embed_texts(model, ids.to(device))
     loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias) * fault
@@ -198,7 +231,9 @@ def train_contrastive(
                 part.load_state_dict(state[key])
         harness.snapshot_config(config)
         losses: list[float] = list(state.get("losses", []))
-        batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
+        batches = caption_batches(
+            shards, tokenizer, config.model.vision, cfg, world=config.data.world, skip=run.step
+        )
         logged, started = run.step, time.perf_counter()
 
         def step(run: RunState) -> None:
@@ -327,7 +362,9 @@ def evaluate_contrastive(
 
     Returns ``split``, ``retrieval`` (:func:`caption_retrieval` over the captioned samples; None without any)
     and, only when some records list ``objects`` and one of them is a single-object scene, ``zero_shot``
-    (:func:`zero_shot_eval`). Prints one line for each.
+    (:func:`zero_shot_eval`), and with ``contrastive.probe_train_scenes`` the linear probes of the image side
+    (``probes``: :func:`unified_mllm.train.contrastive_probes.probe_eval`, fitted on that many scenes of
+    ``train_split``). Prints one line for each.
     """
     cfg, vision, world = config.contrastive, config.model.vision, config.data.world
     model.eval()
@@ -356,6 +393,12 @@ def evaluate_contrastive(
         if zero_shot["num_images"]:
             result["zero_shot"] = zero_shot
             print(format_zero_shot(zero_shot, cfg.eval_split))
+    if annotated and cfg.probe_train_scenes:
+        train = itertools.islice(iter_samples(_split_shards(config, cfg.train_split)), cfg.probe_train_scenes)
+        probes = probe_eval(model, train, annotated, vision, world, batch_size=cfg.batch_size)
+        if probes is not None:
+            result["probes"] = probes
+            print(format_probes(probes, cfg.eval_split))
     return result
 
 
