@@ -406,6 +406,35 @@ def test_caption_batches_add_views_and_one_hard_negative_per_pair(
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
 
 
+def test_prompt_variants_fill_size_and_cell_in_every_way() -> None:
+    variants = C.prompt_variants("a {size} {color} {shape} in the {cell}", ["small", "large"], 2)
+    assert len(variants) == 8
+    assert variants[:2] == [
+        "a small {color} {shape} in the top left",
+        "a small {color} {shape} in the top right",
+    ]
+    assert variants[-1] == "a large {color} {shape} in the bottom right"
+    assert C.prompt_variants("a photo of a {color} {shape}", [], 0) == ["a photo of a {color} {shape}"]
+    with pytest.raises(C.ConfigError, match=r"names \{size\} but the world gives no sizes"):
+        C.prompt_variants("a {size} {color} {shape}", [], 3)
+
+
+def test_zero_shot_scores_a_class_by_its_best_prompt_variant(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    from unified_mllm.data.shards import iter_samples
+
+    model = build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
+    cfg = small_contrastive(prompt_template="a {size} {color} {shape} in the {cell}")
+    samples = list(iter_samples(world / "test"))
+    result = C.zero_shot_eval(
+        model, sp_tokenizer, samples, vision, cfg, list(COLORS), SHAPES, sizes=["large"], grid_size=2
+    )
+    assert result["prompt_variants"] == 4 and result["num_images"] == 12
+    assert "best of 4 prompt variants" in C.format_zero_shot(result, "test")
+
+
+@pytest.mark.slow
 def test_the_cli_reports_probes_beside_zero_shot(
     real_world: Path, sp_model: Path, isolated_output_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

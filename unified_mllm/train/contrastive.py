@@ -43,6 +43,7 @@ from unified_mllm import io
 from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig, WorldConfig
 from unified_mllm.data.contrastive_views import hard_negative, object_view, scene_of, scene_pair
 from unified_mllm.data.images import buffered_shuffle
+from unified_mllm.data.shapes import cell_name
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
@@ -300,18 +301,70 @@ def zero_shot_eval(
     contrastive: ContrastiveConfig,
     colors: Sequence[str],
     shapes: Sequence[str],
+    *,
+    sizes: Sequence[str] = (),
+    grid_size: int = 0,
 ) -> dict[str, Any]:
     """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
-    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
+    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared).
+
+    A ``prompt_template`` that also names ``{size}`` and/or ``{cell}`` is expanded over ``sizes`` and the
+    ``grid_size`` grid's cell names, and a class scores its best-matching variant: the prompts then have the
+    form of the training captions ("a large red circle in the top left"), and the answer is the colour and
+    shape of the single-object description that fits the image best (``prompt_variants`` in the result).
+    """
     model.eval()
-    return zero_shot_classify(
-        *_embedders(model, tokenizer, vision, contrastive),
+    images_fn, texts_fn = _embedders(model, tokenizer, vision, contrastive)
+    variants = prompt_variants(contrastive.prompt_template, sizes, grid_size)
+    if len(variants) == 1:
+        return zero_shot_classify(
+            images_fn,
+            texts_fn,
+            samples,
+            prompt_template=variants[0],
+            colors=colors,
+            shapes=shapes,
+            batch_size=contrastive.batch_size,
+        )
+    classes = [(color, shape) for color in colors for shape in shapes]
+    # (V, C, D): every variant's prompt for every class.
+    texts = torch.stack([texts_fn([v.format(color=c, shape=s) for c, s in classes]) for v in variants])
+
+    def best_variant(images: Sequence[Image.Image]) -> torch.Tensor:
+        # One "embedding" per class whose dot product with the prompts' one-hot rows is the class's best
+        # variant score: zero_shot_classify then takes its argmax like any similarity.
+        return torch.einsum("nd,vcd->nvc", images_fn(images), texts).amax(dim=1)
+
+    def class_rows(prompts: Sequence[str]) -> torch.Tensor:
+        return torch.eye(len(prompts))
+
+    result = zero_shot_classify(
+        best_variant,
+        class_rows,
         samples,
-        prompt_template=contrastive.prompt_template,
+        prompt_template="{color} {shape}",
         colors=colors,
         shapes=shapes,
         batch_size=contrastive.batch_size,
     )
+    return {**result, "prompt_variants": len(variants)}
+
+
+def prompt_variants(template: str, sizes: Sequence[str], grid_size: int) -> list[str]:
+    """``template`` with ``{size}`` and ``{cell}`` filled in every way (only ``{color}``/``{shape}`` left)."""
+    names = {
+        "size": list(sizes),
+        "cell": [cell_name(r, c, grid_size) for r in range(grid_size) for c in range(grid_size)],
+    }
+    used = [key for key in names if "{" + key + "}" in template]
+    for key in used:
+        if not names[key]:
+            raise ConfigError(f"`contrastive.prompt_template` names {{{key}}} but the world gives no {key}s")
+    keep = {"color": "{color}", "shape": "{shape}"}
+    return [
+        template.format(**keep, **dict(zip(used, values)))
+        for values in itertools.product(*(names[key] for key in used))
+    ]
 
 
 def format_zero_shot(result: dict[str, Any], split: str) -> str:
@@ -321,6 +374,7 @@ def format_zero_shot(result: dict[str, Any], split: str) -> str:
         f"colour+shape {100 * result['accuracy']:.1f}% (chance {100 * chance['accuracy']:.1f}%), "
         f"colour {100 * result['color_accuracy']:.1f}% (chance {100 * chance['color']:.1f}%), "
         f"shape {100 * result['shape_accuracy']:.1f}% (chance {100 * chance['shape']:.1f}%)"
+        + (f", best of {result['prompt_variants']} prompt variants" if "prompt_variants" in result else "")
     )
 
 
@@ -389,7 +443,17 @@ def evaluate_contrastive(
         result["retrieval"] = caption_retrieval(image_embeds, text_embeds, captions)
     print(format_retrieval(result["retrieval"], cfg.eval_split))
     if annotated:
-        zero_shot = zero_shot_eval(model, tokenizer, annotated, vision, cfg, world.colors, world.shapes)
+        zero_shot = zero_shot_eval(
+            model,
+            tokenizer,
+            annotated,
+            vision,
+            cfg,
+            world.colors,
+            world.shapes,
+            sizes=world.sizes,
+            grid_size=world.grid_size,
+        )
         if zero_shot["num_images"]:
             result["zero_shot"] = zero_shot
             print(format_zero_shot(zero_shot, cfg.eval_split))
