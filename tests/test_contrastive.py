@@ -218,7 +218,8 @@ def test_zero_shot_eval_counts_single_object_images(
     model = build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
     samples = list(iter_samples(world / "test"))
     samples[0].meta["objects"] = samples[0].meta["objects"] * 2  # a two-object image is left out
-    result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, small_contrastive(), list(COLORS), SHAPES)
+    cfg = small_contrastive(prompt_template="a photo of a {color} {shape}")  # one prompt per class
+    result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, cfg, list(COLORS), SHAPES)
     assert result["num_images"] == 11
     assert 0.0 <= result["accuracy"] <= min(result["color_accuracy"], result["shape_accuracy"]) <= 1.0
     assert result["chance"] == {"accuracy": 1 / 6, "color": 1 / 3, "shape": 1 / 2}
