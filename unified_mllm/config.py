@@ -186,10 +186,10 @@ class ContrastiveConfig:
         "are scored on eval_split (world records only); 0: no probes.",
     )
     prompt_template: str = opt(
-        "a {size} {color} {shape} in the {cell}",
-        "Zero-shot class prompt; {color} and {shape} range over data.world. Optional {size} and {cell} are "
-        "filled in every way (the world's sizes and grid cells) and a class scores its best variant, so the "
-        "prompts have the training captions' form.",
+        "a photo of a {color} {shape}",
+        "Zero-shot class prompt; {color} and {shape} range over data.world. In the contrastive trainer only, "
+        "optional {size} and {cell} are filled in every way (the world's sizes and grid cells) and a class "
+        "scores its best variant, so the prompts can have the training captions' form.",
     )
     log_every: int = opt(10, "Steps between metric logs (metrics.jsonl, the bar, wandb).")
     checkpoint_every: int = opt(200, "Steps between training-state checkpoints (output_dir/checkpoints).")
