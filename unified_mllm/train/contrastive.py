@@ -410,7 +410,12 @@ def caption_retrieval(
 
 
 def evaluate_contrastive(
-    model: SiglipModel, tokenizer: TextTokenizer, samples: Iterable[Sample], config: Config
+    model: SiglipModel,
+    tokenizer: TextTokenizer,
+    samples: Iterable[Sample],
+    config: Config,
+    *,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """What any captioned split allows, plus the world's figures where its records carry them.
 
@@ -459,7 +464,9 @@ def evaluate_contrastive(
             print(format_zero_shot(zero_shot, cfg.eval_split))
     if annotated and cfg.probe_train_scenes:
         train = itertools.islice(iter_samples(_split_shards(config, cfg.train_split)), cfg.probe_train_scenes)
-        probes = probe_eval(model, train, annotated, vision, world, batch_size=cfg.batch_size)
+        probes = probe_eval(
+            model, train, annotated, vision, world, batch_size=cfg.batch_size, progress=progress
+        )
         if probes is not None:
             result["probes"] = probes
             print(format_probes(probes, cfg.eval_split))
@@ -577,7 +584,7 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
             f"{summary['final_loss']:.3f}; saved to {out_dir}"
         )
     samples = iter_samples(_split_shards(config, cfg.eval_split))
-    result = evaluate_contrastive(model, tokenizer, samples, config)
+    result = evaluate_contrastive(model, tokenizer, samples, config, progress=progress)
     io.write_json(out_dir / EVAL_FILE, result)
     return {"summary": summary, **result, "output_dir": str(out_dir)}
 

@@ -72,13 +72,20 @@ def _usable(sample: Sample, world: WorldConfig) -> bool:
 
 @torch.no_grad()
 def image_features(
-    model: SiglipModel, samples: Sequence[Sample], vision: VisionConfig, batch_size: int, what: str = ""
+    model: SiglipModel,
+    samples: Sequence[Sample],
+    vision: VisionConfig,
+    batch_size: int,
+    what: str = "",
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``{"pooled": (N, D) L2-normalised, "patches": (N, P * D)}`` of the samples' images, fp32 on the CPU."""
     device = model.logit_scale.device
     pooled, patches = [], []
     starts = range(0, len(samples), batch_size)
-    for start in progress_bar(starts, desc=f"probe features {what}".strip(), total=len(starts)):
+    for start in progress_bar(
+        starts, desc=f"probe features {what}".strip(), total=len(starts), disable=not progress
+    ):
         images = [s.image for s in samples[start : start + batch_size]]
         out = model.vision_model(pixel_values=image_pixels(images, vision.image_size).to(device))
         pooled.append(torch.nn.functional.normalize(out.pooler_output, dim=-1).float().cpu())
@@ -100,6 +107,7 @@ def probe_eval(
     batch_size: int = 64,
     l2: float = 1e-3,
     patch_questions: Sequence[str] = ("shape", "color", "presence"),
+    progress: bool = True,
 ) -> dict[str, Any] | None:
     """Fit every probe on ``train_samples`` and score it on ``test_samples`` (records without the world's
     ``objects`` are skipped). Returns ``{representation: {question: scores}}`` (:func:`run_probe`) plus
@@ -111,8 +119,8 @@ def probe_eval(
     if not train or not test:
         return None
     features = {
-        "train": image_features(model, train, vision, batch_size, "train"),
-        "test": image_features(model, test, vision, batch_size, "test"),
+        "train": image_features(model, train, vision, batch_size, "train", progress),
+        "test": image_features(model, test, vision, batch_size, "test", progress),
     }
     labels = {"train": _table(train, world), "test": _table(test, world)}
     classes = {
