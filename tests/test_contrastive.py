@@ -244,6 +244,7 @@ def cli_args(world: Path, sp_model: Path, *extra: str) -> list[str]:
         "contrastive.max_steps=3",
         "contrastive.warmup_steps=1",
         "contrastive.shuffle_buffer=8",
+        "contrastive.probe_train_scenes=0",  # the probes have their own test
         *extra,
     ]
 
