@@ -169,9 +169,9 @@ def test_caption_batches_stream_past_one_epoch(
     cfg = small_contrastive(batch_size=16)
     batches = C.caption_batches(list_shards(world / "train"), sp_tokenizer, vision, cfg)
     shapes = [
-        tuple(p.shape) + tuple(i.shape) for p, i in (next(batches) for _ in range(5))
-    ]  # 80 > 40 samples
-    assert shapes == [(16, 3, 64, 64, 16, 12)] * 5
+        tuple(p.shape) + tuple(i.shape) + tuple(n.shape) for p, i, n in (next(batches) for _ in range(5))
+    ]  # 80 > 40 samples; no hard negatives asked for
+    assert shapes == [(16, 3, 64, 64, 16, 12, 0, 12)] * 5
 
 
 def test_caption_batches_skip_resumes_the_same_stream(
@@ -182,8 +182,8 @@ def test_caption_batches_skip_resumes_the_same_stream(
     straight = C.caption_batches(shards, sp_tokenizer, vision, cfg)
     expected = [next(straight) for _ in range(5)][3:]  # past the first epoch of 40 samples
     resumed = C.caption_batches(shards, sp_tokenizer, vision, cfg, skip=3)
-    for (pixels, ids), (want_pixels, want_ids) in zip((next(resumed) for _ in range(2)), expected):
-        assert torch.equal(pixels, want_pixels) and torch.equal(ids, want_ids)
+    for got, want in zip((next(resumed) for _ in range(2)), expected):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -197,7 +197,7 @@ def test_a_few_steps_reduce_the_loss(world: Path, sp_tokenizer: TextTokenizer, v
 
     def loss_on_fixed() -> float:
         with torch.no_grad():
-            pixels, ids = fixed
+            pixels, ids, _ = fixed
             embeds = embed_images(model, pixels), embed_texts(model, ids)
             return C.sigmoid_loss(*embeds, model.logit_scale, model.logit_bias).item()
 
@@ -218,7 +218,8 @@ def test_zero_shot_eval_counts_single_object_images(
     model = build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
     samples = list(iter_samples(world / "test"))
     samples[0].meta["objects"] = samples[0].meta["objects"] * 2  # a two-object image is left out
-    result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, small_contrastive(), list(COLORS), SHAPES)
+    cfg = small_contrastive(prompt_template="a photo of a {color} {shape}")  # one prompt per class
+    result = C.zero_shot_eval(model, sp_tokenizer, samples, vision, cfg, list(COLORS), SHAPES)
     assert result["num_images"] == 11
     assert 0.0 <= result["accuracy"] <= min(result["color_accuracy"], result["shape_accuracy"]) <= 1.0
     assert result["chance"] == {"accuracy": 1 / 6, "color": 1 / 3, "shape": 1 / 2}
@@ -243,6 +244,7 @@ def cli_args(world: Path, sp_model: Path, *extra: str) -> list[str]:
         "contrastive.max_steps=3",
         "contrastive.warmup_steps=1",
         "contrastive.shuffle_buffer=8",
+        "contrastive.probe_train_scenes=0",  # the probes have their own test
         *extra,
     ]
 
@@ -354,3 +356,105 @@ def test_a_killed_run_resumes_to_the_uninterrupted_losses_and_weights(
     logged = read_metrics(tmp_path / "resumed" / METRICS_FILE)
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(want_losses, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- extra pairs and probes
+
+
+def test_sigmoid_loss_counts_extra_texts_as_negatives_only() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])  # the third text is a hard negative
+    t_prime, b = torch.tensor(math.log(2.0)), torch.tensor(-1.0)
+    # logits: [[0.2, 1.0, -1.0], [0.6, -1.0, 1.0]]; only (0, 0) and (1, 1) are positives.
+    expected = (
+        math.log1p(math.exp(-0.2))
+        + math.log1p(math.exp(1.0))
+        + math.log1p(math.exp(-1.0))
+        + math.log1p(math.exp(0.6))
+        + math.log1p(math.exp(1.0))
+        + math.log1p(math.exp(1.0))
+    ) / 2
+    assert C.sigmoid_loss(x, y, t_prime, b).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def real_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few of the real world's records (full scenes, 1-4 objects)."""
+    from unified_mllm.config import WorldConfig
+    from unified_mllm.data.shapes import make_sample
+
+    root, world = tmp_path_factory.mktemp("real-world"), WorldConfig()
+    for split, n in (("train", 24), ("test", 16)):
+        with ShardWriter(root / split, f"w-{split}", 16) as writer:
+            for i in range(n):
+                image, record = make_sample(world, split, i)
+                writer.write(record["key"], image, record)
+    return root
+
+
+def test_caption_batches_add_views_and_one_hard_negative_per_pair(
+    real_world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    shards = list_shards(real_world / "train")
+    plain = next(C.caption_batches(shards, sp_tokenizer, vision, small_contrastive(batch_size=8)))
+    cfg = small_contrastive(batch_size=8, object_views=1.0, hard_negatives=["shape", "color"])
+    pixels, ids, negatives = next(C.caption_batches(shards, sp_tokenizer, vision, cfg))
+    assert negatives.shape == ids.shape == (8, 12) and pixels.shape == (8, 3, 64, 64)
+    assert not torch.equal(negatives, ids)
+    # Every pair became an object view: a different picture wherever the scene had more than one object.
+    assert not torch.equal(pixels, plain[0])
+    # The views draw from their own stream: the same samples, in the same order, as without them.
+    again = next(C.caption_batches(shards, sp_tokenizer, vision, small_contrastive(batch_size=8)))
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
+
+
+def test_prompt_variants_fill_size_and_cell_in_every_way() -> None:
+    variants = C.prompt_variants("a {size} {color} {shape} in the {cell}", ["small", "large"], 2)
+    assert len(variants) == 8
+    assert variants[:2] == [
+        "a small {color} {shape} in the top left",
+        "a small {color} {shape} in the top right",
+    ]
+    assert variants[-1] == "a large {color} {shape} in the bottom right"
+    assert C.prompt_variants("a photo of a {color} {shape}", [], 0) == ["a photo of a {color} {shape}"]
+    with pytest.raises(C.ConfigError, match=r"names \{size\} but the world gives no sizes"):
+        C.prompt_variants("a {size} {color} {shape}", [], 3)
+
+
+def test_zero_shot_scores_a_class_by_its_best_prompt_variant(
+    world: Path, sp_tokenizer: TextTokenizer, vision: VisionConfig
+) -> None:
+    from unified_mllm.data.shards import iter_samples
+
+    model = build_contrastive_model(vision, small_contrastive(), sp_tokenizer.vocab_size, 3)
+    cfg = small_contrastive(prompt_template="a {size} {color} {shape} in the {cell}")
+    samples = list(iter_samples(world / "test"))
+    result = C.zero_shot_eval(
+        model, sp_tokenizer, samples, vision, cfg, list(COLORS), SHAPES, sizes=["large"], grid_size=2
+    )
+    assert result["prompt_variants"] == 4 and result["num_images"] == 12
+    assert "best of 4 prompt variants" in C.format_zero_shot(result, "test")
+
+
+@pytest.mark.slow
+def test_the_cli_reports_probes_beside_zero_shot(
+    real_world: Path, sp_model: Path, isolated_output_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    C.main(
+        [
+            *cli_args(
+                real_world, sp_model, "contrastive.probe_train_scenes=20", "contrastive.object_views=0.5"
+            ),
+            "data.world.colors=[red,green,blue,yellow,purple,orange]",
+            "data.world.shapes=[circle,square,triangle]",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "linear probes on test, pooled features (fit on 20 train scenes)" in out
+    evaluation = json.loads((isolated_output_root / "tokenizer" / "siglip-tiny" / "eval.json").read_text())
+    probes = evaluation["probes"]
+    assert probes["num_train_scenes"] == 20 and probes["num_test_scenes"] == 16
+    assert set(probes["pooled"]) == {"shape", "color", "presence", "cells"}
+    assert set(probes["patches"]) == {"shape", "color", "presence"}
+    presence = probes["pooled"]["presence"]
+    assert presence["num_train"] == 20 and presence["num_samples"] == 16 and 0.0 <= presence["f1"] <= 1.0

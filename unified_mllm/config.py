@@ -166,11 +166,30 @@ class ContrastiveConfig:
     init_logit_scale: float = opt(2.302585, "Initial log-temperature t' (SigLIP: log 10, so t = 10).")
     init_logit_bias: float = opt(-10.0, "Initial logit bias b (SigLIP: -10).")
     shuffle_buffer: int = opt(2000, "Samples held for streaming shuffling.")
+    object_views: float = opt(
+        0.0,
+        "Fraction of the pairs replaced by one object of the scene drawn alone with its own phrase as caption "
+        "(records with the world's objects only; see unified_mllm.data.contrastive_views).",
+    )
+    hard_negatives: list[str] = opt(
+        [],
+        "Attributes (shape, color, size) one of which a hard-negative caption changes: every pair with the "
+        "world's objects adds its caption with one attribute of one object changed, as a text no image of "
+        "the batch matches. Empty: off.",
+    )
     seed: int = opt(0, "Seed of the initialisation and the data order.")
     train_split: str = opt("train", "Split of data.root the captions are read from.")
     eval_split: str = opt("test", "Split of data.root the zero-shot accuracy is measured on.")
+    probe_train_scenes: int = opt(
+        2000,
+        "Scenes of train_split (the first ones) the linear probes of the image side are fitted on before they "
+        "are scored on eval_split (world records only); 0: no probes.",
+    )
     prompt_template: str = opt(
-        "a photo of a {color} {shape}", "Zero-shot class prompt; {color} and {shape} range over data.world."
+        "a photo of a {color} {shape}",
+        "Zero-shot class prompt; {color} and {shape} range over data.world. In the contrastive trainer only, "
+        "optional {size} and {cell} are filled in every way (the world's sizes and grid cells) and a class "
+        "scores its best variant, so the prompts can have the training captions' form.",
     )
     log_every: int = opt(10, "Steps between metric logs (metrics.jsonl, the bar, wandb).")
     checkpoint_every: int = opt(200, "Steps between training-state checkpoints (output_dir/checkpoints).")

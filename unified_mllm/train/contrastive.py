@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,11 +40,14 @@ from transformers import SiglipModel
 from transformers.utils import logging as hf_logging
 
 from unified_mllm import io
-from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig
+from unified_mllm.config import Config, ConfigError, ContrastiveConfig, VisionConfig, WorldConfig
+from unified_mllm.data.contrastive_views import hard_negative, object_view, scene_of, scene_pair
 from unified_mllm.data.images import buffered_shuffle
+from unified_mllm.data.shapes import cell_name
 from unified_mllm.data.shards import Sample, iter_samples, list_shards
 from unified_mllm.metrics import retrieval_recall, zero_shot_classify
 from unified_mllm.text import TextTokenizer
+from unified_mllm.train.contrastive_probes import format_probes, probe_eval
 from unified_mllm.train.distributed import DistInfo
 from unified_mllm.train.divergence import check_finite, injected_fault
 from unified_mllm.train.harness import CheckpointPolicy, Run, RunState, reuse_finished, run_cli
@@ -64,6 +68,7 @@ _NOT_TRAINING_FIELDS = (
     "output_dir",
     "eval_split",
     "prompt_template",
+    "probe_train_scenes",
     "log_every",
     "checkpoint_every",
     "keep_last",
@@ -80,13 +85,31 @@ def sigmoid_loss(
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss for ``B`` matching pairs (row i of each input belongs together).
 
-    ``image_embeds``, ``text_embeds``: ``(B, D)``, L2-normalised. ``logit_scale`` is t' (the temperature is
+    ``image_embeds``: ``(B, D)``, ``text_embeds``: ``(B + K, D)``, L2-normalised; texts past the first ``B``
+    are extra negatives that match no image (hard negatives). ``logit_scale`` is t' (the temperature is
     ``exp(t')``), ``logit_bias`` is b. Every pair is a binary problem (+1 on the diagonal, -1 elsewhere); the
-    negative log-likelihoods are summed over all ``B * B`` pairs and divided by ``B``, as in the paper.
+    negative log-likelihoods are summed over all ``B * (B + K)`` pairs and divided by ``B``, as in the paper.
     """
     logits = image_embeds @ text_embeds.t() * logit_scale.exp() + logit_bias
-    labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
+    labels = 2.0 * torch.eye(*logits.shape, device=logits.device, dtype=logits.dtype) - 1.0
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def contrastive_pair(
+    sample: Sample, world: WorldConfig, contrastive: ContrastiveConfig, rng: np.random.Generator
+) -> tuple[Image.Image, str, str | None]:
+    """``(image, caption, hard negative or None)`` of one captioned sample, with the extra views of
+    :mod:`unified_mllm.data.contrastive_views` drawn from ``rng`` where the record carries the world's scene."""
+    image, text = sample.image, sample.meta["caption"]
+    scene = scene_of(sample.meta) if contrastive.object_views or contrastive.hard_negatives else None
+    if scene is None:
+        return image, text, None
+    if contrastive.object_views and rng.random() < contrastive.object_views:
+        scene = object_view(scene, rng)
+        image, text = scene_pair(scene)
+    if not contrastive.hard_negatives:
+        return image, text, None
+    return image, text, hard_negative(scene, world, contrastive.hard_negatives, rng)
 
 
 def caption_batches(
@@ -95,31 +118,41 @@ def caption_batches(
     vision: VisionConfig,
     contrastive: ContrastiveConfig,
     *,
+    world: WorldConfig | None = None,
     skip: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L))`` batches of (image, caption) pairs.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless ``(pixel_values (B, 3, S, S), input_ids (B, L), negative_ids (K, L))`` batches of (image,
+    caption) pairs and the hard-negative captions of :func:`contrastive_pair` (``K = 0`` without them).
 
     Each pass visits the shards in a new seeded order through a shuffle buffer; samples without a caption
-    are skipped. ``skip``: the number of batches a resumed run has already trained on; they are drawn in the
-    same order (the stream is a function of the seed alone) but not turned into tensors.
+    are skipped. ``world``: the vocabularies hard negatives draw from (default: the world's defaults).
+    ``skip``: the number of batches a resumed run has already trained on; they are drawn in the same order
+    (the stream is a function of the seed alone) but not turned into tensors.
     """
+    world = WorldConfig() if world is None else world
     rng = np.random.default_rng(contrastive.seed)
+    # The extra views draw from their own stream, so turning them on leaves the order of the samples alone.
+    views_rng = np.random.default_rng([contrastive.seed, 1])
     while True:
         order = [shards[int(i)] for i in rng.permutation(len(shards))]
-        pairs = ((s.image, s.meta["caption"]) for s in iter_samples(order) if s.meta.get("caption"))
-        batch: list[tuple[Image.Image, str]] = []
+        captioned = (s for s in iter_samples(order) if s.meta.get("caption"))
+        batch: list[tuple[Image.Image, str, str | None]] = []
         seen = 0
-        for pair in buffered_shuffle(pairs, contrastive.shuffle_buffer, rng):
+        for sample in buffered_shuffle(captioned, contrastive.shuffle_buffer, rng):
             seen += 1
-            batch.append(pair)
+            batch.append(contrastive_pair(sample, world, contrastive, views_rng))
             if len(batch) == contrastive.batch_size:
                 if skip:
                     skip -= 1
                 else:
-                    images, texts = zip(*batch)
+                    images, texts, negatives = zip(*batch)
+                    extra = [text for text in negatives if text is not None]
                     yield (
                         image_pixels(images, vision.image_size),
                         tokenize(tokenizer, texts, contrastive.text_max_length),
+                        tokenize(tokenizer, extra, contrastive.text_max_length).view(
+                            len(extra), contrastive.text_max_length
+                        ),
                     )
                 batch = []
         if seen == 0:
@@ -149,15 +182,16 @@ def train_step(
     model: SiglipModel,
     optimizer: torch.optim.Optimizer,
     schedule: LambdaLR,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor, ...],
     contrastive: ContrastiveConfig,
     accept: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
     fault: float = 1.0,
 ) -> float:
-    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids), unless ``accept(loss, norm)``
-    (the divergence guard) refuses it; returns the step's loss. ``fault`` multiplies the loss (fault drills)."""
+    """One optimizer step of :func:`sigmoid_loss` on ``batch`` (pixels, ids[, hard-negative ids]), unless
+    ``accept(loss, norm)`` (the divergence guard) refuses it; returns the step's loss. ``fault`` multiplies the
+    loss (fault drills)."""
     device = model.logit_scale.device
-    pixels, ids = batch
+    pixels, ids = batch[0], torch.cat(batch[1:])
     image_embeds = embed_images(model, pixels.to(device))
     text_embeds = embed_texts(model, ids.to(device))
     loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale, model.logit_bias) * fault
@@ -198,7 +232,9 @@ def train_contrastive(
                 part.load_state_dict(state[key])
         harness.snapshot_config(config)
         losses: list[float] = list(state.get("losses", []))
-        batches = caption_batches(shards, tokenizer, config.model.vision, cfg, skip=run.step)
+        batches = caption_batches(
+            shards, tokenizer, config.model.vision, cfg, world=config.data.world, skip=run.step
+        )
         logged, started = run.step, time.perf_counter()
 
         def step(run: RunState) -> None:
@@ -265,18 +301,70 @@ def zero_shot_eval(
     contrastive: ContrastiveConfig,
     colors: Sequence[str],
     shapes: Sequence[str],
+    *,
+    sizes: Sequence[str] = (),
+    grid_size: int = 0,
 ) -> dict[str, Any]:
     """:func:`zero_shot_classify` with a contrastive SigLIP (the argmax of the cosine similarity is the
-    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared)."""
+    argmax of the sigmoid logits, since ``t > 0`` and ``b`` is shared).
+
+    A ``prompt_template`` that also names ``{size}`` and/or ``{cell}`` is expanded over ``sizes`` and the
+    ``grid_size`` grid's cell names, and a class scores its best-matching variant: the prompts then have the
+    form of the training captions ("a large red circle in the top left"), and the answer is the colour and
+    shape of the single-object description that fits the image best (``prompt_variants`` in the result).
+    """
     model.eval()
-    return zero_shot_classify(
-        *_embedders(model, tokenizer, vision, contrastive),
+    images_fn, texts_fn = _embedders(model, tokenizer, vision, contrastive)
+    variants = prompt_variants(contrastive.prompt_template, sizes, grid_size)
+    if len(variants) == 1:
+        return zero_shot_classify(
+            images_fn,
+            texts_fn,
+            samples,
+            prompt_template=variants[0],
+            colors=colors,
+            shapes=shapes,
+            batch_size=contrastive.batch_size,
+        )
+    classes = [(color, shape) for color in colors for shape in shapes]
+    # (V, C, D): every variant's prompt for every class.
+    texts = torch.stack([texts_fn([v.format(color=c, shape=s) for c, s in classes]) for v in variants])
+
+    def best_variant(images: Sequence[Image.Image]) -> torch.Tensor:
+        # One "embedding" per class whose dot product with the prompts' one-hot rows is the class's best
+        # variant score: zero_shot_classify then takes its argmax like any similarity.
+        return torch.einsum("nd,vcd->nvc", images_fn(images), texts).amax(dim=1)
+
+    def class_rows(prompts: Sequence[str]) -> torch.Tensor:
+        return torch.eye(len(prompts))
+
+    result = zero_shot_classify(
+        best_variant,
+        class_rows,
         samples,
-        prompt_template=contrastive.prompt_template,
+        prompt_template="{color} {shape}",
         colors=colors,
         shapes=shapes,
         batch_size=contrastive.batch_size,
     )
+    return {**result, "prompt_variants": len(variants)}
+
+
+def prompt_variants(template: str, sizes: Sequence[str], grid_size: int) -> list[str]:
+    """``template`` with ``{size}`` and ``{cell}`` filled in every way (only ``{color}``/``{shape}`` left)."""
+    names = {
+        "size": list(sizes),
+        "cell": [cell_name(r, c, grid_size) for r in range(grid_size) for c in range(grid_size)],
+    }
+    used = [key for key in names if "{" + key + "}" in template]
+    for key in used:
+        if not names[key]:
+            raise ConfigError(f"`contrastive.prompt_template` names {{{key}}} but the world gives no {key}s")
+    keep = {"color": "{color}", "shape": "{shape}"}
+    return [
+        template.format(**keep, **dict(zip(used, values)))
+        for values in itertools.product(*(names[key] for key in used))
+    ]
 
 
 def format_zero_shot(result: dict[str, Any], split: str) -> str:
@@ -286,6 +374,7 @@ def format_zero_shot(result: dict[str, Any], split: str) -> str:
         f"colour+shape {100 * result['accuracy']:.1f}% (chance {100 * chance['accuracy']:.1f}%), "
         f"colour {100 * result['color_accuracy']:.1f}% (chance {100 * chance['color']:.1f}%), "
         f"shape {100 * result['shape_accuracy']:.1f}% (chance {100 * chance['shape']:.1f}%)"
+        + (f", best of {result['prompt_variants']} prompt variants" if "prompt_variants" in result else "")
     )
 
 
@@ -321,13 +410,20 @@ def caption_retrieval(
 
 
 def evaluate_contrastive(
-    model: SiglipModel, tokenizer: TextTokenizer, samples: Iterable[Sample], config: Config
+    model: SiglipModel,
+    tokenizer: TextTokenizer,
+    samples: Iterable[Sample],
+    config: Config,
+    *,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """What any captioned split allows, plus the world's figures where its records carry them.
 
     Returns ``split``, ``retrieval`` (:func:`caption_retrieval` over the captioned samples; None without any)
     and, only when some records list ``objects`` and one of them is a single-object scene, ``zero_shot``
-    (:func:`zero_shot_eval`). Prints one line for each.
+    (:func:`zero_shot_eval`), and with ``contrastive.probe_train_scenes`` the linear probes of the image side
+    (``probes``: :func:`unified_mllm.train.contrastive_probes.probe_eval`, fitted on that many scenes of
+    ``train_split``). Prints one line for each.
     """
     cfg, vision, world = config.contrastive, config.model.vision, config.data.world
     model.eval()
@@ -352,10 +448,28 @@ def evaluate_contrastive(
         result["retrieval"] = caption_retrieval(image_embeds, text_embeds, captions)
     print(format_retrieval(result["retrieval"], cfg.eval_split))
     if annotated:
-        zero_shot = zero_shot_eval(model, tokenizer, annotated, vision, cfg, world.colors, world.shapes)
+        zero_shot = zero_shot_eval(
+            model,
+            tokenizer,
+            annotated,
+            vision,
+            cfg,
+            world.colors,
+            world.shapes,
+            sizes=world.sizes,
+            grid_size=world.grid_size,
+        )
         if zero_shot["num_images"]:
             result["zero_shot"] = zero_shot
             print(format_zero_shot(zero_shot, cfg.eval_split))
+    if annotated and cfg.probe_train_scenes:
+        train = itertools.islice(iter_samples(_split_shards(config, cfg.train_split)), cfg.probe_train_scenes)
+        probes = probe_eval(
+            model, train, annotated, vision, world, batch_size=cfg.batch_size, progress=progress
+        )
+        if probes is not None:
+            result["probes"] = probes
+            print(format_probes(probes, cfg.eval_split))
     return result
 
 
@@ -470,7 +584,7 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
             f"{summary['final_loss']:.3f}; saved to {out_dir}"
         )
     samples = iter_samples(_split_shards(config, cfg.eval_split))
-    result = evaluate_contrastive(model, tokenizer, samples, config)
+    result = evaluate_contrastive(model, tokenizer, samples, config, progress=progress)
     io.write_json(out_dir / EVAL_FILE, result)
     return {"summary": summary, **result, "output_dir": str(out_dir)}
 
