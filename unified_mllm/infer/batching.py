@@ -140,9 +140,11 @@ class _RoomyLayer(DynamicLayer):
 
     @classmethod
     def room_for(cls, like: torch.Tensor, rows: int, length: int) -> _RoomyLayer:
-        """An all-zero layer of ``rows`` x ``length`` columns with room to grow (filled by the caller)."""
+        """An uninitialised layer of ``rows`` x ``length`` columns with room to grow: the caller fills every
+        one of the ``length`` columns (padding with zeros: a blocked key still multiplies its value by 0, and
+        stale memory may hold NaN); the spare columns are written by :meth:`update` before they are read."""
         shape = (rows, like.shape[1], length + GROW, like.shape[3])
-        buffers = [like.new_zeros(shape) for _ in range(2)]
+        buffers = [like.new_empty(shape) for _ in range(2)]
         layer = cls(*buffers)
         layer.keys, layer.values = (b[:, :, :length] for b in buffers)
         return layer
@@ -188,7 +190,9 @@ def _merge_caches(active: Cache, joining: Cache, active_len: int, joining_len: i
         layer = _RoomyLayer.room_for(mine.keys, rows + theirs.keys.shape[0], length)
         for name in ("keys", "values"):
             target = getattr(layer, name)
+            target[:rows, :, : length - active_len] = 0
             target[:rows, :, length - active_len :] = getattr(mine, name)
+            target[rows:, :, : length - joining_len] = 0
             target[rows:, :, length - joining_len :] = getattr(theirs, name)
         merged.append(layer)
     active.layers = merged
