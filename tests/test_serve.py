@@ -93,7 +93,7 @@ def test_chat_with_an_image_answers_what_the_solver_answers(url: str, solver: In
     (choice,) = reply.choices
     assert choice.message.role == "assistant" and choice.message.content == expected
     assert reply.model == NAME and reply.object == "chat.completion"
-    prompt = solver._prompts([[picture(0)]], [[["<|image|>" + QUESTION, None]]], 6)[0]
+    prompt = solver.prepare_answers([[picture(0)]], [[["<|image|>" + QUESTION, None]]], 6)[0]
     assert reply.usage.prompt_tokens == len(prompt.ids)
     assert 1 <= reply.usage.completion_tokens <= 6
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens

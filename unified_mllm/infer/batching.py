@@ -42,7 +42,7 @@ from unified_mllm.infer.processors import (
     next_id_probabilities,
     sampling_processors,
 )
-from unified_mllm.infer.solver import InferenceSolver, Pair, _Answer, _feature_index
+from unified_mllm.infer.solver import Answer, InferenceSolver, Pair, answers_feature_index
 from unified_mllm.vision.image import ImageSource
 
 GROW = 64  # columns added when the batch runs out of room: a reallocation every 64 steps, not every step
@@ -66,7 +66,7 @@ class Sampling:
 class Row:
     """One answer being decoded: the solver's answer state plus what the batcher tracks."""
 
-    answer: _Answer
+    answer: Answer
     greedy: bool
     warpers: list[Processor]
     generator: torch.Generator
@@ -238,15 +238,15 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def prepare(self, images: Sequence[ImageSource], qas: Sequence[Pair], max_new_tokens: int) -> _Answer:
+    def prepare(self, images: Sequence[ImageSource], qas: Sequence[Pair], max_new_tokens: int) -> Answer:
         """The prompt of one conversation as :meth:`InferenceSolver.generate` renders it (its images read and
         VQ-encoded); ValueError for a conversation the solver refuses. Safe to call from another thread."""
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         with torch.inference_mode():
-            return self.solver._prompts([list(images)], [list(qas)], int(max_new_tokens))[0]
+            return self.solver.prepare_answers([list(images)], [list(qas)], int(max_new_tokens))[0]
 
-    def submit(self, answer: _Answer, sampling: Sampling = Sampling(), key: Any = None) -> Row:
+    def submit(self, answer: Answer, sampling: Sampling = Sampling(), key: Any = None) -> Row:
         """Queue a prepared answer (each call needs its own :meth:`prepare` result); it joins at a step."""
         gen = self.solver.config.generation
         temperature = check_non_negative("temperature", sampling.temperature)
@@ -270,7 +270,7 @@ class ContinuousBatcher:
             answer=answer,
             greedy=temperature == 0 and gen.temperature == 0,
             warpers=self._warpers[setting],
-            generator=self.solver._generator(sampling.seed),
+            generator=self.solver.seeded_generator(sampling.seed),
             stop_ids=tuple(stop_ids),
             key=key,
         )
@@ -361,8 +361,8 @@ class ContinuousBatcher:
     def _close_image(self, row: Row) -> None:
         """The row completed a picture's grid: decode it, close its span and queue the row to join again."""
         answer = row.answer
-        self.solver._close_image(answer, row.run)
-        answer.budget = min(answer.budget, self.solver._room(answer.ids))
+        self.solver.close_image(answer, row.run)
+        answer.budget = min(answer.budget, self.solver.room_after(answer.ids))
         row.run = []
         if answer.budget < 1:
             row.finish = "length"
@@ -384,7 +384,7 @@ class ContinuousBatcher:
             cache,
             torch.cat(views) if views else None,
             None,
-            _feature_index(answers, self.solver.model.features_per_view),
+            answers_feature_index(answers, self.solver.model.features_per_view),
         ).logits[:, -1]
         dtype = batch.key_bias.dtype
         if self._batch is None or self._cache is None or self._logits is None:

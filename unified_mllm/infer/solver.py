@@ -98,7 +98,7 @@ def _resolve(export_dir: Path, path: str | None, what: str) -> Path:
 
 
 @dataclass
-class _Answer:
+class Answer:
     """One conversation being answered: its ids so far, the SigLIP views of its images, what was decoded."""
 
     ids: list[int]
@@ -264,7 +264,8 @@ class InferenceSolver:
                 )
         return height // factor, width // factor
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def seeded_generator(self, seed: int | None) -> torch.Generator:
+        """A generator on the engine's device seeded with ``seed`` (None: the export's ``generation.seed``)."""
         seed = self.config.generation.seed if seed is None else seed
         return torch.Generator(device=self.engine.device).manual_seed(int(seed))
 
@@ -334,7 +335,7 @@ class InferenceSolver:
             text_top_k=None,
             top_p=gen.top_p,
         )
-        generator, greedy = self._generator(seed), temperature == 0
+        generator, greedy = self.seeded_generator(seed), temperature == 0
         # Code-stack tokenizers: guidance, temperature and top-k apply to each code of a stack as well.
         stack_choice = guided_stack_choice(
             len(prompts), cfg, top_k=top_k or 0, temperature=temperature, greedy=greedy, generator=generator
@@ -421,9 +422,9 @@ class InferenceSolver:
                 f"{len(conversations)} conversation(s) need as many continuations, got {len(wanted)}"
             )
         conts = [self._continuation_ids(c) for c in wanted]
-        answers = self._prompts(image_lists, conversations, 1)
+        answers = self.prepare_answers(image_lists, conversations, 1)
         for row, (answer, ids) in enumerate(zip(answers, conts)):
-            if len(ids) > self._room(answer.ids):
+            if len(ids) > self.room_after(answer.ids):
                 raise ValueError(
                     f"conversation {row}: the prompt ({len(answer.ids)} ids) and the continuation ({len(ids)}) "
                     f"need more than the model's {self.model.config.lm.max_position_embeddings} positions"
@@ -447,7 +448,7 @@ class InferenceSolver:
         return ids
 
     @torch.inference_mode()
-    def _score(self, answers: Sequence[_Answer], conts: Sequence[list[int]]) -> list[tuple[float, bool]]:
+    def _score(self, answers: Sequence[Answer], conts: Sequence[list[int]]) -> list[tuple[float, bool]]:
         """Log-probability and greediness of each non-empty continuation after its prompt (one batch)."""
         engine, longest = self.engine, max(len(c) for c in conts)
         if self.model.training:
@@ -467,7 +468,7 @@ class InferenceSolver:
             cache,
             torch.cat(views) if views else None,
             torch.from_numpy(np.concatenate(stacks)) if stacks else None,
-            _feature_index(answers, self.model.features_per_view),
+            answers_feature_index(answers, self.model.features_per_view),
         ).logits  # [R, 1, V]: predicts each continuation's first id
         # Right-padded continuations: padding comes after a row's last id, so causal attention never reads it.
         targets = torch.full((len(conts), longest), self.tokens.pad, dtype=torch.long)
@@ -502,7 +503,7 @@ class InferenceSolver:
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
         temperature = check_non_negative("temperature", temperature)
         top_k = check_top_k("top_k", gen.text_top_k if top_k is None else top_k)
-        answers = self._prompts(image_lists, conversations, int(budget))
+        answers = self.prepare_answers(image_lists, conversations, int(budget))
         processors = [
             GridConstraint(self.tokens, size=self.grid_size(), with_features=self.with_features),
             *sampling_processors(
@@ -514,7 +515,7 @@ class InferenceSolver:
                 top_p=gen.top_p,
             ),
         ]
-        generator = self._generator(seed)
+        generator = self.seeded_generator(seed)
         greedy = temperature == 0 and gen.temperature == 0
         while pending := [a for a in answers if not a.done]:
             # Code-stack tokenizers: a drawn image's stacks follow the image sampling settings, code by code.
@@ -528,13 +529,14 @@ class InferenceSolver:
             self._continue(pending, processors, greedy, generator, stack_choice)
         return [a.pieces for a in answers], single
 
-    def _prompts(
+    def prepare_answers(
         self,
         image_lists: Sequence[Sequence[ImageSource]],
         conversations: Sequence[Sequence[Pair]],
         budget: int,
-    ) -> list[_Answer]:
-        """The prompt of every conversation of a batch (:meth:`_prompt`)."""
+    ) -> list[Answer]:
+        """The prompt of every conversation of a batch (:meth:`_prompt`), read and VQ-encoded, ready to decode:
+        the solver's own methods and :class:`~unified_mllm.infer.batching.ContinuousBatcher` start from these."""
         pictures = [[load_image(i) for i in images] for images in image_lists]
         flat = [p for row in pictures for p in row]
         # One VQ pass for the whole batch, with the LM's VQ preprocessing (model.vq.preprocess).
@@ -548,7 +550,7 @@ class InferenceSolver:
 
     def _prompt(
         self, pictures: Sequence[Image.Image], codes: Sequence[np.ndarray], qas: Sequence[Pair], budget: int
-    ) -> _Answer:
+    ) -> Answer:
         """The prompt ids and SigLIP views of one conversation (its images and their ``[h, w]`` VQ codes); the
         budget cut to the model's positions."""
         turns = turns_from_qas(qas)
@@ -568,22 +570,22 @@ class InferenceSolver:
                 views.append(anyres_views(picture, vision)[0])
                 indices.append(feature_index(vision, (picture.height, picture.width)))
         ids = tokenize_conversation(turns, spans, self.tokenizer.encode, self.tokens).ids.tolist()
-        if self._room(ids) < 1:
+        if self.room_after(ids) < 1:
             raise ValueError(
                 f"the prompt has {len(ids)} ids; the model reads at most "
                 f"{self.model.config.lm.max_position_embeddings} positions"
             )
-        return _Answer(
-            ids=ids, views=views, budget=min(budget, self._room(ids)), stacks=stacks, indices=indices
+        return Answer(
+            ids=ids, views=views, budget=min(budget, self.room_after(ids)), stacks=stacks, indices=indices
         )
 
-    def _room(self, ids: Sequence[int]) -> int:
+    def room_after(self, ids: Sequence[int]) -> int:
         """How many ids may still follow ``ids`` within the model's positions."""
         return self.model.config.lm.max_position_embeddings - len(ids)
 
     def _continue(
         self,
-        answers: list[_Answer],
+        answers: list[Answer],
         processors: list[Any],
         greedy: bool,
         generator: torch.Generator,
@@ -593,7 +595,7 @@ class InferenceSolver:
         views = [v for a in answers for v in a.views]
         stacks = [s for a in answers for s in a.stacks]
         # Left padding puts every row's new ids after the longest prompt: no row may run past that one's room.
-        room = self._room(max((a.ids for a in answers), key=len))
+        room = self.room_after(max((a.ids for a in answers), key=len))
         result = self.engine.generate(
             [a.ids for a in answers],
             max_new_tokens=[min(a.budget, room) for a in answers],
@@ -602,7 +604,7 @@ class InferenceSolver:
             generator=generator,
             pixel_values=torch.cat(views) if views else None,
             code_stacks=torch.from_numpy(np.concatenate(stacks)) if stacks else None,
-            feature_index=_feature_index(answers, self.model.features_per_view),
+            feature_index=answers_feature_index(answers, self.model.features_per_view),
             stop_at_image_grid=True,
             stack_choice=stack_choice if self.model.code_heads is not None else None,
         )
@@ -615,20 +617,20 @@ class InferenceSolver:
                 written = result.stacks[row][result.stacks[row][:, 0] >= 0]
                 answer.stacks.append(written)
             if reason == "image":
-                self._close_image(answer, new, written)
+                self.close_image(answer, new, written)
                 # the span's closing ids take positions too
-                answer.budget = min(answer.budget, self._room(answer.ids))
+                answer.budget = min(answer.budget, self.room_after(answer.ids))
                 answer.done = answer.budget < 1
                 continue
             self._add_text(answer, new[:-1] if reason == "stop" else new)  # without the stop id
             answer.done = True
 
-    def _add_text(self, answer: _Answer, ids: Sequence[int]) -> None:
+    def _add_text(self, answer: Answer, ids: Sequence[int]) -> None:
         text = self.tokenizer.decode(ids)
         if text:
             answer.pieces.append(text)
 
-    def _close_image(self, answer: _Answer, new: list[int], stacks: np.ndarray | None = None) -> None:
+    def close_image(self, answer: Answer, new: list[int], stacks: np.ndarray | None = None) -> None:
         """Decode the image whose grid ``new`` just completed (``stacks``: the code stacks written with ``new``,
         code-stack tokenizers) and append the rest of its span to the ids."""
         start = len(new) - 1 - new[::-1].index(self.tokens.image_start)
@@ -650,7 +652,7 @@ class InferenceSolver:
             answer.indices.append(feature_index(vision, (picture.height, picture.width)))
 
 
-def _feature_index(answers: Sequence[_Answer], per_view: int) -> torch.Tensor | None:
+def answers_feature_index(answers: Sequence[Answer], per_view: int) -> torch.Tensor | None:
     """The ``feature_index`` ``[N_slots, 2]`` of the answers' images in row order (views counted over the
     batch), or None when every image takes its features in order (our layout); ``per_view``: features a view."""
     if all(index is None for a in answers for index in a.indices):

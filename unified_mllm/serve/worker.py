@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from unified_mllm.infer.batching import ContinuousBatcher, Row, Sampling
-from unified_mllm.infer.solver import InferenceSolver, _Answer
+from unified_mllm.infer.solver import Answer, InferenceSolver
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Images:
 
 @dataclass(eq=False)
 class ChatJob:
-    answer: _Answer
+    answer: Answer
     n: int
     sampling: list[Sampling]
     stop: list[str]
