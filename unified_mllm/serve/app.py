@@ -24,10 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unified_mllm.infer.batching import Sampling
-from unified_mllm.infer.solver import InferenceSolver
+from unified_mllm.infer.solver import Answer, InferenceSolver
 from unified_mllm.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -55,144 +56,218 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
 
 
+def create_app(solver: InferenceSolver, options: ServerOptions) -> FastAPI:
+    """The app; its lifespan starts and stops the engine worker."""
+    api = Api(solver, options)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        api.worker.start()
+        yield
+        api.worker.stop()
+
+    app = FastAPI(title="unified_mllm", lifespan=lifespan)
+    app.state.worker = api.worker
+    app.middleware("http")(api.body_limit)
+    app.exception_handler(ApiError)(_api_error)
+    app.exception_handler(RequestValidationError)(_invalid)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model}", api.model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/images/generations", api.images, methods=["POST"], response_model=None)
+    return app
+
+
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def create_app(solver: InferenceSolver, options: ServerOptions) -> FastAPI:
-    """The app; its lifespan starts and stops the engine worker."""
-    worker = EngineWorker(solver, max_batch=options.max_batch, max_queue=options.max_queue)
-    created = int(time.time())
-    limits = options.limits
-    room = solver.model.config.lm.max_position_embeddings - 1
-    max_prompt = min(room, limits.max_prompt_tokens or room)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.start()
-        yield
-        worker.stop()
 
-    app = FastAPI(title="unified_mllm", lifespan=lifespan)
-    app.state.worker = worker
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic's first complaint about the body, with the field it names as OpenAI's ``param``."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first['msg']}" if param else f"invalid request body: {first['msg']}"
+    return _error(bad_request(message, param))
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Any) -> Any:
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (an unknown route, a wrong method) in OpenAI's error shape."""
+    code = "not_found" if exc.status_code == 404 else None
+    return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+
+class Api:
+    """The routes' work over one solver and its engine worker: the checks every request gets, the chat and
+    image jobs (prepared, submitted, awaited) and the responses they make."""
+
+    def __init__(self, solver: InferenceSolver, options: ServerOptions) -> None:
+        self.solver = solver
+        self.options = options
+        self.limits = options.limits
+        self.worker = EngineWorker(solver, max_batch=options.max_batch, max_queue=options.max_queue)
+        self.created = int(time.time())
+        room = solver.model.config.lm.max_position_embeddings - 1
+        self.max_prompt = min(room, self.limits.max_prompt_tokens or room)
+
+    # ---- checks shared by the routes ----
+
+    async def body_limit(self, request: Request, call_next: Any) -> Any:
+        """Middleware: a body over ``--max-body-mb`` (or of no stated length) is refused before it is read."""
         length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > limits.max_body_bytes:
+        if not length.isdigit() or int(length) > self.limits.max_body_bytes:
             return _error(
                 ApiError(
                     413,
-                    f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes} "
-                    "(--max-body-mb)",
+                    f"the request body is {length} bytes; this server accepts at most "
+                    f"{self.limits.max_body_bytes} (--max-body-mb)",
                     code="request_too_large",
                 )
             )
         return await call_next(request)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else f"invalid request body: {first['msg']}"
-        return _error(bad_request(message, param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return _error(
-            ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
-        )
-
-    def check_model(model: str | None) -> None:
-        if model is not None and model != options.model_name:
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.options.model_name:
             raise ApiError(
                 404,
-                f"the model {model!r} does not exist; this server serves {options.model_name!r}",
+                f"the model {model!r} does not exist; this server serves {self.options.model_name!r}",
                 param="model",
                 code="model_not_found",
             )
 
-    def check_n(n: int) -> None:
-        if n > limits.max_n:
-            raise bad_request(f"n is {n}; this server allows at most {limits.max_n} (--max-n)", "n")
+    def check_n(self, n: int) -> None:
+        if n > self.limits.max_n:
+            raise bad_request(f"n is {n}; this server allows at most {self.limits.max_n} (--max-n)", "n")
 
-    def submit(job: ChatJob | ImageJob) -> None:
-        if not worker.alive:
+    def submit(self, job: ChatJob | ImageJob) -> None:
+        if not self.worker.alive:
             raise ApiError(503, "the engine worker is not running", kind="server_error", code="unavailable")
         try:
-            worker.submit_chat(job) if isinstance(job, ChatJob) else worker.submit_image(job)
+            self.worker.submit_chat(job) if isinstance(job, ChatJob) else self.worker.submit_image(job)
         except QueueFull as exc:
             raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from exc
 
-    def timed_out() -> ApiError:
+    def timed_out(self) -> ApiError:
         return ApiError(
             408,
-            f"the request took longer than this server's {options.timeout:g} s limit (--timeout)",
+            f"the request took longer than this server's {self.options.timeout:g} s limit (--timeout)",
             kind="timeout_error",
             code="timeout",
         )
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def next_event(self, job: ChatJob | ImageJob, events: asyncio.Queue[Any], deadline: float) -> Any:
+        """The job's next event; past ``deadline`` the job is cancelled and the request times out (408)."""
+        try:
+            return await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError as exc:
+            self.worker.cancel(job)
+            raise self.timed_out() from exc
+
+    # ---- GET routes ----
+
+    async def health(self) -> dict[str, Any]:
         return {
-            "status": "ok" if worker.alive else "stopped",
-            "model": options.model_name,
-            "in_flight": worker.in_flight,
-            "max_batch": options.max_batch,
-            "steps": worker.steps,
+            "status": "ok" if self.worker.alive else "stopped",
+            "model": self.options.model_name,
+            "in_flight": self.worker.in_flight,
+            "max_batch": self.options.max_batch,
+            "steps": self.worker.steps,
         }
 
-    def model_card() -> dict[str, Any]:
-        return {"id": options.model_name, "object": "model", "created": created, "owned_by": "unified_mllm"}
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.options.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "unified_mllm",
+        }
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
 
-    @app.get("/v1/models/{model}")
-    async def model(model: str) -> dict[str, Any]:
-        check_model(model)
-        return model_card()
+    async def model(self, model: str) -> dict[str, Any]:
+        self.check_model(model)
+        return self.model_card()
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
-        deadline = time.monotonic() + options.timeout
-        check_model(body.model)
-        check_n(body.n)
-        stops = stop_strings(body.stop, limits)
-        images, qas = conversation(body.messages, limits)
-        gen = solver.config.generation
-        budget = body.max_completion_tokens or body.max_tokens or min(gen.max_new_tokens, limits.max_tokens)
-        if budget > limits.max_tokens:
-            raise bad_request(
-                f"max_tokens is {budget}; this server allows at most {limits.max_tokens} (--max-tokens)",
-                "max_tokens",
+    # ---- chat completions ----
+
+    async def chat(self, body: ChatRequest) -> JSONResponse | StreamingResponse:
+        deadline = time.monotonic() + self.options.timeout
+        job, events = await self.prepare_chat(body)
+        self.submit(job)
+        ident = f"chatcmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                self.stream_chat(job, events, ident, usage, deadline), media_type="text/event-stream"
             )
+        return await self.collect_chat(job, events, ident, deadline)
+
+    async def prepare_chat(self, body: ChatRequest) -> tuple[ChatJob, asyncio.Queue[Any]]:
+        """The checked request as a job (its prompt read and encoded) and the queue its events will come to."""
+        self.check_model(body.model)
+        self.check_n(body.n)
+        stops = stop_strings(body.stop, self.limits)
+        images, qas = conversation(body.messages, self.limits)
+        answer = await self.prompt(images, qas, self.token_budget(body))
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        job = ChatJob(
+            answer=answer,
+            n=body.n,
+            sampling=self.sampling(body),
+            stop=stops,
+            post=poster(asyncio.get_running_loop(), events),
+            stream=body.stream,
+        )
+        return job, events
+
+    def token_budget(self, body: ChatRequest) -> int:
+        """The completion's token budget: the request's, else the config's (capped by ``--max-tokens``)."""
+        limit = self.limits.max_tokens
+        budget = (
+            body.max_completion_tokens
+            or body.max_tokens
+            or min(self.solver.config.generation.max_new_tokens, limit)
+        )
+        if budget > limit:
+            raise bad_request(
+                f"max_tokens is {budget}; this server allows at most {limit} (--max-tokens)", "max_tokens"
+            )
+        return budget
+
+    async def prompt(self, images: list[bytes], qas: list[list[str | None]], budget: int) -> Answer:
+        """The conversation as the solver renders it (images read and VQ-encoded in the thread pool), within
+        ``--max-prompt-tokens`` and the model's positions."""
         try:
             answer = await asyncio.wait_for(
-                run_in_threadpool(worker.batcher.prepare, images, qas, budget), options.timeout
+                run_in_threadpool(self.worker.batcher.prepare, images, qas, budget), self.options.timeout
             )
         except TimeoutError as exc:
-            raise timed_out() from exc
+            raise self.timed_out() from exc
         except ValueError as exc:  # the solver's own checks: placeholders, turns, unreadable images
             code = "context_length_exceeded" if "positions" in str(exc) else None
             raise bad_request(str(exc), "messages", code) from exc
-        if len(answer.ids) > max_prompt:
+        if len(answer.ids) > self.max_prompt:
             raise bad_request(
                 f"the prompt is {len(answer.ids)} tokens (images included); this server accepts at most "
-                f"{max_prompt} (--max-prompt-tokens and the model's positions)",
+                f"{self.max_prompt} (--max-prompt-tokens and the model's positions)",
                 "messages",
                 "context_length_exceeded",
             )
+        return answer
+
+    def sampling(self, body: ChatRequest) -> list[Sampling]:
+        """Each choice's sampling: the request's knobs over the config's, seeds ``seed``, ``seed + 1``, ..."""
+        gen = self.solver.config.generation
         seed = secrets.randbits(31) if body.seed is None else body.seed
         temperature = gen.text_temperature if body.temperature is None else body.temperature
-        sampling = [
+        return [
             Sampling(
                 temperature=temperature,
                 top_p=gen.top_p if body.top_p is None else body.top_p,
@@ -202,112 +277,124 @@ def create_app(solver: InferenceSolver, options: ServerOptions) -> FastAPI:
             )
             for index in range(body.n)
         ]
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        job = ChatJob(
-            answer=answer,
-            n=body.n,
-            sampling=sampling,
-            stop=stops,
-            post=poster(asyncio.get_running_loop(), events),
-            stream=body.stream,
-        )
-        submit(job)
-        ident = f"chatcmpl-{secrets.token_hex(12)}"
-        prompt_tokens = len(answer.ids)
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _stream(
-                    job, events, worker, ident, options.model_name, prompt_tokens, usage, deadline, timed_out
-                ),
-                media_type="text/event-stream",
-            )
-        texts, finishes = [""] * body.n, [None] * body.n
+
+    async def collect_chat(
+        self, job: ChatJob, events: asyncio.Queue[Any], ident: str, deadline: float
+    ) -> JSONResponse:
+        """Await the whole answer of every choice, then one ``chat.completion`` body."""
+        texts, finishes = [""] * job.n, [None] * job.n
         try:
             while True:
-                left = deadline - time.monotonic()
-                event = await asyncio.wait_for(events.get(), max(left, 0.001))
+                event = await self.next_event(job, events, deadline)
                 if isinstance(event, Delta):
                     texts[event.index] += event.text
                     finishes[event.index] = event.finish or finishes[event.index]
                 elif isinstance(event, Done):
                     break
-        except TimeoutError as exc:
-            worker.cancel(job)
-            raise timed_out() from exc
         except asyncio.CancelledError:
-            worker.cancel(job)
+            self.worker.cancel(job)
             raise
         if event.error:
             raise ApiError(500, event.error, kind="server_error", code="engine_error")
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "finish_reason": finishes[i],
+                "logprobs": None,
+            }
+            for i in range(job.n)
+        ]
+        header = _Chunks(ident, int(time.time()), self.options.model_name)
         return JSONResponse(
             {
-                "id": ident,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": options.model_name,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": texts[i]},
-                        "finish_reason": finishes[i],
-                        "logprobs": None,
-                    }
-                    for i in range(body.n)
-                ],
-                "usage": _usage(prompt_tokens, event.completion_tokens),
+                **header.fields("chat.completion"),
+                "choices": choices,
+                "usage": _usage(len(job.answer.ids), event.completion_tokens),
             }
         )
 
-    @app.post("/v1/images/generations", response_model=None)
-    async def images(body: ImageRequest) -> JSONResponse:
-        deadline = time.monotonic() + options.timeout
-        check_model(body.model)
-        check_n(body.n)
+    async def stream_chat(
+        self, job: ChatJob, events: asyncio.Queue[Any], ident: str, include_usage: bool, deadline: float
+    ) -> AsyncIterator[str]:
+        """Server-sent events of a chat job: a role chunk per choice, a chunk per text delta, the finish chunks,
+        the usage chunk when asked, ``[DONE]``. A timeout or an engine failure mid-stream ends it with an error
+        event (the status line was sent already)."""
+        chunks = _Chunks(ident, int(time.time()), self.options.model_name)
+        try:
+            for index in range(job.n):
+                yield chunks.choice(index, {"role": "assistant", "content": ""})
+            while True:
+                try:
+                    event = await self.next_event(job, events, deadline)
+                except ApiError as exc:  # the timeout, after the job was cancelled
+                    yield _sse(exc.body())
+                    return
+                if isinstance(event, Delta):
+                    if event.text:
+                        yield chunks.choice(event.index, {"content": event.text})
+                    if event.finish is not None:
+                        yield chunks.choice(event.index, {}, event.finish)
+                elif isinstance(event, Done):
+                    if event.error:
+                        yield _sse(ApiError(500, event.error, kind="server_error").body())
+                        return
+                    if include_usage:
+                        yield chunks.usage(len(job.answer.ids), event.completion_tokens)
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not job.ended:
+                self.worker.cancel(job)
+
+    # ---- image generations ----
+
+    async def images(self, body: ImageRequest) -> JSONResponse:
+        deadline = time.monotonic() + self.options.timeout
+        self.check_model(body.model)
+        self.check_n(body.n)
         if body.response_format != "b64_json":
             raise bad_request(
                 "response_format must be 'b64_json': this server stores no files to link", "response_format"
             )
-        size = None
-        if body.size is not None:
-            size = parse_size(body.size)
-            if size[0] * size[1] > limits.max_image_pixels:
-                raise bad_request(
-                    f"size {body.size} exceeds --max-image-pixels {limits.max_image_pixels}", "size"
-                )
-            try:
-                solver.grid_size(size)
-            except ValueError as exc:
-                raise bad_request(str(exc), "size") from exc
-        options_ = {
+        options = {
             "cfg": body.cfg,
             "image_top_k": body.image_top_k,
             "temperature": body.temperature,
-            "size": size,
+            "size": self.image_size(body.size),
             "seed": secrets.randbits(31) if body.seed is None else body.seed,
         }
         events: asyncio.Queue[Any] = asyncio.Queue()
-        job = ImageJob(body.prompt, body.n, options_, poster(asyncio.get_running_loop(), events))
-        submit(job)
-        try:
-            result: Images = await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError as exc:
-            worker.cancel(job)
-            raise timed_out() from exc
+        job = ImageJob(body.prompt, body.n, options, poster(asyncio.get_running_loop(), events))
+        self.submit(job)
+        result: Images = await self.next_event(job, events, deadline)
         if result.error:
             if result.client_error:
                 raise bad_request(result.error)
             raise ApiError(500, result.error, kind="server_error", code="engine_error")
-        data = []
-        for picture in result.pictures:
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            data.append(
-                {"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "revised_prompt": None}
-            )
-        return JSONResponse({"created": int(time.time()), "data": data})
+        return JSONResponse({"created": int(time.time()), "data": [_png_entry(p) for p in result.pictures]})
 
-    return app
+    def image_size(self, text: str | None) -> tuple[int, int] | None:
+        """The request's ``size`` as (height, width), or None for the config's; within
+        ``--max-image-pixels`` and a size the VQ grid can take."""
+        if text is None:
+            return None
+        size = parse_size(text)
+        if size[0] * size[1] > self.limits.max_image_pixels:
+            raise bad_request(
+                f"size {text} exceeds --max-image-pixels {self.limits.max_image_pixels}", "size"
+            )
+        try:
+            self.solver.grid_size(size)
+        except ValueError as exc:
+            raise bad_request(str(exc), "size") from exc
+        return size
+
+
+def _png_entry(picture: Image.Image) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return {"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii"), "revised_prompt": None}
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -318,66 +405,22 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _stream(
-    job: ChatJob,
-    events: asyncio.Queue[Any],
-    worker: EngineWorker,
-    ident: str,
-    model: str,
-    prompt_tokens: int,
-    include_usage: bool,
-    deadline: float,
-    timed_out: Any,
-) -> AsyncIterator[str]:
-    """Server-sent events of a chat job: a role chunk per choice, a chunk per text delta, the finish chunks,
-    the usage chunk when asked, ``[DONE]``. A timeout or an engine failure mid-stream ends it with an error
-    event (the status line was sent already)."""
-    created = int(time.time())
+@dataclass(frozen=True)
+class _Chunks:
+    """What every body of one completion carries (id, created, model), and its stream's chunks."""
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
+    ident: str
+    created: int
+    model: str
+
+    def fields(self, kind: str) -> dict[str, Any]:
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.model}
+
+    def choice(self, index: int, delta: dict[str, Any], finish: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return _sse(
-            {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-        )
+        return _sse({**self.fields("chat.completion.chunk"), "choices": [choice]})
 
-    try:
-        for index in range(job.n):
-            yield chunk(index, {"role": "assistant", "content": ""})
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                worker.cancel(job)
-                yield _sse(timed_out().body())
-                return
-            if isinstance(event, Delta):
-                if event.text:
-                    yield chunk(event.index, {"content": event.text})
-                if event.finish is not None:
-                    yield chunk(event.index, {}, event.finish)
-            elif isinstance(event, Done):
-                if event.error:
-                    yield _sse(ApiError(500, event.error, kind="server_error").body())
-                    return
-                if include_usage:
-                    yield _sse(
-                        {
-                            "id": ident,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": _usage(prompt_tokens, event.completion_tokens),
-                        }
-                    )
-                yield "data: [DONE]\n\n"
-                return
-    finally:
-        if not job.ended:
-            worker.cancel(job)
+    def usage(self, prompt: int, completion: int) -> str:
+        return _sse(
+            {**self.fields("chat.completion.chunk"), "choices": [], "usage": _usage(prompt, completion)}
+        )
