@@ -152,14 +152,140 @@ def chat_messages(question: str, uploads: Sequence[str], pieces: Sequence[Piece]
     return messages
 
 
+@dataclass(frozen=True)
+class ChatPanel:
+    """The chat column's inputs and outputs."""
+
+    chatbot: gradio.Chatbot
+    question: gradio.MultimodalTextbox
+    temperature: gradio.Slider
+    max_new_tokens: gradio.Slider
+    new_chat: gradio.Button
+
+
+@dataclass(frozen=True)
+class DrawPanel:
+    """The text-to-image column's inputs and output; its seed slider serves the chat too."""
+
+    prompt: gradio.Textbox
+    button: gradio.Button
+    drawn: gradio.Image
+    cfg: gradio.Slider
+    top_k: gradio.Slider
+    temperature: gradio.Slider
+    seed: gradio.Slider
+
+
 def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gradio.Blocks:
     """The page: the chat and text-to-image panels wired to ``solver`` (not launched)."""
     gr = _gradio()
     gen = solver.config.generation
-    limit = solver.model.config.lm.max_position_embeddings
-    codebook = solver.vq.config.codebook_size
     height, width = solver.grid_size()
     side = gen.image_size if isinstance(gen.image_size, int) else max(gen.image_size)
+    on_ask, on_draw = _ask_handler(solver), _draw_handler(solver)
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {title}\nChat about images on the left, draw from text on the right "
+            f"({side} px pictures, {height}x{width} codes)."
+        )
+        conversation = gr.State(Conversation())
+        with gr.Row(equal_height=False):
+            chat = _chat_column(solver)
+            drawing = _draw_column(solver)
+        chat.question.submit(
+            on_ask,
+            [chat.question, chat.chatbot, conversation, chat.temperature, chat.max_new_tokens, drawing.seed],
+            [chat.chatbot, conversation, chat.question],
+            concurrency_limit=1,
+            concurrency_id=MODEL_QUEUE,
+        )
+        chat.new_chat.click(lambda: ([], Conversation()), None, [chat.chatbot, conversation])
+        for event in (drawing.button.click, drawing.prompt.submit):
+            event(
+                on_draw,
+                [drawing.prompt, drawing.cfg, drawing.top_k, drawing.temperature, drawing.seed],
+                drawing.drawn,
+                concurrency_limit=1,
+                concurrency_id=MODEL_QUEUE,
+            )
+    return demo
+
+
+def _chat_column(solver: InferenceSolver) -> ChatPanel:
+    """The chat column, laid out inside the open Blocks: conversation, question box, sliders, reset."""
+    gr = _gradio()
+    limit = solver.model.config.lm.max_position_embeddings
+    with gr.Column():
+        gr.Markdown("## Chat")
+        chatbot = gr.Chatbot(
+            label="Conversation", elem_id="chatbot", height=420, buttons=["copy", "copy_all"]
+        )
+        question = gr.MultimodalTextbox(
+            placeholder="Upload an image (clip) and ask about it; Enter sends",
+            file_types=["image"],
+            file_count="multiple",
+            sources=["upload"],
+            show_label=False,
+            elem_id="chat-input",
+        )
+        with gr.Row():
+            temperature = gr.Slider(
+                0, 2, value=0, step=0.05, label="temperature (0: greedy)", elem_id="chat-temperature"
+            )
+            max_new = gr.Slider(
+                1,
+                limit,
+                value=min(solver.config.generation.max_new_tokens, limit),
+                step=1,
+                label="max new tokens",
+            )
+        new_chat = gr.Button("New conversation", elem_id="new-chat")
+    return ChatPanel(chatbot, question, temperature, max_new, new_chat)
+
+
+def _draw_column(solver: InferenceSolver) -> DrawPanel:
+    """The text-to-image column, laid out inside the open Blocks: prompt, button, picture, sampling sliders."""
+    gr = _gradio()
+    gen = solver.config.generation
+    codebook = solver.vq.config.codebook_size
+    with gr.Column():
+        gr.Markdown("## Text to image")
+        prompt = gr.Textbox(
+            label="Prompt", placeholder="a red circle above a blue square", elem_id="draw-prompt"
+        )
+        button = gr.Button("Draw", variant="primary", elem_id="draw-button")
+        drawn = gr.Image(
+            label="Drawn image",
+            type="pil",
+            format="png",
+            interactive=False,
+            height=320,
+            buttons=["download", "fullscreen"],
+            elem_id="drawn",
+        )
+        with gr.Row():
+            cfg = gr.Slider(
+                0, max(10.0, gen.cfg_scale), value=gen.cfg_scale, step=0.5, label="cfg scale (1: none)"
+            )
+            top_k = gr.Slider(
+                0,
+                codebook,
+                # k beyond the codebook keeps every code, as the whole codebook does
+                value=min(gen.image_top_k or 0, codebook),
+                step=1,
+                label="image top-k (0: every code)",
+            )
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="temperature (0: greedy)")
+            seed = gr.Slider(
+                0, SEED_MAX, value=min(gen.seed, SEED_MAX), step=1, label="seed (also the chat's)"
+            )
+    return DrawPanel(prompt, button, drawn, cfg, top_k, temperature, seed)
+
+
+def _ask_handler(solver: InferenceSolver) -> Callable[..., tuple[list[dict[str, Any]], Conversation, Any]]:
+    """The chat's event: one turn of :func:`ask`; a question the model refuses is a toast, not a turn."""
+    gr = _gradio()
 
     def on_ask(
         message: dict[str, Any],
@@ -186,6 +312,13 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
         history = [*history, *chat_messages(text.strip(), uploads, reply.pieces)]
         return history, reply.conversation, gr.MultimodalTextbox(value=None)
 
+    return on_ask
+
+
+def _draw_handler(solver: InferenceSolver) -> Callable[..., Image.Image]:
+    """The drawing's event: :func:`draw` with Gradio's progress bar advancing a grid row at a time."""
+    gr = _gradio()
+    height = solver.grid_size()[0]
     bar = gr.Progress()  # a marker default: Gradio hands each call its own tracker in its place
 
     def on_draw(
@@ -214,89 +347,7 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"# {title}\nChat about images on the left, draw from text on the right "
-            f"({side} px pictures, {height}x{width} codes)."
-        )
-        conversation = gr.State(Conversation())
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                gr.Markdown("## Chat")
-                chatbot = gr.Chatbot(
-                    label="Conversation", elem_id="chatbot", height=420, buttons=["copy", "copy_all"]
-                )
-                question = gr.MultimodalTextbox(
-                    placeholder="Upload an image (clip) and ask about it; Enter sends",
-                    file_types=["image"],
-                    file_count="multiple",
-                    sources=["upload"],
-                    show_label=False,
-                    elem_id="chat-input",
-                )
-                with gr.Row():
-                    text_temperature = gr.Slider(
-                        0, 2, value=0, step=0.05, label="temperature (0: greedy)", elem_id="chat-temperature"
-                    )
-                    max_new = gr.Slider(
-                        1, limit, value=min(gen.max_new_tokens, limit), step=1, label="max new tokens"
-                    )
-                new_chat = gr.Button("New conversation", elem_id="new-chat")
-            with gr.Column():
-                gr.Markdown("## Text to image")
-                prompt = gr.Textbox(
-                    label="Prompt", placeholder="a red circle above a blue square", elem_id="draw-prompt"
-                )
-                draw_button = gr.Button("Draw", variant="primary", elem_id="draw-button")
-                drawn = gr.Image(
-                    label="Drawn image",
-                    type="pil",
-                    format="png",
-                    interactive=False,
-                    height=320,
-                    buttons=["download", "fullscreen"],
-                    elem_id="drawn",
-                )
-                with gr.Row():
-                    cfg = gr.Slider(
-                        0,
-                        max(10.0, gen.cfg_scale),
-                        value=gen.cfg_scale,
-                        step=0.5,
-                        label="cfg scale (1: none)",
-                    )
-                    top_k = gr.Slider(
-                        0,
-                        codebook,
-                        # k beyond the codebook keeps every code, as the whole codebook does
-                        value=min(gen.image_top_k or 0, codebook),
-                        step=1,
-                        label="image top-k (0: every code)",
-                    )
-                with gr.Row():
-                    temperature = gr.Slider(
-                        0, 2, value=gen.temperature, step=0.05, label="temperature (0: greedy)"
-                    )
-                    seed = gr.Slider(
-                        0, SEED_MAX, value=min(gen.seed, SEED_MAX), step=1, label="seed (also the chat's)"
-                    )
-        question.submit(
-            on_ask,
-            [question, chatbot, conversation, text_temperature, max_new, seed],
-            [chatbot, conversation, question],
-            concurrency_limit=1,
-            concurrency_id=MODEL_QUEUE,
-        )
-        new_chat.click(lambda: ([], Conversation()), None, [chatbot, conversation])
-        for event in (draw_button.click, prompt.submit):
-            event(
-                on_draw,
-                [prompt, cfg, top_k, temperature, seed],
-                drawn,
-                concurrency_limit=1,
-                concurrency_id=MODEL_QUEUE,
-            )
-    return demo
+    return on_draw
 
 
 def launch(demo: gradio.Blocks, host: str = "127.0.0.1", port: int = 7860) -> None:
