@@ -33,15 +33,18 @@ from typing import Any
 import torch
 
 from unified_mllm import io
-from unified_mllm.cli import add_debug_argument, one_line_errors
-from unified_mllm.config import ConfigError, load_config
+from unified_mllm.cli import one_line_errors
+from unified_mllm.config import Config, ConfigError
+from unified_mllm.eval.cli_common import (
+    CONFIG_YAML,
+    add_config_arguments,
+    add_run_arguments,
+    at_least_one,
+    export_config,
+    run_options,
+)
 from unified_mllm.eval.tasks import Solver, Task, check_limit, get_task, markdown_table, task_names
 
-# The resolved training config in an export (unified_mllm.model.export.CONFIG_YAML, named here so that a bad
-# --model fails in a moment instead of after importing the training stack).
-CONFIG_YAML = "config.yaml"
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALL_UNDERSTANDING = "all-understanding"
 ABLATIONS = ("features", "codes")  # InferenceSolver.ablation's kinds (the solver module is imported lazily)
 # InferenceSolver.from_pretrained's quantize modes (unified_mllm.infer.quantize.QUANT_MODES), named here too so
@@ -79,32 +82,9 @@ def evaluate(
     ``quantize`` (``--quantize``): the LM's linear layers in int8 / int4 (:mod:`unified_mllm.infer.quantize`).
     """
     path = Path(export_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model export directory not found: {path}")
-    if not (path / CONFIG_YAML).is_file():
-        raise FileNotFoundError(
-            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
-            "is it a finished export of `python -m unified_mllm.train`?"
-        )
-    check_limit(limit, batch_size)
-    if quantize is not None and quantize not in QUANT_MODES:
-        raise ValueError(f"--quantize takes {', '.join(QUANT_MODES)}, got {quantize!r}")
-    unknown = sorted(set(ablate) - set(ABLATIONS))
-    if unknown:
-        raise ValueError(f"--ablate takes {', '.join(ABLATIONS)}, got {', '.join(unknown)}")
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    # The export's config.yaml, then config_files, then key=value overrides, validated.
-    config = load_config([path / CONFIG_YAML, *config_files], overrides)
-    if task_name == ALL_UNDERSTANDING:
-        if data is None:
-            raise FileNotFoundError(
-                f"--task {ALL_UNDERSTANDING} needs --data ROOT, the folder of benchmark files"
-            )
-        tasks = _found_understanding_tasks(Path(data).expanduser(), options)
-    else:
-        tasks = [_make_task(task_name, data, options)]
-    for task in tasks:
-        task.check(config)
+    _check_inputs(path, limit, batch_size, quantize, ablate)
+    config = export_config(path, config_files, overrides)
+    tasks = _tasks(task_name, data, {k: v for k, v in (options or {}).items() if v is not None}, config)
     if solver is None:
         # Imported here: the driver's checks need no model code.
         from unified_mllm.infer.solver import InferenceSolver
@@ -129,6 +109,41 @@ def evaluate(
     if task_name != ALL_UNDERSTANDING:
         return results[tasks[0].name]
     return _write_summary(tasks, results, base, str(path))
+
+
+def _check_inputs(
+    path: Path, limit: int | None, batch_size: int, quantize: str | None, ablate: Sequence[str]
+) -> None:
+    """The export is one, and the flags that need no config are valid."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model export directory not found: {path}")
+    if not (path / CONFIG_YAML).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG_YAML} (the resolved training config every export carries); "
+            "is it a finished export of `python -m unified_mllm.train`?"
+        )
+    check_limit(limit, batch_size)
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ValueError(f"--quantize takes {', '.join(QUANT_MODES)}, got {quantize!r}")
+    unknown = sorted(set(ablate) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"--ablate takes {', '.join(ABLATIONS)}, got {', '.join(unknown)}")
+
+
+def _tasks(task_name: str, data: str | Path | None, options: dict[str, Any], config: Config) -> list[Task]:
+    """The task named (or every understanding benchmark found under ``data``), each checked against
+    ``config`` before any model loads."""
+    if task_name == ALL_UNDERSTANDING:
+        if data is None:
+            raise FileNotFoundError(
+                f"--task {ALL_UNDERSTANDING} needs --data ROOT, the folder of benchmark files"
+            )
+        tasks = _found_understanding_tasks(Path(data).expanduser(), options)
+    else:
+        tasks = [_make_task(task_name, data, options)]
+    for task in tasks:
+        task.check(config)
+    return tasks
 
 
 def _ablation(
@@ -224,16 +239,6 @@ def _write_summary(
     return summary
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unified_mllm.eval",
@@ -250,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         "--split", choices=("val", "test"), help="shapesbench: the world's split to measure on (default test)"
     )
     parser.add_argument(
-        "--images-per-prompt", type=_at_least_one, help="generation benchmarks: images per prompt"
+        "--images-per-prompt", type=at_least_one, help="generation benchmarks: images per prompt"
     )
     parser.add_argument(
         "--scores", help="generation benchmarks: the results file of the benchmark's own scorer"
@@ -264,22 +269,15 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the understanding part with image-span branches removed: features (SigLIP features "
         "zeroed), codes (VQ codes random) or all; writes ablation.md beside the results",
     )
-    parser.add_argument("--limit", type=_at_least_one, help="evaluate at most N samples of each part")
-    parser.add_argument("--batch-size", type=_at_least_one, default=32, help="rows per solver call (32)")
-    parser.add_argument("--output", help="results directory (default: MODEL/eval/<task>)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the solver's)")
+    add_run_arguments(
+        parser, limit_help="evaluate at most N samples of each part", output_default="eval/<task>"
+    )
     parser.add_argument(
         "--quantize",
         choices=QUANT_MODES,
         help="LM linear layers in int8, or int4 (CUDA, --dtype bfloat16); needs torchao (the adapt extra)",
     )
-    parser.add_argument("--config", action="append", default=[], help="YAML merged over the export's config")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    add_debug_argument(parser)
-    parser.add_argument(
-        "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"
-    )
+    add_config_arguments(parser, progress_help="hide the progress bars")
     return parser
 
 
@@ -290,14 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluate(
             args.task,
             args.model,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            output=args.output,
-            device=args.device,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            config_files=args.config,
-            overrides=args.overrides,
-            progress=not args.no_progress,
+            **run_options(args),
             data=args.data,
             options={
                 "restart": args.restart,

@@ -38,15 +38,22 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unified_mllm import io
-from unified_mllm.cli import add_debug_argument, one_line_errors
-from unified_mllm.config import Config, ConfigError, load_config
-from unified_mllm.eval.__main__ import CONFIG_YAML, DTYPES
+from unified_mllm.cli import one_line_errors
+from unified_mllm.config import Config, ConfigError
+from unified_mllm.eval.cli_common import (
+    CONFIG_YAML,
+    add_config_arguments,
+    add_run_arguments,
+    export_config,
+    run_options,
+)
 from unified_mllm.eval.shapesbench import JSON_FILE, PARTS, ShapesBench
 from unified_mllm.eval.sweep_report import write_report
 from unified_mllm.eval.tasks import Solver, check_limit
@@ -75,6 +82,7 @@ RUNS_DIR = "runs"
 MODEL_FILES = ("model.safetensors", CONFIG_YAML)
 
 Setting = dict[str, float]
+Grid = tuple[dict[str, list[float]], list[Setting]]  # one part's axes and its settings
 
 
 def setting_grid(axes: dict[str, Sequence[float]], greedy: tuple[str, str]) -> list[Setting]:
@@ -161,54 +169,6 @@ def _understanding_row(result: dict[str, Any]) -> dict[str, Any]:
 ROWS = {"generation": _generation_row, "understanding": _understanding_row}
 
 
-def run_setting(
-    part: str,
-    setting: Setting,
-    solver: Solver,
-    config: Config,
-    *,
-    split: str,
-    limit: int | None,
-    batch_size: int,
-    output_dir: Path,
-    identity: dict[str, Any],
-) -> tuple[dict[str, Any], bool]:
-    """ShapesBench's ``part`` under ``setting`` (config.generation fields), or its cached result when one was
-    made with the same model, data and settings; returns (the row of scores, whether it was cached)."""
-    config = copy.deepcopy(config)
-    for key, value in setting.items():
-        setattr(config.generation, key, value)
-    task = ShapesBench(parts=(part,), split=split)
-    fingerprint = {
-        "model": identity,
-        "part": part,
-        "split": split,
-        "limit": limit,
-        "batch_size": batch_size,  # sets which seed each prompt is drawn with
-        "num_prompts": task.num_prompts,
-        "prompt_seed": task.prompt_seed,
-        "data_root": str(Path(config.data.root).expanduser()),
-        "world": dataclasses.asdict(config.data.world),
-        "generation": dataclasses.asdict(config.generation),
-    }
-    record_file = output_dir / SETTING_FILE
-    cached = io.finished_output(record_file, {"fingerprint": fingerprint}, [JSON_FILE])
-    if cached is not None:
-        return cached["row"], True
-    result = task.run(
-        solver,
-        config,
-        limit=limit,
-        batch_size=batch_size,
-        output_dir=output_dir,
-        progress=False,
-        model_name=identity["path"],
-    )
-    row = {"setting": setting, "dir": str(output_dir), **ROWS[part](result)}
-    io.write_json(record_file, {"fingerprint": fingerprint, "row": row})
-    return row, False
-
-
 def sweep(
     export_dir: str | Path,
     *,
@@ -229,6 +189,30 @@ def sweep(
 
     ``axes`` maps config.generation field names (:data:`AXES`) to the values to try; a field left out keeps
     the config's value. ``solver`` replaces the export's InferenceSolver (tests pass a fake)."""
+    check_request(split, parts, axes or {})
+    check_limit(limit, batch_size)
+    export = Path(export_dir).expanduser()
+    if not (export / CONFIG_YAML).is_file():
+        raise FileNotFoundError(f"{export} is not a model export: it has no {CONFIG_YAML}")
+    config = export_config(export, config_files, overrides)
+    grids = part_grids(config, parts, axes or {}, split)
+    if solver is None:
+        from unified_mllm.infer.solver import InferenceSolver  # the checks above need no model code
+
+        solver = InferenceSolver.from_pretrained(export, device=device, dtype=dtype)
+    out = Path(output).expanduser() if output is not None else export / DEFAULT_OUTPUT
+    runs = Runs(solver, config, split, limit, batch_size, out, model_identity(export))
+    summary: dict[str, Any] = {"model": str(export), "split": split, "limit": limit, "batch_size": batch_size}
+    summary["parts"] = measure_grids(grids, runs, progress)
+    summary.update(write_report(summary, out))
+    print(summary["table"])
+    for label, file in summary["files"].items():
+        print(f"{label}: {file}")
+    return summary
+
+
+def check_request(split: str, parts: Sequence[str], axes: dict[str, Sequence[float]]) -> None:
+    """The split is the one settings are chosen on, the parts are ShapesBench's, the axes are :data:`AXES`'."""
     if split != CHOICE_SPLIT:
         raise ValueError(
             f"the sweep chooses settings on the {CHOICE_SPLIT} split only, got --split {split}: settings chosen "
@@ -239,18 +223,20 @@ def sweep(
     if unknown or not parts:
         raise ValueError(f"--parts takes one or both of {', '.join(PARTS)}, got {', '.join(parts) or 'none'}")
     known = {name for names in AXES.values() for name in names}
-    if set(axes or {}) - known:
+    if set(axes) - known:
         raise ValueError(
-            f"the sweep varies {', '.join(sorted(known))}, not {', '.join(sorted(set(axes or {}) - known))}"
+            f"the sweep varies {', '.join(sorted(known))}, not {', '.join(sorted(set(axes) - known))}"
         )
-    check_limit(limit, batch_size)
-    export = Path(export_dir).expanduser()
-    if not (export / CONFIG_YAML).is_file():
-        raise FileNotFoundError(f"{export} is not a model export: it has no {CONFIG_YAML}")
-    config = load_config([export / CONFIG_YAML, *config_files], overrides)
+
+
+def part_grids(
+    config: Config, parts: Sequence[str], axes: dict[str, Sequence[float]], split: str
+) -> dict[str, Grid]:
+    """Each part's axes (the values given, else the config's one value) and its settings, in :data:`PARTS`'
+    order; each part's ShapesBench is checked against ``config`` before any model loads."""
     grids = {}
     for part in (p for p in PARTS if p in parts):
-        given = {name: (axes or {}).get(name) for name in AXES[part]}
+        given = {name: axes.get(name) for name in AXES[part]}
         part_axes = {
             name: check_axis(name, values, integer=name.endswith("top_k"))
             if values is not None
@@ -259,36 +245,80 @@ def sweep(
         }
         grids[part] = (part_axes, setting_grid(part_axes, GREEDY[part]))
         ShapesBench(parts=(part,), split=split).check(config)
-    if solver is None:
-        from unified_mllm.infer.solver import InferenceSolver  # the checks above need no model code
+    return grids
 
-        solver = InferenceSolver.from_pretrained(export, device=device, dtype=dtype)
-    out = Path(output).expanduser() if output is not None else export / DEFAULT_OUTPUT
-    identity = model_identity(export)
+
+@dataclass(frozen=True)
+class Runs:
+    """What every setting's run shares: the solver, the config the settings change, the data and where the
+    runs go (``out/runs/<part>/<setting>``)."""
+
+    solver: Solver
+    config: Config
+    split: str
+    limit: int | None
+    batch_size: int
+    out: Path
+    identity: dict[str, Any]
+
+    def run(self, part: str, setting: Setting) -> tuple[dict[str, Any], bool]:
+        """ShapesBench's ``part`` under ``setting`` (config.generation fields), or its cached result when one
+        was made with the same model, data and settings; returns (the row of scores, whether it was cached)."""
+        config = copy.deepcopy(self.config)
+        for key, value in setting.items():
+            setattr(config.generation, key, value)
+        task = ShapesBench(parts=(part,), split=self.split)
+        output_dir = self.out / RUNS_DIR / part / setting_name(setting)
+        record_file = output_dir / SETTING_FILE
+        fingerprint = self.fingerprint(part, task, config)
+        cached = io.finished_output(record_file, {"fingerprint": fingerprint}, [JSON_FILE])
+        if cached is not None:
+            return cached["row"], True
+        result = task.run(
+            self.solver,
+            config,
+            limit=self.limit,
+            batch_size=self.batch_size,
+            output_dir=output_dir,
+            progress=False,
+            model_name=self.identity["path"],
+        )
+        row = {"setting": setting, "dir": str(output_dir), **ROWS[part](result)}
+        io.write_json(record_file, {"fingerprint": fingerprint, "row": row})
+        return row, False
+
+    def fingerprint(self, part: str, task: ShapesBench, config: Config) -> dict[str, Any]:
+        """Everything a setting's result depends on: a cached result with another fingerprint is run again."""
+        return {
+            "model": self.identity,
+            "part": part,
+            "split": self.split,
+            "limit": self.limit,
+            "batch_size": self.batch_size,  # sets which seed each prompt is drawn with
+            "num_prompts": task.num_prompts,
+            "prompt_seed": task.prompt_seed,
+            "data_root": str(Path(config.data.root).expanduser()),
+            "world": dataclasses.asdict(config.data.world),
+            "generation": dataclasses.asdict(config.generation),
+        }
+
+
+def measure_grids(grids: dict[str, Grid], runs: Runs, progress: bool) -> dict[str, Any]:
+    """Every setting of every part measured (one progress step each) and each part's choice: what
+    ``sweep.json`` holds under ``parts``."""
     total = sum(len(settings) for _, settings in grids.values())
     bar = progress_bar(total=total, desc="sweep", unit="setting", disable=not progress)
-    summary: dict[str, Any] = {"model": str(export), "split": split, "limit": limit, "batch_size": batch_size}
-    summary["parts"] = {}
+    measured: dict[str, Any] = {}
     for part, (part_axes, settings) in grids.items():
         rows, reused = [], 0
         for setting in settings:
             bar.set_postfix_str(f"{part} {setting_name(setting)}")
-            row, cached = run_setting(
-                part,
-                setting,
-                solver,
-                config,
-                split=split,
-                limit=limit,
-                batch_size=batch_size,
-                output_dir=out / RUNS_DIR / part / setting_name(setting),
-                identity=identity,
-            )
+            row, cached = runs.run(part, setting)
             rows.append(row)
             reused += cached
             bar.update(1)
         best = choose(rows)
-        summary["parts"][part] = {
+        measured[part] = {
             "axes": part_axes,
             "rows": rows,
             "chosen": rows[best]["setting"],
@@ -296,11 +326,7 @@ def sweep(
             "reused": reused,
         }
     bar.close()
-    summary.update(write_report(summary, out))
-    print(summary["table"])
-    for label, file in summary["files"].items():
-        print(f"{label}: {file}")
-    return summary
+    return measured
 
 
 def _floats(text: str) -> float:
@@ -308,12 +334,6 @@ def _floats(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
-def _at_least_one(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -326,17 +346,10 @@ def _parser() -> argparse.ArgumentParser:
     for dest, (flag, text) in FLAGS.items():
         parser.add_argument(flag, dest=dest, nargs="+", type=_floats, help=f"{text}; default: the config's")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to sweep (both)")
-    parser.add_argument("--limit", type=_at_least_one, help="val prompts and val scenes per setting")
-    parser.add_argument("--batch-size", type=_at_least_one, default=32, help="rows per solver call (32)")
-    parser.add_argument("--output", help=f"results directory (default: MODEL/{DEFAULT_OUTPUT})")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the solver's)")
-    parser.add_argument("--config", action="append", default=[], help="YAML merged over the export's config")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_debug_argument(parser)
-    parser.add_argument(
-        "overrides", nargs="*", help="key.sub=value overrides (see python -m unified_mllm.config)"
+    add_run_arguments(
+        parser, limit_help="val prompts and val scenes per setting", output_default=DEFAULT_OUTPUT
     )
+    add_config_arguments(parser, progress_help="hide the progress bar")
     return parser
 
 
@@ -349,14 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             axes={name: values for name, values in axes.items() if values is not None},
             parts=args.parts,
             split=args.split,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            output=args.output,
-            device=args.device,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            config_files=args.config,
-            overrides=args.overrides,
-            progress=not args.no_progress,
+            **run_options(args),
         )
 
 
