@@ -182,7 +182,6 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
     gen = solver.config.generation
     height, width = solver.grid_size()
     side = gen.image_size if isinstance(gen.image_size, int) else max(gen.image_size)
-    on_ask, on_draw = _ask_handler(solver), _draw_handler(solver)
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(
             f"# {title}\nChat about images on the left, draw from text on the right "
@@ -192,23 +191,29 @@ def build_demo(solver: InferenceSolver, title: str = "unified_mllm demo") -> gra
         with gr.Row(equal_height=False):
             chat = _chat_column(solver)
             drawing = _draw_column(solver)
-        chat.question.submit(
-            on_ask,
-            [chat.question, chat.chatbot, conversation, chat.temperature, chat.max_new_tokens, drawing.seed],
-            [chat.chatbot, conversation, chat.question],
+        _wire(solver, chat, drawing, conversation)
+    return demo
+
+
+def _wire(solver: InferenceSolver, chat: ChatPanel, drawing: DrawPanel, conversation: gradio.State) -> None:
+    """The page's events, inside the open Blocks: every event that runs the model joins :data:`MODEL_QUEUE`."""
+    chat.question.submit(
+        _ask_handler(solver),
+        [chat.question, chat.chatbot, conversation, chat.temperature, chat.max_new_tokens, drawing.seed],
+        [chat.chatbot, conversation, chat.question],
+        concurrency_limit=1,
+        concurrency_id=MODEL_QUEUE,
+    )
+    chat.new_chat.click(lambda: ([], Conversation()), None, [chat.chatbot, conversation])
+    on_draw = _draw_handler(solver)
+    for event in (drawing.button.click, drawing.prompt.submit):
+        event(
+            on_draw,
+            [drawing.prompt, drawing.cfg, drawing.top_k, drawing.temperature, drawing.seed],
+            drawing.drawn,
             concurrency_limit=1,
             concurrency_id=MODEL_QUEUE,
         )
-        chat.new_chat.click(lambda: ([], Conversation()), None, [chat.chatbot, conversation])
-        for event in (drawing.button.click, drawing.prompt.submit):
-            event(
-                on_draw,
-                [drawing.prompt, drawing.cfg, drawing.top_k, drawing.temperature, drawing.seed],
-                drawing.drawn,
-                concurrency_limit=1,
-                concurrency_id=MODEL_QUEUE,
-            )
-    return demo
 
 
 def _chat_column(solver: InferenceSolver) -> ChatPanel:
