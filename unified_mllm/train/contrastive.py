@@ -206,10 +206,13 @@ def train_contrastive(
     *,
     force: bool = False,
     progress: bool = True,
+    finish: Callable[[list[float]], None] | None = None,
 ) -> list[float]:
     """Run ``contrastive.max_steps`` optimizer steps on the run harness in ``contrastive.output_dir``
     (checkpoints, exact resume, ``metrics.jsonl``, ``loss_curves.png``), resumed from its newest checkpoint
-    made with the same settings (``force``: started over); returns the loss of every step."""
+    made with the same settings (``force``: started over); returns the loss of every step. ``finish`` is called
+    with those losses while the run directory is still locked (so a second launch cannot interleave its own
+    checkpoints with the export it writes)."""
     cfg = config.contrastive
     optimizer, shards = make_optimizer(model, cfg), _split_shards(config, cfg.train_split)
     schedule = make_schedule(optimizer, cfg)
@@ -272,6 +275,8 @@ def train_contrastive(
             harness.loop(run, cfg.max_steps, step, log_every=cfg.log_every, log=log, checkpoint=checkpoint)
         harness.save_curves(CURVE_PANELS)
         model.eval()
+        if finish is not None:
+            finish(losses)
         return losses
 
 
@@ -566,23 +571,28 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
         torch.manual_seed(cfg.seed)
         model = build_contrastive_model(vision, cfg, tokenizer.vocab_size, tokenizer.special_tokens().pad)
         start = time.perf_counter()
-        losses = train_contrastive(model, config, tokenizer, force=force, progress=progress)
-        seconds = time.perf_counter() - start
-        summary = {
-            "fingerprint": fingerprint(config),
-            "steps": len(losses),
-            "samples_seen": len(losses) * cfg.batch_size,
-            "train_seconds": round(seconds, 2),
-            "first_loss": losses[0],
-            "final_loss": float(np.mean(losses[-10:])),
-            "temperature": model.logit_scale.exp().item(),
-            "bias": model.logit_bias.item(),
-        }
-        save_contrastive(model, out_dir, summary)
-        print(
-            f"trained {len(losses)} steps in {seconds:.1f} s: loss {losses[0]:.3f} -> "
-            f"{summary['final_loss']:.3f}; saved to {out_dir}"
-        )
+        saved: dict[str, Any] = {}
+
+        def export(losses: list[float]) -> None:
+            seconds = time.perf_counter() - start
+            saved.update(
+                fingerprint=fingerprint(config),
+                steps=len(losses),
+                samples_seen=len(losses) * cfg.batch_size,
+                train_seconds=round(seconds, 2),
+                first_loss=losses[0],
+                final_loss=float(np.mean(losses[-10:])),
+                temperature=model.logit_scale.exp().item(),
+                bias=model.logit_bias.item(),
+            )
+            save_contrastive(model, out_dir, saved)
+            print(
+                f"trained {len(losses)} steps in {seconds:.1f} s: loss {losses[0]:.3f} -> "
+                f"{saved['final_loss']:.3f}; saved to {out_dir}"
+            )
+
+        train_contrastive(model, config, tokenizer, force=force, progress=progress, finish=export)
+        summary = saved
     samples = iter_samples(_split_shards(config, cfg.eval_split))
     result = evaluate_contrastive(model, tokenizer, samples, config, progress=progress)
     io.write_json(out_dir / EVAL_FILE, result)
