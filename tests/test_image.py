@@ -69,12 +69,16 @@ def test_unreadable_images_name_the_source(tmp_path: Path) -> None:
         load_image(truncated)
 
 
-def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_decompression_bomb_is_refused_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bomb = tmp_path / "bomb.png"
     Image.new("RGB", (100, 100)).save(bomb)
     # PIL refuses images over twice MAX_IMAGE_PIXELS; lower the limit rather than write a gigapixel file.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
-    with pytest.raises(ImageLoadError, match=r"unreadable image .*bomb\.png: Image size \(10000 pixels\) exceeds"):
+    with pytest.raises(
+        ImageLoadError, match=r"unreadable image .*bomb\.png: Image size \(10000 pixels\) exceeds"
+    ):
         load_image(bomb)
 
 
