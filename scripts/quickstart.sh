@@ -6,7 +6,16 @@
 # Artifacts go under $UMLLM_OUTPUT (default ~/.cache/unified_mllm); re-running reuses finished steps.
 # UMLLM_SELF_CHECK: scenes the judge self-check reads (default 200); UMLLM_BENCH_LIMIT: test scenes and
 # prompts ShapesBench evaluates (default 300); UMLLM_NPROC: training processes (default 2).
+# UMLLM_RECIPE: quickstart (default: stages 0/1/2 of configs/train/tiny-stage*.yaml, the 20-minute budget) or long
+# (configs/train/long-stage*.yaml: 2 400 / 150 / 600 steps and a VQA-only stage 3 of 1 800, about 65 min of
+# training on 2 cores; it shares the world, tokenizers and pre-tokenized shards with the quickstart).
 set -euo pipefail
+case "${UMLLM_RECIPE:-quickstart}" in
+    quickstart) stages=(tiny-stage0 tiny-stage1 tiny-stage2) ;;
+    long) stages=(long-stage0 long-stage1 long-stage2 long-stage3) ;;
+    *) echo "UMLLM_RECIPE must be 'quickstart' or 'long', not '$UMLLM_RECIPE'" >&2; exit 2 ;;
+esac
+steps=$((7 + ${#stages[@]}))
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/setup.sh
 source "$repo_root/scripts/setup.sh"
@@ -15,35 +24,36 @@ config=(--config configs/quickstart.yaml)
 # shellcheck source=scripts/pipeline.sh
 source "$repo_root/scripts/pipeline.sh"
 
-step "1/10 the synthetic world: train/val/test webdataset shards + statistics"
+step "1/$steps the synthetic world: train/val/test webdataset shards + statistics"
 python -m unified_mllm.data.shapes "${config[@]}" --stats "$@"
 
-step "2/10 the text tokenizer: sentencepiece on the world's corpus"
+step "2/$steps the text tokenizer: sentencepiece on the world's corpus"
 python -m unified_mllm.text train "${config[@]}" "$@"
 
-step "3/10 the judge's self-check: read-back accuracy on clean and degraded renders"
+step "3/$steps the judge's self-check: read-back accuracy on clean and degraded renders"
 python -m unified_mllm.eval.judge "${config[@]}" --self-check "${UMLLM_SELF_CHECK:-200}" "$@"
 
-step "4/10 the tiny VQ-GAN (64 px -> 8x8 codes) and its reconstructions"
+step "4/$steps the tiny VQ-GAN (64 px -> 8x8 codes) and its reconstructions"
 launch -m unified_mllm.train.tokenizer --config configs/tokenizer/vqgan-tiny.yaml --no-progress "$@"
 python -m unified_mllm.eval.tokenizer --config configs/tokenizer/vqgan-tiny.yaml \
     --limit "${UMLLM_BENCH_LIMIT:-300}" --no-progress "$@"
 
-step "5/10 the tiny SigLIP: sigmoid-loss pre-training on the captions"
+step "5/$steps the tiny SigLIP: sigmoid-loss pre-training on the captions"
 python -m unified_mllm.train.contrastive --config configs/tokenizer/siglip-tiny.yaml "$@"
 
-step "6/10 pre-tokenization: VQ codes and text ids once per sample"
+step "6/$steps pre-tokenization: VQ codes and text ids once per sample"
 python -m unified_mllm.data.pretokenize "${config[@]}" "$@"
 
-for stage in 0 1 2; do
-    step "$((7 + stage))/10 stage $stage ($nproc processes, FSDP2)"
-    launch -m unified_mllm.train --config "configs/train/tiny-stage$stage.yaml" "$@"
+for stage in "${!stages[@]}"; do
+    step "$((7 + stage))/$steps stage $stage ($nproc processes, FSDP2)"
+    launch -m unified_mllm.train --config "configs/train/${stages[stage]}.yaml" "$@"
 done
 
-step "10/10 ShapesBench on the stage-2 export"
-export_dir=$(python -m unified_mllm.config --config configs/train/tiny-stage2.yaml "$@" |
-    sed -n 's/^  export_dir: //p')
+last=$((${#stages[@]} - 1))
+step "$steps/$steps ShapesBench on the stage-$last export"
+last_config="configs/train/${stages[last]}.yaml"
+export_dir=$(python -m unified_mllm.config --config "$last_config" "$@" --get checkpoint.export_dir)
 python -m unified_mllm.eval --task shapesbench --model "$export_dir" --limit "${UMLLM_BENCH_LIMIT:-300}" \
-    --config configs/train/tiny-stage2.yaml "$@"
+    --config "$last_config" "$@"
 
 echo "== quickstart finished in $((SECONDS - pipeline_start)) s; artifacts under $(python -m unified_mllm.config "${config[@]}" "$@" | sed -n 's/^output_root: //p')"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import subprocess
 import sys
@@ -223,3 +224,15 @@ def test_relative_files_resolve_beside_the_yaml_or_in_the_repo(
     assert (
         load_config([tmp_path / "cfg" / "x.yaml"]).model.vq.checkpoint == "vq.ckpt"
     )  # the working dir first
+
+
+def test_the_longer_recipe_chains_its_stages_from_one_export_to_the_next() -> None:
+    stages = [load_config([REPO / "configs" / "train" / f"long-stage{i}.yaml"]) for i in range(4)]
+    assert [c.train.max_steps for c in stages] == [2400, 150, 600, 1800]
+    assert [c.train.stage for c in stages] == [0, 1, 2, 3]
+    assert stages[0].checkpoint.init_from is None
+    for previous, stage in itertools.pairwise(stages):
+        assert stage.checkpoint.init_from == previous.checkpoint.export_dir
+    assert [s.name for s in stages[3].data.sources] == ["vqa"]
+    quickstart = [load_config([REPO / "configs" / "train" / f"tiny-stage{i}.yaml"]) for i in range(3)]
+    assert not {c.checkpoint.dir for c in stages} & {c.checkpoint.dir for c in quickstart}

@@ -271,11 +271,22 @@ def test_cli_trains_saves_reuses_and_reports(
     assert evaluation["retrieval"]["num_pairs"] == 12
     assert_recalls_in_range(evaluation["retrieval"])
 
-    # Same settings: reused; only the prompt changes: still reused; a training setting changes: retrained.
+    # Same settings: the weights and the report are reused, and the report is printed as before.
+    C.main(cli_args(world, sp_model))
+    again = capsys.readouterr().out
+    assert "reusing the finished checkpoint" in again and "reusing the report" in again
+    assert again.splitlines()[-2:] == out.splitlines()[-2:]  # retrieval, zero-shot
+    # Only the prompt changes: the weights are reused and the report is scored again.
     C.main(cli_args(world, sp_model, "contrastive.prompt_template=a {shape} that is {color}"))
-    assert "reusing the finished checkpoint" in capsys.readouterr().out
+    changed = capsys.readouterr().out
+    assert "reusing the finished checkpoint" in changed and "reusing the report" not in changed
+    assert json.loads((out_dir / "eval.json").read_text())["evaluation_key"]["evaluation"][
+        "prompt_template"
+    ] == ("a {shape} that is {color}")
+    # A training setting changes: retrained, and scored.
     C.main(cli_args(world, sp_model, "contrastive.max_steps=2"))
-    assert "trained 2 steps" in capsys.readouterr().out
+    retrained = capsys.readouterr().out
+    assert "trained 2 steps" in retrained and "reusing the report" not in retrained
 
 
 def assert_recalls_in_range(retrieval: dict[str, Any]) -> None:
@@ -300,17 +311,15 @@ def test_cli_on_user_shards_reports_retrieval_and_no_zero_shot(
 
 
 def test_evaluation_without_captions_reports_no_retrieval(
-    sp_tokenizer: TextTokenizer, vision: VisionConfig, capsys: pytest.CaptureFixture[str]
+    sp_tokenizer: TextTokenizer, vision: VisionConfig
 ) -> None:
     config = load_config([REPO / "configs/quickstart.yaml"])
     config.contrastive = small_contrastive()
     model = build_contrastive_model(vision, config.contrastive, sp_tokenizer.vocab_size, 3)
     samples = [Sample(f"k{i}", Image.new("RGB", (64, 64)), {"vqa": []}, "shard") for i in range(3)]
-    assert C.evaluate_contrastive(model, sp_tokenizer, samples, config) == {
-        "split": "test",
-        "retrieval": None,
-    }
-    assert capsys.readouterr().out == "retrieval on test: no captioned images\n"
+    result = C.evaluate_contrastive(model, sp_tokenizer, samples, config)
+    assert result == {"split": "test", "retrieval": None}
+    assert C.report_lines(result) == ["retrieval on test: no captioned images"]
 
 
 def test_cli_names_missing_inputs(tmp_path: Path, sp_model: Path) -> None:

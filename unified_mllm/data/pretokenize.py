@@ -45,7 +45,7 @@ from unified_mllm.config import Config, TextTokenizerConfig, add_config_argument
 from unified_mllm.data.samples import PRETOKENIZED_KEY, RecordError, encode_record_texts
 from unified_mllm.data.shapes import SPLITS
 from unified_mllm.data.shards import CorruptShardError, Sample, add_member, iter_samples, list_shards
-from unified_mllm.io import atomic_path, read_json, remove_stale_temporaries, write_json
+from unified_mllm.io import atomic_path, file_digest, read_json, remove_stale_temporaries, write_json
 from unified_mllm.progress import progress as progress_bar
 from unified_mllm.text import TextTokenizer
 from unified_mllm.vision.image import to_rgb
@@ -63,15 +63,6 @@ class PretokenizeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: TextTokenizerConfig, num_image_codes: int) -> str:

@@ -11,7 +11,8 @@ the unified model reads its vision tower with :func:`unified_mllm.vision.siglip.
 ``model.vision.pretrained`` to that directory). ``contrastive.json`` beside it records what it was trained
 from, so a re-run with the same settings reuses it. The report at the end, on ``contrastive.eval_split``
 (``eval.json``), is what any captioned data allows (:func:`evaluate_contrastive`): image-text retrieval, and
-zero-shot classification where the records carry the world's ``objects``.
+zero-shot classification and linear probes where the records carry the world's ``objects``. A re-run that reuses
+the weights re-scores only when the report's inputs changed (:func:`evaluation_key`, stored in ``eval.json``).
 
     python -m unified_mllm.train.contrastive --config configs/quickstart.yaml [key=value ...]
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -63,6 +65,9 @@ from unified_mllm.vision.contrastive import (
 
 SUMMARY_FILE = "contrastive.json"
 EVAL_FILE = "eval.json"
+EVAL_KEY = "evaluation_key"  # in eval.json: what the report was computed from (evaluation_key)
+# Settings the report depends on beyond the training fingerprint.
+_EVALUATION_FIELDS = ("eval_split", "prompt_template", "probe_train_scenes")
 # Settings that do not change the trained weights, so a finished run is reused when only they differ.
 _NOT_TRAINING_FIELDS = (
     "output_dir",
@@ -428,7 +433,7 @@ def evaluate_contrastive(
     and, only when some records list ``objects`` and one of them is a single-object scene, ``zero_shot``
     (:func:`zero_shot_eval`), and with ``contrastive.probe_train_scenes`` the linear probes of the image side
     (``probes``: :func:`unified_mllm.train.contrastive_probes.probe_eval`, fitted on that many scenes of
-    ``train_split``). Prints one line for each.
+    ``train_split``). :func:`report_lines` words it for the console.
     """
     cfg, vision, world = config.contrastive, config.model.vision, config.data.world
     model.eval()
@@ -451,7 +456,6 @@ def evaluate_contrastive(
     if captions:
         image_embeds, text_embeds = (torch.cat(parts) for parts in zip(*embeds))
         result["retrieval"] = caption_retrieval(image_embeds, text_embeds, captions)
-    print(format_retrieval(result["retrieval"], cfg.eval_split))
     if annotated:
         zero_shot = zero_shot_eval(
             model,
@@ -466,7 +470,6 @@ def evaluate_contrastive(
         )
         if zero_shot["num_images"]:
             result["zero_shot"] = zero_shot
-            print(format_zero_shot(zero_shot, cfg.eval_split))
     if annotated and cfg.probe_train_scenes:
         train = itertools.islice(iter_samples(_split_shards(config, cfg.train_split)), cfg.probe_train_scenes)
         probes = probe_eval(
@@ -474,8 +477,18 @@ def evaluate_contrastive(
         )
         if probes is not None:
             result["probes"] = probes
-            print(format_probes(probes, cfg.eval_split))
     return result
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """:func:`evaluate_contrastive`'s result as console lines: retrieval, then zero-shot and probes when present."""
+    split = result["split"]
+    lines = [format_retrieval(result["retrieval"], split)]
+    if "zero_shot" in result:
+        lines.append(format_zero_shot(result["zero_shot"], split))
+    if "probes" in result:
+        lines.append(format_probes(result["probes"], split))
+    return lines
 
 
 def format_retrieval(result: dict[str, Any] | None, split: str) -> str:
@@ -593,10 +606,35 @@ def run_contrastive(config: Config, *, force: bool = False, progress: bool = Tru
 
         train_contrastive(model, config, tokenizer, force=force, progress=progress, finish=export)
         summary = saved
-    samples = iter_samples(_split_shards(config, cfg.eval_split))
-    result = evaluate_contrastive(model, tokenizer, samples, config, progress=progress)
-    io.write_json(out_dir / EVAL_FILE, result)
+    key = evaluation_key(config, out_dir)
+    stored = io.read_json(out_dir / EVAL_FILE)
+    if isinstance(stored, dict) and stored.pop(EVAL_KEY, None) == key:
+        print(f"reusing the report in {out_dir / EVAL_FILE} (same weights, data and evaluation settings)")
+        result = stored
+    else:
+        samples = iter_samples(_split_shards(config, cfg.eval_split))
+        result = evaluate_contrastive(model, tokenizer, samples, config, progress=progress)
+        io.write_json(out_dir / EVAL_FILE, {**result, EVAL_KEY: key})
+    print("\n".join(report_lines(result)))
     return {"summary": summary, **result, "output_dir": str(out_dir)}
+
+
+def evaluation_key(config: Config, out_dir: Path) -> dict[str, Any]:
+    """Everything the report depends on: the weights, the training fingerprint (tower, tokenizer), the world's
+    classes, the evaluation settings and the shards read (names, sizes, times). A stored report with the same
+    key is printed instead of re-scored: the probes' fit is most of a re-run's time."""
+    cfg = config.contrastive
+    shards = _split_shards(config, cfg.eval_split)
+    if cfg.probe_train_scenes:
+        shards += _split_shards(config, cfg.train_split)
+    key = {
+        "weights_sha256": io.file_digest(out_dir / "model.safetensors"),
+        "fingerprint": fingerprint(config),
+        "world": dataclasses.asdict(config.data.world),
+        "evaluation": {k: getattr(cfg, k) for k in _EVALUATION_FIELDS},
+        "shards": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in shards},
+    }
+    return json.loads(json.dumps(key))  # as it reads back from eval.json (tuples become lists)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
