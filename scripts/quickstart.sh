@@ -7,12 +7,13 @@
 # UMLLM_SELF_CHECK: scenes the judge self-check reads (default 200); UMLLM_BENCH_LIMIT: test scenes and
 # prompts ShapesBench evaluates (default 300); UMLLM_NPROC: training processes (default 2).
 # UMLLM_RECIPE: quickstart (default: stages 0/1/2 of configs/train/tiny-stage*.yaml, the 20-minute budget) or long
-# (configs/train/long-stage*.yaml: 2 400 / 150 / 600 steps and a VQA-only stage 3 of 1 800, 58 min of
-# training on 2 cores; it shares the world, tokenizers and pre-tokenized shards with the quickstart).
+# (configs/train/long-stage*.yaml: 2 400 / 150 / 600 steps, a VQA-only stage 3 of 1 800 and 200 steps of the
+# stage-2 mix, about 61 min of training on 2 cores; it shares the world, tokenizers and pre-tokenized shards with
+# the quickstart).
 set -euo pipefail
 case "${UMLLM_RECIPE:-quickstart}" in
     quickstart) stages=(tiny-stage0 tiny-stage1 tiny-stage2) ;;
-    long) stages=(long-stage0 long-stage1 long-stage2 long-stage3) ;;
+    long) stages=(long-stage0 long-stage1 long-stage2 long-stage3 long-stage4) ;;
     *) echo "UMLLM_RECIPE must be 'quickstart' or 'long', not '$UMLLM_RECIPE'" >&2; exit 2 ;;
 esac
 steps=$((7 + ${#stages[@]}))

@@ -227,12 +227,13 @@ def test_relative_files_resolve_beside_the_yaml_or_in_the_repo(
 
 
 def test_the_longer_recipe_chains_its_stages_from_one_export_to_the_next() -> None:
-    stages = [load_config([REPO / "configs" / "train" / f"long-stage{i}.yaml"]) for i in range(4)]
-    assert [c.train.max_steps for c in stages] == [2400, 150, 600, 1800]
-    assert [c.train.stage for c in stages] == [0, 1, 2, 3]
+    stages = [load_config([REPO / "configs" / "train" / f"long-stage{i}.yaml"]) for i in range(5)]
+    assert [c.train.max_steps for c in stages] == [2400, 150, 600, 1800, 200]
+    assert [c.train.stage for c in stages] == [0, 1, 2, 3, 2]  # the last run: stage 2's mix again
     assert stages[0].checkpoint.init_from is None
     for previous, stage in itertools.pairwise(stages):
         assert stage.checkpoint.init_from == previous.checkpoint.export_dir
     assert [s.name for s in stages[3].data.sources] == ["vqa"]
+    assert [s.name for s in stages[4].data.sources] == ["vqa", "caption", "t2i"]
     quickstart = [load_config([REPO / "configs" / "train" / f"tiny-stage{i}.yaml"]) for i in range(3)]
     assert not {c.checkpoint.dir for c in stages} & {c.checkpoint.dir for c in quickstart}

@@ -1,7 +1,7 @@
 """The README's main command end to end with a micro budget (CI runs it, so a broken quickstart fails CI):
 every step runs for real — world, text tokenizer, judge, VQ-GAN, SigLIP, pre-tokenization, stages 0/1/2 under
 torchrun, ShapesBench — on a 120-scene world with a few steps each; a second run reuses every finished step, and
-a third (``UMLLM_RECIPE=long``) trains the longer recipe's four stages on what the first one made."""
+a third (``UMLLM_RECIPE=long``) trains the longer recipe's five runs on what the first one made."""
 
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ def test_quickstart_runs_every_step_and_reuses_finished_ones(tmp_path: Path) -> 
     assert "reusing the finished tokenizer" in second.stdout
     assert second.stdout.count("reusing the finished export") == 3
 
-    # The longer recipe: the same world, tokenizers and shards, four stages of its own, ShapesBench on stage 3.
+    # The longer recipe: the same world, tokenizers and shards, five runs of its own, ShapesBench on the last.
     long = subprocess.run(
         command, env={**env, "UMLLM_RECIPE": "long"}, capture_output=True, text=True, timeout=900
     )
     assert long.returncode == 0, long.stdout[-3000:] + long.stderr[-3000:]
     assert "reusing the finished tokenizer" in long.stdout and "wrote train" not in long.stdout
-    assert "== 11/11 ShapesBench on the stage-3 export" in long.stdout
-    for stage in range(4):
+    assert "== 12/12 ShapesBench on the stage-4 export" in long.stdout
+    for stage in range(5):
         export = tmp_path / "runs" / f"long-stage{stage}" / "export"
         assert json.loads((export / "train_summary.json").read_text())["steps"] == 3
-    long_bench = tmp_path / "runs" / "long-stage3" / "export" / "eval" / "shapesbench" / "shapesbench.json"
+    long_bench = tmp_path / "runs" / "long-stage4" / "export" / "eval" / "shapesbench" / "shapesbench.json"
     assert {"understanding", "generation"} <= set(json.loads(long_bench.read_text()))
