@@ -280,9 +280,8 @@ def test_cli_trains_saves_reuses_and_reports(
     C.main(cli_args(world, sp_model, "contrastive.prompt_template=a {shape} that is {color}"))
     changed = capsys.readouterr().out
     assert "reusing the finished checkpoint" in changed and "reusing the report" not in changed
-    assert json.loads((out_dir / "eval.json").read_text())["evaluation_key"]["evaluation"][
-        "prompt_template"
-    ] == ("a {shape} that is {color}")
+    stored_key = json.loads((out_dir / "eval.json").read_text())["evaluation_key"]
+    assert stored_key["evaluation"]["prompt_template"] == "a {shape} that is {color}"
     # A training setting changes: retrained, and scored.
     C.main(cli_args(world, sp_model, "contrastive.max_steps=2"))
     retrained = capsys.readouterr().out

@@ -24,7 +24,6 @@ format) and the text tokenizer (``python -m unified_mllm.text train``). Single p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import shutil
@@ -518,7 +517,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {
         "vision": vision,
         "contrastive": contrastive,
-        "tokenizer_sha256": hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest(),
+        "tokenizer_sha256": io.file_digest(config.tokenizer.path),
         "train_data": str(Path(config.data.root).expanduser() / config.contrastive.train_split),
     }
 
